@@ -1,0 +1,234 @@
+"""Weights in and out: diffusers UNet folders ↔ (`UNetSpec`, Flax parameter tree), without PyTorch.
+
+A diffusers key `down_blocks.2.attentions.1.transformer_blocks.3.attn1.to_q.weight` is the Flax path
+`down_blocks_2/attentions_1/transformer_blocks_3/attn1/to_q/kernel`: list indices join their module
+list's name (`_LISTS`), and the leaf is renamed and transposed by its rank (4-D conv weight OIHW ↔
+kernel HWIO, 2-D linear weight out×in ↔ kernel in×out, 1-D norm weight ↔ scale). Reads and writes
+`diffusion_pytorch_model[.VARIANT].safetensors` and its sharded `*.safetensors.index[.VARIANT].json`
+form. Pickled `.bin` weights are refused: unpickling runs code from the file.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy: bf16 safetensors read and write)
+import numpy as np
+from flax.traverse_util import flatten_dict, unflatten_dict
+from safetensors.numpy import load_file, save_file
+
+from jaxdistill.spec import UNetSpec
+from jaxdistill.unet import abstract_params
+
+WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
+INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
+CONFIG_NAME = "config.json"
+# diffusers' nn.ModuleList names: `name.N` ↔ `name_N`. Every other `_N` (linear_1, attn1) is a name.
+_LISTS = frozenset({"down_blocks", "up_blocks", "resnets", "attentions", "transformer_blocks", "downsamplers",
+                    "upsamplers", "to_out", "net"})
+
+
+class WeightsError(ValueError):
+    """Weights that do not fit the architecture, or that we will not read."""
+
+
+def load_unet(path: str | os.PathLike, dtype: jnp.dtype | type | None = None,
+              variant: str | None = None) -> tuple[UNetSpec, dict]:
+    """Reads a diffusers UNet folder (or a pipeline folder with `unet/`) → (spec, params).
+
+    `dtype` casts every parameter (None keeps the file's dtype); `variant` picks
+    `diffusion_pytorch_model.<variant>.safetensors` (e.g. "fp16"). When no variant is given and only an
+    fp16 file is present, that file is read. Parameters come back as jax arrays on the default device.
+    """
+    folder = resolve_unet_folder(path)
+    spec = UNetSpec.from_diffusers_config(folder / CONFIG_NAME)
+    state = read_safetensors(folder, variant)
+    params = from_diffusers_state_dict(state, spec)
+    if dtype is not None:
+        params = jax.tree.map(lambda x: x.astype(dtype), params)
+    return spec, jax.tree.map(jnp.asarray, params)
+
+
+def save_unet(path: str | os.PathLike, spec: UNetSpec, params: Mapping, *, dtype: jnp.dtype | type | None = None,
+              variant: str | None = None, max_shard_size: int | None = None) -> Path:
+    """Writes a diffusers UNet folder: `config.json` and safetensors weights (sharded with an index when
+    the weights exceed `max_shard_size` bytes). `dtype` casts on the way out. Returns the folder."""
+    folder = Path(path)
+    folder.mkdir(parents=True, exist_ok=True)
+    check_params(spec, params)
+    state = to_diffusers_state_dict(params)
+    if dtype is not None:
+        state = {k: v.astype(dtype) for k, v in state.items()}
+    _atomic_write(folder / CONFIG_NAME, lambda f: Path(f).write_text(json.dumps(spec.to_diffusers_config(), indent=2)))
+    write_safetensors(folder, state, variant, max_shard_size)
+    return folder
+
+
+def resolve_unet_folder(path: str | os.PathLike) -> Path:
+    """A UNet folder itself, or the `unet/` folder of a diffusers pipeline folder."""
+    path = Path(path)
+    for folder in (path, path / "unet"):
+        if (folder / CONFIG_NAME).is_file():
+            return folder
+    raise FileNotFoundError(f"{path} is not a diffusers UNet folder (no config.json in it or in {path}/unet).")
+
+
+def read_safetensors(folder: Path, variant: str | None = None) -> dict[str, np.ndarray]:
+    """All tensors of a diffusers weights folder, single-file or sharded, as numpy arrays."""
+    candidates = [variant] if variant else [None, "fp16"]
+    for v in candidates:
+        index, single = folder / _variant(INDEX_NAME, v), folder / _variant(WEIGHTS_NAME, v)
+        if index.is_file():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            state = {}
+            for shard in sorted(set(weight_map.values())):
+                state |= load_file(folder / shard)
+            return state
+        if single.is_file():
+            return load_file(single)
+    pickled = sorted(p.name for p in folder.glob("*.bin")) + sorted(p.name for p in folder.glob("*.ckpt"))
+    if pickled:
+        raise WeightsError(
+            f"{folder} holds only pickled weights ({', '.join(pickled)}); jaxdistill reads safetensors only, "
+            "because unpickling a file can run arbitrary code. If you trust the file, convert it once with "
+            "PyTorch: python -c \"from diffusers import UNet2DConditionModel as U; "
+            f"U.from_pretrained('{folder}').save_pretrained('{folder}', safe_serialization=True)\"")
+    wanted = " or ".join(_variant(WEIGHTS_NAME, v) for v in candidates)
+    raise FileNotFoundError(f"{folder} has no UNet weights: expected {wanted} (or a sharded index).")
+
+
+def write_safetensors(folder: Path, state: Mapping[str, np.ndarray], variant: str | None = None,
+                      max_shard_size: int | None = None):
+    """Writes `state` in diffusers' file layout; each file appears atomically (written, then renamed)."""
+    sizes = {k: v.nbytes for k, v in state.items()}
+    shards: list[dict[str, np.ndarray]] = [{}]
+    for key in sorted(state):
+        if max_shard_size and shards[-1] and sum(sizes[k] for k in shards[-1]) + sizes[key] > max_shard_size:
+            shards.append({})
+        shards[-1][key] = np.ascontiguousarray(state[key])
+    metadata = {"format": "pt"}
+    if len(shards) == 1:
+        _atomic_write(folder / _variant(WEIGHTS_NAME, variant), lambda f: save_file(shards[0], f, metadata))
+        return
+    pattern = _variant(WEIGHTS_NAME, variant).replace(".safetensors", "-{:05d}-of-{:05d}.safetensors")
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        name = pattern.format(i + 1, len(shards))
+        _atomic_write(folder / name, lambda f, shard=shard: save_file(shard, f, metadata))
+        weight_map |= dict.fromkeys(shard, name)
+    index = {"metadata": {"total_size": sum(sizes.values())}, "weight_map": weight_map}
+    _atomic_write(folder / _variant(INDEX_NAME, variant), lambda f: Path(f).write_text(json.dumps(index, indent=2)))
+
+
+def from_diffusers_state_dict(state: Mapping[str, np.ndarray], spec: UNetSpec) -> dict:
+    """diffusers state dict (numpy) → Flax parameter tree, checked strictly against `spec`."""
+    flat = {}
+    for key, value in state.items():
+        *path, leaf = _flax_path(key)
+        leaf, value = _to_flax_leaf(leaf, np.asarray(value))
+        flat[(*path, leaf)] = value
+    params = unflatten_dict(flat)
+    check_params(spec, params)
+    return params
+
+
+def to_diffusers_state_dict(params: Mapping) -> dict[str, np.ndarray]:
+    """Flax parameter tree → diffusers state dict (numpy, PyTorch layouts)."""
+    state = {}
+    for path, value in flatten_dict(dict(params)).items():
+        *path, leaf = path
+        leaf, value = _to_torch_leaf(leaf, np.asarray(value))
+        state[".".join([_torch_name(p) for p in path] + [leaf])] = value
+    return state
+
+
+def check_params(spec: UNetSpec, params: Mapping):
+    """Raises one `WeightsError` listing every missing, unexpected and misshaped parameter."""
+    expected = {k: tuple(v.shape) for k, v in flatten_dict(abstract_params(spec)).items()}
+    given = {k: tuple(np.shape(v)) for k, v in flatten_dict(dict(params)).items()}
+    problems = [f"missing: {_torch_key(k)}" for k in expected if k not in given]
+    problems += [f"unexpected: {_torch_key(k)}" for k in given if k not in expected]
+    problems += [f"shape mismatch: {_torch_key(k)} has {_torch_shape(given[k])}, the "
+                 f"architecture needs {_torch_shape(expected[k])}"
+                 for k in expected if k in given and given[k] != expected[k]]
+    if problems:
+        shown = "\n  ".join(problems[:200]) + (f"\n  ... and {len(problems) - 200} more" if len(problems) > 200 else "")
+        raise WeightsError(f"the weights do not fit the UNet described by its config ({len(problems)} problems, "
+                           f"names and shapes in diffusers' form):\n  {shown}")
+
+
+def param_count(params: Mapping) -> int:
+    return sum(math.prod(np.shape(x)) for x in jax.tree.leaves(params))
+
+
+# ---- helpers ------------------------------------------------------------------------------------
+
+def _flax_path(key: str) -> list[str]:
+    parts = []
+    for part in key.split("."):
+        if part.isdigit() and parts and parts[-1] in _LISTS:
+            parts[-1] = f"{parts[-1]}_{part}"
+        else:
+            parts.append(part)
+    return parts
+
+
+def _torch_name(part: str) -> str:
+    name, _, index = part.rpartition("_")
+    return f"{name}.{index}" if name in _LISTS and index.isdigit() else part
+
+
+def _to_flax_leaf(leaf: str, value: np.ndarray) -> tuple[str, np.ndarray]:
+    if leaf != "weight":
+        return leaf, value
+    if value.ndim == 4:
+        return "kernel", value.transpose(2, 3, 1, 0)  # OIHW → HWIO
+    if value.ndim == 2:
+        return "kernel", value.T  # out×in → in×out
+    return "scale", value
+
+
+def _to_torch_leaf(leaf: str, value: np.ndarray) -> tuple[str, np.ndarray]:
+    if leaf == "kernel":
+        return "weight", value.transpose(3, 2, 0, 1) if value.ndim == 4 else value.T
+    if leaf == "scale":
+        return "weight", value
+    return leaf, value
+
+
+def _torch_key(path: tuple[str, ...]) -> str:
+    leaf = "weight" if path[-1] in ("kernel", "scale") else path[-1]
+    return ".".join([_torch_name(p) for p in path[:-1]] + [leaf])
+
+
+def _torch_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
+    if len(shape) == 4:
+        return (shape[3], shape[2], shape[0], shape[1])
+    return tuple(reversed(shape)) if len(shape) == 2 else shape
+
+
+def _variant(name: str, variant: str | None) -> str:
+    """diffusers' `_add_variant`: the variant goes before the last suffix."""
+    if not variant:
+        return name
+    head, _, tail = name.rpartition(".")
+    return f"{head}.{variant}.{tail}"
+
+
+def _atomic_write(path: Path, write):
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+

@@ -1,0 +1,199 @@
+"""The layers of an SDXL UNet in Flax linen, one class per diffusers module, with diffusers' names.
+
+Activations are NHWC (images) or [B, L, C] (token sequences). `dtype` is the compute dtype and
+`param_dtype` the storage dtype of the parameters; normalisation statistics are always computed in
+float32. Parity with diffusers is tested in `tests/test_unet_parity.py`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = jnp.dtype | type
+
+
+class _Ops(nn.Module):
+    """Constructors for diffusers-named submodules in the module's `dtype` / `param_dtype`."""
+
+    def dense(self, features: int, name: str, use_bias: bool = True) -> nn.Dense:
+        return nn.Dense(features, use_bias=use_bias, dtype=self.dtype, param_dtype=self.param_dtype, name=name)
+
+    def conv(self, features: int, kernel: int, name: str, stride: int = 1) -> nn.Conv:
+        pad = (kernel - 1) // 2
+        return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding=((pad, pad), (pad, pad)),
+                       dtype=self.dtype, param_dtype=self.param_dtype, name=name)
+
+    def group_norm(self, groups: int, eps: float, name: str) -> nn.GroupNorm:
+        # Two-pass variance, as PyTorch computes it: the fast E[x²]-E[x]² form loses digits.
+        return nn.GroupNorm(num_groups=groups, epsilon=eps, use_fast_variance=False, dtype=self.dtype,
+                            param_dtype=self.param_dtype, name=name)
+
+    def layer_norm(self, eps: float, name: str) -> nn.LayerNorm:
+        return nn.LayerNorm(epsilon=eps, use_fast_variance=False, dtype=self.dtype,
+                            param_dtype=self.param_dtype, name=name)
+
+
+class _Layer(_Ops):
+    _: dataclasses.KW_ONLY  # layer settings come first, positionally; dtypes by keyword
+    dtype: Dtype = jnp.float32  # compute
+    param_dtype: Dtype = jnp.float32  # storage
+
+
+def timestep_embedding(timesteps: jax.Array, dim: int, flip_sin_to_cos: bool, freq_shift: float,
+                       max_period: float = 10000.0) -> jax.Array:
+    """Sinusoidal embedding of `timesteps` [N] → [N, dim] in float32 (diffusers' `get_timestep_embedding`)."""
+    half = dim // 2
+    exponent = -math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / (half - freq_shift)
+    args = timesteps.astype(jnp.float32)[:, None] * jnp.exp(exponent)[None, :]
+    emb = jnp.concatenate([jnp.sin(args), jnp.cos(args)], axis=-1)
+    if flip_sin_to_cos:
+        emb = jnp.concatenate([emb[:, half:], emb[:, :half]], axis=-1)
+    if dim % 2:
+        emb = jnp.pad(emb, ((0, 0), (0, 1)))
+    return emb
+
+
+class TimestepEmbedding(_Layer):
+    """linear_1 → SiLU → linear_2."""
+
+    features: int = 1280
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = nn.silu(self.dense(self.features, "linear_1")(x))
+        return self.dense(self.features, "linear_2")(x)
+
+
+class ResnetBlock2D(_Layer):
+    """GroupNorm → SiLU → conv → + time embedding → GroupNorm → SiLU → conv, plus the (1×1) shortcut."""
+
+    out_channels: int = 320
+    groups: int = 32
+    eps: float = 1e-5
+
+    @nn.compact
+    def __call__(self, x: jax.Array, temb: jax.Array) -> jax.Array:
+        """x [B, H, W, Cin], temb [B, T] → [B, H, W, out_channels]."""
+        h = nn.silu(self.group_norm(self.groups, self.eps, "norm1")(x))
+        h = self.conv(self.out_channels, 3, "conv1")(h)
+        h = h + self.dense(self.out_channels, "time_emb_proj")(nn.silu(temb))[:, None, None, :]
+        h = nn.silu(self.group_norm(self.groups, self.eps, "norm2")(h))
+        h = self.conv(self.out_channels, 3, "conv2")(h)
+        if x.shape[-1] != self.out_channels:
+            x = self.conv(self.out_channels, 1, "conv_shortcut")(x)
+        return x + h
+
+
+class Attention(_Layer):
+    """Multi-head attention: to_q/to_k/to_v without bias, to_out_0 with bias."""
+
+    heads: int = 8
+    head_dim: int = 64
+    upcast: bool = False
+
+    @nn.compact
+    def __call__(self, x: jax.Array, context: jax.Array | None = None) -> jax.Array:
+        """x [B, L, C], context [B, S, D] (None: self-attention) → [B, L, C]."""
+        context = x if context is None else context
+        inner = self.heads * self.head_dim
+        # [B, L, inner] → [B, L, heads, head_dim]
+        q, k, v = (self.dense(inner, name, use_bias=False)(src).reshape(*src.shape[:2], self.heads, self.head_dim)
+                   for name, src in (("to_q", x), ("to_k", context), ("to_v", context)))
+        if self.upcast:
+            q, k = q.astype(jnp.float32), k.astype(jnp.float32)
+            v = v.astype(jnp.float32)
+        out = jax.nn.dot_product_attention(q, k, v).astype(self.dtype)
+        return self.dense(x.shape[-1], "to_out_0")(out.reshape(*x.shape[:2], inner))
+
+
+class GEGLU(_Layer):
+    """proj to 2×inner, then value * GELU(gate) (exact GELU, as diffusers)."""
+
+    features: int = 5120
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        value, gate = jnp.split(self.dense(2 * self.features, "proj")(x), 2, axis=-1)
+        return value * nn.gelu(gate, approximate=False)
+
+
+class FeedForward(_Layer):
+    """net_0 (GEGLU to 4×dim) → net_2 (linear back to dim)."""
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        dim = x.shape[-1]
+        h = GEGLU(4 * dim, dtype=self.dtype, param_dtype=self.param_dtype, name="net_0")(x)
+        return self.dense(dim, "net_2")(h)
+
+
+class BasicTransformerBlock(_Layer):
+    """Pre-norm self-attention, cross-attention and GEGLU feed-forward, each with a residual."""
+
+    heads: int = 8
+    head_dim: int = 64
+    upcast_attention: bool = False
+    eps: float = 1e-5
+
+    @nn.compact
+    def __call__(self, x: jax.Array, context: jax.Array) -> jax.Array:
+        """x [B, L, C], context [B, S, D] → [B, L, C]."""
+        kw = dict(heads=self.heads, head_dim=self.head_dim, upcast=self.upcast_attention,
+                  dtype=self.dtype, param_dtype=self.param_dtype)
+        x = x + Attention(**kw, name="attn1")(self.layer_norm(self.eps, "norm1")(x))
+        x = x + Attention(**kw, name="attn2")(self.layer_norm(self.eps, "norm2")(x), context)
+        return x + FeedForward(dtype=self.dtype, param_dtype=self.param_dtype, name="ff")(
+            self.layer_norm(self.eps, "norm3")(x))
+
+
+class Transformer2DModel(_Layer):
+    """GroupNorm → proj_in → `depth` transformer blocks → proj_out, plus the input (diffusers'
+    `Transformer2DModel` as used in SDXL's UNet)."""
+
+    heads: int = 8
+    head_dim: int = 64
+    depth: int = 1
+    groups: int = 32
+    use_linear_projection: bool = True
+    upcast_attention: bool = False
+
+    @nn.compact
+    def __call__(self, x: jax.Array, context: jax.Array) -> jax.Array:
+        """x [B, H, W, C], context [B, S, D] → [B, H, W, C]."""
+        b, hgt, wid, c = x.shape
+        inner = self.heads * self.head_dim
+        h = self.group_norm(self.groups, 1e-6, "norm")(x)  # diffusers fixes this eps at 1e-6
+        if self.use_linear_projection:
+            h = self.dense(inner, "proj_in")(h.reshape(b, hgt * wid, c))
+        else:
+            h = self.conv(inner, 1, "proj_in")(h).reshape(b, hgt * wid, inner)
+        for i in range(self.depth):
+            h = BasicTransformerBlock(self.heads, self.head_dim, self.upcast_attention, dtype=self.dtype,
+                                      param_dtype=self.param_dtype, name=f"transformer_blocks_{i}")(h, context)
+        if self.use_linear_projection:
+            h = self.dense(c, "proj_out")(h).reshape(b, hgt, wid, c)
+        else:
+            h = self.conv(c, 1, "proj_out")(h.reshape(b, hgt, wid, inner))
+        return h + x
+
+
+class Downsample2D(_Layer):
+    """A 3×3 convolution with stride 2 (padding 1)."""
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.conv(x.shape[-1], 3, "conv", stride=2)(x)
+
+
+class Upsample2D(_Layer):
+    """Nearest-neighbour ×2, then a 3×3 convolution."""
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+        return self.conv(x.shape[-1], 3, "conv")(x)
