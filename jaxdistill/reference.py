@@ -37,7 +37,8 @@ def write_random_unet(folder: str | Path, spec: UNetSpec, seed: int = 0, **save_
     return Path(folder)
 
 
-def random_inputs(spec: UNetSpec, batch: int = 2, size: int = 16, seq_len: int = 8, seed: int = 0) -> dict:
+def random_inputs(spec: UNetSpec, batch: int = 2, size: int | tuple[int, int] = 16, seq_len: int = 8,
+                  seed: int = 0) -> dict:
     """Fresh random numpy inputs for a UNet call: NHWC latents, timesteps across [0, 1000), context,
     pooled text embedding and SDXL-like time ids (sizes and crop offsets)."""
     rng = np.random.default_rng(seed)

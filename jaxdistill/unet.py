@@ -153,13 +153,14 @@ class UNet(_Ops):
         return UNetOutput(sample=h, features=features)
 
 
-def dummy_inputs(spec: UNetSpec, batch: int = 1, size: int | None = None, seq_len: int = 77,
+def dummy_inputs(spec: UNetSpec, batch: int = 1, size: int | tuple[int, int] | None = None, seq_len: int = 77,
                  dtype=jnp.float32) -> dict[str, jax.ShapeDtypeStruct]:
-    """Abstract inputs for `jax.eval_shape` / lowering: NHWC latents of `size`² (default: the smallest
-    the spec accepts), a `seq_len`-token context and SDXL's 6 time ids."""
+    """Abstract inputs for `jax.eval_shape` / lowering: NHWC latents of `size` (side, or (height, width);
+    default: the smallest the spec accepts), a `seq_len`-token context and SDXL's 6 time ids."""
     size = size or 2 ** (spec.num_blocks - 1)
+    height, width = (size, size) if isinstance(size, int) else size
     inputs = {
-        "sample": jax.ShapeDtypeStruct((batch, size, size, spec.in_channels), dtype),
+        "sample": jax.ShapeDtypeStruct((batch, height, width, spec.in_channels), dtype),
         "timesteps": jax.ShapeDtypeStruct((batch,), jnp.float32),
         "encoder_hidden_states": jax.ShapeDtypeStruct((batch, seq_len, spec.cross_attention_dim), dtype),
     }
@@ -192,7 +193,7 @@ def count_params(spec: UNetSpec) -> int:
     return sum(math.prod(x.shape) for x in jax.tree.leaves(abstract_params(spec)))
 
 
-def flops(spec: UNetSpec, batch: int = 1, size: int = 128, seq_len: int = 77) -> float:
+def flops(spec: UNetSpec, batch: int = 1, size: int | tuple[int, int] = 128, seq_len: int = 77) -> float:
     """Forward FLOPs of one UNet call from XLA's cost analysis of the compiled forward (size: latent side)."""
     model = UNet(spec)
     inputs = dummy_inputs(spec, batch, size, seq_len)

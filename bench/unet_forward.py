@@ -1,0 +1,282 @@
+"""Forward time of the full-size SDXL, SSD-1B and Vega UNets: our JAX UNet beside diffusers' PyTorch one.
+
+For each model (random weights), in one process and on the same machine:
+  JAX   — init the parameters, compile `UNet.apply(...).sample` ahead of time (the compile time is
+          reported), one warm-up call, then `--iters` timed calls; the median is reported;
+  torch — diffusers' `UNet2DConditionModel` built from `spec.to_diffusers_config()`, the same warm-up
+          and timed calls under `torch.inference_mode()`.
+Only one copy of a model is alive at a time (SDXL is 10.3 GB of float32 weights).
+
+FLOPs are XLA's cost analysis of the compiled JAX forward (2 per multiply-add; convolutions count only
+the taps that fall inside the image, and elementwise ops are included), printed beside the figures
+PyTorch's FLOP counter gives for diffusers' models (design notes, batch 1, 64² and 128² latents).
+GFLOP/s divides that one XLA count by each framework's time, so the two columns compare like for like.
+"×SDXL" columns: SDXL's time ÷ the model's time (FLOP ×SDXL: the same for FLOPs, the ceiling).
+
+JAX runs on its default backend (a GPU or TPU when there is one); torch on CUDA when available.
+
+Run (from the repository root, with jaxdistill installed — `pip install -e .` — or PYTHONPATH=.):
+    python bench/unet_forward.py                           # 512² images (64² latents), batch 1, fp32
+    python bench/unet_forward.py --models ssd1b,vega --iters 5 --json bench/out/cpu.json
+    python bench/unet_forward.py --resolution 1024 --batch 4 --dtype bf16   # on an accelerator
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxdistill import UNet, init_params, presets
+from jaxdistill.spec import UNetSpec
+from jaxdistill.unet import dummy_inputs
+
+NAMES = {"sdxl": "SDXL", "ssd1b": "SSD-1B", "vega": "Vega"}
+# PyTorch FLOP counter on diffusers' models, batch 1, TFLOP by latent side (shared/docs/design.md §2).
+TORCH_COUNTER_TFLOP = {64: {"sdxl": 1.589, "ssd1b": 0.980, "vega": 0.663},
+                       128: {"sdxl": 6.761, "ssd1b": 4.208, "vega": 2.822}}
+SEQ_LEN = 77
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--models", default="sdxl,ssd1b,vega",
+                   help=f"comma-separated, from {','.join(presets.PRESETS)} (default: all)")
+    p.add_argument("--resolution", type=int, default=512, help="image side in pixels; latents are /8 (default 512)")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--iters", type=int, default=None,
+                   help="timed calls after one warm-up; the median is reported (default: 3 on CPU, 10 otherwise)")
+    p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32",
+                   help="bf16: bf16 params and compute in JAX, the model in bf16 in torch")
+    p.add_argument("--no-torch", action="store_true", help="skip the PyTorch side")
+    p.add_argument("--json", type=Path, default=None, help="write every figure to this file")
+    args = p.parse_args(argv)
+    args.models = [m.strip() for m in args.models.split(",") if m.strip()]
+    unknown = [m for m in args.models if m not in presets.PRESETS]
+    if unknown:
+        p.error(f"--models: unknown {unknown}; choose from {sorted(presets.PRESETS)}")
+    if args.resolution % 64:
+        p.error(f"--resolution {args.resolution}: must be a multiple of 64 (latents /8, then two downsamplings)")
+    return args
+
+
+def make_inputs(spec: UNetSpec, batch: int, size: int, resolution: int) -> dict[str, np.ndarray]:
+    """Float32 numpy inputs, NHWC sample [B, size, size, 4], context [B, 77, 2048], SDXL's 6 time ids."""
+    rng = np.random.default_rng(0)
+    shapes = dummy_inputs(spec, batch, size, SEQ_LEN)
+    inputs = {k: rng.standard_normal(v.shape, dtype=np.float32) for k, v in shapes.items()}
+    inputs["timesteps"] = np.full((batch,), 500.0, np.float32)
+    inputs["time_ids"] = np.tile(np.array([resolution, resolution, 0, 0, resolution, resolution], np.float32),
+                                 (batch, 1))
+    return inputs
+
+
+def time_calls(call, iters: int) -> tuple[float, list[float]]:
+    """One warm-up call, then `iters` timed ones; `call` must block until its result is ready."""
+    call()
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), times
+
+
+def bench_jax(spec: UNetSpec, inputs: dict[str, np.ndarray], dtype, iters: int) -> dict:
+    """Compile and time the JAX forward; → params, gflop, init_s, compile_s, forward_s, times."""
+    t0 = time.perf_counter()
+    params = jax.block_until_ready(init_params(spec, jax.random.key(0), param_dtype=dtype))
+    init_s = time.perf_counter() - t0
+    n_params = sum(x.size for x in jax.tree.leaves(params))
+    model = UNet(spec, dtype=dtype, param_dtype=dtype)
+    x = {k: jnp.asarray(v) for k, v in inputs.items()}
+
+    t0 = time.perf_counter()
+    compiled = jax.jit(lambda p, x: model.apply({"params": p}, **x).sample).lower(params, x).compile()
+    compile_s = time.perf_counter() - t0
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    out = compiled(params, x)
+    if not bool(jnp.isfinite(out).all()):
+        raise RuntimeError(f"JAX forward of {spec} gave non-finite values")
+    forward_s, times = time_calls(lambda: jax.block_until_ready(compiled(params, x)), iters)
+    return dict(params=n_params, gflop=float(cost["flops"]) / 1e9, init_s=init_s, compile_s=compile_s,
+                forward_s=forward_s, times=times)
+
+
+def build_torch_unet(spec: UNetSpec, dtype, device):
+    """diffusers' UNet for `spec`, built on the meta device and filled fast: weights ~ N(0, 1/fan_in),
+    norm scales 1, biases 0 (the scale of Flax's default init; the time does not depend on values)."""
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    cfg = {k: v for k, v in spec.to_diffusers_config().items() if not k.startswith("_")}
+    with torch.device("meta"):
+        model = UNet2DConditionModel(**cfg)
+    model = model.to(dtype).to_empty(device=device).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim > 1:
+                p.normal_(0.0, 1.0 / math.sqrt(p[0].numel()))
+            elif "norm" in name and name.endswith("weight"):
+                p.fill_(1.0)
+            else:
+                p.zero_()
+        for b in model.buffers():
+            b.zero_()
+    return model
+
+
+def bench_torch(spec: UNetSpec, inputs: dict[str, np.ndarray], dtype, iters: int, device) -> dict:
+    """Time diffusers' forward; → forward_s, times."""
+    import torch
+
+    model = build_torch_unet(spec, dtype, device)
+    t = {k: torch.from_numpy(v).to(device) for k, v in inputs.items()}
+    sample = t["sample"].permute(0, 3, 1, 2).contiguous().to(dtype)  # NHWC → NCHW
+    ehs, cond = t["encoder_hidden_states"].to(dtype), {"text_embeds": t["text_embeds"].to(dtype),
+                                                       "time_ids": t["time_ids"]}
+
+    def call():
+        out = model(sample, t["timesteps"], ehs, added_cond_kwargs=cond).sample
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return out
+
+    with torch.inference_mode():
+        if not bool(torch.isfinite(call()).all()):
+            raise RuntimeError(f"torch forward of {spec} gave non-finite values")
+        forward_s, times = time_calls(call, iters)
+    return dict(forward_s=forward_s, times=times)
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def describe_devices(torch_device) -> dict[str, str]:
+    import os
+
+    d = jax.devices()[0]
+    cores = f"{os.cpu_count()} cores"
+    jax_dev = f"{d.platform}: {cpu_model()}, {cores}" if d.platform == "cpu" else f"{d.platform}: {d.device_kind}"
+    out = {"jax": f"{jax_dev} (jax {jax.__version__})"}
+    if torch_device is not None:
+        import diffusers
+        import torch
+
+        name = (torch.cuda.get_device_name(torch_device) if torch_device.type == "cuda"
+                else f"{cpu_model()}, {torch.get_num_threads()} threads")
+        out["torch"] = f"{torch_device.type}: {name} (torch {torch.__version__}, diffusers {diffusers.__version__})"
+    return out
+
+
+def add_derived(rows: list[dict], size: int, batch: int) -> None:
+    """GFLOP/s, torch÷JAX time, the design notes' FLOP count, and speed-ups over SDXL (when SDXL ran)."""
+    base = next((r for r in rows if r["model"] == "sdxl"), None)
+    for r in rows:
+        ref = TORCH_COUNTER_TFLOP.get(size, {}).get(r["model"])
+        r["torch_counter_gflop"] = ref * 1e3 * batch if ref is not None else None
+        r["jax_gflops"] = r["gflop"] / r["jax_forward_s"]
+        if r.get("torch_forward_s") is not None:
+            r["torch_gflops"] = r["gflop"] / r["torch_forward_s"]
+            r["torch_over_jax"] = r["torch_forward_s"] / r["jax_forward_s"]
+        if base is not None:
+            r["flop_vs_sdxl"] = base["gflop"] / r["gflop"]
+            r["jax_vs_sdxl"] = base["jax_forward_s"] / r["jax_forward_s"]
+            if r.get("torch_forward_s") is not None:
+                r["torch_vs_sdxl"] = base["torch_forward_s"] / r["torch_forward_s"]
+
+
+COLUMNS = [  # header, key, format
+    ("model", "model", None), ("params", "params", "{:,}"), ("GFLOP (XLA)", "gflop", "{:.1f}"),
+    ("GFLOP (torch counter)", "torch_counter_gflop", "{:.0f}"), ("JAX compile s", "jax_compile_s", "{:.1f}"),
+    ("JAX fwd s", "jax_forward_s", "{:.3f}"), ("JAX GFLOP/s", "jax_gflops", "{:.1f}"),
+    ("torch fwd s", "torch_forward_s", "{:.3f}"), ("torch GFLOP/s", "torch_gflops", "{:.1f}"),
+    ("torch÷JAX time", "torch_over_jax", "{:.2f}"), ("FLOP ×SDXL", "flop_vs_sdxl", "{:.2f}"),
+    ("JAX ×SDXL", "jax_vs_sdxl", "{:.2f}"), ("torch ×SDXL", "torch_vs_sdxl", "{:.2f}"),
+]
+
+
+def format_table(rows: list[dict]) -> str:
+    """A Markdown table, one row per model."""
+    def cell(r, key, fmt):
+        v = r.get(key)
+        if key == "model":
+            return NAMES[v]
+        return "–" if v is None else fmt.format(v)
+
+    lines = ["| " + " | ".join(h for h, _, _ in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines += ["| " + " | ".join(cell(r, k, f) for _, k, f in COLUMNS) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    size = args.resolution // 8
+    on_cpu = jax.default_backend() == "cpu"
+    iters = args.iters or (3 if on_cpu else 10)
+    jax_dtype = jnp.bfloat16 if args.dtype == "bf16" else jnp.float32
+    torch_device = torch_dtype = None
+    if not args.no_torch:
+        import torch
+
+        torch_device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        torch_dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    devices = describe_devices(torch_device)
+
+    rows = []
+    for name in args.models:
+        spec = presets.PRESETS[name]
+        inputs = make_inputs(spec, args.batch, size, args.resolution)
+        j = bench_jax(spec, inputs, jax_dtype, iters)
+        jax.clear_caches()
+        gc.collect()
+        log(f"{name}: JAX init {j['init_s']:.1f} s, compile {j['compile_s']:.1f} s, "
+            f"forward {j['forward_s']:.3f} s (all: {', '.join(f'{t:.3f}' for t in j['times'])})")
+        row = dict(model=name, params=j["params"], gflop=j["gflop"], jax_init_s=j["init_s"],
+                   jax_compile_s=j["compile_s"], jax_forward_s=j["forward_s"], jax_times=j["times"])
+        if torch_device is not None:
+            t0 = time.perf_counter()
+            t = bench_torch(spec, inputs, torch_dtype, iters, torch_device)
+            gc.collect()
+            log(f"{name}: torch forward {t['forward_s']:.3f} s (all: {', '.join(f'{x:.3f}' for x in t['times'])}; "
+                f"{time.perf_counter() - t0:.1f} s with build)")
+            row |= dict(torch_forward_s=t["forward_s"], torch_times=t["times"])
+        rows.append(row)
+    add_derived(rows, size, args.batch)
+
+    print(f"UNet forward, {args.resolution}² images ({size}² latents), batch {args.batch}, {args.dtype}, "
+          f"median of {iters} after 1 warm-up")
+    for k, v in devices.items():
+        print(f"  {k}: {v}")
+    print(format_table(rows))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        record = dict(resolution=args.resolution, latent_size=size, batch=args.batch, dtype=args.dtype,
+                      iters=iters, devices=devices, rows=rows)
+        args.json.write_text(json.dumps(record, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

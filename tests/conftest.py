@@ -1,0 +1,39 @@
+"""Shared fixtures: tiny SDXL-shaped architectures and diffusers-written UNet folders built once per run."""
+
+import os
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import pytest  # noqa: E402
+
+from jaxdistill import presets  # noqa: E402
+from jaxdistill.reference import write_random_unet  # noqa: E402
+from jaxdistill.spec import UNetSpec  # noqa: E402
+
+REFERENCE_CONFIGS = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "reference", "unet_configs")
+
+# Tiny architectures with the topologies the parity tests must cover.
+TINY = {
+    # SDXL's own depths (2/10 transformer layers, 10-deep mid attention) at tiny widths.
+    "sdxl": presets.tiny(presets.SDXL),
+    # SSD-1B: an up path that is not the mirror of the down path, a mid block of one resnet.
+    "ssd1b": presets.tiny(presets.SSD_1B),
+    # No mid block at all, conv projections instead of linear ones, one head count for all blocks.
+    "no_mid_conv_proj": presets.tiny(presets.VEGA).replace(mid_block_type=None, use_linear_projection=False,
+                                                           num_attention_heads=(2, 2, 2)),
+    # Per-block resnet counts and per-resnet depths (a shape only reverse_transformer_layers_per_block
+    # can express), four blocks, an upcast attention.
+    "per_block": UNetSpec(
+        block_out_channels=(32, 32, 64, 64), down_depths=((0,), (1, 2), (3, 1, 2), (0,)),
+        up_depths=((0, 0), (2, 1, 1, 3), (1, 2, 1), (0, 0)), num_attention_heads=(1, 1, 2, 2),
+        mid_block_type="UNetMidBlock2DCrossAttn", mid_depth=2, cross_attention_dim=48, norm_num_groups=8,
+        addition_time_embed_dim=8, projection_class_embeddings_input_dim=16 + 48, upcast_attention=True,
+        sample_size=32),
+}
+
+
+@pytest.fixture(scope="session")
+def unet_folders(tmp_path_factory) -> dict[str, str]:
+    """Each TINY architecture with random weights, saved by diffusers' own `save_pretrained`."""
+    root = tmp_path_factory.mktemp("unets")
+    return {name: str(write_random_unet(root / name, spec, seed=i)) for i, (name, spec) in enumerate(TINY.items())}

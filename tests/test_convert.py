@@ -1,0 +1,152 @@
+"""Weights in and out: diffusers folders (single file, fp16 variant, sharded), strict loading, refusals."""
+
+import json
+import os
+import pickle
+import shutil
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from conftest import TINY
+from diffusers import UNet2DConditionModel
+from flax.traverse_util import flatten_dict
+from safetensors.numpy import load_file, save_file
+
+from jaxdistill import WeightsError, load_unet, save_unet
+from jaxdistill.convert import to_diffusers_state_dict
+from jaxdistill.reference import random_diffusers_unet
+
+
+def flat(params):
+    return {k: np.asarray(v) for k, v in flatten_dict(params).items()}
+
+
+def assert_bit_exact(a, b):
+    a, b = flat(a), flat(b)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k].dtype == b[k].dtype and np.array_equal(a[k], b[k]), k
+
+
+def test_load_save_load_is_bit_exact_and_keeps_diffusers_files(unet_folders, tmp_path):
+    spec, params = load_unet(unet_folders["ssd1b"])
+    save_unet(tmp_path / "copy", spec, params)
+    spec2, params2 = load_unet(tmp_path / "copy")
+    assert spec2 == spec
+    assert_bit_exact(params, params2)
+    # Our file holds exactly diffusers' tensors, under diffusers' names.
+    original = load_file(os.path.join(unet_folders["ssd1b"], "diffusion_pytorch_model.safetensors"))
+    ours = load_file(tmp_path / "copy" / "diffusion_pytorch_model.safetensors")
+    assert original.keys() == ours.keys()
+    assert all(np.array_equal(original[k], ours[k]) for k in original)
+    # and the config is one diffusers reads back to the same model.
+    model = UNet2DConditionModel.from_pretrained(tmp_path / "copy", low_cpu_mem_usage=False)
+    assert model.config.reverse_transformer_layers_per_block == [[4, 4, 10], [2, 1, 1], 1]
+
+
+def test_fp16_variant_read_and_written(tmp_path):
+    spec = TINY["ssd1b"]
+    model = random_diffusers_unet(spec, seed=5).half()
+    model.save_pretrained(tmp_path / "hf", variant="fp16")
+    assert (tmp_path / "hf" / "diffusion_pytorch_model.fp16.safetensors").is_file()
+    for kwargs in ({"variant": "fp16"}, {}):  # explicit, and found when it is the only file
+        _, params = load_unet(tmp_path / "hf", **kwargs)
+        assert {x.dtype for x in jax.tree.leaves(params)} == {np.dtype(jnp.float16)}
+    expected = {k: v.numpy() for k, v in model.state_dict().items()}
+    got = to_diffusers_state_dict(params)
+    assert all(np.array_equal(expected[k], got[k]) for k in expected) and expected.keys() == got.keys()
+
+    save_unet(tmp_path / "ours", spec, params, variant="fp16")
+    back = UNet2DConditionModel.from_pretrained(tmp_path / "ours", variant="fp16", torch_dtype=torch.float16,
+                                                low_cpu_mem_usage=False)
+    assert all(torch.equal(back.state_dict()[k], v) for k, v in model.state_dict().items())
+
+
+def test_sharded_folders_both_ways(unet_folders, tmp_path):
+    spec, params = load_unet(unet_folders["sdxl"])
+    model = UNet2DConditionModel.from_pretrained(unet_folders["sdxl"], low_cpu_mem_usage=False)
+    model.save_pretrained(tmp_path / "hf", max_shard_size="2MB")
+    assert (tmp_path / "hf" / "diffusion_pytorch_model.safetensors.index.json").is_file()
+    _, from_shards = load_unet(tmp_path / "hf")
+    assert_bit_exact(params, from_shards)
+
+    save_unet(tmp_path / "ours", spec, params, max_shard_size=2_000_000, dtype=jnp.bfloat16, variant="bf16")
+    index = json.loads((tmp_path / "ours" / "diffusion_pytorch_model.safetensors.index.bf16.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1
+    back = UNet2DConditionModel.from_pretrained(tmp_path / "ours", variant="bf16", torch_dtype=torch.bfloat16,
+                                                low_cpu_mem_usage=False)
+    for k, v in model.state_dict().items():
+        assert torch.equal(back.state_dict()[k], v.to(torch.bfloat16)), k
+    _, bf16 = load_unet(tmp_path / "ours", variant="bf16", dtype=jnp.float32)
+    assert {x.dtype for x in jax.tree.leaves(bf16)} == {np.dtype(jnp.float32)}
+
+
+def test_pipeline_folder_and_dtype_cast(unet_folders, tmp_path):
+    shutil.copytree(unet_folders["sdxl"], tmp_path / "pipe" / "unet")
+    spec, params = load_unet(tmp_path / "pipe", dtype=jnp.bfloat16)
+    assert spec == TINY["sdxl"]
+    assert {x.dtype for x in jax.tree.leaves(params)} == {np.dtype(jnp.bfloat16)}
+
+
+def test_every_problem_is_reported_at_once(unet_folders, tmp_path):
+    folder = tmp_path / "broken"
+    shutil.copytree(unet_folders["ssd1b"], folder)
+    path = folder / "diffusion_pytorch_model.safetensors"
+    state = load_file(path)
+    del state["down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k.weight"]
+    del state["conv_out.bias"]
+    state["mid_block.attentions.0.proj_in.weight"] = np.zeros((64, 64), np.float32)
+    state["up_blocks.0.resnets.1.conv1.weight"] = np.zeros((64, 128, 1, 1), np.float32)
+    save_file(state, path)
+    with pytest.raises(WeightsError) as info:
+        load_unet(folder)
+    message = str(info.value)
+    assert "4 problems" in message
+    assert "missing: down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k.weight" in message
+    assert "missing: conv_out.bias" in message
+    assert "unexpected: mid_block.attentions.0.proj_in.weight" in message
+    assert "shape mismatch: up_blocks.0.resnets.1.conv1.weight has (64, 128, 1, 1)" in message
+    assert "(64, 128, 3, 3)" in message
+
+
+class _Payload:
+    """Unpickling this writes a marker file: proof that a loader executed code from the file."""
+
+    marker = ""
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_pickled_weights_are_refused_and_never_opened(unet_folders, tmp_path):
+    folder = tmp_path / "pickled"
+    folder.mkdir()
+    shutil.copy(os.path.join(unet_folders["ssd1b"], "config.json"), folder)
+    payload = _Payload()
+    payload.marker = str(tmp_path / "executed")
+    (folder / "diffusion_pytorch_model.bin").write_bytes(pickle.dumps(payload))
+    with pytest.raises(WeightsError, match="safetensors") as info:
+        load_unet(folder)
+    assert "save_pretrained" in str(info.value) and "diffusion_pytorch_model.bin" in str(info.value)
+    assert not (tmp_path / "executed").exists()
+
+
+def test_missing_folder_or_weights(tmp_path, unet_folders):
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        load_unet(tmp_path / "nowhere")
+    (tmp_path / "empty").mkdir()
+    shutil.copy(os.path.join(unet_folders["ssd1b"], "config.json"), tmp_path / "empty")
+    with pytest.raises(FileNotFoundError, match="diffusion_pytorch_model.safetensors"):
+        load_unet(tmp_path / "empty")
+
+
+def test_loading_and_saving_need_no_pytorch(unet_folders, tmp_path):
+    script = (f"import sys, jaxdistill; s, p = jaxdistill.load_unet({unet_folders['no_mid_conv_proj']!r}); "
+              f"jaxdistill.save_unet({str(tmp_path / 'out')!r}, s, p); "
+              "assert 'torch' not in sys.modules and 'diffusers' not in sys.modules, 'torch imported'")
+    subprocess.run([sys.executable, "-c", script], check=True, env=os.environ | {"JAX_PLATFORMS": "cpu"})
