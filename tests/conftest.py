@@ -10,7 +10,8 @@ from jaxdistill import presets  # noqa: E402
 from jaxdistill.reference import write_random_unet  # noqa: E402
 from jaxdistill.spec import UNetSpec  # noqa: E402
 
-REFERENCE_CONFIGS = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "reference", "unet_configs")
+# Copies of shared/reference/unet_configs: the published SDXL config and the rebuilt SSD-1B and Vega ones.
+REFERENCE_CONFIGS = os.path.join(os.path.dirname(__file__), "reference_configs")
 
 # Tiny architectures with the topologies the parity tests must cover.
 TINY = {
