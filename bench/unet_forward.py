@@ -27,6 +27,7 @@ import argparse
 import gc
 import json
 import math
+import os
 import platform
 import statistics
 import sys
@@ -81,15 +82,20 @@ def make_inputs(spec: UNetSpec, batch: int, size: int, resolution: int) -> dict[
     return inputs
 
 
-def time_calls(call, iters: int) -> tuple[float, list[float]]:
-    """One warm-up call, then `iters` timed ones; `call` must block until its result is ready."""
+def time_calls(call, iters: int) -> dict:
+    """One warm-up call, then `iters` timed ones; `call` must block until its result is ready.
+
+    → forward_s (median wall time), times, and cpu_s / cpu_times: this process's CPU time per call
+    (user + system, all threads), which other programs' load on a shared CPU barely changes."""
     call()
-    times = []
+    times, cpu_times = [], []
     for _ in range(iters):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         call()
         times.append(time.perf_counter() - t0)
-    return statistics.median(times), times
+        cpu_times.append(time.process_time() - c0)
+    return dict(forward_s=statistics.median(times), times=times, cpu_s=statistics.median(cpu_times),
+                cpu_times=cpu_times)
 
 
 def random_params(spec: UNetSpec, dtype, seed: int = 0) -> dict:
@@ -111,7 +117,7 @@ def random_params(spec: UNetSpec, dtype, seed: int = 0) -> dict:
 
 
 def bench_jax(spec: UNetSpec, inputs: dict[str, np.ndarray], dtype, iters: int) -> dict:
-    """Compile and time the JAX forward; → params, gflop, init_s, compile_s, forward_s, times."""
+    """Compile and time the JAX forward; → params, gflop, init_s, compile_s and `time_calls`' figures."""
     t0 = time.perf_counter()
     params = jax.block_until_ready(random_params(spec, dtype))
     init_s = time.perf_counter() - t0
@@ -127,9 +133,8 @@ def bench_jax(spec: UNetSpec, inputs: dict[str, np.ndarray], dtype, iters: int) 
     out = compiled(params, x)
     if not bool(jnp.isfinite(out).all()):
         raise RuntimeError(f"JAX forward of {spec} gave non-finite values")
-    forward_s, times = time_calls(lambda: jax.block_until_ready(compiled(params, x)), iters)
-    return dict(params=n_params, gflop=float(cost["flops"]) / 1e9, init_s=init_s, compile_s=compile_s,
-                forward_s=forward_s, times=times)
+    timing = time_calls(lambda: jax.block_until_ready(compiled(params, x)), iters)
+    return dict(params=n_params, gflop=float(cost["flops"]) / 1e9, init_s=init_s, compile_s=compile_s, **timing)
 
 
 def build_torch_unet(spec: UNetSpec, dtype, device):
@@ -158,7 +163,7 @@ def build_torch_unet(spec: UNetSpec, dtype, device):
 
 
 def bench_torch(spec: UNetSpec, inputs: dict[str, np.ndarray], dtype, iters: int, device) -> dict:
-    """Time diffusers' forward; → forward_s, times."""
+    """Time diffusers' forward; → `time_calls`' figures."""
     import torch
 
     model = build_torch_unet(spec, dtype, device)
@@ -176,8 +181,7 @@ def bench_torch(spec: UNetSpec, inputs: dict[str, np.ndarray], dtype, iters: int
     with torch.inference_mode():
         if not bool(torch.isfinite(call()).all()):
             raise RuntimeError(f"torch forward of {spec} gave non-finite values")
-        forward_s, times = time_calls(call, iters)
-    return dict(forward_s=forward_s, times=times)
+        return time_calls(call, iters)
 
 
 def cpu_model() -> str:
@@ -191,8 +195,6 @@ def cpu_model() -> str:
 
 
 def describe_devices(torch_device) -> dict[str, str]:
-    import os
-
     d = jax.devices()[0]
     cores = f"{os.cpu_count()} cores"
     jax_dev = f"{d.platform}: {cpu_model()}, {cores}" if d.platform == "cpu" else f"{d.platform}: {d.device_kind}"
@@ -208,23 +210,28 @@ def describe_devices(torch_device) -> dict[str, str]:
 
 
 def add_derived(rows: list[dict], size: int, batch: int) -> None:
-    """GFLOP/s, torch÷JAX time, the design notes' FLOP count, and speed-ups over SDXL (when SDXL ran)."""
+    """GFLOP/s, torch÷JAX time, the design notes' FLOP count, and speed-ups over SDXL (when SDXL ran),
+    from the median wall times and (`*_cpu` keys) from the process CPU times."""
     base = next((r for r in rows if r["model"] == "sdxl"), None)
+
+    def ratio(num, den):
+        return None if num is None or den is None else num / den
+
     for r in rows:
         ref = TORCH_COUNTER_TFLOP.get(size, {}).get(r["model"])
         r["torch_counter_gflop"] = ref * 1e3 * batch if ref is not None else None
-        r["jax_gflops"] = r["gflop"] / r["jax_forward_s"]
-        if r.get("torch_forward_s") is not None:
-            r["torch_gflops"] = r["gflop"] / r["torch_forward_s"]
-            r["torch_over_jax"] = r["torch_forward_s"] / r["jax_forward_s"]
+        r["jax_gflops"] = ratio(r["gflop"], r["jax_forward_s"])
+        r["torch_gflops"] = ratio(r["gflop"], r.get("torch_forward_s"))
+        r["torch_over_jax"] = ratio(r.get("torch_forward_s"), r["jax_forward_s"])
+        r["torch_over_jax_cpu"] = ratio(r.get("torch_cpu_s"), r["jax_cpu_s"])
         if base is not None:
-            r["flop_vs_sdxl"] = base["gflop"] / r["gflop"]
-            r["jax_vs_sdxl"] = base["jax_forward_s"] / r["jax_forward_s"]
-            if r.get("torch_forward_s") is not None:
-                r["torch_vs_sdxl"] = base["torch_forward_s"] / r["torch_forward_s"]
+            r["flop_vs_sdxl"] = ratio(base["gflop"], r["gflop"])
+            for key in ("jax_forward_s", "torch_forward_s", "jax_cpu_s", "torch_cpu_s"):
+                fw = key.split("_")[0]
+                r[f"{fw}_vs_sdxl" + ("_cpu" if "cpu" in key else "")] = ratio(base.get(key), r.get(key))
 
 
-COLUMNS = [  # header, key, format
+WALL_COLUMNS = [  # header, key, format
     ("model", "model", None), ("params", "params", "{:,}"), ("GFLOP (XLA)", "gflop", "{:.1f}"),
     ("GFLOP (torch counter)", "torch_counter_gflop", "{:.0f}"), ("JAX compile s", "jax_compile_s", "{:.1f}"),
     ("JAX fwd s", "jax_forward_s", "{:.3f}"), ("JAX GFLOP/s", "jax_gflops", "{:.1f}"),
@@ -232,9 +239,14 @@ COLUMNS = [  # header, key, format
     ("torch÷JAX time", "torch_over_jax", "{:.2f}"), ("FLOP ×SDXL", "flop_vs_sdxl", "{:.2f}"),
     ("JAX ×SDXL", "jax_vs_sdxl", "{:.2f}"), ("torch ×SDXL", "torch_vs_sdxl", "{:.2f}"),
 ]
+CPU_COLUMNS = [
+    ("model", "model", None), ("JAX CPU s", "jax_cpu_s", "{:.2f}"), ("torch CPU s", "torch_cpu_s", "{:.2f}"),
+    ("torch÷JAX", "torch_over_jax_cpu", "{:.2f}"), ("FLOP ×SDXL", "flop_vs_sdxl", "{:.2f}"),
+    ("JAX ×SDXL", "jax_vs_sdxl_cpu", "{:.2f}"), ("torch ×SDXL", "torch_vs_sdxl_cpu", "{:.2f}"),
+]
 
 
-def format_table(rows: list[dict]) -> str:
+def format_table(rows: list[dict], columns: list[tuple]) -> str:
     """A Markdown table, one row per model."""
     def cell(r, key, fmt):
         v = r.get(key)
@@ -242,13 +254,18 @@ def format_table(rows: list[dict]) -> str:
             return NAMES[v]
         return "–" if v is None else fmt.format(v)
 
-    lines = ["| " + " | ".join(h for h, _, _ in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    lines += ["| " + " | ".join(cell(r, k, f) for _, k, f in COLUMNS) + " |" for r in rows]
+    lines = ["| " + " | ".join(h for h, _, _ in columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(r, k, f) for _, k, f in columns) + " |" for r in rows]
     return "\n".join(lines)
 
 
 def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
+
+
+def _times(t: dict) -> str:
+    return (f"{t['forward_s']:.3f} s median (wall: {', '.join(f'{x:.2f}' for x in t['times'])}; "
+            f"CPU: {', '.join(f'{x:.2f}' for x in t['cpu_times'])})")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -264,6 +281,7 @@ def main(argv: list[str] | None = None) -> None:
         torch_device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         torch_dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     devices = describe_devices(torch_device)
+    load_start = os.getloadavg()
 
     rows = []
     for name in args.models:
@@ -272,29 +290,35 @@ def main(argv: list[str] | None = None) -> None:
         j = bench_jax(spec, inputs, jax_dtype, iters)
         jax.clear_caches()
         gc.collect()
-        log(f"{name}: JAX init {j['init_s']:.1f} s, compile {j['compile_s']:.1f} s, "
-            f"forward {j['forward_s']:.3f} s (all: {', '.join(f'{t:.3f}' for t in j['times'])})")
+        log(f"{name}: JAX params {j['init_s']:.1f} s, compile {j['compile_s']:.1f} s, forward {_times(j)}")
         row = dict(model=name, params=j["params"], gflop=j["gflop"], jax_init_s=j["init_s"],
-                   jax_compile_s=j["compile_s"], jax_forward_s=j["forward_s"], jax_times=j["times"])
+                   jax_compile_s=j["compile_s"], jax_forward_s=j["forward_s"], jax_times=j["times"],
+                   jax_cpu_s=j["cpu_s"], jax_cpu_times=j["cpu_times"])
         if torch_device is not None:
             t0 = time.perf_counter()
             t = bench_torch(spec, inputs, torch_dtype, iters, torch_device)
             gc.collect()
-            log(f"{name}: torch forward {t['forward_s']:.3f} s (all: {', '.join(f'{x:.3f}' for x in t['times'])}; "
-                f"{time.perf_counter() - t0:.1f} s with build)")
-            row |= dict(torch_forward_s=t["forward_s"], torch_times=t["times"])
+            log(f"{name}: torch forward {_times(t)}; {time.perf_counter() - t0:.1f} s with the build")
+            row |= dict(torch_forward_s=t["forward_s"], torch_times=t["times"], torch_cpu_s=t["cpu_s"],
+                        torch_cpu_times=t["cpu_times"])
         rows.append(row)
     add_derived(rows, size, args.batch)
+    load = dict(start=load_start, end=os.getloadavg())
 
     print(f"UNet forward, {args.resolution}² images ({size}² latents), batch {args.batch}, {args.dtype}, "
           f"median of {iters} after 1 warm-up")
     for k, v in devices.items():
         print(f"  {k}: {v}")
-    print(format_table(rows))
+    print(f"  load average (1, 5, 15 min): start {', '.join(f'{x:.2f}' for x in load['start'])}; "
+          f"end {', '.join(f'{x:.2f}' for x in load['end'])}")
+    print(format_table(rows, WALL_COLUMNS))
+    if on_cpu:
+        print("\nProcess CPU time per forward (median; all threads; robust to other programs on a shared CPU):")
+        print(format_table(rows, CPU_COLUMNS))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         record = dict(resolution=args.resolution, latent_size=size, batch=args.batch, dtype=args.dtype,
-                      iters=iters, devices=devices, rows=rows)
+                      iters=iters, devices=devices, load_average=load, rows=rows)
         args.json.write_text(json.dumps(record, indent=2) + "\n")
 
 

@@ -131,7 +131,7 @@ def from_diffusers_state_dict(state: Mapping[str, np.ndarray], spec: UNetSpec) -
     """diffusers state dict (numpy) → Flax parameter tree, checked strictly against `spec`."""
     flat = {}
     for key, value in state.items():
-        *path, leaf = _flax_path(key)
+        *path, leaf = flax_path(key)
         leaf, value = _to_flax_leaf(leaf, np.asarray(value))
         flat[(*path, leaf)] = value
     params = unflatten_dict(flat)
@@ -170,7 +170,8 @@ def param_count(params: Mapping) -> int:
 
 # ---- helpers ------------------------------------------------------------------------------------
 
-def _flax_path(key: str) -> list[str]:
+def flax_path(key: str) -> list[str]:
+    """diffusers' dotted name → Flax path parts (`down_blocks.2.attentions.1` → down_blocks_2, attentions_1)."""
     parts = []
     for part in key.split("."):
         if part.isdigit() and parts and parts[-1] in _LISTS:

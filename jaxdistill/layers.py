@@ -42,6 +42,20 @@ class _Layer(_Ops):
     _: dataclasses.KW_ONLY  # layer settings come first, positionally; dtypes by keyword
     dtype: Dtype = jnp.float32  # compute
     param_dtype: Dtype = jnp.float32  # storage
+    remat: str = "none"  # rematerialise resnets and transformer layers in the backward pass: none|full|dots
+
+
+REMAT_POLICIES = {"full": None, "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
+
+
+def rematted(cls: type[nn.Module], remat: str) -> type[nn.Module]:
+    """`cls`, recomputed in the backward pass under `remat` ("full": save nothing; "dots": keep matmul
+    outputs). Parameter names are unchanged."""
+    if remat == "none":
+        return cls
+    if remat not in REMAT_POLICIES:
+        raise ValueError(f"remat={remat!r}: expected 'none', 'full' or 'dots'")
+    return nn.remat(cls, policy=REMAT_POLICIES[remat])
 
 
 def timestep_embedding(timesteps: jax.Array, dim: int, flip_sin_to_cos: bool, freq_shift: float,
@@ -173,8 +187,9 @@ class Transformer2DModel(_Layer):
         else:
             h = self.conv(inner, 1, "proj_in")(h).reshape(b, hgt * wid, inner)
         for i in range(self.depth):
-            h = BasicTransformerBlock(self.heads, self.head_dim, self.upcast_attention, dtype=self.dtype,
-                                      param_dtype=self.param_dtype, name=f"transformer_blocks_{i}")(h, context)
+            block = rematted(BasicTransformerBlock, self.remat)
+            h = block(self.heads, self.head_dim, self.upcast_attention, dtype=self.dtype,
+                      param_dtype=self.param_dtype, name=f"transformer_blocks_{i}")(h, context)
         if self.use_linear_projection:
             h = self.dense(c, "proj_out")(h).reshape(b, hgt, wid, c)
         else:

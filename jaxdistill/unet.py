@@ -17,6 +17,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax.traverse_util import flatten_dict, unflatten_dict
 
 from jaxdistill.layers import (
     Downsample2D,
@@ -26,6 +27,7 @@ from jaxdistill.layers import (
     Upsample2D,
     _Layer,
     _Ops,
+    rematted,
     timestep_embedding,
 )
 from jaxdistill.spec import CROSS_ATTN_MID, UNetSpec
@@ -43,15 +45,15 @@ class _Block(_Layer):
     index: int = 0
 
     def resnet(self, out_channels: int, name: str) -> ResnetBlock2D:
-        return ResnetBlock2D(out_channels, self.spec.norm_num_groups, self.spec.norm_eps, dtype=self.dtype,
-                             param_dtype=self.param_dtype, name=name)
+        return rematted(ResnetBlock2D, self.remat)(out_channels, self.spec.norm_num_groups, self.spec.norm_eps,
+                                                    dtype=self.dtype, param_dtype=self.param_dtype, name=name)
 
     def attention(self, block: int, depth: int, name: str) -> Transformer2DModel:
         s = self.spec
         heads = s.num_attention_heads[block]
         return Transformer2DModel(heads, s.block_out_channels[block] // heads, depth, s.norm_num_groups,
                                   s.use_linear_projection, s.upcast_attention, dtype=self.dtype,
-                                  param_dtype=self.param_dtype, name=name)
+                                  param_dtype=self.param_dtype, remat=self.remat, name=name)
 
 
 class DownBlock(_Block):
@@ -111,6 +113,7 @@ class UNet(_Ops):
     spec: UNetSpec
     dtype: jnp.dtype | type = jnp.float32  # compute
     param_dtype: jnp.dtype | type = jnp.float32  # storage
+    remat: str = "none"  # none | full | dots: recomputation of resnets and transformer layers for backward
 
     @nn.compact
     def __call__(self, sample: jax.Array, timesteps: jax.Array, encoder_hidden_states: jax.Array,
@@ -119,7 +122,7 @@ class UNet(_Ops):
         encoder_hidden_states [B, S, cross_attention_dim]; text_embeds [B, P] and time_ids [B, N]
         (SDXL: P=1280, N=6) when the spec has the `text_time` add-embedding."""
         s = self.spec
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, remat=self.remat)
         batch = sample.shape[0]
         timesteps = jnp.broadcast_to(jnp.asarray(timesteps), (batch,))
 
@@ -182,10 +185,19 @@ def abstract_params(spec: UNetSpec, param_dtype=jnp.float32) -> dict:
 
 
 def init_params(spec: UNetSpec, rng: jax.Array, param_dtype=jnp.float32) -> dict:
-    """Randomly initialised parameters (Flax's default initialisers), jitted."""
-    model = UNet(spec, param_dtype=param_dtype)
-    inputs = {k: jnp.zeros(v.shape, v.dtype) for k, v in dummy_inputs(spec).items()}
-    return jax.jit(lambda r: model.init(r, **inputs)["params"])(rng)
+    """Random parameters: kernels normal with variance 1/fan_in (Flax's LeCun default), biases 0, norm
+    scales 1. Drawn leaf by leaf on the host from the abstract tree: tracing the whole model's `init`
+    under jit costs minutes of compilation on a CPU for nothing."""
+    seed = np.asarray(jax.random.key_data(rng)).ravel().tolist()
+    out = {}
+    for i, (path, leaf) in enumerate(sorted(flatten_dict(abstract_params(spec, param_dtype)).items())):
+        if path[-1] == "kernel":
+            std = 1.0 / math.sqrt(math.prod(leaf.shape[:-1]))
+            value = np.random.default_rng([*seed, i]).standard_normal(leaf.shape, np.float32) * np.float32(std)
+        else:
+            value = (np.ones if path[-1] == "scale" else np.zeros)(leaf.shape, np.float32)
+        out[path] = jnp.asarray(value, leaf.dtype)
+    return unflatten_dict(out)
 
 
 def count_params(spec: UNetSpec) -> int:

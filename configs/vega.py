@@ -1,0 +1,13 @@
+"""Segmind-Vega: SDXL → 0.745 B parameters (every attention block halved again, mid block one resnet).
+
+    python -m jaxdistill.train --config configs/vega.py --config.teacher=SDXL_DIR \
+        --workdir runs/vega
+"""
+
+from jaxdistill.config import base_config
+
+
+def get_config():
+    c = base_config()
+    c.plan = "vega"
+    return c

@@ -1,0 +1,97 @@
+"""Training configuration: the defaults every config file starts from, and validation at start-up.
+
+Config files are small Python files in `configs/` (`get_config()` returns an `ml_collections.ConfigDict`);
+any field can be overridden on the command line (`--config.optimizer.lr=2e-5`). `validate` reports every
+bad field by its dotted name before anything heavy runs.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from jaxdistill.losses import NORMALIZATIONS
+from jaxdistill.schedule import PREDICTION_TYPES
+
+DTYPES = ("float32", "bfloat16")
+REMAT = ("none", "full", "dots")
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """SSD-1B's recipe, as far as it was published: 1024², lr 1e-5, batch 32 × 4 accumulation, SDXL's
+    noise schedule, loss = task + 0.5 output + 0.5 feature (every resnet and attention tap)."""
+    c = ml_collections.ConfigDict()
+    c.teacher = ""  # diffusers UNet or pipeline folder
+    c.student = ""  # an existing student folder; empty: the plan applied to the teacher
+    c.plan = "ssd1b"  # preset name or plan JSON (see `python -m jaxdistill.prune`)
+    c.sensitivity = ""  # a sensitivity report folder, for plans with strategy "sensitivity"
+    c.model = ""  # with no teacher: a preset to train from scratch ("tiny-sdxl", "sdxl", ...)
+
+    c.loss = ml_collections.ConfigDict(dict(task=1.0, output=0.5, feature=0.5, taps="all", normalize="none"))
+    c.schedule = ml_collections.ConfigDict(dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+                                                beta_schedule="scaled_linear", prediction_type="epsilon"))
+    c.optimizer = ml_collections.ConfigDict(dict(lr=1e-5, warmup_steps=0, weight_decay=1e-2, b1=0.9, b2=0.999,
+                                                 eps=1e-8, grad_clip=1.0, schedule="constant", accumulation=4))
+    c.ema_decay = 0.0  # 0: no EMA of the student
+    c.precision = ml_collections.ConfigDict(dict(teacher="bfloat16", student_compute="bfloat16"))
+    c.remat = "none"
+
+    c.data = ml_collections.ConfigDict(dict(source="synthetic", resolution=1024, seq_len=77, num_examples=64))
+    c.batch_size = 128  # global, all micro-batches of one step together (32 × 4 accumulation)
+    c.steps = 251_000
+    c.log_every = 50
+    c.checkpoint_every = 1000
+    c.keep_checkpoints = 3
+    c.seed = 0
+    # Progressive runs: a list of stages, each a dict overriding name / plan / teacher / steps / loss / lr.
+    # teacher "previous" distils from the previous stage's student; each stage starts from that student.
+    c.stages = []
+    return c
+
+
+def validate(c: ml_collections.ConfigDict) -> None:
+    """Raises ValueError naming every invalid field."""
+    errors = []
+
+    def check(ok, field, expected):
+        if not ok:
+            errors.append(f"config.{field}={_get(c, field)!r}: expected {expected}")
+
+    check(c.steps >= 0, "steps", "≥ 0")
+    check(c.batch_size >= 1, "batch_size", "≥ 1")
+    check(c.optimizer.accumulation >= 1 and c.batch_size % c.optimizer.accumulation == 0, "optimizer.accumulation",
+          f"≥ 1 and dividing batch_size={c.batch_size}")
+    check(c.optimizer.lr > 0, "optimizer.lr", "> 0")
+    check(c.optimizer.schedule in ("constant", "cosine"), "optimizer.schedule", "'constant' or 'cosine'")
+    check(0 <= c.ema_decay < 1, "ema_decay", "in [0, 1)")
+    for name in ("task", "output", "feature"):
+        check(c.loss[name] >= 0, f"loss.{name}", "≥ 0")
+    check(c.loss.normalize in NORMALIZATIONS, "loss.normalize", f"one of {NORMALIZATIONS}")
+    check(isinstance(c.loss.taps, (list, tuple)) or c.loss.taps in ("all", "stages"), "loss.taps",
+          "'all', 'stages' or a list of feature names")
+    check(c.schedule.prediction_type in PREDICTION_TYPES, "schedule.prediction_type", f"one of {PREDICTION_TYPES}")
+    check(c.schedule.beta_schedule in ("scaled_linear", "linear"), "schedule.beta_schedule",
+          "'scaled_linear' or 'linear'")
+    check(c.precision.teacher in DTYPES, "precision.teacher", f"one of {DTYPES}")
+    check(c.precision.student_compute in DTYPES, "precision.student_compute", f"one of {DTYPES}")
+    check(c.remat in REMAT, "remat", f"one of {REMAT}")
+    check(c.data.source == "synthetic", "data.source",
+          "'synthetic' (the generated latent set; image/caption data arrives with the data issue)")
+    check(c.log_every >= 1, "log_every", "≥ 1")
+    check(c.checkpoint_every >= 1, "checkpoint_every", "≥ 1")
+    if not c.stages:
+        check(bool(c.teacher or c.model), "teacher", "a diffusers UNet/pipeline folder (--config.teacher=DIR)")
+    for i, stage in enumerate(c.stages):
+        unknown = set(stage) - {"name", "plan", "teacher", "steps", "loss", "lr", "model"}
+        if unknown:
+            errors.append(f"config.stages[{i}] has unknown fields {sorted(unknown)}; expected name, plan, teacher, "
+                          "steps, loss, lr, model")
+        if "name" not in stage:
+            errors.append(f"config.stages[{i}] needs a name (its results go to WORKDIR/stages/NAME)")
+    if errors:
+        raise ValueError("invalid config:\n  " + "\n  ".join(errors))
+
+
+def _get(c, dotted):
+    for part in dotted.split("."):
+        c = c[part]
+    return c

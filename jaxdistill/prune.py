@@ -1,0 +1,334 @@
+"""Pruning: a teacher UNet (spec, params) → a student, by a `PrunePlan`.
+
+A plan says, for each attention module named in diffusers' dotted form (`down_blocks.2.attentions.0`,
+`mid_block.attentions.0`), which transformer layers the student keeps — explicit indices, or a depth
+chosen by a strategy (`first`, `even`, or `sensitivity`: the layers whose removal hurts most) — and the
+mid block's form (`UNetMidBlock2D` keeps its first resnet; None removes it). Modules the plan does not
+name are kept whole. Every kept module copies the teacher's weights. `feature_pairs` lists the
+(student tap, teacher tap) pairs the distillation loss compares.
+
+Removing down/up resnets (BK-SDM style) is not implemented: SSD-1B and Vega keep every resnet.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from flax.traverse_util import flatten_dict, unflatten_dict
+
+from jaxdistill.convert import check_params, flax_path
+from jaxdistill.spec import CROSS_ATTN_MID, RESNET_MID, UNetSpec, UnsupportedConfigError
+
+KEEP = "keep"
+STRATEGIES = ("first", "even", "sensitivity")
+
+
+class PlanError(ValueError):
+    """A prune plan that does not fit the teacher or would leave an invalid UNet."""
+
+
+@dataclasses.dataclass(frozen=True)
+class PrunePlan:
+    """`attentions`: module name → kept layer indices (a list) or a depth (an int, picked by `strategy`).
+    `mid_block_type`: "keep", "UNetMidBlock2D" (one resnet) or None (no mid block)."""
+
+    attentions: Mapping[str, int | tuple[int, ...]] = dataclasses.field(default_factory=dict)
+    mid_block_type: str | None = KEEP
+    strategy: str = "first"
+    name: str = "custom"
+    note: str = ""
+
+    def __post_init__(self):
+        attentions = {k: v if isinstance(v, int) else tuple(int(i) for i in v) for k, v in self.attentions.items()}
+        object.__setattr__(self, "attentions", attentions)
+        if self.strategy not in STRATEGIES:
+            raise PlanError(f"plan {self.name}: strategy={self.strategy!r}; expected one of {STRATEGIES}.")
+        if self.mid_block_type not in (KEEP, RESNET_MID, None):
+            raise PlanError(f"plan {self.name}: mid_block_type={self.mid_block_type!r}; expected 'keep', "
+                            f"'{RESNET_MID}' (keep the first resnet) or null (remove the mid block).")
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "note": self.note, "strategy": self.strategy, "mid_block_type": self.mid_block_type,
+                "attentions": {k: v if isinstance(v, int) else list(v) for k, v in self.attentions.items()}}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> PrunePlan:
+        unknown = set(data) - {"name", "note", "strategy", "mid_block_type", "attentions"}
+        if unknown:
+            raise PlanError(f"prune plan has unknown fields {sorted(unknown)}; expected name, note, strategy, "
+                            "mid_block_type, attentions.")
+        return cls(**data)
+
+    def save(self, path: str | os.PathLike):
+        Path(path).write_text(json.dumps(self.to_json(), indent=2) + "\n")
+
+
+# Segmind never published which layers SSD-1B kept; a third party estimated it by comparing SSD-1B's
+# attention weights with SDXL's (cosine similarity): 10 → 4 kept layers 0, 1, 2, 6; 2 → 1 kept layer 0.
+_SSD1B_10_TO_4 = (0, 1, 2, 6)
+SSD1B = PrunePlan(
+    name="ssd1b",
+    note="SSD-1B (1,331,334,404 parameters on SDXL). Kept layer indices are a third-party estimate "
+         "(attention-weight cosine similarity); Segmind never published them.",
+    mid_block_type=RESNET_MID,
+    attentions={
+        "down_blocks.2.attentions.0": _SSD1B_10_TO_4, "down_blocks.2.attentions.1": _SSD1B_10_TO_4,
+        "up_blocks.0.attentions.0": _SSD1B_10_TO_4, "up_blocks.0.attentions.1": _SSD1B_10_TO_4,
+        "up_blocks.1.attentions.1": (0,), "up_blocks.1.attentions.2": (0,),
+    },
+)
+VEGA = PrunePlan(
+    name="vega",
+    note="Segmind-Vega (745,225,604 parameters on SDXL); which layers Vega kept is unpublished: evenly spaced.",
+    mid_block_type=RESNET_MID,
+    strategy="even",
+    attentions={
+        "down_blocks.1.attentions.0": 1, "down_blocks.1.attentions.1": 1,
+        "down_blocks.2.attentions.0": 2, "down_blocks.2.attentions.1": 2,
+        "up_blocks.0.attentions.0": 2, "up_blocks.0.attentions.1": 2, "up_blocks.0.attentions.2": 2,
+        "up_blocks.1.attentions.0": 1, "up_blocks.1.attentions.1": 1, "up_blocks.1.attentions.2": 1,
+    },
+)
+PLANS = {"ssd1b": SSD1B, "vega": VEGA}
+
+
+def load_plan(plan: str | os.PathLike | PrunePlan) -> PrunePlan:
+    """A preset name (`ssd1b`, `vega`), a plan JSON file, or a plan."""
+    if isinstance(plan, PrunePlan):
+        return plan
+    if str(plan) in PLANS:
+        return PLANS[str(plan)]
+    path = Path(plan)
+    if not path.is_file():
+        raise PlanError(f"prune plan {plan!r} is neither a preset ({', '.join(PLANS)}) nor a JSON file.")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise PlanError(f"prune plan {path} is not valid JSON: {e}") from e
+    return PrunePlan.from_json(data)
+
+
+def attention_modules(spec: UNetSpec) -> dict[str, int]:
+    """Every attention module of `spec` (diffusers' dotted name) → its transformer depth."""
+    modules = {}
+    for kind, blocks in (("down_blocks", spec.down_depths), ("up_blocks", spec.up_depths)):
+        for i, depths in enumerate(blocks):
+            modules |= {f"{kind}.{i}.attentions.{j}": d for j, d in enumerate(depths) if d}
+    if spec.mid_block_type == CROSS_ATTN_MID:
+        modules["mid_block.attentions.0"] = spec.mid_depth
+    return modules
+
+
+def choose_layers(depth: int, keep: int, strategy: str, damage: Sequence[float] | None = None) -> tuple[int, ...]:
+    """Which `keep` of `depth` layers stay: the first ones, evenly spaced ones, or (with `damage[i]`, the
+    measured harm of removing layer i alone) the ones whose removal hurts most."""
+    if strategy == "first":
+        return tuple(range(keep))
+    if strategy == "even":
+        return tuple(int(i) for i in np.round(np.linspace(0, depth - 1, keep)).astype(int)) if keep > 1 else (0,)
+    if damage is None or len(damage) != depth:
+        raise PlanError("strategy 'sensitivity' needs a sensitivity report covering every layer "
+                        "(python -m jaxdistill.prune --sensitivity DIR, or pass sensitivity=).")
+    return tuple(sorted(np.argsort(-np.asarray(damage), kind="stable")[:keep].tolist()))
+
+
+def resolve_plan(spec: UNetSpec, plan: PrunePlan,
+                 sensitivity: Mapping[str, Sequence[float]] | None = None) -> dict[str, tuple[int, ...]]:
+    """Kept layer indices for every attention module the plan names, checked against the teacher.
+    `sensitivity`: module name → damage of removing each of its layers (for strategy `sensitivity`)."""
+    modules = attention_modules(spec)
+    problems, kept = [], {}
+    for name, target in plan.attentions.items():
+        if name not in modules:
+            problems.append(f"{name}: no such attention module in the teacher (it has: {', '.join(modules)})")
+            continue
+        depth = modules[name]
+        if isinstance(target, int):
+            if not 1 <= target <= depth:
+                problems.append(f"{name}: keeps {target} layers, the teacher has {depth} (keep 1..{depth}; "
+                                "removing a whole attention module is not supported)")
+                continue
+            try:
+                kept[name] = choose_layers(depth, target, plan.strategy, (sensitivity or {}).get(name))
+            except PlanError as e:
+                problems.append(f"{name}: {e}")
+        else:
+            bad = [i for i in target if not 0 <= i < depth]
+            if bad or not target or len(set(target)) != len(target):
+                problems.append(f"{name}: layer indices {list(target)} must be distinct, non-empty and within "
+                                f"0..{depth - 1} (the teacher has {depth} layers)")
+                continue
+            kept[name] = tuple(sorted(target))
+    if plan.mid_block_type != KEEP and "mid_block.attentions.0" in plan.attentions:
+        problems.append("mid_block.attentions.0: the plan also removes the mid block's attention "
+                        f"(mid_block_type={plan.mid_block_type!r})")
+    if problems:
+        raise PlanError(f"prune plan {plan.name!r} does not fit the teacher:\n  " + "\n  ".join(problems))
+    return kept
+
+
+def student_spec(spec: UNetSpec, plan: PrunePlan, kept: Mapping[str, tuple[int, ...]]) -> UNetSpec:
+    """The student's architecture: teacher depths replaced by the kept counts, the mid block's new form."""
+    def depths(kind, blocks):
+        return tuple(tuple(len(kept.get(f"{kind}.{i}.attentions.{j}", range(d))) if d else 0
+                           for j, d in enumerate(block)) for i, block in enumerate(blocks))
+
+    mid = spec.mid_block_type if plan.mid_block_type == KEEP else plan.mid_block_type
+    mid_depth = len(kept.get("mid_block.attentions.0", range(spec.mid_depth))) if mid == CROSS_ATTN_MID else 0
+    try:
+        student = spec.replace(down_depths=depths("down_blocks", spec.down_depths),
+                               up_depths=depths("up_blocks", spec.up_depths), mid_block_type=mid, mid_depth=mid_depth)
+        student.to_diffusers_config()
+    except UnsupportedConfigError as e:
+        raise PlanError(f"prune plan {plan.name!r} leaves a UNet that cannot be built or written as a diffusers "
+                        f"folder: {e} Prune mid_block.attentions.0 to the same depth, or set mid_block_type "
+                        f"to {RESNET_MID!r}.") from e
+    return student
+
+
+Kept = dict[str, tuple[int, ...]]
+
+
+def prune(spec: UNetSpec, params: Mapping, plan: PrunePlan | str,
+          sensitivity: Mapping[str, Sequence[float]] | None = None) -> tuple[UNetSpec, dict, Kept]:
+    """Teacher (spec, params) → (student spec, student params, kept layer indices per pruned module).
+    The student's parameters are the teacher's arrays (no copies): every kept module is the teacher's."""
+    plan = load_plan(plan)
+    kept = resolve_plan(spec, plan, sensitivity)
+    student = student_spec(spec, plan, kept)
+    # transformer layer renumbering: (module path, teacher index) → student index
+    renumber = {(tuple(flax_path(name)), i): k for name, indices in kept.items() for k, i in enumerate(indices)}
+    out = {}
+    for path, value in flatten_dict(dict(params)).items():
+        if path[0] == "mid_block" and (student.mid_block_type is None or (
+                student.mid_block_type == RESNET_MID and path[1] != "resnets_0")):
+            continue
+        layer = next((n for n, p in enumerate(path) if p.startswith("transformer_blocks_")), None)
+        if layer is not None and (path[:layer], _index(path[layer])) in renumber:
+            path = (*path[:layer], f"transformer_blocks_{renumber[path[:layer], _index(path[layer])]}",
+                    *path[layer + 1:])
+        elif layer is not None and tuple(path[:layer]) in {m for m, _ in renumber}:
+            continue  # a layer the student drops
+        out[path] = value
+    out = unflatten_dict(out)
+    check_params(student, out)
+    return student, out, kept
+
+
+def tap_names(spec: UNetSpec, taps: str | Sequence[str] = "all") -> list[str]:
+    """Feature names of the UNet `spec` describes: `all` (every down/up resnet and attention, and the mid
+    block — the SSD-1B recipe), `stages` (each down/up block's output, BK-SDM), or an explicit list."""
+    if not isinstance(taps, str):
+        return list(taps)
+    names = []
+    for kind, blocks in (("down_blocks", spec.down_depths), ("up_blocks", spec.up_depths)):
+        for i, depths in enumerate(blocks):
+            if taps == "stages":
+                names.append(f"{kind}.{i}")
+            elif taps == "all":
+                for j, d in enumerate(depths):
+                    names += [f"{kind}.{i}.resnets.{j}"] + ([f"{kind}.{i}.attentions.{j}"] if d else [])
+            else:
+                raise ValueError(f"taps={taps!r}: expected 'all', 'stages' or a list of feature names.")
+        if kind == "down_blocks" and taps == "all" and spec.mid_block_type is not None:
+            names.append("mid_block")
+    return names
+
+
+def feature_pairs(teacher: UNetSpec, student: UNetSpec, taps: str | Sequence[str] = "all") -> list[tuple[str, str]]:
+    """(student tap, teacher tap) pairs, paired by name. Taps of removed modules drop out; the teacher's
+    whole mid block pairs with whatever the student's mid block is (one resnet for SSD-1B)."""
+    teacher_taps = set(tap_names(teacher, "all") + tap_names(teacher, "stages"))
+    student_taps = set(tap_names(student, "all") + tap_names(student, "stages"))
+    wanted = tap_names(student, taps)
+    unknown = [t for t in wanted if t not in student_taps]
+    if unknown:
+        raise ValueError(f"feature taps {unknown} do not exist in the student; it has {sorted(student_taps)}")
+    return [(t, t) for t in wanted if t in teacher_taps]
+
+
+def _index(name: str) -> int:
+    return int(name.rpartition("_")[2])
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m jaxdistill.prune`: write a pruned student as a diffusers UNet folder; measure layer
+    sensitivity; choose a plan for a parameter or FLOP budget."""
+    import argparse
+
+    from jaxdistill import sensitivity as sens
+    from jaxdistill.convert import load_unet, save_unet
+    from jaxdistill.unet import count_params
+
+    parser = argparse.ArgumentParser(prog="python -m jaxdistill.prune", description=main.__doc__)
+    parser.add_argument("--teacher", required=True, help="diffusers UNet folder, or a pipeline folder with unet/")
+    parser.add_argument("--plan", help=f"a preset ({', '.join(PLANS)}) or a plan JSON file")
+    parser.add_argument("--out", help="where to write the student (a diffusers UNet folder)")
+    parser.add_argument("--sensitivity", metavar="REPORT_DIR",
+                        help="measure each removable unit's damage and write the report here (reused if present)")
+    budget = parser.add_mutually_exclusive_group()
+    budget.add_argument("--budget-params", type=float, help="automatic plan: student parameters ≤ N")
+    budget.add_argument("--budget-flops", type=float, help="automatic plan: student forward FLOPs ≤ N (batch 1)")
+    parser.add_argument("--resolution", type=int, default=1024, help="image side for FLOPs (latents: /8)")
+    parser.add_argument("--calibration-batch", type=int, default=8, help="calibration samples across timesteps")
+    parser.add_argument("--calibration-size", type=int, default=32, help="latent side of the calibration batch")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+
+    auto = args.budget_params is not None or args.budget_flops is not None
+    if auto and args.plan:
+        parser.error("give either --plan or a budget (--budget-params / --budget-flops), not both")
+    if auto and not args.sensitivity:
+        parser.error("an automatic plan needs measurements: add --sensitivity REPORT_DIR")
+    if not (args.plan or auto or args.sensitivity):
+        parser.error("nothing to do: give --plan, --sensitivity, or a budget")
+    if args.plan and not args.out:
+        parser.error("--plan needs --out DIR for the student")
+    try:
+        plan = load_plan(args.plan) if args.plan else None
+    except PlanError as e:
+        parser.error(str(e))
+
+    spec, params = load_unet(args.teacher)
+    print(f"teacher: {args.teacher} ({count_params(spec):,} parameters)")
+    report = None
+    if args.sensitivity:
+        report_dir = Path(args.sensitivity)
+        if (report_dir / "sensitivity.json").is_file():
+            report = sens.read_report(report_dir)
+            print(f"sensitivity: reusing {report_dir / 'sensitivity.json'}")
+        else:
+            report = sens.sensitivity_report(spec, params, batch=args.calibration_batch, size=args.calibration_size,
+                                             resolution=args.resolution, seed=args.seed)
+            sens.write_report(report, report_dir)
+            print(f"sensitivity: {len(report.rows)} units measured → {report_dir}/sensitivity.{{csv,md,png,json}}")
+    if auto:
+        plan = sens.auto_plan(spec, report, budget_params=args.budget_params, budget_flops=args.budget_flops)
+        plan.save(Path(args.sensitivity) / "plan.json")
+        print(f"automatic plan → {Path(args.sensitivity) / 'plan.json'}: {plan.note}")
+    if plan is None or not args.out:
+        return 0
+
+    damage = sens.layer_damage(report) if report is not None else None
+    try:
+        student, student_params, kept = prune(spec, params, plan, sensitivity=damage)
+    except PlanError as e:
+        print(f"error: {e}")
+        return 2
+    out = save_unet(args.out, student, student_params)
+    resolved = dataclasses.replace(plan, attentions=kept, note=(plan.note + " Indices as applied.").strip())
+    resolved.save(out / "prune_plan.json")
+    print(f"student: {count_params(student):,} parameters → {out} (plan {plan.name}; kept layers in prune_plan.json)")
+    for name, indices in kept.items():
+        print(f"  {name}: layers {list(indices)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

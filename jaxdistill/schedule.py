@@ -1,0 +1,44 @@
+"""SDXL's training noise schedule (diffusers' DDPMScheduler, "scaled_linear" betas) as plain arrays and
+pure functions: noising, prediction targets. Samplers live in `sample.py`."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+
+
+def alphas_cumprod(num_train_timesteps: int = 1000, beta_start: float = 0.00085, beta_end: float = 0.012,
+                   beta_schedule: str = "scaled_linear") -> np.ndarray:
+    """ᾱ_t for t in [0, T) [T] float32, computed as diffusers does (float32 throughout)."""
+    if beta_schedule == "scaled_linear":
+        betas = np.linspace(beta_start**0.5, beta_end**0.5, num_train_timesteps, dtype=np.float32) ** 2
+    elif beta_schedule == "linear":
+        betas = np.linspace(beta_start, beta_end, num_train_timesteps, dtype=np.float32)
+    else:
+        raise ValueError(f"beta_schedule={beta_schedule!r}: expected 'scaled_linear' (SDXL) or 'linear'.")
+    return np.cumprod(1.0 - betas, dtype=np.float32)
+
+
+def _coefficients(acp: jax.Array, timesteps: jax.Array, ndim: int) -> tuple[jax.Array, jax.Array]:
+    a = acp[timesteps].reshape((-1,) + (1,) * (ndim - 1))
+    return jnp.sqrt(a), jnp.sqrt(1.0 - a)
+
+
+def add_noise(acp: jax.Array, x0: jax.Array, noise: jax.Array, timesteps: jax.Array) -> jax.Array:
+    """x_t = √ᾱ_t x0 + √(1−ᾱ_t) ε. x0, noise [B, ...], timesteps [B] int."""
+    signal, sigma = _coefficients(acp, timesteps, x0.ndim)
+    return signal * x0 + sigma * noise
+
+
+def prediction_target(acp: jax.Array, x0: jax.Array, noise: jax.Array, timesteps: jax.Array,
+                      prediction_type: str) -> jax.Array:
+    """What the UNet learns to predict: ε, or v = √ᾱ_t ε − √(1−ᾱ_t) x0."""
+    if prediction_type == "epsilon":
+        return noise
+    if prediction_type == "v_prediction":
+        signal, sigma = _coefficients(acp, timesteps, x0.ndim)
+        return signal * noise - sigma * x0
+    raise ValueError(f"prediction_type={prediction_type!r}: expected one of {PREDICTION_TYPES}.")

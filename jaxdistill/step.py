@@ -1,0 +1,115 @@
+"""The distillation step: a pure function `(state, teacher_params, batch, rng) → (state, metrics)`.
+
+Noise and timesteps are drawn from `fold_in(rng, step)` (a resumed run draws the same numbers), the
+teacher runs under `stop_gradient` (it is an input, not state: not optimised, not checkpointed), the
+student runs forward and backward, the three losses are combined, and one AdamW update is applied.
+Gradient accumulation is a `lax.scan` over micro-batches inside the step, so one step is one optimizer
+update. With output and feature weights at 0 and no teacher this is plain diffusion training.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+
+from jaxdistill.losses import distill_loss
+from jaxdistill.schedule import add_noise, prediction_target
+from jaxdistill.unet import UNet
+
+Batch = Mapping[str, jax.Array]  # latents [B, H, W, 4], encoder_hidden_states, text_embeds, time_ids
+CONDITIONING = ("encoder_hidden_states", "text_embeds", "time_ids")
+
+
+class TrainState(flax.struct.PyTreeNode):
+    step: jax.Array
+    params: Any  # the student's float32 master weights
+    opt_state: Any
+    ema_params: Any  # None when EMA is off
+
+
+def make_optimizer(lr: float = 1e-5, warmup_steps: int = 0, weight_decay: float = 1e-2, b1: float = 0.9,
+                   b2: float = 0.999, eps: float = 1e-8, grad_clip: float = 1.0,
+                   schedule: str = "constant", total_steps: int = 0) -> tuple[optax.GradientTransformation,
+                                                                              optax.Schedule]:
+    """AdamW (diffusers' defaults) behind global-norm clipping, with linear warmup → constant or cosine."""
+    if schedule == "constant":
+        lr_fn = optax.warmup_constant_schedule(0.0, lr, warmup_steps) if warmup_steps else optax.constant_schedule(lr)
+    elif schedule == "cosine":
+        lr_fn = optax.warmup_cosine_decay_schedule(0.0, lr, warmup_steps, max(total_steps, warmup_steps + 1))
+    else:
+        raise ValueError(f"optimizer.schedule={schedule!r}: expected 'constant' or 'cosine'.")
+    parts = [optax.clip_by_global_norm(grad_clip)] if grad_clip else []
+    tx = optax.chain(*parts, optax.adamw(lr_fn, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay))
+    return tx, lr_fn
+
+
+def init_state(params: Any, tx: optax.GradientTransformation, ema: bool) -> TrainState:
+    """float32 master copies of `params` (own buffers: the state is donated to the step, and a student
+    fresh from pruning shares its arrays with the teacher)."""
+    copy = lambda tree: jax.tree.map(lambda x: jnp.array(x, jnp.float32, copy=True), tree)  # noqa: E731
+    params = copy(params)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                      ema_params=copy(params) if ema else None)
+
+
+def make_train_step(student: UNet, teacher: UNet | None, tx: optax.GradientTransformation, lr_fn: optax.Schedule,
+                    alphas_cumprod: jax.Array, *, pairs: Sequence[tuple[str, str]] = (),
+                    weights: Mapping[str, float] | None = None, normalize: str = "none",
+                    prediction_type: str = "epsilon", accumulation: int = 1, ema_decay: float = 0.0,
+                    ) -> Callable[[TrainState, Any, Batch, jax.Array], tuple[TrainState, dict[str, jax.Array]]]:
+    """Builds the (unjitted) step. `teacher` None (or output and feature weights 0): plain diffusion."""
+    weights = {"task": 1.0, "output": 0.5, "feature": 0.5} | dict(weights or {})
+    uses_teacher = teacher is not None and (weights["output"] or (weights["feature"] and pairs))
+    if (weights["output"] or weights["feature"]) and teacher is None:
+        raise ValueError("output/feature distillation weights are set but there is no teacher: set them to 0 "
+                         "for plain diffusion training, or give a teacher.")
+    acp = jnp.asarray(alphas_cumprod)
+
+    def loss_fn(params, teacher_params, batch, rng):
+        latents = batch["latents"].astype(jnp.float32)
+        noise_rng, t_rng = jax.random.split(rng)
+        noise = jax.random.normal(noise_rng, latents.shape, jnp.float32)
+        timesteps = jax.random.randint(t_rng, (latents.shape[0],), 0, acp.shape[0])
+        noisy = add_noise(acp, latents, noise, timesteps)
+        target = prediction_target(acp, latents, noise, timesteps, prediction_type)
+        cond = {k: batch[k] for k in CONDITIONING if k in batch}
+        t_out = None
+        if uses_teacher:
+            t_out = jax.lax.stop_gradient(teacher.apply({"params": teacher_params}, noisy, timesteps, **cond))
+        s_out = student.apply({"params": params}, noisy, timesteps, **cond)
+        return distill_loss(s_out.sample, target, teacher_pred=None if t_out is None else t_out.sample,
+                            student_features=s_out.features, teacher_features=None if t_out is None else t_out.features,
+                            pairs=pairs if uses_teacher else (), weights=weights, normalize=normalize)
+
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+    def step(state: TrainState, teacher_params: Any, batch: Batch, rng: jax.Array):
+        rng = jax.random.fold_in(rng, state.step)
+        # [B, ...] → [accumulation, B / accumulation, ...]; gradients are averaged over micro-batches.
+        micro = jax.tree.map(lambda x: x.reshape(accumulation, x.shape[0] // accumulation, *x.shape[1:]), batch)
+
+        def accumulate(carry, inputs):
+            index, mb = inputs
+            (loss, terms), grads = grad_fn(state.params, teacher_params, mb, jax.random.fold_in(rng, index))
+            return jax.tree.map(jnp.add, carry, (grads, {"loss": loss, **terms})), None
+
+        _, terms = jax.eval_shape(loss_fn, state.params, teacher_params, jax.tree.map(lambda x: x[0], micro), rng)
+        zero_metrics = dict.fromkeys(["loss", *terms], jnp.zeros((), jnp.float32))
+        carry = (jax.tree.map(jnp.zeros_like, state.params), zero_metrics)
+        (grads, metrics), _ = jax.lax.scan(accumulate, carry, (jnp.arange(accumulation), micro))
+        grads, metrics = jax.tree.map(lambda x: x / accumulation, (grads, metrics))
+
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        ema = state.ema_params
+        if ema is not None:
+            ema = jax.tree.map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p, ema, params)
+        metrics |= {"grad_norm": optax.global_norm(grads), "lr": lr_fn(state.step)}
+        return TrainState(step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema), metrics
+
+    return step

@@ -1,0 +1,327 @@
+"""`python -m jaxdistill.train --config configs/ssd1b.py --workdir DIR`: distil a pruned student from its
+teacher (or, with output and feature weights at 0 and no teacher, plain diffusion training).
+
+The run resumes by itself from the latest checkpoint in the workdir and continues exactly as an
+uninterrupted run would (batches and noise are functions of the step). SIGTERM or Ctrl-C saves a
+checkpoint and exits cleanly; a non-finite loss stops the run naming the step and the term, keeping the
+last good checkpoint. Progress: a console bar, TensorBoard scalars and `WORKDIR/metrics.jsonl`.
+Each stage's student is written as a diffusers UNet folder to `WORKDIR/stages/NAME`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+
+from jaxdistill import presets
+from jaxdistill.config import validate
+from jaxdistill.convert import load_unet, save_unet
+from jaxdistill.data import SyntheticLatents
+from jaxdistill.prune import feature_pairs, load_plan, prune
+from jaxdistill.schedule import add_noise, alphas_cumprod
+from jaxdistill.spec import UNetSpec
+from jaxdistill.step import TrainState, init_state, make_optimizer, make_train_step
+from jaxdistill.unet import UNet, count_params, init_params
+
+MODELS = {"tiny-sdxl": presets.tiny(presets.SDXL), **presets.PRESETS}
+
+
+class NonFiniteLoss(RuntimeError):
+    """The loss (or one of its terms) became NaN or Inf."""
+
+
+@dataclasses.dataclass
+class Model:
+    spec: UNetSpec
+    params: Any
+
+
+def stages_of(config: ml_collections.ConfigDict) -> list[ml_collections.ConfigDict]:
+    """The run as a list of stage configs (a plain run is one stage named "main"). A stage that trains a
+    model from scratch (`model`) is skipped when `config.teacher` is given: that teacher takes its place."""
+    if not config.stages:
+        return [_stage(config, {"name": "main"})]
+    stages = [dict(s) for s in config.stages]
+    if config.teacher:
+        stages = [s for s in stages if not s.get("model")]
+        if stages and stages[0].get("teacher") == "previous":
+            stages[0]["teacher"] = config.teacher
+    return [_stage(config, s) for s in stages]
+
+
+def _stage(config, overrides: dict) -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict(config.to_dict())
+    with c.unlocked():
+        c.stages = []
+        for key, value in overrides.items():
+            if key == "loss":
+                c.loss.update(value)
+            elif key == "lr":
+                c.optimizer.lr = value
+            else:
+                c[key] = value
+    return c
+
+
+def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any]:
+    """Runs (or resumes) every stage; returns a summary per stage."""
+    validate(config)
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+    previous, summary = None, {}
+    for stage in stages_of(config):
+        done = workdir / "stages" / stage.name
+        if (done / "config.json").is_file():
+            spec, params = load_unet(done)
+            previous = Model(spec, params)
+            print(f"stage {stage.name}: already finished ({done})")
+            continue
+        previous, summary[stage.name] = run_stage(stage, workdir, previous)
+    return summary
+
+
+def build_models(c: ml_collections.ConfigDict, previous: Model | None) -> tuple[Model | None, Model, Any]:
+    """(teacher or None, student, kept layers) for a stage."""
+    teacher = None
+    if c.teacher == "previous" and previous is not None:
+        teacher = previous
+    elif c.teacher == "previous":
+        raise ValueError(f"stage {c.name}: teacher 'previous' but there is no previous stage; "
+                         "give --config.teacher=DIR")
+    elif c.teacher:
+        teacher = Model(*load_unet(c.teacher))
+    kept = None
+    if c.student:
+        student = Model(*load_unet(c.student))
+    elif teacher is not None and c.plan:
+        spec, params, kept = prune(teacher.spec, teacher.params, load_plan(c.plan))
+        student = Model(spec, params)
+    elif teacher is not None:
+        student = Model(teacher.spec, teacher.params)  # fine-tune / distil into a copy of the teacher
+    elif previous is not None:
+        student = previous
+    elif c.model:
+        if c.model not in MODELS:
+            raise ValueError(f"config.model={c.model!r}: expected one of {sorted(MODELS)}")
+        student = Model(MODELS[c.model], init_params(MODELS[c.model], jax.random.key(c.seed)))
+    else:
+        raise ValueError(f"stage {c.name}: nothing to train — give config.teacher (a folder), config.student, "
+                         "or config.model for training from scratch")
+    if teacher is not None:
+        teacher = Model(teacher.spec, jax.tree.map(lambda x: jnp.asarray(x, c.precision.teacher), teacher.params))
+    return teacher, student, kept
+
+
+def run_stage(c: ml_collections.ConfigDict, workdir: Path, previous: Model | None) -> tuple[Model, dict]:
+    teacher, student, kept = build_models(c, previous)
+    distil = teacher is not None and (c.loss.output > 0 or c.loss.feature > 0)
+    pairs = feature_pairs(teacher.spec, student.spec, c.loss.taps) if distil else []
+    tx, lr_fn = make_optimizer(c.optimizer.lr, c.optimizer.warmup_steps, c.optimizer.weight_decay,
+                               c.optimizer.b1, c.optimizer.b2, c.optimizer.eps, c.optimizer.grad_clip,
+                               c.optimizer.schedule, c.steps)
+    acp = alphas_cumprod(c.schedule.num_train_timesteps, c.schedule.beta_start, c.schedule.beta_end,
+                         c.schedule.beta_schedule)
+    student_model = UNet(student.spec, dtype=c.precision.student_compute, remat=c.remat)
+    teacher_model = UNet(teacher.spec, dtype=c.precision.teacher) if distil else None
+    step_fn = make_train_step(student_model, teacher_model, tx, lr_fn, acp, pairs=pairs,
+                              weights={"task": c.loss.task, "output": c.loss.output if distil else 0.0,
+                                       "feature": c.loss.feature if distil else 0.0},
+                              normalize=c.loss.normalize, prediction_type=c.schedule.prediction_type,
+                              accumulation=c.optimizer.accumulation, ema_decay=c.ema_decay)
+    train_step = jax.jit(step_fn, donate_argnums=(0,))
+    teacher_params = teacher.params if distil else None
+    data = SyntheticLatents(student.spec, resolution=c.data.resolution, seq_len=c.data.seq_len,
+                            num_examples=c.data.num_examples, batch_size=c.batch_size, seed=c.seed)
+
+    state = init_state(student.params, tx, ema=c.ema_decay > 0)
+    manager = _checkpoint_manager(workdir / "checkpoints" / c.name, c)
+    meta = {"stage": c.name, "student_config": student.spec.to_diffusers_config(), "config": c.to_dict(),
+            "kept_layers": {k: list(v) for k, v in (kept or {}).items()},
+            "teacher": c.teacher, "plan": c.plan}
+    start = 0
+    if manager.latest_step() is not None:
+        state, start = _restore(manager, state, student.spec)
+        print(f"stage {c.name}: resumed from step {start} ({manager.directory})")
+    print(f"stage {c.name}: student {count_params(student.spec):,} parameters"
+          + (f", teacher {count_params(teacher.spec):,}, {len(pairs)} feature pairs" if distil else
+             ", plain diffusion training (no teacher)"))
+
+    rng = jax.random.key(c.seed)
+    agreement = _agreement_fn(student_model, teacher_model, acp, data, c) if distil else None
+    before = agreement(state.params, teacher_params) if distil and start == 0 else None
+    logger = _Logger(workdir, c.name, c.steps, start, c.batch_size)
+    stop = _StopFlag()
+    step = start
+    last_good = start if start else None
+    try:
+        with stop:
+            while step < c.steps:
+                batch = data.batch(step)
+                state, metrics = train_step(state, teacher_params, batch, rng)
+                step += 1
+                values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                bad = [k for k, v in values.items() if not math.isfinite(v) and k not in ("lr",)]
+                if bad:
+                    raise NonFiniteLoss(
+                        f"stage {c.name}, step {step}: non-finite {', '.join(f'{k}={values[k]}' for k in bad)}. "
+                        f"The run stopped; the last good checkpoint is step {last_good} in {manager.directory}. "
+                        "Lower optimizer.lr, enable grad clipping, or check the data.")
+                logger.step(step, values, log=step % c.log_every == 0 or step == c.steps)
+                if step % c.checkpoint_every == 0 or step == c.steps or stop.requested:
+                    manager.save(step, args=_save_args(state, meta | {"data_position": step}))
+                    last_good = step
+                if stop.requested:
+                    manager.wait_until_finished()
+                    print(f"\nstage {c.name}: stopped by {stop.requested} at step {step}; checkpoint saved. "
+                          "Run the same command to resume.")
+                    raise SystemExit(0)
+    finally:
+        manager.wait_until_finished()
+        logger.close()
+
+    final = state.ema_params if state.ema_params is not None else state.params
+    result = Model(student.spec, final)
+    save_unet(workdir / "stages" / c.name, student.spec, final)
+    summary = {"steps": step, "params": count_params(student.spec)}
+    if distil:
+        after = agreement(final, teacher_params)
+        summary |= {"agreement_before": before, "agreement_after": after}
+        print(f"stage {c.name}: student vs teacher, relative MSE of the noise prediction on a fixed validation "
+              f"batch: before {before if before is None else f'{before:.4f}'} → after {after:.4f}")
+    print(f"stage {c.name}: student written to {workdir / 'stages' / c.name}")
+    return result, summary
+
+
+# ---- helpers ------------------------------------------------------------------------------------
+
+def _checkpoint_manager(directory: Path, c) -> ocp.CheckpointManager:
+    options = ocp.CheckpointManagerOptions(max_to_keep=c.keep_checkpoints, enable_async_checkpointing=True,
+                                           create=True)
+    return ocp.CheckpointManager(directory.absolute(), options=options, item_names=("state", "meta"))
+
+
+def _save_args(state: TrainState, meta: dict) -> ocp.args.Composite:
+    return ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
+
+
+def _restore(manager: ocp.CheckpointManager, state: TrainState, spec: UNetSpec) -> tuple[TrainState, int]:
+    step = manager.latest_step()
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
+    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
+                                                             meta=ocp.args.JsonRestore()))
+    saved = UNetSpec.from_diffusers_config(restored.meta["student_config"])
+    if saved != spec:
+        raise ValueError(f"the checkpoint in {manager.directory} holds a different student architecture than this "
+                         "config builds (plan or teacher changed?). Use a new --workdir, or restore the old config.")
+    return restored.state, int(restored.meta["data_position"])
+
+
+def _agreement_fn(student: UNet, teacher: UNet, acp, data: SyntheticLatents, c):
+    """Relative MSE between student and teacher predictions on a fixed validation batch spread over timesteps."""
+    batch = data.batch(10**6)  # a batch the run is unlikely to reach first; fixed for the whole run
+    rng = np.random.default_rng(c.seed + 1)
+    n = batch["latents"].shape[0]
+    timesteps = np.linspace(0, c.schedule.num_train_timesteps - 1, n).astype(np.int32)
+    noisy = add_noise(jnp.asarray(acp), batch["latents"], rng.standard_normal(batch["latents"].shape, np.float32),
+                      timesteps)
+    cond = {k: v for k, v in batch.items() if k != "latents"}
+
+    @jax.jit
+    def agreement(params, teacher_params):
+        s = student.apply({"params": params}, noisy, timesteps, **cond).sample.astype(jnp.float32)
+        t = teacher.apply({"params": teacher_params}, noisy, timesteps, **cond).sample.astype(jnp.float32)
+        return jnp.mean(jnp.square(s - t)) / jnp.mean(jnp.square(t))
+
+    return lambda p, tp: float(agreement(p, tp))
+
+
+class _StopFlag:
+    """Turns SIGTERM / SIGINT into a request to checkpoint and stop at the end of the current step."""
+
+    def __init__(self):
+        self.requested = None
+
+    def __enter__(self):
+        self._old = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
+        return self
+
+    def __exit__(self, *exc):
+        for s, handler in self._old.items():
+            signal.signal(s, handler)
+
+    def _handle(self, signum, _frame):
+        self.requested = signal.Signals(signum).name
+
+
+class _Logger:
+    """Console progress bar, TensorBoard scalars and metrics.jsonl (written by process 0 only)."""
+
+    def __init__(self, workdir: Path, stage: str, total: int, start: int, batch_size: int):
+        from tensorboardX import SummaryWriter
+        from tqdm import tqdm
+
+        self.primary = jax.process_index() == 0
+        self.batch_size, self.stage = batch_size, stage
+        self.bar = tqdm(total=total, initial=start, desc=f"{stage}", unit="step", dynamic_ncols=True,
+                        disable=not self.primary)
+        self.writer = SummaryWriter(str(workdir / "tensorboard" / stage)) if self.primary else None
+        self.jsonl = open(workdir / "metrics.jsonl", "a") if self.primary else None  # noqa: SIM115
+        self.t0, self.s0 = time.perf_counter(), start
+
+    def step(self, step: int, values: dict[str, float], log: bool):
+        self.bar.update(1)
+        if step == self.s0 + 1:  # the first step includes compilation: measure the rate from here
+            self.t0, self.s0 = time.perf_counter(), step
+        if not (log and self.primary):
+            return
+        rate = (step - self.s0) * self.batch_size / max(time.perf_counter() - self.t0, 1e-9)
+        features = sorted(((v, k) for k, v in values.items() if k.startswith("feature/")), reverse=True)[:3]
+        self.bar.set_postfix(loss=f"{values['loss']:.4f}", samples_s=f"{rate:.1f}",
+                             **{k.split("/", 1)[1]: f"{v:.3g}" for v, k in features[:1]})
+        for k, v in values.items():
+            self.writer.add_scalar(f"{self.stage}/{k}", v, step)
+        self.writer.add_scalar(f"{self.stage}/samples_per_s", rate, step)
+        self.jsonl.write(json.dumps({"stage": self.stage, "step": step, **values, "samples_per_s": rate}) + "\n")
+        self.jsonl.flush()
+
+    def close(self):
+        self.bar.close()
+        if self.primary:
+            self.writer.close()
+            self.jsonl.close()
+
+
+def main(argv=None) -> int:
+    from absl import app, flags
+    from ml_collections import config_flags
+
+    config_flags.DEFINE_config_file("config", None, "a config file, e.g. configs/ssd1b.py", lock_config=True)
+    flags.DEFINE_string("workdir", None, "where checkpoints, logs and the student go (resumes if present)")
+    flags.mark_flags_as_required(["config", "workdir"])
+
+    def _main(_):
+        try:
+            run(flags.FLAGS.config, flags.FLAGS.workdir)
+        except (ValueError, NonFiniteLoss) as e:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(1)
+
+    app.run(_main, argv=argv)
+    return 0
+
+
+if __name__ == "__main__":
+    main()
