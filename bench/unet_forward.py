@@ -13,7 +13,13 @@ PyTorch's FLOP counter gives for diffusers' models (design notes, batch 1, 64² 
 GFLOP/s divides that one XLA count by each framework's time, so the two columns compare like for like.
 "×SDXL" columns: SDXL's time ÷ the model's time (FLOP ×SDXL: the same for FLOPs, the ceiling).
 
-JAX runs on its default backend (a GPU or TPU when there is one); torch on CUDA when available.
+JAX runs on its default backend (a GPU or TPU when there is one); torch on CUDA when available, with
+TF32 matmuls allowed in fp32 as XLA's default precision does on GPUs. JAX's GPU memory is not
+preallocated, so that torch finds room after it.
+
+On a CPU the wall times are only as good as the machine is quiet: the process CPU time per forward is
+also recorded (a second table). JAX's CPU time hardly moves with other programs' load; torch's
+OpenMP threads spin while they wait for each other, so its CPU time grows under load too.
 
 Run (from the repository root, with jaxdistill installed — `pip install -e .` — or PYTHONPATH=.):
     python bench/unet_forward.py                           # 512² images (64² latents), batch 1, fp32
@@ -23,24 +29,28 @@ Run (from the repository root, with jaxdistill installed — `pip install -e .` 
 
 from __future__ import annotations
 
-import argparse
-import gc
-import json
-import math
 import os
-import platform
-import statistics
-import sys
-import time
-from pathlib import Path
 
-import jax
-import jax.numpy as jnp
-import numpy as np
+# Before JAX starts a GPU backend: allocate on demand, so that torch finds memory after JAX.
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
-from jaxdistill import UNet, abstract_params, presets
-from jaxdistill.spec import UNetSpec
-from jaxdistill.unet import dummy_inputs
+import argparse  # noqa: E402
+import gc  # noqa: E402
+import json  # noqa: E402
+import math  # noqa: E402
+import platform  # noqa: E402
+import statistics  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from jaxdistill import UNet, abstract_params, presets  # noqa: E402
+from jaxdistill.spec import UNetSpec  # noqa: E402
+from jaxdistill.unet import dummy_inputs  # noqa: E402
 
 NAMES = {"sdxl": "SDXL", "ssd1b": "SSD-1B", "vega": "Vega"}
 # PyTorch FLOP counter on diffusers' models, batch 1, TFLOP by latent side (shared/docs/design.md §2).
@@ -86,7 +96,7 @@ def time_calls(call, iters: int) -> dict:
     """One warm-up call, then `iters` timed ones; `call` must block until its result is ready.
 
     → forward_s (median wall time), times, and cpu_s / cpu_times: this process's CPU time per call
-    (user + system, all threads), which other programs' load on a shared CPU barely changes."""
+    (user + system, all threads)."""
     call()
     times, cpu_times = [], []
     for _ in range(iters):
@@ -132,7 +142,7 @@ def bench_jax(spec: UNetSpec, inputs: dict[str, np.ndarray], dtype, iters: int) 
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     out = compiled(params, x)
     if not bool(jnp.isfinite(out).all()):
-        raise RuntimeError(f"JAX forward of {spec} gave non-finite values")
+        raise RuntimeError(f"JAX forward gave non-finite values (depths {spec.down_depths} / {spec.up_depths})")
     timing = time_calls(lambda: jax.block_until_ready(compiled(params, x)), iters)
     return dict(params=n_params, gflop=float(cost["flops"]) / 1e9, init_s=init_s, compile_s=compile_s, **timing)
 
@@ -180,7 +190,8 @@ def bench_torch(spec: UNetSpec, inputs: dict[str, np.ndarray], dtype, iters: int
 
     with torch.inference_mode():
         if not bool(torch.isfinite(call()).all()):
-            raise RuntimeError(f"torch forward of {spec} gave non-finite values")
+            raise RuntimeError(f"torch forward gave non-finite values (depths {spec.down_depths} / "
+                               f"{spec.up_depths})")
         return time_calls(call, iters)
 
 
@@ -279,6 +290,7 @@ def main(argv: list[str] | None = None) -> None:
         import torch
 
         torch_device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        torch.backends.cuda.matmul.allow_tf32 = True  # as XLA's default precision on GPUs
         torch_dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     devices = describe_devices(torch_device)
     load_start = os.getloadavg()
@@ -298,6 +310,8 @@ def main(argv: list[str] | None = None) -> None:
             t0 = time.perf_counter()
             t = bench_torch(spec, inputs, torch_dtype, iters, torch_device)
             gc.collect()
+            if torch_device.type == "cuda":
+                torch.cuda.empty_cache()  # room for the next model's JAX side
             log(f"{name}: torch forward {_times(t)}; {time.perf_counter() - t0:.1f} s with the build")
             row |= dict(torch_forward_s=t["forward_s"], torch_times=t["times"], torch_cpu_s=t["cpu_s"],
                         torch_cpu_times=t["cpu_times"])
@@ -313,7 +327,7 @@ def main(argv: list[str] | None = None) -> None:
           f"end {', '.join(f'{x:.2f}' for x in load['end'])}")
     print(format_table(rows, WALL_COLUMNS))
     if on_cpu:
-        print("\nProcess CPU time per forward (median; all threads; robust to other programs on a shared CPU):")
+        print("\nProcess CPU time per forward (median, all threads; JAX's barely moves with other load):")
         print(format_table(rows, CPU_COLUMNS))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -16,7 +16,7 @@ def get_config():
     c.model = "tiny-sdxl"
     c.data.resolution = 64  # 8×8 latents
     c.data.seq_len = 8
-    c.data.num_examples = 64
+    c.data.num_examples = 32
     c.batch_size = 8
     c.optimizer.accumulation = 1
     c.optimizer.warmup_steps = 10
@@ -26,7 +26,8 @@ def get_config():
     c.checkpoint_every = 50
     c.steps = 150
     c.stages = [
-        dict(name="teacher", model="tiny-sdxl", plan="", steps=200, lr=1e-3, loss=dict(output=0.0, feature=0.0)),
-        dict(name="ssd1b", teacher="previous", plan="ssd1b", steps=150, lr=3e-4),
+        dict(name="teacher", model="tiny-sdxl", plan="", steps=400, loss=dict(output=0.0, feature=0.0),
+             optimizer=dict(lr=1e-3, schedule="cosine")),
+        dict(name="ssd1b", teacher="previous", plan="ssd1b", steps=150, lr=5e-5),
     ]
     return c

@@ -33,7 +33,8 @@ def base_config() -> ml_collections.ConfigDict:
                                                  eps=1e-8, grad_clip=1.0, schedule="constant", accumulation=4))
     c.ema_decay = 0.0  # 0: no EMA of the student
     c.precision = ml_collections.ConfigDict(dict(teacher="bfloat16", student_compute="bfloat16"))
-    c.remat = "none"
+    c.remat = "none"  # none | full | dots (keep matmul outputs)
+    c.scan_layers = True  # scan over each attention module's layers: much faster compilation
 
     c.data = ml_collections.ConfigDict(dict(source="synthetic", resolution=1024, seq_len=77, num_examples=64))
     c.batch_size = 128  # global, all micro-batches of one step together (32 × 4 accumulation)
@@ -81,10 +82,10 @@ def validate(c: ml_collections.ConfigDict) -> None:
     if not c.stages:
         check(bool(c.teacher or c.model), "teacher", "a diffusers UNet/pipeline folder (--config.teacher=DIR)")
     for i, stage in enumerate(c.stages):
-        unknown = set(stage) - {"name", "plan", "teacher", "steps", "loss", "lr", "model"}
+        unknown = set(stage) - set(c) - {"name", "lr"}
         if unknown:
-            errors.append(f"config.stages[{i}] has unknown fields {sorted(unknown)}; expected name, plan, teacher, "
-                          "steps, loss, lr, model")
+            errors.append(f"config.stages[{i}] has unknown fields {sorted(unknown)}; a stage sets name, lr, or any "
+                          "top-level field (plan, teacher, steps, loss, optimizer, ...)")
         if "name" not in stage:
             errors.append(f"config.stages[{i}] needs a name (its results go to WORKDIR/stages/NAME)")
     if errors:

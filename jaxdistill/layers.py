@@ -165,6 +165,37 @@ class BasicTransformerBlock(_Layer):
             self.layer_norm(self.eps, "norm3")(x))
 
 
+class _ScannedBlock(BasicTransformerBlock):
+    """A transformer layer in `nn.scan`'s (carry, x) → (carry, y) form."""
+
+    def __call__(self, x: jax.Array, context: jax.Array):
+        return super().__call__(x, context), None
+
+
+def stack_layers(params: dict) -> dict:
+    """Per-layer tree (`transformer_blocks_0`, `_1`, ...) → the scanned layout (`transformer_blocks`, every
+    leaf stacked on a leading layer axis). Other parameters are unchanged."""
+    if not isinstance(params, dict):
+        return params
+    layers = sorted((k for k in params if k.startswith("transformer_blocks_")), key=lambda k: int(k.rpartition("_")[2]))
+    out = {k: stack_layers(v) for k, v in params.items() if k not in layers}
+    if layers:
+        out["transformer_blocks"] = jax.tree.map(lambda *xs: jnp.stack(xs), *(params[k] for k in layers))
+    return out
+
+
+def unstack_layers(params: dict) -> dict:
+    """The scanned layout → the per-layer tree that mirrors diffusers' names."""
+    if not isinstance(params, dict):
+        return params
+    out = {k: unstack_layers(v) for k, v in params.items() if k != "transformer_blocks"}
+    if "transformer_blocks" in params:
+        stacked = params["transformer_blocks"]
+        depth = jax.tree.leaves(stacked)[0].shape[0]
+        out |= {f"transformer_blocks_{i}": jax.tree.map(lambda x, i=i: x[i], stacked) for i in range(depth)}
+    return out
+
+
 class Transformer2DModel(_Layer):
     """GroupNorm → proj_in → `depth` transformer blocks → proj_out, plus the input (diffusers'
     `Transformer2DModel` as used in SDXL's UNet)."""
@@ -175,6 +206,7 @@ class Transformer2DModel(_Layer):
     groups: int = 32
     use_linear_projection: bool = True
     upcast_attention: bool = False
+    scan_layers: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array, context: jax.Array) -> jax.Array:
@@ -186,10 +218,17 @@ class Transformer2DModel(_Layer):
             h = self.dense(inner, "proj_in")(h.reshape(b, hgt * wid, c))
         else:
             h = self.conv(inner, 1, "proj_in")(h).reshape(b, hgt * wid, inner)
-        for i in range(self.depth):
-            block = rematted(BasicTransformerBlock, self.remat)
-            h = block(self.heads, self.head_dim, self.upcast_attention, dtype=self.dtype,
-                      param_dtype=self.param_dtype, name=f"transformer_blocks_{i}")(h, context)
+        layer = dict(heads=self.heads, head_dim=self.head_dim, upcast_attention=self.upcast_attention,
+                     dtype=self.dtype, param_dtype=self.param_dtype)
+        if self.scan_layers:
+            # One compiled body for all layers; parameters stacked under `transformer_blocks` [depth, ...]
+            # (`stack_layers` / `unstack_layers` convert from and to the per-layer tree).
+            scanned = nn.scan(rematted(_ScannedBlock, self.remat), variable_axes={"params": 0},
+                              split_rngs={"params": True}, in_axes=nn.broadcast, length=self.depth)
+            h, _ = scanned(**layer, name="transformer_blocks")(h, context)
+        else:
+            for i in range(self.depth):
+                h = rematted(BasicTransformerBlock, self.remat)(**layer, name=f"transformer_blocks_{i}")(h, context)
         if self.use_linear_projection:
             h = self.dense(c, "proj_out")(h).reshape(b, hgt, wid, c)
         else:

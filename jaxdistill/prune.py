@@ -305,7 +305,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"sensitivity: reusing {report_dir / 'sensitivity.json'}")
         else:
             report = sens.sensitivity_report(spec, params, batch=args.calibration_batch, size=args.calibration_size,
-                                             resolution=args.resolution, seed=args.seed)
+                                             flops_size=args.resolution // 8, seed=args.seed)
             sens.write_report(report, report_dir)
             print(f"sensitivity: {len(report.rows)} units measured → {report_dir}/sensitivity.{{csv,md,png,json}}")
     if auto:

@@ -29,6 +29,7 @@ from jaxdistill import presets
 from jaxdistill.config import validate
 from jaxdistill.convert import load_unet, save_unet
 from jaxdistill.data import SyntheticLatents
+from jaxdistill.layers import stack_layers, unstack_layers
 from jaxdistill.prune import feature_pairs, load_plan, prune
 from jaxdistill.schedule import add_noise, alphas_cumprod
 from jaxdistill.spec import UNetSpec
@@ -66,10 +67,10 @@ def _stage(config, overrides: dict) -> ml_collections.ConfigDict:
     with c.unlocked():
         c.stages = []
         for key, value in overrides.items():
-            if key == "loss":
-                c.loss.update(value)
-            elif key == "lr":
+            if key == "lr":
                 c.optimizer.lr = value
+            elif isinstance(value, dict):
+                c[key].update(value)  # e.g. loss=dict(feature=0.0) changes one weight
             else:
                 c[key] = value
     return c
@@ -134,19 +135,21 @@ def run_stage(c: ml_collections.ConfigDict, workdir: Path, previous: Model | Non
                                c.optimizer.schedule, c.steps)
     acp = alphas_cumprod(c.schedule.num_train_timesteps, c.schedule.beta_start, c.schedule.beta_end,
                          c.schedule.beta_schedule)
-    student_model = UNet(student.spec, dtype=c.precision.student_compute, remat=c.remat)
-    teacher_model = UNet(teacher.spec, dtype=c.precision.teacher) if distil else None
+    # Training runs on the scanned layout (one compiled body per attention module); saving converts back.
+    layout = stack_layers if c.scan_layers else (lambda p: p)
+    student_model = UNet(student.spec, dtype=c.precision.student_compute, remat=c.remat, scan_layers=c.scan_layers)
+    teacher_model = UNet(teacher.spec, dtype=c.precision.teacher, scan_layers=c.scan_layers) if distil else None
     step_fn = make_train_step(student_model, teacher_model, tx, lr_fn, acp, pairs=pairs,
                               weights={"task": c.loss.task, "output": c.loss.output if distil else 0.0,
                                        "feature": c.loss.feature if distil else 0.0},
                               normalize=c.loss.normalize, prediction_type=c.schedule.prediction_type,
                               accumulation=c.optimizer.accumulation, ema_decay=c.ema_decay)
     train_step = jax.jit(step_fn, donate_argnums=(0,))
-    teacher_params = teacher.params if distil else None
+    teacher_params = layout(teacher.params) if distil else None
     data = SyntheticLatents(student.spec, resolution=c.data.resolution, seq_len=c.data.seq_len,
                             num_examples=c.data.num_examples, batch_size=c.batch_size, seed=c.seed)
 
-    state = init_state(student.params, tx, ema=c.ema_decay > 0)
+    state = init_state(layout(student.params), tx, ema=c.ema_decay > 0)
     manager = _checkpoint_manager(workdir / "checkpoints" / c.name, c)
     meta = {"stage": c.name, "student_config": student.spec.to_diffusers_config(), "config": c.to_dict(),
             "kept_layers": {k: list(v) for k, v in (kept or {}).items()},
@@ -193,8 +196,8 @@ def run_stage(c: ml_collections.ConfigDict, workdir: Path, previous: Model | Non
         logger.close()
 
     final = state.ema_params if state.ema_params is not None else state.params
-    result = Model(student.spec, final)
-    save_unet(workdir / "stages" / c.name, student.spec, final)
+    result = Model(student.spec, unstack_layers(final) if c.scan_layers else final)
+    save_unet(workdir / "stages" / c.name, student.spec, result.params)
     summary = {"steps": step, "params": count_params(student.spec)}
     if distil:
         after = agreement(final, teacher_params)
@@ -279,12 +282,12 @@ class _Logger:
                         disable=not self.primary)
         self.writer = SummaryWriter(str(workdir / "tensorboard" / stage)) if self.primary else None
         self.jsonl = open(workdir / "metrics.jsonl", "a") if self.primary else None  # noqa: SIM115
-        self.t0, self.s0 = time.perf_counter(), start
+        self.t0, self.s0, self.timing = time.perf_counter(), start, False
 
     def step(self, step: int, values: dict[str, float], log: bool):
         self.bar.update(1)
-        if step == self.s0 + 1:  # the first step includes compilation: measure the rate from here
-            self.t0, self.s0 = time.perf_counter(), step
+        if not self.timing:  # the first step includes compilation: measure the rate from its end
+            self.t0, self.s0, self.timing = time.perf_counter(), step, True
         if not (log and self.primary):
             return
         rate = (step - self.s0) * self.batch_size / max(time.perf_counter() - self.t0, 1e-9)

@@ -43,6 +43,7 @@ class _Block(_Layer):
 
     spec: UNetSpec = None
     index: int = 0
+    scan_layers: bool = False
 
     def resnet(self, out_channels: int, name: str) -> ResnetBlock2D:
         return rematted(ResnetBlock2D, self.remat)(out_channels, self.spec.norm_num_groups, self.spec.norm_eps,
@@ -53,7 +54,8 @@ class _Block(_Layer):
         heads = s.num_attention_heads[block]
         return Transformer2DModel(heads, s.block_out_channels[block] // heads, depth, s.norm_num_groups,
                                   s.use_linear_projection, s.upcast_attention, dtype=self.dtype,
-                                  param_dtype=self.param_dtype, remat=self.remat, name=name)
+                                  param_dtype=self.param_dtype, remat=self.remat, scan_layers=self.scan_layers,
+                                  name=name)
 
 
 class DownBlock(_Block):
@@ -114,6 +116,7 @@ class UNet(_Ops):
     dtype: jnp.dtype | type = jnp.float32  # compute
     param_dtype: jnp.dtype | type = jnp.float32  # storage
     remat: str = "none"  # none | full | dots: recomputation of resnets and transformer layers for backward
+    scan_layers: bool = False  # scan over each attention module's layers: parameters in `stack_layers` layout
 
     @nn.compact
     def __call__(self, sample: jax.Array, timesteps: jax.Array, encoder_hidden_states: jax.Array,
@@ -142,13 +145,16 @@ class UNet(_Ops):
         features: dict[str, jax.Array] = {}
         skips = [h]
         for i in range(s.num_blocks):
-            h, block_skips, feats = DownBlock(spec=s, index=i, **kw, name=f"down_blocks_{i}")(h, emb, context)
+            h, block_skips, feats = DownBlock(spec=s, index=i, scan_layers=self.scan_layers, **kw,
+                                              name=f"down_blocks_{i}")(h, emb, context)
             skips += block_skips
             features |= {f"down_blocks.{i}.{k}": v for k, v in feats.items()} | {f"down_blocks.{i}": h}
         if s.mid_block_type is not None:
-            h = features["mid_block"] = MidBlock(spec=s, **kw, name="mid_block")(h, emb, context)
+            h = features["mid_block"] = MidBlock(spec=s, scan_layers=self.scan_layers, **kw, name="mid_block")(
+                h, emb, context)
         for i in range(s.num_blocks):
-            h, feats = UpBlock(spec=s, index=i, **kw, name=f"up_blocks_{i}")(h, skips, emb, context)
+            h, feats = UpBlock(spec=s, index=i, scan_layers=self.scan_layers, **kw,
+                               name=f"up_blocks_{i}")(h, skips, emb, context)
             features |= {f"up_blocks.{i}.{k}": v for k, v in feats.items()} | {f"up_blocks.{i}": h}
 
         h = nn.silu(self.group_norm(s.norm_num_groups, s.norm_eps, "conv_norm_out")(h))
