@@ -48,7 +48,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from jaxdistill import UNet, abstract_params, presets  # noqa: E402
+from jaxdistill import UNet, init_params, presets  # noqa: E402
 from jaxdistill.spec import UNetSpec  # noqa: E402
 from jaxdistill.unet import dummy_inputs  # noqa: E402
 
@@ -108,28 +108,10 @@ def time_calls(call, iters: int) -> dict:
                 cpu_times=cpu_times)
 
 
-def random_params(spec: UNetSpec, dtype, seed: int = 0) -> dict:
-    """A parameter tree of `spec` filled fast from numpy: kernels ~ N(0, 1/fan_in), norm scales 1, biases 0.
-
-    The scale of Flax's default init, as `init_params` gives, in a fraction of its time (its jitted
-    truncated-normal init takes about a minute per billion parameters on a small CPU)."""
-    rng = np.random.default_rng(seed)
-
-    def fill(path, leaf):
-        name = path[-1].key
-        if name == "kernel":  # [..., fan_in dims, out]
-            a = rng.standard_normal(leaf.shape, dtype=np.float32)
-            a *= 1.0 / math.sqrt(math.prod(leaf.shape[:-1]))
-            return jnp.asarray(a, leaf.dtype)
-        return (jnp.ones if name == "scale" else jnp.zeros)(leaf.shape, leaf.dtype)
-
-    return jax.tree_util.tree_map_with_path(fill, abstract_params(spec, dtype))
-
-
 def bench_jax(spec: UNetSpec, inputs: dict[str, np.ndarray], dtype, iters: int) -> dict:
     """Compile and time the JAX forward; → params, gflop, init_s, compile_s and `time_calls`' figures."""
     t0 = time.perf_counter()
-    params = jax.block_until_ready(random_params(spec, dtype))
+    params = jax.block_until_ready(init_params(spec, jax.random.key(0), param_dtype=dtype))
     init_s = time.perf_counter() - t0
     n_params = sum(x.size for x in jax.tree.leaves(params))
     model = UNet(spec, dtype=dtype, param_dtype=dtype)

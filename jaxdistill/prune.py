@@ -331,4 +331,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    # Run the imported module's main: under `python -m` this file is `__main__`, and its PrunePlan class
+    # would not be the one `sensitivity` returns.
+    from jaxdistill.prune import main as _main
+
+    raise SystemExit(_main())

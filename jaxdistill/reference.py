@@ -98,3 +98,106 @@ def relative_errors(ours: Mapping[str, np.ndarray], reference: Mapping[str, np.n
             raise ValueError(f"{name}: our shape {mine.shape} ≠ diffusers' {ref.shape}")
         errors[name] = float(np.max(np.abs(mine - ref)) / max(np.max(np.abs(ref)), 1e-30))
     return errors
+
+
+# ---- the PyTorch reference of one distillation step ------------------------------------------------
+
+class capture_features:
+    """Forward hooks on `model`'s tap modules (our feature names, e.g. `down_blocks.1.attentions.0`,
+    `mid_block`): inside the `with`, each forward stores the modules' outputs (NCHW, with their graph)
+    in the dict that `with` returns."""
+
+    def __init__(self, model, names):
+        self.model, self.names, self.features, self.hooks = model, list(names), {}, []
+
+    def __enter__(self) -> dict:
+        for name in self.names:
+            def hook(_module, _args, output, name=name):
+                self.features[name] = output[0] if isinstance(output, tuple) else output
+            self.hooks.append(self.model.get_submodule(name).register_forward_hook(hook))
+        return self.features
+
+    def __exit__(self, *exc):
+        for h in self.hooks:
+            h.remove()
+        self.hooks.clear()
+
+
+def torch_distill_step(teacher, student, optimizer, batch: Mapping[str, np.ndarray], noise: np.ndarray,
+                       timesteps: np.ndarray, alphas_cumprod: np.ndarray, pairs, weights: Mapping[str, float] | None,
+                       normalize: str = "none", prediction_type: str = "epsilon",
+                       grad_clip: float | None = 1.0) -> dict[str, float]:
+    """One distillation step the usual PyTorch way (diffusers' training scripts, Segmind's distill script):
+    the reference for `jaxdistill.step` and a baseline for benchmarks.
+
+    `teacher`, `student`: diffusers `UNet2DConditionModel`s (the student's parameters are what
+    `optimizer`, e.g. `torch.optim.AdamW(student.parameters(), ...)`, updates); `batch`: our NHWC numpy
+    batch (latents [B, H, W, 4], encoder_hidden_states, and text_embeds / time_ids for SDXL); `noise`
+    [B, H, W, 4] and integer `timesteps` [B] as drawn by our step; `pairs`: (student tap, teacher tap);
+    `weights`: task / output / feature (default 1, 0.5, 0.5). The teacher runs under `no_grad`, taps are
+    read by forward hooks, the loss is
+
+        w_task · MSE(s, target) + w_out · MSE(s, t) + w_feat · Σ_pairs MSE(s_f, t_f) [/ (mean(t_f²) + 1e-8)]
+
+    then backward, `clip_grad_norm_` (when `grad_clip`) and `optimizer.step()`. Modes (train/eval)
+    are the caller's. → {"loss", "task", "output_kd", "feature_kd", "feature/<tap>"..., "grad_norm"}
+    (unweighted terms as floats, like our step's metrics; grad_norm before clipping).
+    """
+    import torch
+    import torch.nn.functional as F
+
+    w = {"task": 1.0, "output": 0.5, "feature": 0.5} | dict(weights or {})
+    if normalize not in ("none", "teacher_ms"):
+        raise ValueError(f"feature normalisation {normalize!r}: expected 'none' or 'teacher_ms'.")
+    device = next(student.parameters()).device
+    # np.array copies: arrays from jax are read-only, torch wants writable memory.
+    tensor = lambda x: torch.from_numpy(np.array(x, np.float32)).to(device)  # noqa: E731
+    nchw = lambda x: tensor(x).permute(0, 3, 1, 2).contiguous()  # noqa: E731
+    latents, noise = nchw(batch["latents"]), nchw(noise)
+    t = torch.from_numpy(np.array(timesteps)).long().to(device)
+    acp = tensor(alphas_cumprod)[t].view(-1, 1, 1, 1)
+    noisy = acp.sqrt() * latents + (1 - acp).sqrt() * noise  # DDPMScheduler.add_noise
+    if prediction_type == "epsilon":
+        target = noise
+    elif prediction_type == "v_prediction":
+        target = acp.sqrt() * noise - (1 - acp).sqrt() * latents  # DDPMScheduler.get_velocity
+    else:
+        raise ValueError(f"prediction_type={prediction_type!r}: expected 'epsilon' or 'v_prediction'.")
+    context = tensor(batch["encoder_hidden_states"])
+    added = {k: tensor(batch[k]) for k in ("text_embeds", "time_ids") if k in batch} or None
+
+    use_teacher = bool(w["output"] or (w["feature"] and pairs))
+    pairs = list(pairs) if w["feature"] else []
+    t_pred = None
+    with capture_features(teacher, {t_name for _, t_name in pairs}) as t_feats, torch.no_grad():
+        if use_teacher:
+            t_pred = teacher(noisy, t, context, added_cond_kwargs=added).sample
+    with capture_features(student, {s_name for s_name, _ in pairs}) as s_feats:
+        s_pred = student(noisy, t, context, added_cond_kwargs=added).sample
+
+    mse = lambda a, b: F.mse_loss(a.float(), b.float(), reduction="mean")  # noqa: E731
+    terms = {"task": mse(s_pred, target)}
+    loss = w["task"] * terms["task"]
+    if w["output"]:
+        terms["output_kd"] = mse(s_pred, t_pred)
+        loss = loss + w["output"] * terms["output_kd"]
+    if pairs:
+        per_tap = {}
+        for s_name, t_name in pairs:
+            term = mse(s_feats[s_name], t_feats[t_name])
+            if normalize == "teacher_ms":
+                term = term / (t_feats[t_name].float().pow(2).mean() + 1e-8)
+            per_tap[s_name] = term
+        terms["feature_kd"] = sum(per_tap.values())
+        terms |= {f"feature/{k}": v for k, v in per_tap.items()}
+        loss = loss + w["feature"] * terms["feature_kd"]
+
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    params = [p for p in student.parameters() if p.grad is not None]
+    if grad_clip:
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    else:
+        grad_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in params]))
+    optimizer.step()
+    return {k: v.item() for k, v in {"loss": loss, **terms, "grad_norm": grad_norm}.items()}

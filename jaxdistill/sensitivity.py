@@ -127,10 +127,8 @@ def _mid_shape(spec: UNetSpec, size: tuple[int, int]) -> tuple[int, int, int, in
     return 1, size[0] // scale, size[1] // scale, spec.block_out_channels[-1]
 
 
-@functools.lru_cache(maxsize=16)
 def _shapes(spec: UNetSpec) -> dict:
-    """`abstract_params`, cached: tracing a 70-layer init takes seconds, and the planner asks repeatedly."""
-    return abstract_params(spec)
+    return abstract_params(spec)  # cached in unet.py
 
 
 def _param_count(spec: UNetSpec) -> int:

@@ -49,12 +49,20 @@ def make_optimizer(lr: float = 1e-5, warmup_steps: int = 0, weight_decay: float 
 
 
 def init_state(params: Any, tx: optax.GradientTransformation, ema: bool) -> TrainState:
-    """float32 master copies of `params` (own buffers: the state is donated to the step, and a student
-    fresh from pruning shares its arrays with the teacher)."""
-    copy = lambda tree: jax.tree.map(lambda x: jnp.array(x, jnp.float32, copy=True), tree)  # noqa: E731
-    params = copy(params)
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                      ema_params=copy(params) if ema else None)
+    """float32 master copies of `params` in buffers of their own (the state is donated to the step, and a
+    student fresh from pruning shares its arrays with the teacher). One jitted program, not one per leaf."""
+    def build(params):
+        params = jax.tree.map(lambda x: jnp.array(x, jnp.float32, copy=True), params)
+        ema_params = jax.tree.map(lambda x: jnp.array(x, copy=True), params) if ema else None
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                          ema_params=ema_params)
+
+    return jax.jit(build)(params)
+
+
+def cast(params: Any, dtype) -> Any:
+    """`params` in `dtype`, as one jitted program."""
+    return jax.jit(lambda p: jax.tree.map(lambda x: x.astype(dtype), p))(params)
 
 
 def make_train_step(student: UNet, teacher: UNet | None, tx: optax.GradientTransformation, lr_fn: optax.Schedule,
@@ -87,6 +95,10 @@ def make_train_step(student: UNet, teacher: UNet | None, tx: optax.GradientTrans
                             pairs=pairs if uses_teacher else (), weights=weights, normalize=normalize)
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    # the terms distill_loss returns (known up front: tracing the models once more to ask costs seconds)
+    term_names = ["task"] + (["output_kd"] if uses_teacher and weights["output"] else [])
+    if uses_teacher and weights["feature"] and pairs:
+        term_names += ["feature_kd"] + [f"feature/{s}" for s, _ in pairs]
 
     def step(state: TrainState, teacher_params: Any, batch: Batch, rng: jax.Array):
         rng = jax.random.fold_in(rng, state.step)
@@ -98,8 +110,7 @@ def make_train_step(student: UNet, teacher: UNet | None, tx: optax.GradientTrans
             (loss, terms), grads = grad_fn(state.params, teacher_params, mb, jax.random.fold_in(rng, index))
             return jax.tree.map(jnp.add, carry, (grads, {"loss": loss, **terms})), None
 
-        _, terms = jax.eval_shape(loss_fn, state.params, teacher_params, jax.tree.map(lambda x: x[0], micro), rng)
-        zero_metrics = dict.fromkeys(["loss", *terms], jnp.zeros((), jnp.float32))
+        zero_metrics = dict.fromkeys(["loss", *term_names], jnp.zeros((), jnp.float32))
         carry = (jax.tree.map(jnp.zeros_like, state.params), zero_metrics)
         (grads, metrics), _ = jax.lax.scan(accumulate, carry, (jnp.arange(accumulation), micro))
         grads, metrics = jax.tree.map(lambda x: x / accumulation, (grads, metrics))

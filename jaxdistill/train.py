@@ -33,10 +33,11 @@ from jaxdistill.layers import stack_layers, unstack_layers
 from jaxdistill.prune import feature_pairs, load_plan, prune
 from jaxdistill.schedule import add_noise, alphas_cumprod
 from jaxdistill.spec import UNetSpec
-from jaxdistill.step import TrainState, init_state, make_optimizer, make_train_step
+from jaxdistill.step import TrainState, cast, init_state, make_optimizer, make_train_step
 from jaxdistill.unet import UNet, count_params, init_params
 
-MODELS = {"tiny-sdxl": presets.tiny(presets.SDXL), **presets.PRESETS}
+STAGE_MARKER = "jaxdistill_stage.json"  # beside a finished stage's diffusers files: what made it
+MODELS = {**presets.PRESETS, **{f"tiny-{name}": presets.tiny(spec) for name, spec in presets.PRESETS.items()}}
 
 
 class NonFiniteLoss(RuntimeError):
@@ -85,9 +86,9 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any
     previous, summary = None, {}
     for stage in stages_of(config):
         done = workdir / "stages" / stage.name
-        if (done / "config.json").is_file():
-            spec, params = load_unet(done)
-            previous = Model(spec, params)
+        marker = done / STAGE_MARKER
+        if marker.is_file() and json.loads(marker.read_text())["steps"] >= stage.steps:
+            previous = Model(*load_unet(done))
             print(f"stage {stage.name}: already finished ({done})")
             continue
         previous, summary[stage.name] = run_stage(stage, workdir, previous)
@@ -122,13 +123,17 @@ def build_models(c: ml_collections.ConfigDict, previous: Model | None) -> tuple[
         raise ValueError(f"stage {c.name}: nothing to train — give config.teacher (a folder), config.student, "
                          "or config.model for training from scratch")
     if teacher is not None:
-        teacher = Model(teacher.spec, jax.tree.map(lambda x: jnp.asarray(x, c.precision.teacher), teacher.params))
+        teacher = Model(teacher.spec, cast(teacher.params, c.precision.teacher))
     return teacher, student, kept
 
 
 def run_stage(c: ml_collections.ConfigDict, workdir: Path, previous: Model | None) -> tuple[Model, dict]:
     teacher, student, kept = build_models(c, previous)
-    distil = teacher is not None and (c.loss.output > 0 or c.loss.feature > 0)
+    distil = c.loss.output > 0 or c.loss.feature > 0
+    if distil and teacher is None:
+        raise ValueError(f"stage {c.name}: loss.output={c.loss.output} / loss.feature={c.loss.feature} distil from "
+                         "a teacher, but there is none: give config.teacher, or set both to 0 for plain "
+                         "diffusion training")
     pairs = feature_pairs(teacher.spec, student.spec, c.loss.taps) if distil else []
     tx, lr_fn = make_optimizer(c.optimizer.lr, c.optimizer.warmup_steps, c.optimizer.weight_decay,
                                c.optimizer.b1, c.optimizer.b2, c.optimizer.eps, c.optimizer.grad_clip,
@@ -136,12 +141,11 @@ def run_stage(c: ml_collections.ConfigDict, workdir: Path, previous: Model | Non
     acp = alphas_cumprod(c.schedule.num_train_timesteps, c.schedule.beta_start, c.schedule.beta_end,
                          c.schedule.beta_schedule)
     # Training runs on the scanned layout (one compiled body per attention module); saving converts back.
-    layout = stack_layers if c.scan_layers else (lambda p: p)
+    layout = jax.jit(stack_layers) if c.scan_layers else (lambda p: p)
     student_model = UNet(student.spec, dtype=c.precision.student_compute, remat=c.remat, scan_layers=c.scan_layers)
     teacher_model = UNet(teacher.spec, dtype=c.precision.teacher, scan_layers=c.scan_layers) if distil else None
     step_fn = make_train_step(student_model, teacher_model, tx, lr_fn, acp, pairs=pairs,
-                              weights={"task": c.loss.task, "output": c.loss.output if distil else 0.0,
-                                       "feature": c.loss.feature if distil else 0.0},
+                              weights={"task": c.loss.task, "output": c.loss.output, "feature": c.loss.feature},
                               normalize=c.loss.normalize, prediction_type=c.schedule.prediction_type,
                               accumulation=c.optimizer.accumulation, ema_decay=c.ema_decay)
     train_step = jax.jit(step_fn, donate_argnums=(0,))
@@ -196,15 +200,17 @@ def run_stage(c: ml_collections.ConfigDict, workdir: Path, previous: Model | Non
         logger.close()
 
     final = state.ema_params if state.ema_params is not None else state.params
-    result = Model(student.spec, unstack_layers(final) if c.scan_layers else final)
-    save_unet(workdir / "stages" / c.name, student.spec, result.params)
+    result = Model(student.spec, jax.jit(unstack_layers)(final) if c.scan_layers else final)
+    out = save_unet(workdir / "stages" / c.name, student.spec, result.params)
     summary = {"steps": step, "params": count_params(student.spec)}
     if distil:
         after = agreement(final, teacher_params)
         summary |= {"agreement_before": before, "agreement_after": after}
         print(f"stage {c.name}: student vs teacher, relative MSE of the noise prediction on a fixed validation "
               f"batch: before {before if before is None else f'{before:.4f}'} → after {after:.4f}")
-    print(f"stage {c.name}: student written to {workdir / 'stages' / c.name}")
+    (out / STAGE_MARKER).write_text(json.dumps(summary | {"stage": c.name, "plan": c.plan, "teacher": c.teacher,
+                                                          "kept_layers": meta["kept_layers"]}, indent=2))
+    print(f"stage {c.name}: student written to {out}")
     return result, summary
 
 
@@ -327,4 +333,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    main()
+    from jaxdistill.train import main as _main  # the imported module's classes, not __main__'s copies
+
+    _main()

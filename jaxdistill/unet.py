@@ -10,6 +10,7 @@ Features nobody reads are dropped by jit.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import flax.linen as nn
@@ -183,8 +184,10 @@ def dummy_inputs(spec: UNetSpec, batch: int = 1, size: int | tuple[int, int] | N
     return inputs
 
 
+@functools.lru_cache(maxsize=32)
 def abstract_params(spec: UNetSpec, param_dtype=jnp.float32) -> dict:
-    """The parameter tree's shapes and dtypes (`jax.ShapeDtypeStruct` leaves), with no memory used."""
+    """The parameter tree's shapes and dtypes (`jax.ShapeDtypeStruct` leaves), with no memory used.
+    Cached per spec: tracing a deep model's init takes seconds. Treat the result as read-only."""
     model = UNet(spec, param_dtype=param_dtype)
     return jax.eval_shape(lambda rng, inputs: model.init(rng, **inputs)["params"],
                           jax.random.key(0), dummy_inputs(spec))

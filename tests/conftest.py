@@ -30,6 +30,12 @@ TINY = {
         mid_block_type="UNetMidBlock2DCrossAttn", mid_depth=2, cross_attention_dim=48, norm_num_groups=8,
         addition_time_embed_dim=8, projection_class_embeddings_input_dim=16 + 48, upcast_attention=True,
         sample_size=32),
+    # The smallest UNet with every part (two blocks, two-layer attentions, a cross-attention mid block):
+    # compiles in seconds, for the training tests.
+    "micro": UNetSpec(
+        block_out_channels=(32, 32), down_depths=((0,), (2,)), up_depths=((2, 2), (0, 0)),
+        num_attention_heads=(1, 1), mid_block_type="UNetMidBlock2DCrossAttn", mid_depth=2, cross_attention_dim=32,
+        norm_num_groups=8, addition_time_embed_dim=8, projection_class_embeddings_input_dim=16 + 48, sample_size=8),
 }
 
 
@@ -38,3 +44,16 @@ def unet_folders(tmp_path_factory) -> dict[str, str]:
     """Each TINY architecture with random weights, saved by diffusers' own `save_pretrained`."""
     root = tmp_path_factory.mktemp("unets")
     return {name: str(write_random_unet(root / name, spec, seed=i)) for i, (name, spec) in enumerate(TINY.items())}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def compilation_cache(tmp_path_factory):
+    """One persistent XLA cache for the session (and its subprocesses): a step compiled once is reused."""
+    import jax
+
+    path = str(tmp_path_factory.mktemp("xla_cache"))
+    jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = path
+    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.5"
+    yield path

@@ -146,3 +146,19 @@ def test_prune_command_refuses_a_bad_plan_clearly(unet_folders, tmp_path):
     assert result.returncode == 2
     assert "up_blocks.0.attentions.0: keeps 11 layers, the teacher has 10" in result.stdout + result.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_prune_command_measures_sensitivity_and_meets_a_budget(unet_folders, tmp_path):
+    teacher = count_params(TINY["micro"])
+    report, out = tmp_path / "report", tmp_path / "student"
+    subprocess.run([sys.executable, "-m", "jaxdistill.prune", "--teacher", unet_folders["micro"], "--sensitivity",
+                    str(report), "--budget-params", str(teacher - 20_000), "--out", str(out), "--resolution", "64",
+                    "--calibration-batch", "2", "--calibration-size", "8"], check=True,
+                   env=os.environ | {"JAX_PLATFORMS": "cpu"})
+    assert {p.name for p in report.iterdir()} >= {"sensitivity.csv", "sensitivity.md", "sensitivity.png",
+                                                  "sensitivity.json", "plan.json"}
+    plan = load_plan(report / "plan.json")
+    assert plan.attentions  # something was removed
+    model = UNet2DConditionModel.from_pretrained(out, low_cpu_mem_usage=False)
+    assert sum(p.numel() for p in model.parameters()) <= teacher - 20_000
+    assert load_plan(out / "prune_plan.json").attentions == resolve_plan(TINY["micro"], plan)

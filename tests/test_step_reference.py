@@ -1,0 +1,178 @@
+"""One distillation step of ours (`jaxdistill.step`) against a PyTorch reference step of the same recipe
+(`reference.torch_distill_step`): diffusers teacher and student with the same weights (ours written by
+`save_unet`, read by diffusers), the same noise and timesteps, torch.optim.AdamW with optax.adamw's settings.
+
+The teacher is a tiny two-block SDXL-shaped UNet whose mid block is cross-attention (depth 2); the student
+drops one transformer layer in two modules (keeping layer 1 of one: renumbering) and has a one-resnet mid
+block, so the `mid_block` pair is a different module on each side, as in SSD-1B.
+
+Tolerances, all float32 (measured differences are about 1e-6 relative, see the report in each assert):
+- every loss term, every per-tap feature term and the grad norm (before clipping): relative 1e-4;
+- the clipped gradient, read from the optimizer's moments after one step (m = (1 − b1)·ĝ, v = (1 − b2)·ĝ²,
+  ĝ the clipped gradient), per parameter tensor: max |ours − torch| ≤ 1e-4 · max |torch| (2e-4 for v);
+- the parameter update Δ = new − old: max |Δ_ours − Δ_torch| ≤ 1e-3 · lr (|Δ| ≈ lr). Adam's first step
+  is lr · ĝ / (|ĝ| + eps) + decay: near ĝ = 0 it amplifies a gradient difference δ by 1/eps, so with the
+  default eps = 1e-8 the direction of elements whose gradient is within float32 noise of zero is noise
+  in any two implementations (measured: ~10 % of lr at worst). So:
+    eps = 1e-8 (the default): Δ is compared where |ĝ| ≥ 1e3 · eps (there an error δ moves Δ by at most
+      lr · eps · δ / ĝ² ≤ 1e-3 · lr · δ / |ĝ|), which must be most elements; the rest is covered by the
+      moment check. This tests lr, betas, bias correction and the decoupled decay (ĝ/|ĝ| ≈ ±1).
+    eps = 1e-4: every element; g ↦ g/(|g| + eps) is 1/eps-Lipschitz, so |Δ_ours − Δ_torch| ≤ lr · δ / eps,
+      and the bound 1e-3 · lr fails for gradient differences beyond 1e-7 (~1e-5 of the largest gradient).
+      Here the update is close to proportional to the gradient, so it also checks the gradient's scale.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+import torch
+from diffusers import UNet2DConditionModel
+
+from jaxdistill.convert import load_unet, save_unet, to_diffusers_state_dict
+from jaxdistill.layers import stack_layers, unstack_layers
+from jaxdistill.prune import PrunePlan, feature_pairs, prune
+from jaxdistill.reference import random_inputs, torch_distill_step, write_random_unet
+from jaxdistill.schedule import alphas_cumprod
+from jaxdistill.spec import CROSS_ATTN_MID, RESNET_MID, UNetSpec
+from jaxdistill.step import init_state, make_optimizer, make_train_step
+from jaxdistill.unet import UNet
+
+TEACHER = UNetSpec(block_out_channels=(32, 64), down_depths=((0,), (2,)), up_depths=((2, 2), (0, 0)),
+                   num_attention_heads=(1, 2), mid_block_type=CROSS_ATTN_MID, mid_depth=2, cross_attention_dim=64,
+                   addition_time_embed_dim=8, projection_class_embeddings_input_dim=32 + 6 * 8, norm_num_groups=8,
+                   sample_size=16)
+PLAN = PrunePlan(attentions={"down_blocks.1.attentions.0": (1,), "up_blocks.0.attentions.1": (0,)},
+                 mid_block_type=RESNET_MID)
+# lr 1e-2, not 1e-3: Δ = new − old of float32 weights near 1 carries rounding of ~1e-7; at lr 1e-2 that is
+# 1e-5 of |Δ| ≈ lr, far below the update tolerance (at 1e-3 it would be 1e-4 of it).
+LR, WEIGHT_DECAY, B1, B2, GRAD_CLIP = 1e-2, 1e-2, 0.9, 0.999, 1.0
+RTOL_LOSS = 1e-4  # loss terms and grad norm
+RTOL_MOMENT = 1e-4  # clipped gradient (first moment) per tensor; twice that for the second moment
+TOL_UPDATE = 1e-3  # · lr, on the update
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """Teacher folder (diffusers' random init), our pruned student written as two folders: as pruned
+    (the first step of a real run: taps upstream of the first pruned module match the teacher exactly),
+    and with every weight perturbed (every feature term and its gradient non-zero)."""
+    root = tmp_path_factory.mktemp("step_reference")
+    write_random_unet(root / "teacher", TEACHER, seed=3)
+    teacher_spec, teacher = load_unet(root / "teacher")
+    student_spec, student, _ = prune(teacher_spec, teacher, PLAN)
+    rng = np.random.default_rng(0)
+
+    def perturb(x):  # in numpy: eager jax ops would compile once per leaf shape
+        x = np.asarray(x)
+        return x + 0.05 * x.std() * rng.standard_normal(x.shape, np.float32)
+
+    perturbed = jax.tree.map(perturb, student)
+    folders = {"teacher": root / "teacher", "pruned": save_unet(root / "pruned", student_spec, student),
+               "perturbed": save_unet(root / "perturbed", student_spec, perturbed)}
+    return teacher_spec, teacher, student_spec, {"pruned": student, "perturbed": perturbed}, folders
+
+
+def drawn_noise_and_timesteps(rng, step, latents_shape, num_timesteps):
+    """What `make_train_step` draws for micro-batch 0 of `step`: fold in the step, then the micro-batch
+    index, split into noise and timestep keys."""
+    noise_rng, t_rng = jax.random.split(jax.random.fold_in(jax.random.fold_in(rng, step), 0))
+    noise = jax.random.normal(noise_rng, latents_shape, jnp.float32)
+    return np.asarray(noise), np.asarray(jax.random.randint(t_rng, (latents_shape[0],), 0, num_timesteps))
+
+
+def rel(a, b):
+    return abs(a - b) / max(abs(b), 1e-30)
+
+
+@pytest.mark.parametrize("student_name, scan_layers, normalize, eps", [
+    ("pruned", False, "none", 1e-8),  # optax's and torch's default eps
+    ("perturbed", True, "teacher_ms", 1e-3),
+])
+def test_one_step_matches_the_pytorch_reference(models, student_name, scan_layers, normalize, eps):
+    teacher_spec, teacher_params, student_spec, students, folders = models
+    student_params = students[student_name]
+    pairs = feature_pairs(teacher_spec, student_spec, "all")
+    assert ("mid_block", "mid_block") in pairs and len(pairs) == 10
+    acp = alphas_cumprod()
+    inputs = random_inputs(student_spec, batch=2, size=8, seq_len=6, seed=5)
+    batch = {"latents": inputs["sample"]} | {k: inputs[k] for k in ("encoder_hidden_states", "text_embeds",
+                                                                     "time_ids")}
+    rng = jax.random.key(7)
+
+    # ---- ours: one jitted step, float32, accumulation 1
+    tx, lr_fn = make_optimizer(lr=LR, weight_decay=WEIGHT_DECAY, b1=B1, b2=B2, eps=eps, grad_clip=GRAD_CLIP)
+    layout = stack_layers if scan_layers else (lambda p: p)
+    step = make_train_step(UNet(student_spec, scan_layers=scan_layers), UNet(teacher_spec, scan_layers=scan_layers),
+                           tx, lr_fn, acp, pairs=pairs, normalize=normalize)
+    state = init_state(layout(student_params), tx, ema=False)
+    teacher_in = layout(teacher_params)
+    teacher_before = jax.tree.map(np.array, teacher_in)
+    # Donated as in train.py: the state's buffers must not be the teacher's (a pruned student shares them).
+    new_state, metrics = jax.jit(step, donate_argnums=(0,))(state, teacher_in, batch, rng)
+    metrics = {k: float(v) for k, v in metrics.items()}
+    unlayout = unstack_layers if scan_layers else (lambda p: p)
+    ours_new = to_diffusers_state_dict(unlayout(jax.device_get(new_state.params)))
+    moments = jax.device_get([optax.tree_utils.tree_get(new_state.opt_state, k) for k in ("mu", "nu")])
+    ours_m, ours_v = (to_diffusers_state_dict(unlayout(tree)) for tree in moments)
+
+    # ---- the reference: diffusers models loaded from the folders we wrote, torch.optim.AdamW
+    teacher = UNet2DConditionModel.from_pretrained(folders["teacher"], low_cpu_mem_usage=False).eval()
+    student = UNet2DConditionModel.from_pretrained(folders[student_name], low_cpu_mem_usage=False).train()
+    old = {k: v.detach().clone().numpy() for k, v in student.state_dict().items()}
+    teacher_old = {k: v.detach().clone() for k, v in teacher.state_dict().items()}
+    # the same weights on both sides, bit for bit
+    for name, value in to_diffusers_state_dict(student_params).items():
+        assert np.array_equal(value, old[name]), name
+    for name, value in to_diffusers_state_dict(teacher_params).items():
+        assert np.array_equal(value, teacher_old[name].numpy()), name
+    noise, timesteps = drawn_noise_and_timesteps(rng, 0, batch["latents"].shape, acp.shape[0])
+    optimizer = torch.optim.AdamW(student.parameters(), lr=LR, betas=(B1, B2), eps=eps, weight_decay=WEIGHT_DECAY)
+    ref = torch_distill_step(teacher, student, optimizer, batch, noise, timesteps, acp, pairs, None,
+                             normalize=normalize, grad_clip=GRAD_CLIP)
+    new = {k: v.detach().numpy() for k, v in student.state_dict().items()}
+
+    # ---- loss terms (the task term agreeing also shows the noise and timesteps are the ones the step drew)
+    assert set(ref) == set(metrics) - {"lr"}
+    bad = {k: (metrics[k], ref[k]) for k in ref
+           if abs(metrics[k] - ref[k]) > RTOL_LOSS * abs(ref[k]) + (1e-9 if k.startswith("feature/") else 0)}
+    assert not bad, f"ours vs torch beyond {RTOL_LOSS:g} relative: {bad}"
+    assert ref["output_kd"] > 0 and ref["feature_kd"] > 0
+    assert ref["grad_norm"] > 2 * GRAD_CLIP, ref["grad_norm"]  # clipping is active (and scales by < 1/2)
+
+    # ---- the clipped gradient, via the optimizer's moments, tensor by tensor
+    named = dict(student.named_parameters())
+    assert set(ours_new) == set(new) == set(named)
+    worst = {"m": (0.0, ""), "v": (0.0, "")}
+    for name, p in named.items():
+        for key, ours, theirs, tol in (("m", ours_m, "exp_avg", RTOL_MOMENT), ("v", ours_v, "exp_avg_sq",
+                                                                               2 * RTOL_MOMENT)):
+            theirs = optimizer.state[p][theirs].numpy()
+            err = np.max(np.abs(ours[name] - theirs)) / max(np.max(np.abs(theirs)), 1e-30)
+            assert err <= tol, f"{name}: Adam {key} differs by {err:.2e} of its max (tolerance {tol:g})"
+            worst[key] = max(worst[key], (err, name))
+
+    # ---- the update, tensor by tensor
+    clipped = {name: optimizer.state[p]["exp_avg"].numpy() / (1 - B1) for name, p in named.items()}
+    compared = total = moved = 0
+    worst["update"] = (0.0, "")
+    for name in new:
+        d_ours, d_torch = ours_new[name] - old[name], new[name] - old[name]
+        where = np.abs(clipped[name]) >= 1e3 * eps if eps < 1e-6 else np.ones(d_torch.shape, bool)
+        compared, total = compared + where.sum(), total + where.size
+        err = np.max(np.abs(d_ours - d_torch)[where], initial=0.0) / LR
+        assert err <= TOL_UPDATE, f"{name}: the update differs by {err:.2e}·lr (tolerance {TOL_UPDATE:g}·lr)"
+        worst["update"] = max(worst["update"], (err, name))
+        moved = max(moved, np.max(np.abs(d_torch)))
+    assert compared >= 0.8 * total, f"only {compared / total:.0%} of the elements compared"
+    assert moved > 0.5 * LR, moved  # the update is visible: the comparison is not vacuous
+
+    # ---- the teacher is an input: untouched on both sides
+    assert all(p.grad is None for p in teacher.parameters())
+    assert all(torch.equal(teacher_old[k], v) for k, v in teacher.state_dict().items())
+    assert jax.tree.all(jax.tree.map(lambda a, b: np.array_equal(np.asarray(a), b), teacher_in, teacher_before))
+    print(f"\n{student_name}, scan_layers={scan_layers}, {normalize}, eps={eps:g}: loss terms "
+          f"{max(rel(metrics[k], ref[k]) for k in ref if ref[k]):.1e} relative (grad norm "
+          f"{rel(metrics['grad_norm'], ref['grad_norm']):.1e}); m {worst['m'][0]:.1e}, v {worst['v'][0]:.1e} of the "
+          f"tensor's max; update {worst['update'][0]:.1e}·lr ({worst['update'][1]}) on {compared / total:.1%}")

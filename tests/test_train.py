@@ -1,0 +1,232 @@
+"""Training: losses and schedule by hand and against diffusers, exact resume, SIGTERM, NaN guard, the loss
+falls, progressive stages, config errors. The "micro" teacher (written by diffusers), 8×8 latents."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from diffusers import DDPMScheduler
+from flax.traverse_util import flatten_dict
+
+from jaxdistill import load_unet
+from jaxdistill.config import base_config, validate
+from jaxdistill.data import SyntheticLatents
+from jaxdistill.losses import distill_loss
+from jaxdistill.prune import PrunePlan
+from jaxdistill.schedule import add_noise, alphas_cumprod, prediction_target
+from jaxdistill.train import NonFiniteLoss, run
+
+ENV = os.environ | {"JAX_PLATFORMS": "cpu"}
+
+
+@pytest.fixture(scope="module")
+def plan_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("plan") / "plan.json"
+    PrunePlan(name="test", attentions={"up_blocks.0.attentions.0": 1, "up_blocks.0.attentions.1": [1]}).save(path)
+    return str(path)
+
+
+def small_config(teacher: str, plan: str, **changes):
+    c = base_config()
+    c.teacher, c.plan = teacher, plan
+    c.batch_size, c.optimizer.accumulation, c.optimizer.lr = 4, 1, 1e-3
+    c.precision.teacher = c.precision.student_compute = "float32"
+    c.data.resolution, c.data.seq_len, c.data.num_examples = 64, 8, 16
+    c.steps, c.log_every, c.checkpoint_every = 6, 1, 3
+    for key, value in changes.items():
+        node = c
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    return c
+
+
+def write_config_file(path, config) -> str:
+    """A config file for the command line that returns exactly `config`."""
+    path.write_text("import ml_collections\n\n\ndef get_config():\n"
+                    f"    return ml_collections.ConfigDict({config.to_dict()!r})\n")
+    return str(path)
+
+
+def metrics(workdir) -> list[dict]:
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_losses_by_hand():
+    rng = np.random.default_rng(0)
+    s, t, y = (rng.standard_normal((2, 4, 4, 3)).astype(np.float32) for _ in range(3))
+    normal = lambda *shape: rng.standard_normal(shape).astype(np.float32)  # noqa: E731
+    sf = {"a": normal(2, 2, 2, 5), "b": normal(2, 3)}
+    tf = {"a": 3 * normal(2, 2, 2, 5), "b": normal(2, 3)}
+    pairs = [("a", "a"), ("b", "b")]
+    mse = lambda u, v: np.mean((u - v) ** 2)  # noqa: E731
+    total, terms = distill_loss(s, y, teacher_pred=t, student_features=sf, teacher_features=tf, pairs=pairs)
+    feature = mse(sf["a"], tf["a"]) + mse(sf["b"], tf["b"])
+    np.testing.assert_allclose(terms["task"], mse(s, y), rtol=1e-6)
+    np.testing.assert_allclose(terms["output_kd"], mse(s, t), rtol=1e-6)
+    np.testing.assert_allclose(terms["feature_kd"], feature, rtol=1e-6)
+    np.testing.assert_allclose(total, mse(s, y) + 0.5 * mse(s, t) + 0.5 * feature, rtol=1e-6)
+    total, terms = distill_loss(s, y, teacher_pred=t, student_features=sf, teacher_features=tf, pairs=pairs,
+                                weights={"task": 0.0, "output": 2.0, "feature": 1.0}, normalize="teacher_ms")
+    normalised = sum(mse(sf[k], tf[k]) / (np.mean(tf[k] ** 2) + 1e-8) for k in "ab")
+    np.testing.assert_allclose(terms["feature/a"], mse(sf["a"], tf["a"]) / (np.mean(tf["a"] ** 2) + 1e-8), rtol=1e-6)
+    np.testing.assert_allclose(total, 2 * mse(s, t) + normalised, rtol=1e-6)
+    total, terms = distill_loss(s, y, weights={"output": 0.0, "feature": 0.0})
+    assert set(terms) == {"task"}
+
+
+def test_schedule_matches_diffusers():
+    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+                              beta_schedule="scaled_linear", prediction_type="v_prediction")
+    acp = alphas_cumprod()
+    # float32 rounding of linspace/cumprod differs between numpy and torch by an ulp or two
+    np.testing.assert_allclose(acp, scheduler.alphas_cumprod.numpy(), rtol=3e-6, atol=0)
+    import torch
+
+    rng = np.random.default_rng(1)
+    x0, noise = (rng.standard_normal((3, 4, 4, 4)).astype(np.float32) for _ in range(2))
+    t = np.array([0, 500, 999])
+    args = (torch.from_numpy(x0), torch.from_numpy(noise), torch.from_numpy(t))
+    np.testing.assert_allclose(add_noise(acp, x0, noise, t), scheduler.add_noise(*args).numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(prediction_target(acp, x0, noise, t, "v_prediction"),
+                               scheduler.get_velocity(*args).numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_resume_continues_exactly(unet_folders, plan_file, tmp_path):
+    teacher = unet_folders["micro"]
+    run(small_config(teacher, plan_file), tmp_path / "straight")
+    run(small_config(teacher, plan_file, steps=3), tmp_path / "resumed")  # stops after 3 (checkpoint)
+    run(small_config(teacher, plan_file), tmp_path / "resumed")  # a new run: resumes at 3, trains 4..6
+    _, straight = load_unet(tmp_path / "straight" / "stages" / "main")
+    _, resumed = load_unet(tmp_path / "resumed" / "stages" / "main")
+    for k, v in flatten_dict(straight).items():
+        assert np.array_equal(np.asarray(v), np.asarray(flatten_dict(resumed)[k])), k
+    a, b = metrics(tmp_path / "straight"), metrics(tmp_path / "resumed")
+    assert [r["loss"] for r in a] == [r["loss"] for r in b] and [r["step"] for r in b] == [1, 2, 3, 4, 5, 6]
+    assert {"task", "output_kd", "feature_kd", "grad_norm", "lr"} <= set(a[-1])
+    assert any(k.startswith("feature/") for k in a[-1])
+    assert os.listdir(tmp_path / "straight" / "tensorboard" / "main")
+
+
+def test_sigterm_checkpoints_and_the_command_resumes(unet_folders, plan_file, tmp_path):
+    config = write_config_file(tmp_path / "config.py",
+                               small_config(unet_folders["micro"], plan_file, steps=10_000,
+                                            checkpoint_every=10_000))
+    cmd = [sys.executable, "-m", "jaxdistill.train", "--config", config, "--workdir", str(tmp_path / "run")]
+    proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and not (
+            os.path.exists(tmp_path / "run" / "metrics.jsonl") and len(metrics(tmp_path / "run")) >= 3):
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out
+    stopped = int(out.split("stopped by SIGTERM at step ")[1].split(";")[0])
+    assert stopped >= 3
+    assert os.path.isdir(tmp_path / "run" / "checkpoints" / "main" / str(stopped))
+    # the same command, now with a reachable end, resumes where it stopped
+    write_config_file(tmp_path / "config.py", small_config(unet_folders["micro"], plan_file,
+                                                          steps=stopped + 2, checkpoint_every=10_000))
+    out = subprocess.run(cmd, env=ENV, capture_output=True, text=True, check=True).stdout
+    assert f"resumed from step {stopped}" in out
+    assert [r["step"] for r in metrics(tmp_path / "run")][-2:] == [stopped + 1, stopped + 2]
+
+
+def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(unet_folders, plan_file, tmp_path,
+                                                                          monkeypatch):
+    clean = SyntheticLatents.batch
+
+    def poisoned(self, step):
+        batch = clean(self, step)
+        if step == 4:  # the 5th step
+            batch["latents"] = np.full_like(batch["latents"], np.nan)
+        return batch
+
+    monkeypatch.setattr(SyntheticLatents, "batch", poisoned)
+    with pytest.raises(NonFiniteLoss, match=r"step 5: non-finite .*task=nan") as info:
+        run(small_config(unet_folders["micro"], plan_file, steps=8, checkpoint_every=2), tmp_path)
+    assert "last good checkpoint is step 4" in str(info.value)
+    assert sorted(os.listdir(tmp_path / "checkpoints" / "main")) == ["2", "4"]
+    assert not (tmp_path / "stages" / "main").exists()
+
+
+def test_student_loss_falls_over_30_steps_and_progressive_stages(unet_folders, plan_file, tmp_path):
+    config = small_config("", "", steps=30, checkpoint_every=30)
+    config.stages = [
+        # plain diffusion training (fine-tuning a UNet): no teacher, output and feature weights 0
+        dict(name="teacher", student=unet_folders["micro"], steps=30, loss=dict(output=0.0, feature=0.0)),
+        # distil a pruned student from it
+        dict(name="student", teacher="previous", plan=plan_file, steps=30, lr=3e-4),
+    ]
+    summary = run(config, tmp_path)
+    rows = metrics(tmp_path)
+    for stage in ("teacher", "student"):
+        losses = [r["loss"] for r in rows if r["stage"] == stage]
+        assert len(losses) == 30
+        assert np.mean(losses[-5:]) < 0.8 * np.mean(losses[:5]), (stage, losses)
+    assert {"agreement_before", "agreement_after"} <= set(summary["student"])
+    student_spec, _ = load_unet(tmp_path / "stages" / "student")
+    assert student_spec.up_depths[0] == (1, 1)
+    # the whole sequence resumes like a single run: finished stages are not trained again
+    assert run(config, tmp_path) == {}
+
+
+@pytest.mark.parametrize("changes, fields", [
+    (dict(steps=-1), ["config.steps=-1"]),
+    ({"loss.normalize": "l2", "optimizer.accumulation": 3}, ["config.loss.normalize='l2'",
+                                                            "config.optimizer.accumulation=3"]),
+    ({"precision.teacher": "float16", "schedule.prediction_type": "sample"}, ["config.precision.teacher",
+                                                                               "config.schedule.prediction_type"]),
+    (dict(teacher=""), ["config.teacher"]),
+    (dict(stages=[dict(name="a", learning_rate=1.0)]), ["config.stages[0]", "learning_rate"]),
+])
+def test_bad_config_values_are_named(changes, fields):
+    config = small_config("some/teacher", "ssd1b")
+    with config.unlocked():
+        for key, value in changes.items():
+            node = config
+            *parents, leaf = key.split(".")
+            for p in parents:
+                node = node[p]
+            node[leaf] = value
+    with pytest.raises(ValueError) as info:
+        validate(config)
+    for field in fields:
+        assert field in str(info.value)
+
+
+def test_bad_command_line_override_is_reported(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "jaxdistill.train", "--config", "configs/tiny.py",
+                             "--workdir", str(tmp_path), "--config.optimizer.lr=-1"], env=ENV, capture_output=True,
+                            text=True, cwd=os.path.join(os.path.dirname(__file__), ".."))
+    assert result.returncode == 1
+    assert "config.optimizer.lr=-1" in result.stderr
+
+
+def test_distillation_without_a_teacher_is_refused(tmp_path):
+    config = small_config("", "", steps=2)
+    config.model = "tiny-vega"  # from scratch, but the default loss weights ask for a teacher
+    with pytest.raises(ValueError, match="there is none"):
+        run(config, tmp_path)
+    jax.clear_caches()
+
+
+def test_synthetic_data_is_deterministic_per_step():
+    from jaxdistill import presets
+
+    a = SyntheticLatents(presets.tiny(presets.VEGA), resolution=64, seq_len=8, num_examples=16, batch_size=4, seed=3)
+    b = SyntheticLatents(presets.tiny(presets.VEGA), resolution=64, seq_len=8, num_examples=16, batch_size=4, seed=3)
+    for step in (0, 5, 17):
+        for k, v in a.batch(step).items():
+            np.testing.assert_array_equal(v, b.batch(step)[k])
+    assert not np.array_equal(a.batch(0)["latents"], a.batch(1)["latents"])
+    assert a.batch(0)["latents"].shape == (4, 8, 8, 4) and jnp.isfinite(a.batch(0)["latents"]).all()
