@@ -120,7 +120,7 @@ def make_train_step(student: UNet, teacher: UNet | None, tx: optax.GradientTrans
         ema = state.ema_params
         if ema is not None:
             ema = jax.tree.map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p, ema, params)
-        metrics |= {"grad_norm": optax.global_norm(grads), "lr": lr_fn(state.step)}
+        metrics |= {"grad_norm": optax.tree.norm(grads), "lr": lr_fn(state.step)}
         return TrainState(step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema), metrics
 
     return step

@@ -6,20 +6,23 @@ The teacher is a tiny two-block SDXL-shaped UNet whose mid block is cross-attent
 drops one transformer layer in two modules (keeping layer 1 of one: renumbering) and has a one-resnet mid
 block, so the `mid_block` pair is a different module on each side, as in SSD-1B.
 
-Tolerances, all float32 (measured differences are about 1e-6 relative, see the report in each assert):
+Both cases clip (grad norm ≥ 2 × grad_clip = 1.0); one uses optax's and torch's default eps = 1e-8, the other
+the scanned parameter layout, `normalize="teacher_ms"` and a perturbed student. Tolerances, all float32
+(measured differences are ~1e-6 relative; `pytest -s` prints them):
 - every loss term, every per-tap feature term and the grad norm (before clipping): relative 1e-4;
-- the clipped gradient, read from the optimizer's moments after one step (m = (1 − b1)·ĝ, v = (1 − b2)·ĝ²,
-  ĝ the clipped gradient), per parameter tensor: max |ours − torch| ≤ 1e-4 · max |torch| (2e-4 for v);
-- the parameter update Δ = new − old: max |Δ_ours − Δ_torch| ≤ 1e-3 · lr (|Δ| ≈ lr). Adam's first step
-  is lr · ĝ / (|ĝ| + eps) + decay: near ĝ = 0 it amplifies a gradient difference δ by 1/eps, so with the
-  default eps = 1e-8 the direction of elements whose gradient is within float32 noise of zero is noise
-  in any two implementations (measured: ~10 % of lr at worst). So:
-    eps = 1e-8 (the default): Δ is compared where |ĝ| ≥ 1e3 · eps (there an error δ moves Δ by at most
-      lr · eps · δ / ĝ² ≤ 1e-3 · lr · δ / |ĝ|), which must be most elements; the rest is covered by the
-      moment check. This tests lr, betas, bias correction and the decoupled decay (ĝ/|ĝ| ≈ ±1).
-    eps = 1e-4: every element; g ↦ g/(|g| + eps) is 1/eps-Lipschitz, so |Δ_ours − Δ_torch| ≤ lr · δ / eps,
-      and the bound 1e-3 · lr fails for gradient differences beyond 1e-7 (~1e-5 of the largest gradient).
-      Here the update is close to proportional to the gradient, so it also checks the gradient's scale.
+- the clipped gradient ĝ, read from the optimizer's moments after one step (m = (1 − b1)·ĝ, v = (1 − b2)·ĝ²),
+  per parameter tensor: max |ours − torch| ≤ 1e-4 · max |torch| (2e-4 for v, a square). This is the sharp
+  check of the gradients (and of the clipping factor and b1, b2);
+- the parameter update Δ = new − old: max |Δ_ours − Δ_torch| ≤ 1e-3 · lr (max |Δ| ≈ lr). Adam's first step
+  is −lr · (ĝ / (|ĝ| + eps) + wd · p): near ĝ = 0 it amplifies a gradient difference δ by 1/eps, so with
+  eps = 1e-8 elements whose gradient is within float32 noise of zero point anywhere, in any two
+  implementations (measured: 0.1 · lr at worst). So:
+    eps = 1e-8: Δ is compared where |ĝ| ≥ 1e3 · eps, there an error δ moves Δ by at most
+      lr · eps · δ / ĝ² ≤ 1e-3 · lr · δ / |ĝ|; at least 80 % of the elements (measured 93 %), the rest is
+      covered by the moments. ĝ/|ĝ| ≈ ±1 here: this checks lr, bias correction and the decoupled decay.
+    eps = 1e-3: every element. g ↦ g/(|g| + eps) is 1/eps-Lipschitz, so |Δ_ours − Δ_torch| ≤ lr · δ / eps:
+      the tolerance fails for gradient differences beyond 1e-6 (the clipped gradients are at most ~2e-2).
+      The update is then about proportional to ĝ, so it checks ĝ's scale and where eps enters as well.
 """
 
 import jax
@@ -86,11 +89,11 @@ def rel(a, b):
     return abs(a - b) / max(abs(b), 1e-30)
 
 
-@pytest.mark.parametrize("student_name, scan_layers, normalize, eps", [
-    ("pruned", False, "none", 1e-8),  # optax's and torch's default eps
-    ("perturbed", True, "teacher_ms", 1e-3),
+@pytest.mark.parametrize("student_name, scan_layers, normalize, eps, compare_above", [
+    ("pruned", False, "none", 1e-8, 1e-5),  # the defaults; updates compared where |ĝ| ≥ 1e3 · eps
+    ("perturbed", True, "teacher_ms", 1e-3, 0.0),  # everywhere
 ])
-def test_one_step_matches_the_pytorch_reference(models, student_name, scan_layers, normalize, eps):
+def test_one_step_matches_the_pytorch_reference(models, student_name, scan_layers, normalize, eps, compare_above):
     teacher_spec, teacher_params, student_spec, students, folders = models
     student_params = students[student_name]
     pairs = feature_pairs(teacher_spec, student_spec, "all")
@@ -111,6 +114,7 @@ def test_one_step_matches_the_pytorch_reference(models, student_name, scan_layer
     teacher_before = jax.tree.map(np.array, teacher_in)
     # Donated as in train.py: the state's buffers must not be the teacher's (a pruned student shares them).
     new_state, metrics = jax.jit(step, donate_argnums=(0,))(state, teacher_in, batch, rng)
+    assert all(x.is_deleted() for x in jax.tree.leaves(state.params))  # donation happened
     metrics = {k: float(v) for k, v in metrics.items()}
     unlayout = unstack_layers if scan_layers else (lambda p: p)
     ours_new = to_diffusers_state_dict(unlayout(jax.device_get(new_state.params)))
@@ -145,10 +149,10 @@ def test_one_step_matches_the_pytorch_reference(models, student_name, scan_layer
     named = dict(student.named_parameters())
     assert set(ours_new) == set(new) == set(named)
     worst = {"m": (0.0, ""), "v": (0.0, "")}
+    checks = (("m", ours_m, "exp_avg", RTOL_MOMENT), ("v", ours_v, "exp_avg_sq", 2 * RTOL_MOMENT))
     for name, p in named.items():
-        for key, ours, theirs, tol in (("m", ours_m, "exp_avg", RTOL_MOMENT), ("v", ours_v, "exp_avg_sq",
-                                                                               2 * RTOL_MOMENT)):
-            theirs = optimizer.state[p][theirs].numpy()
+        for key, ours, torch_key, tol in checks:
+            theirs = optimizer.state[p][torch_key].numpy()
             err = np.max(np.abs(ours[name] - theirs)) / max(np.max(np.abs(theirs)), 1e-30)
             assert err <= tol, f"{name}: Adam {key} differs by {err:.2e} of its max (tolerance {tol:g})"
             worst[key] = max(worst[key], (err, name))
@@ -159,7 +163,7 @@ def test_one_step_matches_the_pytorch_reference(models, student_name, scan_layer
     worst["update"] = (0.0, "")
     for name in new:
         d_ours, d_torch = ours_new[name] - old[name], new[name] - old[name]
-        where = np.abs(clipped[name]) >= 1e3 * eps if eps < 1e-6 else np.ones(d_torch.shape, bool)
+        where = np.abs(clipped[name]) >= compare_above
         compared, total = compared + where.sum(), total + where.size
         err = np.max(np.abs(d_ours - d_torch)[where], initial=0.0) / LR
         assert err <= TOL_UPDATE, f"{name}: the update differs by {err:.2e}·lr (tolerance {TOL_UPDATE:g}·lr)"
@@ -172,7 +176,9 @@ def test_one_step_matches_the_pytorch_reference(models, student_name, scan_layer
     assert all(p.grad is None for p in teacher.parameters())
     assert all(torch.equal(teacher_old[k], v) for k, v in teacher.state_dict().items())
     assert jax.tree.all(jax.tree.map(lambda a, b: np.array_equal(np.asarray(a), b), teacher_in, teacher_before))
-    print(f"\n{student_name}, scan_layers={scan_layers}, {normalize}, eps={eps:g}: loss terms "
+    largest = max(np.max(np.abs(g)) for g in clipped.values())
+    print(f"\n{student_name}, scan_layers={scan_layers}, {normalize}, eps={eps:g}, grad norm {ref['grad_norm']:.3g}, "
+          f"max |ĝ| {largest:.2g}: loss terms "
           f"{max(rel(metrics[k], ref[k]) for k in ref if ref[k]):.1e} relative (grad norm "
           f"{rel(metrics['grad_norm'], ref['grad_norm']):.1e}); m {worst['m'][0]:.1e}, v {worst['v'][0]:.1e} of the "
           f"tensor's max; update {worst['update'][0]:.1e}·lr ({worst['update'][1]}) on {compared / total:.1%}")
