@@ -315,6 +315,7 @@ class _Logger:
 
 def main(argv=None) -> int:
     from absl import app, flags
+    from absl import logging as absl_logging
     from ml_collections import config_flags
 
     config_flags.DEFINE_config_file("config", None, "a config file, e.g. configs/ssd1b.py", lock_config=True)
@@ -322,6 +323,7 @@ def main(argv=None) -> int:
     flags.mark_flags_as_required(["config", "workdir"])
 
     def _main(_):
+        absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every save at INFO
         try:
             run(flags.FLAGS.config, flags.FLAGS.workdir)
         except (ValueError, NonFiniteLoss) as e:

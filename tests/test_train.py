@@ -103,9 +103,10 @@ def test_schedule_matches_diffusers():
 
 def test_resume_continues_exactly(unet_folders, plan_file, tmp_path):
     teacher = unet_folders["micro"]
-    run(small_config(teacher, plan_file), tmp_path / "straight")
-    run(small_config(teacher, plan_file, steps=3), tmp_path / "resumed")  # stops after 3 (checkpoint)
-    run(small_config(teacher, plan_file), tmp_path / "resumed")  # a new run: resumes at 3, trains 4..6
+    # EMA on: its state must resume exactly too (the stage's output is the EMA)
+    run(small_config(teacher, plan_file, ema_decay=0.9), tmp_path / "straight")
+    run(small_config(teacher, plan_file, ema_decay=0.9, steps=3), tmp_path / "resumed")  # checkpoint at 3, stop
+    run(small_config(teacher, plan_file, ema_decay=0.9), tmp_path / "resumed")  # new run: resumes at 3, trains 4..6
     _, straight = load_unet(tmp_path / "straight" / "stages" / "main")
     _, resumed = load_unet(tmp_path / "resumed" / "stages" / "main")
     for k, v in flatten_dict(straight).items():
