@@ -125,9 +125,10 @@ def test_sigterm_checkpoints_and_the_command_resumes(unet_folders, plan_file, tm
     cmd = [sys.executable, "-m", "jaxdistill.train", "--config", config, "--workdir", str(tmp_path / "run")]
     proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 300
-    while time.time() < deadline and not (
+    while time.time() < deadline and proc.poll() is None and not (
             os.path.exists(tmp_path / "run" / "metrics.jsonl") and len(metrics(tmp_path / "run")) >= 3):
         time.sleep(0.5)
+    assert proc.poll() is None, proc.communicate()[0]
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, out
