@@ -240,7 +240,7 @@ def _restore(manager: ocp.CheckpointManager, state: TrainState, spec: UNetSpec) 
 
 def _agreement_fn(student: UNet, teacher: UNet, acp, data: SyntheticLatents, c):
     """Relative MSE between student and teacher predictions on a fixed validation batch spread over timesteps."""
-    batch = data.batch(10**6)  # a batch the run is unlikely to reach first; fixed for the whole run
+    batch = data.batch(10**6)  # fixed for the whole run: examples of the (small) set at fixed noise
     rng = np.random.default_rng(c.seed + 1)
     n = batch["latents"].shape[0]
     timesteps = np.linspace(0, c.schedule.num_train_timesteps - 1, n).astype(np.int32)

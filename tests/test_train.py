@@ -232,3 +232,19 @@ def test_synthetic_data_is_deterministic_per_step():
             np.testing.assert_array_equal(v, b.batch(step)[k])
     assert not np.array_equal(a.batch(0)["latents"], a.batch(1)["latents"])
     assert a.batch(0)["latents"].shape == (4, 8, 8, 4) and jnp.isfinite(a.batch(0)["latents"]).all()
+
+
+def test_tiny_config_with_a_given_teacher_distils_that_teacher():
+    import importlib.util
+
+    from jaxdistill.train import stages_of
+
+    path = os.path.join(os.path.dirname(__file__), "..", "configs", "tiny.py")
+    spec = importlib.util.spec_from_file_location("tiny_config", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config()
+    assert [(s.name, s.teacher, s.plan) for s in stages_of(config)] == [("teacher", "", ""),
+                                                                        ("ssd1b", "previous", "ssd1b")]
+    config.teacher = "/some/sdxl-pipeline"
+    assert [(s.name, s.teacher, s.plan) for s in stages_of(config)] == [("ssd1b", "/some/sdxl-pipeline", "ssd1b")]
