@@ -11,7 +11,6 @@ form. Pickled `.bin` weights are refused: unpickling runs code from the file.
 from __future__ import annotations
 
 import json
-import math
 import os
 import tempfile
 from collections.abc import Mapping
@@ -162,10 +161,6 @@ def check_params(spec: UNetSpec, params: Mapping):
         shown = "\n  ".join(problems[:200]) + (f"\n  ... and {len(problems) - 200} more" if len(problems) > 200 else "")
         raise WeightsError(f"the weights do not fit the UNet described by its config ({len(problems)} problems, "
                            f"names and shapes in diffusers' form):\n  {shown}")
-
-
-def param_count(params: Mapping) -> int:
-    return sum(math.prod(np.shape(x)) for x in jax.tree.leaves(params))
 
 
 # ---- helpers ------------------------------------------------------------------------------------

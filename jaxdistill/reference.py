@@ -65,43 +65,6 @@ def tap_names(model) -> list[str]:
     return names
 
 
-def torch_forward(model, inputs: Mapping[str, np.ndarray]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """diffusers forward on our NHWC inputs → (NHWC prediction, {tap name: NHWC feature})."""
-    import torch
-
-    captured, hooks = {}, []
-    for name in tap_names(model):
-        def hook(_module, _args, output, name=name):
-            captured[name] = output[0] if isinstance(output, tuple) else output
-        hooks.append(model.get_submodule(name).register_forward_hook(hook))
-    t = {k: torch.from_numpy(np.asarray(v)) for k, v in inputs.items()}
-    added = {k: t[k] for k in ("text_embeds", "time_ids") if k in t}
-    try:
-        with torch.no_grad():
-            out = model(t["sample"].permute(0, 3, 1, 2), t["timesteps"], t["encoder_hidden_states"],
-                        added_cond_kwargs=added or None).sample
-    finally:
-        for h in hooks:
-            h.remove()
-    nhwc = lambda x: x.permute(0, 2, 3, 1).float().numpy()  # noqa: E731
-    return nhwc(out), {k: nhwc(v) for k, v in captured.items()}
-
-
-def relative_errors(ours: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray]) -> dict[str, float]:
-    """max |ours − reference| / max |reference| for every name in `reference` (shapes must agree)."""
-    errors = {}
-    for name, ref in reference.items():
-        if name not in ours:
-            raise KeyError(f"feature {name} is missing from our UNet's features")
-        mine = np.asarray(ours[name], np.float32)
-        if mine.shape != ref.shape:
-            raise ValueError(f"{name}: our shape {mine.shape} ≠ diffusers' {ref.shape}")
-        errors[name] = float(np.max(np.abs(mine - ref)) / max(np.max(np.abs(ref)), 1e-30))
-    return errors
-
-
-# ---- the PyTorch reference of one distillation step ------------------------------------------------
-
 class capture_features:
     """Forward hooks on `model`'s tap modules (our feature names, e.g. `down_blocks.1.attentions.0`,
     `mid_block`): inside the `with`, each forward stores the modules' outputs (NCHW, with their graph)
@@ -122,6 +85,34 @@ class capture_features:
             h.remove()
         self.hooks.clear()
 
+
+def torch_forward(model, inputs: Mapping[str, np.ndarray]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """diffusers forward on our NHWC inputs → (NHWC prediction, {tap name: NHWC feature})."""
+    import torch
+
+    t = {k: torch.from_numpy(np.asarray(v)) for k, v in inputs.items()}
+    added = {k: t[k] for k in ("text_embeds", "time_ids") if k in t}
+    with capture_features(model, tap_names(model)) as captured, torch.no_grad():
+        out = model(t["sample"].permute(0, 3, 1, 2), t["timesteps"], t["encoder_hidden_states"],
+                    added_cond_kwargs=added or None).sample
+    nhwc = lambda x: x.permute(0, 2, 3, 1).float().numpy()  # noqa: E731
+    return nhwc(out), {k: nhwc(v) for k, v in captured.items()}
+
+
+def relative_errors(ours: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray]) -> dict[str, float]:
+    """max |ours − reference| / max |reference| for every name in `reference` (shapes must agree)."""
+    errors = {}
+    for name, ref in reference.items():
+        if name not in ours:
+            raise KeyError(f"feature {name} is missing from our UNet's features")
+        mine = np.asarray(ours[name], np.float32)
+        if mine.shape != ref.shape:
+            raise ValueError(f"{name}: our shape {mine.shape} ≠ diffusers' {ref.shape}")
+        errors[name] = float(np.max(np.abs(mine - ref)) / max(np.max(np.abs(ref)), 1e-30))
+    return errors
+
+
+# ---- the PyTorch reference of one distillation step ------------------------------------------------
 
 def torch_distill_step(teacher, student, optimizer, batch: Mapping[str, np.ndarray], noise: np.ndarray,
                        timesteps: np.ndarray, alphas_cumprod: np.ndarray, pairs, weights: Mapping[str, float] | None,

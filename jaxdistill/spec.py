@@ -87,12 +87,6 @@ class UNetSpec:
     def up_block_types(self) -> tuple[str, ...]:
         return tuple("CrossAttnUpBlock2D" if any(d) else "UpBlock2D" for d in self.up_depths)
 
-    def up_block_channels(self, i: int) -> tuple[int, int, int]:
-        """(prev_output_channel, output_channel, input_channel) of up block `i`, as diffusers wires it."""
-        rev = self.block_out_channels[::-1]
-        prev = rev[max(i - 1, 0)]
-        return prev, rev[i], rev[min(i + 1, self.num_blocks - 1)]
-
     def replace(self, **changes: Any) -> UNetSpec:
         return dataclasses.replace(self, **changes)
 

@@ -97,8 +97,8 @@ class UpBlock(_Block):
     @nn.compact
     def __call__(self, h, skips, temb, context):
         """Consumes skip connections from the end of `skips`; → (h, features)."""
-        _, out, _ = self.spec.up_block_channels(self.index)
         block = self.spec.num_blocks - 1 - self.index  # the down block it mirrors: heads and width
+        out = self.spec.block_out_channels[block]
         feats = {}
         for j, depth in enumerate(self.spec.up_depths[self.index]):
             h = jnp.concatenate([h, skips.pop()], axis=-1)
