@@ -2,7 +2,7 @@
 
 A diffusers key `down_blocks.2.attentions.1.transformer_blocks.3.attn1.to_q.weight` is the Flax path
 `down_blocks_2/attentions_1/transformer_blocks_3/attn1/to_q/kernel`: list indices join their module
-list's name (`_LISTS`), and the leaf is renamed and transposed by its rank (4-D conv weight OIHW ↔
+list's name (`MODULE_LISTS`), and the leaf is renamed and transposed by its rank (4-D conv weight OIHW ↔
 kernel HWIO, 2-D linear weight out×in ↔ kernel in×out, 1-D norm weight ↔ scale). Reads and writes
 `diffusion_pytorch_model[.VARIANT].safetensors` and its sharded `*.safetensors.index[.VARIANT].json`
 form. Pickled `.bin` weights are refused: unpickling runs code from the file.
@@ -30,7 +30,7 @@ WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
 CONFIG_NAME = "config.json"
 # diffusers' nn.ModuleList names: `name.N` ↔ `name_N`. Every other `_N` (linear_1, attn1) is a name.
-_LISTS = frozenset({"down_blocks", "up_blocks", "resnets", "attentions", "transformer_blocks", "downsamplers",
+MODULE_LISTS = frozenset({"down_blocks", "up_blocks", "resnets", "attentions", "transformer_blocks", "downsamplers",
                     "upsamplers", "to_out", "net"})
 
 
@@ -79,11 +79,12 @@ def resolve_unet_folder(path: str | os.PathLike) -> Path:
     raise FileNotFoundError(f"{path} is not a diffusers UNet folder (no config.json in it or in {path}/unet).")
 
 
-def read_safetensors(folder: Path, variant: str | None = None) -> dict[str, np.ndarray]:
-    """All tensors of a diffusers weights folder, single-file or sharded, as numpy arrays."""
+def read_safetensors(folder: Path, variant: str | None = None, name: str = WEIGHTS_NAME) -> dict[str, np.ndarray]:
+    """All tensors of a weights folder, single-file `name` or sharded (`name`.index.json), as numpy arrays.
+    `name` is diffusers' `diffusion_pytorch_model.safetensors` or transformers' `model.safetensors`."""
     candidates = [variant] if variant else [None, "fp16"]
     for v in candidates:
-        index, single = folder / _variant(INDEX_NAME, v), folder / _variant(WEIGHTS_NAME, v)
+        index, single = folder / _variant(name + ".index.json", v), folder / _variant(name, v)
         if index.is_file():
             weight_map = json.loads(index.read_text())["weight_map"]
             state = {}
@@ -99,8 +100,8 @@ def read_safetensors(folder: Path, variant: str | None = None) -> dict[str, np.n
             "because unpickling a file can run arbitrary code. If you trust the file, convert it once with "
             "PyTorch: python -c \"from diffusers import UNet2DConditionModel as U; "
             f"U.from_pretrained('{folder}').save_pretrained('{folder}', safe_serialization=True)\"")
-    wanted = " or ".join(_variant(WEIGHTS_NAME, v) for v in candidates)
-    raise FileNotFoundError(f"{folder} has no UNet weights: expected {wanted} (or a sharded index).")
+    wanted = " or ".join(_variant(name, v) for v in candidates)
+    raise FileNotFoundError(f"{folder} has no weights: expected {wanted} (or a sharded index).")
 
 
 def write_safetensors(folder: Path, state: Mapping[str, np.ndarray], variant: str | None = None,
@@ -128,23 +129,34 @@ def write_safetensors(folder: Path, state: Mapping[str, np.ndarray], variant: st
 
 def from_diffusers_state_dict(state: Mapping[str, np.ndarray], spec: UNetSpec) -> dict:
     """diffusers state dict (numpy) → Flax parameter tree, checked strictly against `spec`."""
-    flat = {}
-    for key, value in state.items():
-        *path, leaf = flax_path(key)
-        leaf, value = _to_flax_leaf(leaf, np.asarray(value))
-        flat[(*path, leaf)] = value
-    params = unflatten_dict(flat)
+    params = torch_to_flax(state)
     check_params(spec, params)
     return params
 
 
 def to_diffusers_state_dict(params: Mapping) -> dict[str, np.ndarray]:
     """Flax parameter tree → diffusers state dict (numpy, PyTorch layouts)."""
+    return flax_to_torch(params)
+
+
+def torch_to_flax(state: Mapping[str, np.ndarray], lists: frozenset[str] = MODULE_LISTS) -> dict:
+    """Any PyTorch state dict (numpy) → Flax tree by the rename-and-transpose rule; `lists` names the
+    nn.ModuleLists whose `.N` joins the name (`layers.3` → `layers_3`). No shape checking."""
+    flat = {}
+    for key, value in state.items():
+        *path, leaf = flax_path(key, lists)
+        leaf, value = _to_flax_leaf(leaf, np.asarray(value))
+        flat[(*path, leaf)] = value
+    return unflatten_dict(flat)
+
+
+def flax_to_torch(params: Mapping, lists: frozenset[str] = MODULE_LISTS) -> dict[str, np.ndarray]:
+    """The inverse of `torch_to_flax`: Flax tree → PyTorch state dict (numpy, PyTorch layouts)."""
     state = {}
     for path, value in flatten_dict(dict(params)).items():
         *path, leaf = path
         leaf, value = _to_torch_leaf(leaf, np.asarray(value))
-        state[".".join([_torch_name(p) for p in path] + [leaf])] = value
+        state[".".join([_torch_name(p, lists) for p in path] + [leaf])] = value
     return state
 
 
@@ -165,20 +177,20 @@ def check_params(spec: UNetSpec, params: Mapping):
 
 # ---- helpers ------------------------------------------------------------------------------------
 
-def flax_path(key: str) -> list[str]:
+def flax_path(key: str, lists: frozenset[str] = MODULE_LISTS) -> list[str]:
     """diffusers' dotted name → Flax path parts (`down_blocks.2.attentions.1` → down_blocks_2, attentions_1)."""
     parts = []
     for part in key.split("."):
-        if part.isdigit() and parts and parts[-1] in _LISTS:
+        if part.isdigit() and parts and parts[-1] in lists:
             parts[-1] = f"{parts[-1]}_{part}"
         else:
             parts.append(part)
     return parts
 
 
-def _torch_name(part: str) -> str:
+def _torch_name(part: str, lists: frozenset[str] = MODULE_LISTS) -> str:
     name, _, index = part.rpartition("_")
-    return f"{name}.{index}" if name in _LISTS and index.isdigit() else part
+    return f"{name}.{index}" if name in lists and index.isdigit() else part
 
 
 def _to_flax_leaf(leaf: str, value: np.ndarray) -> tuple[str, np.ndarray]:
