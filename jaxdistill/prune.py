@@ -2,12 +2,12 @@
 
 A plan says, for each attention module named in diffusers' dotted form (`down_blocks.2.attentions.0`,
 `mid_block.attentions.0`), which transformer layers the student keeps — explicit indices, or a depth
-chosen by a strategy (`first`, `even`, or `sensitivity`: the layers whose removal hurts most) — and the
-mid block's form (`UNetMidBlock2D` keeps its first resnet; None removes it). Modules the plan does not
-name are kept whole. Every kept module copies the teacher's weights. `feature_pairs` lists the
-(student tap, teacher tap) pairs the distillation loss compares.
-
-Removing down/up resnets (BK-SDM style) is not implemented: SSD-1B and Vega keep every resnet.
+chosen by a strategy (`first`, `even`, or `sensitivity`: the layers whose removal hurts most) — which
+resnets each down/up block keeps (BK-SDM style; a resnet goes with the attention that follows it), and
+the mid block's form (`UNetMidBlock2D` keeps its first resnet; None removes it). Names and indices are
+always the teacher's. Modules the plan does not name are kept whole. Every kept module copies the
+teacher's weights. `feature_pairs` lists the (student tap, teacher tap) pairs the distillation loss
+compares.
 """
 
 from __future__ import annotations
@@ -36,9 +36,13 @@ class PlanError(ValueError):
 @dataclasses.dataclass(frozen=True)
 class PrunePlan:
     """`attentions`: module name → kept layer indices (a list) or a depth (an int, picked by `strategy`).
+    `resnets`: block name (`down_blocks.2`, `up_blocks.0`) → kept resnet indices; an up block keeps one
+    resnet more than the down block it mirrors (diffusers' rule), and the resnet taking a skip of another
+    width (the last of an up block) must stay.
     `mid_block_type`: "keep", "UNetMidBlock2D" (one resnet) or None (no mid block)."""
 
     attentions: Mapping[str, int | tuple[int, ...]] = dataclasses.field(default_factory=dict)
+    resnets: Mapping[str, tuple[int, ...]] = dataclasses.field(default_factory=dict)
     mid_block_type: str | None = KEEP
     strategy: str = "first"
     name: str = "custom"
@@ -47,6 +51,7 @@ class PrunePlan:
     def __post_init__(self):
         attentions = {k: v if isinstance(v, int) else tuple(int(i) for i in v) for k, v in self.attentions.items()}
         object.__setattr__(self, "attentions", attentions)
+        object.__setattr__(self, "resnets", {k: tuple(int(i) for i in v) for k, v in self.resnets.items()})
         if self.strategy not in STRATEGIES:
             raise PlanError(f"plan {self.name}: strategy={self.strategy!r}; expected one of {STRATEGIES}.")
         if self.mid_block_type not in (KEEP, RESNET_MID, None):
@@ -55,15 +60,23 @@ class PrunePlan:
 
     def to_json(self) -> dict[str, Any]:
         return {"name": self.name, "note": self.note, "strategy": self.strategy, "mid_block_type": self.mid_block_type,
-                "attentions": {k: v if isinstance(v, int) else list(v) for k, v in self.attentions.items()}}
+                "attentions": {k: v if isinstance(v, int) else list(v) for k, v in self.attentions.items()},
+                "resnets": {k: list(v) for k, v in self.resnets.items()}}
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> PrunePlan:
-        unknown = set(data) - {"name", "note", "strategy", "mid_block_type", "attentions"}
+        unknown = set(data) - {"name", "note", "strategy", "mid_block_type", "attentions", "resnets"}
         if unknown:
             raise PlanError(f"prune plan has unknown fields {sorted(unknown)}; expected name, note, strategy, "
-                            "mid_block_type, attentions.")
+                            "mid_block_type, attentions, resnets.")
         return cls(**data)
+
+    def applied(self) -> dict[str, tuple[int, ...]]:
+        """The kept indices of a plan as `prune` applied it (the `prune_plan.json` beside a pruned student),
+        in `prune`'s form; used to pair the student's features with the teacher's."""
+        if any(isinstance(v, int) for v in self.attentions.values()):
+            raise PlanError(f"plan {self.name!r} gives depths, not indices: resolve it against a teacher first")
+        return {**self.attentions, **{f"{block}.resnets": v for block, v in self.resnets.items()}}
 
     def save(self, path: str | os.PathLike):
         Path(path).write_text(json.dumps(self.to_json(), indent=2) + "\n")
@@ -168,16 +181,71 @@ def resolve_plan(spec: UNetSpec, plan: PrunePlan,
     if plan.mid_block_type != KEEP and "mid_block.attentions.0" in plan.attentions:
         problems.append("mid_block.attentions.0: the plan also removes the mid block's attention "
                         f"(mid_block_type={plan.mid_block_type!r})")
+    problems += _resolve_resnets(spec, plan, kept)
     if problems:
         raise PlanError(f"prune plan {plan.name!r} does not fit the teacher:\n  " + "\n  ".join(problems))
     return kept
 
 
+def _resolve_resnets(spec: UNetSpec, plan: PrunePlan, kept: dict[str, tuple[int, ...]]) -> list[str]:
+    """Adds `BLOCK.resnets` → kept resnet indices to `kept` for the blocks the plan names; → problems."""
+    blocks = {f"{kind}.{i}": len(depths) for kind, all_depths in (("down_blocks", spec.down_depths),
+                                                                     ("up_blocks", spec.up_depths))
+              for i, depths in enumerate(all_depths)}
+    problems = []
+    for block, indices in plan.resnets.items():
+        if block not in blocks:
+            problems.append(f"resnets of {block}: no such block (the teacher has {', '.join(blocks)})")
+        elif not indices or len(set(indices)) != len(indices) or not all(0 <= i < blocks[block] for i in indices):
+            problems.append(f"resnets of {block}: indices {list(indices)} must be distinct, non-empty and within "
+                            f"0..{blocks[block] - 1} (the teacher's block has {blocks[block]} resnets)")
+        else:
+            kept[f"{block}.resnets"] = tuple(sorted(indices))
+            problems += [f"{block}.attentions.{j}: the plan prunes its layers but also removes resnet {j}, "
+                         "which the attention belongs to" for j in range(blocks[block])
+                         if j not in indices and f"{block}.attentions.{j}" in plan.attentions]
+    if problems or not plan.resnets:
+        return problems
+    counts = {b: len(kept.get(f"{b}.resnets", range(n))) for b, n in blocks.items()}
+    n = spec.num_blocks
+    for i in range(n):
+        down, up = f"down_blocks.{n - 1 - i}", f"up_blocks.{i}"
+        if counts[up] != counts[down] + 1:
+            problems.append(f"resnets of {up}: the student keeps {counts[up]}, but {down} keeps {counts[down]}; an "
+                            f"up block has one resnet more than the down block it mirrors (diffusers' "
+                            f"layers_per_block): keep {counts[down] + 1} in {up}")
+    if problems:
+        return problems
+    # Each up resnet concatenates a skip connection: a kept resnet must see a skip of the width it was built for.
+    teacher_skips = _skip_widths(spec, {b: range(m) for b, m in blocks.items()})
+    student_skips = _skip_widths(spec, {b: range(c) for b, c in counts.items()})
+    for i in range(n):
+        chosen = kept.get(f"up_blocks.{i}.resnets", range(blocks[f"up_blocks.{i}"]))
+        for k, j in enumerate(chosen):
+            if teacher_skips[i][j] != student_skips[i][k]:
+                problems.append(f"resnets of up_blocks.{i}: teacher resnet {j} was built for a {teacher_skips[i][j]}-"
+                                f"channel skip connection, but in the student's position {k} it would get "
+                                f"{student_skips[i][k]} channels; keep the up block's last resnet (it takes the "
+                                "skip from the block below) and remove one of the others")
+    return problems
+
+
+def _skip_widths(spec: UNetSpec, counts: Mapping[str, Sequence[int]]) -> list[list[int]]:
+    """Channels of the skip connection each up resnet takes, for resnet counts per block: [up block][resnet]."""
+    n, width = spec.num_blocks, spec.block_out_channels
+    skips = [width[0]]  # conv_in
+    for i in range(n):
+        skips += [width[i]] * len(counts[f"down_blocks.{i}"]) + ([width[i]] if i < n - 1 else [])  # + downsampler
+    return [[skips.pop() for _ in counts[f"up_blocks.{i}"]] for i in range(n)]
+
+
 def student_spec(spec: UNetSpec, plan: PrunePlan, kept: Mapping[str, tuple[int, ...]]) -> UNetSpec:
-    """The student's architecture: teacher depths replaced by the kept counts, the mid block's new form."""
+    """The student's architecture: the kept resnets of each block, teacher depths replaced by the kept
+    counts, the mid block's new form."""
     def depths(kind, blocks):
-        return tuple(tuple(len(kept.get(f"{kind}.{i}.attentions.{j}", range(d))) if d else 0
-                           for j, d in enumerate(block)) for i, block in enumerate(blocks))
+        return tuple(tuple(len(kept.get(f"{kind}.{i}.attentions.{j}", range(block[j]))) if block[j] else 0
+                           for j in kept.get(f"{kind}.{i}.resnets", range(len(block))))
+                     for i, block in enumerate(blocks))
 
     mid = spec.mid_block_type if plan.mid_block_type == KEEP else plan.mid_block_type
     mid_depth = len(kept.get("mid_block.attentions.0", range(spec.mid_depth))) if mid == CROSS_ATTN_MID else 0
@@ -197,8 +265,9 @@ Kept = dict[str, tuple[int, ...]]
 
 def prune(spec: UNetSpec, params: Mapping, plan: PrunePlan | str,
           sensitivity: Mapping[str, Sequence[float]] | None = None) -> tuple[UNetSpec, dict, Kept]:
-    """Teacher (spec, params) → (student spec, student params, kept layer indices per pruned module).
-    The student's parameters are the teacher's arrays (no copies): every kept module is the teacher's."""
+    """Teacher (spec, params) → (student spec, student params, kept indices per pruned module: transformer
+    layers under the attention's name, resnets under `BLOCK.resnets`). The student's parameters are the
+    teacher's arrays (no copies): every kept module is the teacher's."""
     plan = load_plan(plan)
     kept = resolve_plan(spec, plan, sensitivity)
     student = student_spec(spec, plan, kept)
@@ -215,6 +284,12 @@ def prune(spec: UNetSpec, params: Mapping, plan: PrunePlan | str,
                     *path[layer + 1:])
         elif layer is not None and tuple(path[:layer]) in {m for m, _ in renumber}:
             continue  # a layer the student drops
+        if len(path) > 2 and path[1].startswith(("resnets_", "attentions_")) and path[0] != "mid_block":
+            resnets = kept.get(".".join(path[0].rsplit("_", 1)) + ".resnets")  # down_blocks_2 → down_blocks.2
+            if resnets is not None:
+                if _index(path[1]) not in resnets:
+                    continue  # a resnet the student drops, or the attention that follows it
+                path = (path[0], f"{path[1].rpartition('_')[0]}_{resnets.index(_index(path[1]))}", *path[2:])
         out[path] = value
     out = unflatten_dict(out)
     check_params(student, out)
@@ -241,16 +316,28 @@ def tap_names(spec: UNetSpec, taps: str | Sequence[str] = "all") -> list[str]:
     return names
 
 
-def feature_pairs(teacher: UNetSpec, student: UNetSpec, taps: str | Sequence[str] = "all") -> list[tuple[str, str]]:
-    """(student tap, teacher tap) pairs, paired by name. Taps of removed modules drop out; the teacher's
-    whole mid block pairs with whatever the student's mid block is (one resnet for SSD-1B)."""
+def feature_pairs(teacher: UNetSpec, student: UNetSpec, taps: str | Sequence[str] = "all",
+                  kept: Mapping[str, Sequence[int]] | None = None) -> list[tuple[str, str]]:
+    """(student tap, teacher tap) pairs. A student module pairs with the teacher module it was cut from:
+    the same name, or, where `kept` (from `prune`) says a block's resnets were renumbered, the teacher's
+    index. Taps of removed modules drop out; the teacher's whole mid block pairs with whatever the
+    student's mid block is (one resnet for SSD-1B). `taps` names student taps."""
     teacher_taps = set(tap_names(teacher, "all") + tap_names(teacher, "stages"))
     student_taps = set(tap_names(student, "all") + tap_names(student, "stages"))
     wanted = tap_names(student, taps)
     unknown = [t for t in wanted if t not in student_taps]
     if unknown:
         raise ValueError(f"feature taps {unknown} do not exist in the student; it has {sorted(student_taps)}")
-    return [(t, t) for t in wanted if t in teacher_taps]
+    pairs = [(t, _teacher_tap(t, kept or {})) for t in wanted]
+    return [(s, t) for s, t in pairs if t in teacher_taps]
+
+
+def _teacher_tap(name: str, kept: Mapping[str, Sequence[int]]) -> str:
+    """`down_blocks.2.resnets.0` → `down_blocks.2.resnets.1` when the student kept only teacher resnet 1."""
+    parts = name.split(".")
+    if len(parts) == 4 and parts[2] in ("resnets", "attentions") and ".".join(parts[:2]) + ".resnets" in kept:
+        parts[3] = str(kept[".".join(parts[:2]) + ".resnets"][int(parts[3])])
+    return ".".join(parts)
 
 
 def _index(name: str) -> int:
@@ -322,11 +409,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {e}")
         return 2
     out = save_unet(args.out, student, student_params)
-    resolved = dataclasses.replace(plan, attentions=kept, note=(plan.note + " Indices as applied.").strip())
+    resolved = dataclasses.replace(
+        plan, attentions={k: v for k, v in kept.items() if not k.endswith(".resnets")},
+        resnets={k.removesuffix(".resnets"): v for k, v in kept.items() if k.endswith(".resnets")},
+        note=(plan.note + " Indices as applied.").strip())
     resolved.save(out / "prune_plan.json")
     print(f"student: {count_params(student):,} parameters → {out} (plan {plan.name}; kept layers in prune_plan.json)")
     for name, indices in kept.items():
-        print(f"  {name}: layers {list(indices)}")
+        print(f"  {name}: {'kept' if name.endswith('.resnets') else 'layers'} {list(indices)}")
     return 0
 
 

@@ -27,7 +27,7 @@ import orbax.checkpoint as ocp
 
 from jaxdistill import presets
 from jaxdistill.config import validate
-from jaxdistill.convert import load_unet, save_unet
+from jaxdistill.convert import load_unet, resolve_unet_folder, save_unet
 from jaxdistill.data import SyntheticLatents
 from jaxdistill.layers import stack_layers, unstack_layers
 from jaxdistill.prune import feature_pairs, load_plan, prune
@@ -108,6 +108,8 @@ def build_models(c: ml_collections.ConfigDict, previous: Model | None) -> tuple[
     kept = None
     if c.student:
         student = Model(*load_unet(c.student))
+        plan_file = resolve_unet_folder(c.student) / "prune_plan.json"  # written by `python -m jaxdistill.prune`
+        kept = load_plan(plan_file).applied() if plan_file.is_file() else None
     elif teacher is not None and c.plan:
         spec, params, kept = prune(teacher.spec, teacher.params, load_plan(c.plan))
         student = Model(spec, params)
@@ -134,7 +136,7 @@ def run_stage(c: ml_collections.ConfigDict, workdir: Path, previous: Model | Non
         raise ValueError(f"stage {c.name}: loss.output={c.loss.output} / loss.feature={c.loss.feature} distil from "
                          "a teacher, but there is none: give config.teacher, or set both to 0 for plain "
                          "diffusion training")
-    pairs = feature_pairs(teacher.spec, student.spec, c.loss.taps) if distil else []
+    pairs = feature_pairs(teacher.spec, student.spec, c.loss.taps, kept) if distil else []
     tx, lr_fn = make_optimizer(c.optimizer.lr, c.optimizer.warmup_steps, c.optimizer.weight_decay,
                                c.optimizer.b1, c.optimizer.b2, c.optimizer.eps, c.optimizer.grad_clip,
                                c.optimizer.schedule, c.steps)

@@ -12,7 +12,7 @@ from conftest import TINY
 from diffusers import UNet2DConditionModel
 from flax.traverse_util import flatten_dict
 
-from jaxdistill import count_params, load_unet, presets
+from jaxdistill import count_params, load_unet, presets, save_unet
 from jaxdistill.parity import check_folder
 from jaxdistill.prune import (
     PLANS,
@@ -162,3 +162,68 @@ def test_prune_command_measures_sensitivity_and_meets_a_budget(unet_folders, tmp
     model = UNet2DConditionModel.from_pretrained(out, low_cpu_mem_usage=False)
     assert sum(p.numel() for p in model.parameters()) <= teacher - 20_000
     assert load_plan(out / "prune_plan.json").attentions == resolve_plan(TINY["micro"], plan)
+
+
+# BK-SDM's cut on SDXL: one resnet (with its attention) out of every down block and every up block.
+BK_SDXL = PrunePlan(name="bk", resnets={"down_blocks.0": [0], "down_blocks.1": [0], "down_blocks.2": [0],
+                                        "up_blocks.0": [0, 2], "up_blocks.1": [0, 2], "up_blocks.2": [1, 2]})
+
+
+def test_removing_resnets_gives_the_diffusers_architecture_with_fewer_layers_per_block():
+    spec = student_spec(presets.SDXL, BK_SDXL, resolve_plan(presets.SDXL, BK_SDXL))
+    assert spec.down_depths == ((0,), (2,), (10,)) and spec.up_depths == ((10, 10), (2, 2), (0, 0))
+    config = spec.to_diffusers_config()
+    assert config["layers_per_block"] == 1
+    reference = UNet2DConditionModel.from_config(config | {"layers_per_block": 1})  # diffusers builds it itself
+    assert count_params(spec) == sum(p.numel() for p in reference.parameters())
+
+
+def test_removed_resnets_take_their_attention_and_renumber(unet_folders, tmp_path):
+    """Per-block topology: down block 2 (depths 3,1,2) keeps resnets 0 and 2, its mirror up block 1
+    (depths 2,1,1,3) keeps 0, 1 and 3; every student weight is the teacher's at the renumbered place,
+    diffusers loads the folder and its forward equals ours."""
+    teacher_spec, teacher = load_unet(unet_folders["per_block"])
+    plan = PrunePlan(resnets={"down_blocks.2": [0, 2], "up_blocks.1": [0, 1, 3]},
+                     attentions={"down_blocks.2.attentions.2": [1]})
+    spec, params, kept = prune(teacher_spec, teacher, plan)
+    assert spec.down_depths[2] == (3, 1) and spec.up_depths[1] == (2, 1, 3)
+    assert kept == {"down_blocks.2.attentions.2": (1,), "down_blocks.2.resnets": (0, 2),
+                    "up_blocks.1.resnets": (0, 1, 3)}
+    source = {("down_blocks_2", "resnets_1"): ("down_blocks_2", "resnets_2"),
+              ("down_blocks_2", "attentions_1"): ("down_blocks_2", "attentions_2"),
+              ("up_blocks_1", "resnets_2"): ("up_blocks_1", "resnets_3"),
+              ("up_blocks_1", "attentions_2"): ("up_blocks_1", "attentions_3")}
+    teacher_flat = flatten_dict(teacher)
+    for path, value in flatten_dict(params).items():
+        origin = (*source.get(path[:2], path[:2]), *path[2:])
+        if origin[:2] == ("down_blocks_2", "attentions_2") and origin[2] == "transformer_blocks_0":
+            origin = (*origin[:2], "transformer_blocks_1", *origin[3:])
+        assert np.array_equal(np.asarray(value), np.asarray(teacher_flat[origin])), path
+    pairs = dict(feature_pairs(teacher_spec, spec, "all", kept))
+    assert pairs["down_blocks.2.resnets.1"] == "down_blocks.2.resnets.2"
+    assert pairs["up_blocks.1.attentions.2"] == "up_blocks.1.attentions.3"
+    assert pairs["up_blocks.1.resnets.1"] == "up_blocks.1.resnets.1" and pairs["down_blocks.1.resnets.1"] == (
+        "down_blocks.1.resnets.1")
+    # what `python -m jaxdistill.prune` writes beside the student, and the trainer reads back for pairing
+    applied = PrunePlan(attentions={"down_blocks.2.attentions.2": (1,)},
+                        resnets={"down_blocks.2": (0, 2), "up_blocks.1": (0, 1, 3)})
+    assert applied.applied() == kept
+    with pytest.raises(PlanError, match="resolve it"):
+        PrunePlan(attentions={"down_blocks.2.attentions.2": 1}).applied()
+    out = save_unet(tmp_path / "student", spec, params)
+    errors = check_folder(out, batch=2, size=(8, 16), seed=3)
+    assert max(errors.values()) <= TOLERANCE, errors
+
+
+@pytest.mark.parametrize("plan, message", [
+    (PrunePlan(resnets={"down_blocks.3": [0]}), "no such block"),
+    (PrunePlan(resnets={"down_blocks.1": [0, 2]}), "within 0..1"),
+    (PrunePlan(resnets={"down_blocks.1": []}), "non-empty"),
+    (PrunePlan(resnets={"down_blocks.1": [0]}), "keep 2 in up_blocks.1"),
+    (PrunePlan(resnets={"down_blocks.1": [0], "up_blocks.1": [0, 1]}), "keep the up block's last resnet"),
+    (PrunePlan(resnets={"down_blocks.2": [1], "up_blocks.0": [0, 2]},
+               attentions={"down_blocks.2.attentions.0": [0, 1, 2, 6]}), "but also removes resnet 0"),
+])
+def test_refused_resnet_plans(plan, message):
+    with pytest.raises(PlanError, match=message):
+        student_spec(presets.SDXL, plan, resolve_plan(presets.SDXL, plan))
