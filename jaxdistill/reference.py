@@ -192,3 +192,92 @@ def torch_distill_step(teacher, student, optimizer, batch: Mapping[str, np.ndarr
         grad_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in params]))
     optimizer.step()
     return {k: v.item() for k, v in {"loss": loss, **terms, "grad_norm": grad_norm}.items()}
+
+
+# ---- SDXL's text encoders --------------------------------------------------------------------------
+
+# A few BPE merges of common English, so that the tiny tokenizer really merges (`the`, `and`, `photo`).
+_TINY_MERGES = (("t", "h"), ("th", "e</w>"), ("a", "n"), ("an", "d</w>"), ("i", "n"), ("in", "g</w>"),
+                ("o", "f</w>"), ("t", "o</w>"), ("p", "h"), ("ph", "o"), ("pho", "to</w>"), ("o", "n</w>"))
+
+
+def write_tiny_clip_tokenizer(folder: str | Path, pad_token: str = "<|endoftext|>", model_max_length: int = 77):
+    """A real byte-level BPE CLIP tokenizer with a tiny vocabulary: CLIP's 256 byte symbols, the same with
+    the end-of-word `</w>`, `_TINY_MERGES`, then `<|startoftext|>` and `<|endoftext|>` last (as in CLIP's
+    vocab: the EOS id is the largest, which transformers' legacy pooling relies on). Every string
+    tokenizes. Written as `vocab.json` + `merges.txt`, then by transformers' own `save_pretrained`.
+    SDXL's tokenizer pads with `<|endoftext|>`, its tokenizer_2 with "!". Returns the tokenizer."""
+    import json
+
+    from transformers import CLIPTokenizer
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    symbols = list(bytes_to_unicode().values())
+    vocab = symbols + [s + "</w>" for s in symbols] + ["".join(m) for m in _TINY_MERGES]
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}, ensure_ascii=False))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in _TINY_MERGES))
+    tokenizer = CLIPTokenizer.from_pretrained(str(folder), pad_token=pad_token, model_max_length=model_max_length)
+    tokenizer.save_pretrained(str(folder))
+    return tokenizer
+
+
+def write_random_text_encoders(pipeline_dir: str | Path, seed: int = 0, hidden: tuple[int, int] = (32, 48),
+                               layers: tuple[int, int] = (3, 4), heads: tuple[int, int] = (2, 3),
+                               projection_dim: int = 40) -> Path:
+    """The text half of a diffusers SDXL pipeline folder at tiny sizes, written by transformers' own
+    `save_pretrained` (safetensors): `text_encoder/` (CLIPTextModel, quick_gelu, SDXL's legacy
+    eos_token_id=2: pooled at the largest id), `text_encoder_2/` (CLIPTextModelWithProjection, gelu, the
+    tokenizer's real eos_token_id: pooled at the first EOS), `tokenizer/` and `tokenizer_2/` (pads with "!",
+    like SDXL's). Weights are PyTorch's init with every layer norm's weight and bias perturbed (1 and 0 would
+    hide a swapped or dropped norm parameter). The vocabulary size is the tokenizer's."""
+    import torch
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    root = Path(pipeline_dir)
+    tokenizers = [write_tiny_clip_tokenizer(root / "tokenizer"),
+                  write_tiny_clip_tokenizer(root / "tokenizer_2", pad_token="!")]
+    torch.manual_seed(seed)
+    for i, (cls, act) in enumerate(((CLIPTextModel, "quick_gelu"), (CLIPTextModelWithProjection, "gelu"))):
+        tok = tokenizers[i]
+        config = CLIPTextConfig(
+            vocab_size=len(tok), hidden_size=hidden[i], intermediate_size=4 * hidden[i], num_hidden_layers=layers[i],
+            num_attention_heads=heads[i], max_position_embeddings=tok.model_max_length, hidden_act=act,
+            projection_dim=projection_dim, bos_token_id=0 if i == 0 else tok.bos_token_id,
+            eos_token_id=2 if i == 0 else tok.eos_token_id, pad_token_id=1 if i == 0 else tok.pad_token_id)
+        model = cls(config)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "norm" in name:
+                    p.add_(0.2 * torch.randn_like(p))
+        model.eval().save_pretrained(str(root / ("text_encoder", "text_encoder_2")[i]), safe_serialization=True)
+    return root
+
+
+# ---- the VAE -------------------------------------------------------------------------------------
+
+def write_random_vae(folder: str | Path, seed: int = 0, *, variant: str | None = None,
+                     max_shard_size: int | str | None = None, **config_overrides) -> Path:
+    """Saves a tiny random diffusers `AutoencoderKL` with diffusers' own `save_pretrained` (safetensors):
+    two blocks of widths (16, 32), one resnet per down block, 8 groups, 4 latent channels, unless
+    `config_overrides` (diffusers config fields) say otherwise; the block types follow
+    `block_out_channels`. PyTorch's init, then every norm's scale and bias perturbed (defaults of 1 and 0
+    would hide a swapped or dropped norm parameter)."""
+    import torch
+    from diffusers import AutoencoderKL
+
+    config = {"block_out_channels": (16, 32), "layers_per_block": 1, "norm_num_groups": 8,
+              "latent_channels": 4, "sample_size": 32} | config_overrides
+    n = len(config["block_out_channels"])
+    config = {"down_block_types": ("DownEncoderBlock2D",) * n, "up_block_types": ("UpDecoderBlock2D",) * n} | config
+    torch.manual_seed(seed)
+    model = AutoencoderKL(**config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim == 1 and "norm" in name:
+                p.add_(0.2 * torch.randn_like(p))
+    kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    model.eval().save_pretrained(str(folder), safe_serialization=True, variant=variant, **kwargs)
+    return Path(folder)
