@@ -23,9 +23,12 @@ class _Ops(nn.Module):
     def dense(self, features: int, name: str, use_bias: bool = True) -> nn.Dense:
         return nn.Dense(features, use_bias=use_bias, dtype=self.dtype, param_dtype=self.param_dtype, name=name)
 
-    def conv(self, features: int, kernel: int, name: str, stride: int = 1) -> nn.Conv:
+    def conv(self, features: int, kernel: int, name: str, stride: int = 1,
+             padding: tuple[tuple[int, int], tuple[int, int]] | None = None) -> nn.Conv:
+        """`padding` ((top, bottom), (left, right)); None: (kernel − 1) // 2 on every side."""
         pad = (kernel - 1) // 2
-        return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding=((pad, pad), (pad, pad)),
+        return nn.Conv(features, (kernel, kernel), strides=(stride, stride),
+                       padding=padding if padding is not None else ((pad, pad), (pad, pad)),
                        dtype=self.dtype, param_dtype=self.param_dtype, name=name)
 
     def group_norm(self, groups: int, eps: float, name: str) -> nn.GroupNorm:
@@ -84,18 +87,20 @@ class TimestepEmbedding(_Layer):
 
 
 class ResnetBlock2D(_Layer):
-    """GroupNorm → SiLU → conv → + time embedding → GroupNorm → SiLU → conv, plus the (1×1) shortcut."""
+    """GroupNorm → SiLU → conv → + time embedding → GroupNorm → SiLU → conv, plus the (1×1) shortcut.
+    Without a time embedding (`temb=None`, the VAE's resnets) there is no `time_emb_proj`."""
 
     out_channels: int = 320
     groups: int = 32
     eps: float = 1e-5
 
     @nn.compact
-    def __call__(self, x: jax.Array, temb: jax.Array) -> jax.Array:
-        """x [B, H, W, Cin], temb [B, T] → [B, H, W, out_channels]."""
+    def __call__(self, x: jax.Array, temb: jax.Array | None = None) -> jax.Array:
+        """x [B, H, W, Cin], temb [B, T] or None → [B, H, W, out_channels]."""
         h = nn.silu(self.group_norm(self.groups, self.eps, "norm1")(x))
         h = self.conv(self.out_channels, 3, "conv1")(h)
-        h = h + self.dense(self.out_channels, "time_emb_proj")(nn.silu(temb))[:, None, None, :]
+        if temb is not None:
+            h = h + self.dense(self.out_channels, "time_emb_proj")(nn.silu(temb))[:, None, None, :]
         h = nn.silu(self.group_norm(self.groups, self.eps, "norm2")(h))
         h = self.conv(self.out_channels, 3, "conv2")(h)
         if x.shape[-1] != self.out_channels:
@@ -237,11 +242,15 @@ class Transformer2DModel(_Layer):
 
 
 class Downsample2D(_Layer):
-    """A 3×3 convolution with stride 2 (padding 1)."""
+    """A 3×3 convolution with stride 2. `padding=1` (the UNet's) pads every side by 1; `padding=0` (the
+    VAE encoder's) pads only the bottom and right by 1, as diffusers' explicit (0, 1, 0, 1) pad does."""
+
+    padding: int = 1
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        return self.conv(x.shape[-1], 3, "conv", stride=2)(x)
+        pad = ((0, 1), (0, 1)) if self.padding == 0 else ((self.padding, self.padding),) * 2
+        return self.conv(x.shape[-1], 3, "conv", stride=2, padding=pad)(x)
 
 
 class Upsample2D(_Layer):
