@@ -36,7 +36,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.remat = "none"  # none | full | dots (keep matmul outputs)
     c.scan_layers = True  # scan over each attention module's layers: much faster compilation
 
-    c.data = ml_collections.ConfigDict(dict(source="synthetic", resolution=1024, seq_len=77, num_examples=64))
+    # source "prepared": the TFDS set `python -m jaxdistill.prepare` wrote to `path`; "synthetic": a
+    # generated latent set (resolution, seq_len and num_examples apply to it only).
+    c.data = ml_collections.ConfigDict(dict(source="synthetic", path="", resolution=1024, seq_len=77,
+                                            num_examples=64))
     c.batch_size = 128  # global, all micro-batches of one step together (32 × 4 accumulation)
     c.steps = 251_000
     c.log_every = 50
@@ -75,8 +78,10 @@ def validate(c: ml_collections.ConfigDict) -> None:
     check(c.precision.teacher in DTYPES, "precision.teacher", f"one of {DTYPES}")
     check(c.precision.student_compute in DTYPES, "precision.student_compute", f"one of {DTYPES}")
     check(c.remat in REMAT, "remat", f"one of {REMAT}")
-    check(c.data.source == "synthetic", "data.source",
-          "'synthetic' (the generated latent set; image/caption data arrives with the data issue)")
+    check(c.data.source in ("prepared", "synthetic"), "data.source",
+          "'prepared' (with data.path from python -m jaxdistill.prepare) or 'synthetic'")
+    check(c.data.source != "prepared" or bool(c.data.path), "data.path", "the folder python -m jaxdistill.prepare "
+          "wrote (--config.data.path=DIR)")
     check(c.log_every >= 1, "log_every", "≥ 1")
     check(c.checkpoint_every >= 1, "checkpoint_every", "≥ 1")
     if not c.stages:

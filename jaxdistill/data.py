@@ -1,15 +1,139 @@
-"""Training batches. Today: a generated latent image set for the tiny config and tests (real image/caption
-data, VAE latents and text encoders arrive with the data issue, behind the same interface).
+"""Training batches: `PreparedLatents` reads a data set written by `python -m jaxdistill.prepare`;
+`SyntheticLatents` generates a small latent set for the tiny config and tests.
 
-A source is deterministic in (seed, step): `batch(step)` always returns the same examples, so a resumed
-run continues exactly; its position is the step.
+Both are deterministic in (seed, step): `batch(step)` always returns the same examples, so a resumed run
+continues exactly, and the position saved with a checkpoint is the step. The prepared set is read by
+index (TFDS's ArrayRecord data source: random access, no TensorFlow): every epoch is a fresh permutation
+drawn from (seed, epoch), batches never mix latent shapes (aspect-ratio buckets), and each host reads
+only its slice of every global batch. The next batch is read in a background thread while the current
+one trains.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
+import json
+import os
+from pathlib import Path
+
 import numpy as np
 
 from jaxdistill.spec import UNetSpec
+
+INFO_NAME = "jaxdistill_data.json"  # written by jaxdistill.prepare beside the TFDS metadata
+
+
+def make_data(c, spec: UNetSpec) -> PreparedLatents | SyntheticLatents:
+    """The training data a config asks for (`config.data.source`: "prepared" with `data.path`, or
+    "synthetic"), this host's slice of every batch."""
+    import jax
+
+    if c.data.source == "prepared":
+        data = PreparedLatents(c.data.path, batch_size=c.batch_size, seed=c.seed,
+                               process_index=jax.process_index(), process_count=jax.process_count())
+        check_fits(data, spec)
+        return data
+    return SyntheticLatents(spec, resolution=c.data.resolution, seq_len=c.data.seq_len,
+                            num_examples=c.data.num_examples, batch_size=c.batch_size, seed=c.seed)
+
+
+def check_fits(data: PreparedLatents, spec: UNetSpec):
+    """Refuses a prepared set whose embeddings or latents do not fit the UNet, naming both sides."""
+    example = data.batch(0)
+    problems = []
+    if example["latents"].shape[-1] != spec.in_channels:
+        problems.append(f"latents have {example['latents'].shape[-1]} channels, the UNet takes {spec.in_channels}")
+    if example["encoder_hidden_states"].shape[-1] != spec.cross_attention_dim:
+        problems.append(f"prompt embeddings are {example['encoder_hidden_states'].shape[-1]}-d, the UNet's "
+                        f"cross_attention_dim is {spec.cross_attention_dim}")
+    if spec.addition_embed_type == "text_time":
+        pooled = spec.projection_class_embeddings_input_dim - 6 * spec.addition_time_embed_dim
+        if example["text_embeds"].shape[-1] != pooled:
+            problems.append(f"pooled embeddings are {example['text_embeds'].shape[-1]}-d, the UNet expects {pooled}")
+    factor = 2 ** (spec.num_blocks - 1)
+    bad = sorted({tuple(g) for shard in data.info["shapes"] for *g, _ in shard if g[0] % factor or g[1] % factor})
+    if bad:
+        problems.append(f"latent shapes {bad} are not divisible by {factor} (the UNet's downsampling)")
+    if problems:
+        raise ValueError(f"the prepared data set {data.info.get('pipeline', '')} does not fit the student UNet: "
+                         + "; ".join(problems) + ". Prepare it with the teacher's own pipeline folder.")
+
+
+class PreparedLatents:
+    """Batches of a prepared data set: {latents [b, h, w, 4], encoder_hidden_states [b, 77, D], text_embeds
+    [b, P], time_ids [b, 6]} in float32, b = batch_size / process_count (this host's slice)."""
+
+    def __init__(self, path: str | os.PathLike, *, batch_size: int, seed: int = 0, process_index: int = 0,
+                 process_count: int = 1):
+        import tensorflow_datasets as tfds
+
+        path = Path(path)
+        info_file = path / INFO_NAME
+        if not info_file.is_file():
+            raise FileNotFoundError(f"{path} is not a prepared data set (no {INFO_NAME}); make one with "
+                                    "python -m jaxdistill.prepare --source ... --pipeline ... --out DIR, and let it "
+                                    "finish (it resumes)")
+        self.info = json.loads(info_file.read_text())
+        if batch_size % process_count:
+            raise ValueError(f"batch_size {batch_size} must be divisible by the {process_count} processes")
+        self.batch_size, self.seed = batch_size, seed
+        per_host = batch_size // process_count
+        self.host = slice(process_index * per_host, (process_index + 1) * per_host)
+        self.source = tfds.builder_from_directory(str(path)).as_data_source(split="train")
+        # example index → latent shape, from the run-length shapes prepare recorded per shard
+        shapes = [tuple(run[:2]) for shard in self.info["shapes"] for run in shard for _ in range(run[2])]
+        if len(shapes) != len(self.source):
+            raise ValueError(f"{path}: {INFO_NAME} lists {len(shapes)} examples, the data set has "
+                             f"{len(self.source)}; prepare it again into a new folder")
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i, shape in enumerate(shapes):
+            groups.setdefault(shape, []).append(i)
+        self.groups = [np.asarray(groups[k]) for k in sorted(groups)]
+        self.steps_per_epoch = sum(len(g) // batch_size for g in self.groups)
+        if not self.steps_per_epoch:
+            raise ValueError(f"{path} has {len(shapes)} examples in {len(groups)} latent shapes: no shape has a "
+                             f"full batch of {batch_size}; lower batch_size or prepare more data")
+        self._pool = concurrent.futures.ThreadPoolExecutor(1)
+        self._ahead: tuple[int, concurrent.futures.Future] | None = None
+        self._cached: tuple[int, list[np.ndarray]] = (-1, [])
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def _epoch(self, epoch: int) -> list[np.ndarray]:
+        """The batches of one epoch: each shape group permuted and cut into full batches (the remainder
+        waits for another epoch's permutation), then the batches shuffled together."""
+        if self._cached[0] != epoch:
+            self._cached = (epoch, self._make_epoch(epoch))
+        return self._cached[1]
+
+    def _make_epoch(self, epoch: int) -> list[np.ndarray]:
+        rng = np.random.default_rng([self.seed, epoch])
+        batches = []
+        for group in self.groups:
+            order = rng.permutation(group)
+            batches += [order[i:i + self.batch_size] for i in range(0, len(order) - self.batch_size + 1,
+                                                                     self.batch_size)]
+        return [batches[i] for i in rng.permutation(len(batches))]
+
+    def indices(self, step: int) -> np.ndarray:
+        """Example indices of global batch `step` (all hosts)."""
+        epoch, offset = divmod(step, self.steps_per_epoch)
+        return self._epoch(epoch)[offset]
+
+    def _read(self, step: int) -> dict[str, np.ndarray]:
+        records = self.source.__getitems__(self.indices(step)[self.host].tolist())
+        return {k: np.stack([np.asarray(r[k], np.float32) for r in records])
+                for k in ("latents", "encoder_hidden_states", "text_embeds", "time_ids")}
+
+    def batch(self, step: int) -> dict[str, np.ndarray]:
+        """This host's part of global batch `step`; starts reading batch `step + 1` in the background."""
+        if self._ahead is not None and self._ahead[0] == step:
+            out = self._ahead[1].result()
+        else:
+            out = self._read(step)
+        self._ahead = (step + 1, self._pool.submit(self._read, step + 1))
+        return out
 
 
 class SyntheticLatents:

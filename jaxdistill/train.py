@@ -28,7 +28,7 @@ import orbax.checkpoint as ocp
 from jaxdistill import presets
 from jaxdistill.config import validate
 from jaxdistill.convert import load_unet, resolve_unet_folder, save_unet
-from jaxdistill.data import SyntheticLatents
+from jaxdistill.data import make_data
 from jaxdistill.layers import stack_layers, unstack_layers
 from jaxdistill.prune import feature_pairs, load_plan, prune
 from jaxdistill.schedule import add_noise, alphas_cumprod
@@ -152,8 +152,7 @@ def run_stage(c: ml_collections.ConfigDict, workdir: Path, previous: Model | Non
                               accumulation=c.optimizer.accumulation, ema_decay=c.ema_decay)
     train_step = jax.jit(step_fn, donate_argnums=(0,))
     teacher_params = layout(teacher.params) if distil else None
-    data = SyntheticLatents(student.spec, resolution=c.data.resolution, seq_len=c.data.seq_len,
-                            num_examples=c.data.num_examples, batch_size=c.batch_size, seed=c.seed)
+    data = make_data(c, student.spec)
 
     state = init_state(layout(student.params), tx, ema=c.ema_decay > 0)
     manager = _checkpoint_manager(workdir / "checkpoints" / c.name, c)
@@ -240,7 +239,7 @@ def _restore(manager: ocp.CheckpointManager, state: TrainState, spec: UNetSpec) 
     return restored.state, int(restored.meta["data_position"])
 
 
-def _agreement_fn(student: UNet, teacher: UNet, acp, data: SyntheticLatents, c):
+def _agreement_fn(student: UNet, teacher: UNet, acp, data, c):
     """Relative MSE between student and teacher predictions on a fixed validation batch spread over timesteps."""
     batch = data.batch(10**6)  # fixed for the whole run: examples of the (small) set at fixed noise
     rng = np.random.default_rng(c.seed + 1)

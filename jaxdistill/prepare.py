@@ -1,0 +1,311 @@
+"""`python -m jaxdistill.prepare`: images and captions → a TFDS data set of SDXL training inputs.
+
+Every good example of a source (`jaxdistill.sources`: a folder, webdataset tars, a TFDS data set) is
+preprocessed, encoded once in JAX — VAE latents (one draw of the latent distribution, scaled, as
+diffusers' SDXL training script precomputes them), the 77×(D1+D2) prompt embeddings and the pooled
+embedding of SDXL's two text encoders — and written with its six time ids.
+
+Output: a TFDS data set in ArrayRecord files (`tfds.builder_from_directory(OUT)`; random access with
+`as_data_source`, no TensorFlow needed; `as_dataset` gives tf.data where TensorFlow is installed), one
+file per source shard, plus `jaxdistill_data.json` (how it was made, the latent shape of every example,
+what was skipped and why). Work is spread over hosts by source shard (each process its own), batches
+over the local devices; a finished shard has a progress file and is skipped when the command is run
+again, so an interrupted run resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxdistill import sources as S
+from jaxdistill.text import TextEncoders, load_text_encoders
+from jaxdistill.vae import VAESpec, encode_latents, load_vae
+
+DATASET_NAME = "jaxdistill_latents"
+INFO_NAME = "jaxdistill_data.json"
+SPLIT = "train"
+_TEMPLATE = "{DATASET}-{SPLIT}.{FILEFORMAT}-{SHARD_X_OF_Y}"
+STORAGE_DTYPES = ("float16", "float32")
+
+
+@dataclasses.dataclass(eq=False)
+class Encoders:
+    """SDXL's VAE and two text encoders, loaded from a pipeline folder."""
+
+    vae_spec: VAESpec
+    text: TextEncoders
+    params: dict  # {"vae": tree, "text": {"text_encoder": tree, "text_encoder_2": tree}}
+
+    @property
+    def latent_channels(self) -> int:
+        return self.vae_spec.latent_channels
+
+    @property
+    def downscale(self) -> int:
+        return self.vae_spec.downscale
+
+
+def load_encoders(pipeline: str | os.PathLike, dtype: str = "float32") -> Encoders:
+    """The VAE (`vae/`) and text encoders (`text_encoder[_2]/`, `tokenizer[_2]/`) of a diffusers SDXL
+    pipeline folder, computing in `dtype` (SDXL's VAE overflows in float16: use float32 or bfloat16)."""
+    vae_spec, vae_params = load_vae(pipeline)
+    text = load_text_encoders(pipeline, jnp.dtype(dtype))
+    return Encoders(vae_spec, text, {"vae": vae_params, "text": text.params})
+
+
+def make_encode(encoders: Encoders, dtype: str = "float32") -> Callable[..., dict[str, jax.Array]]:
+    """The pure encoding function `(params, pixels [B, H, W, 3] in [-1, 1], ids1 [B, 77], ids2 [B, 77],
+    rng) → {latents [B, H/8, W/8, 4], encoder_hidden_states [B, 77, D1+D2], text_embeds [B, P]}`, all
+    float32; `rng` None takes the latent distribution's mean. Used by `prepare` and, for on-the-fly
+    encoding, inside the train step."""
+    spec, text = encoders.vae_spec, encoders.text
+
+    def encode(params, pixels, ids1, ids2, rng=None):
+        latents = encode_latents(spec, params["vae"], pixels, rng, dtype=jnp.dtype(dtype))
+        context, pooled = text.encode(params["text"], ids1, ids2)
+        return {"latents": latents, "encoder_hidden_states": context.astype(jnp.float32),
+                "text_embeds": pooled.astype(jnp.float32)}
+
+    return encode
+
+
+def features(latent_channels: int, seq_len: int, context_dim: int, pooled_dim: int, dtype: str = "float16"):
+    """The TFDS features of one prepared example. Latents may differ in shape (aspect-ratio buckets)."""
+    import tensorflow_datasets as tfds
+
+    return tfds.features.FeaturesDict({
+        "latents": tfds.features.Tensor(shape=(None, None, latent_channels), dtype=np.dtype(dtype),
+                                        encoding="bytes"),
+        "encoder_hidden_states": tfds.features.Tensor(shape=(seq_len, context_dim), dtype=np.dtype(dtype)),
+        "text_embeds": tfds.features.Tensor(shape=(pooled_dim,), dtype=np.dtype(dtype)),
+        "time_ids": tfds.features.Tensor(shape=(6,), dtype=np.int32),
+        "key": tfds.features.Text(),
+        "caption": tfds.features.Text(),
+    })
+
+
+def prepare(source: S.Source, pipeline: str | os.PathLike, out: str | os.PathLike, *,
+            prep: S.Preprocessing | None = None, rules: S.DecodeRules | None = None,
+            batch_size: int = 16, seed: int = 0, storage_dtype: str = "float16", compute_dtype: str = "float32",
+            process_index: int | None = None, process_count: int | None = None,
+            progress: bool = True) -> dict[str, Any]:
+    """Encodes this process's shards of `source` into `out` (skipping shards already done) and, once every
+    shard of every process is done, writes the TFDS metadata. Returns the summary (also in INFO_NAME)."""
+    import tensorflow_datasets as tfds
+    from tqdm import tqdm
+
+    prep, rules = prep or S.Preprocessing(), rules or S.DecodeRules()
+    if storage_dtype not in STORAGE_DTYPES:
+        raise ValueError(f"storage dtype {storage_dtype!r}: expected one of {STORAGE_DTYPES}")
+    pi = jax.process_index() if process_index is None else process_index
+    pc = jax.process_count() if process_count is None else process_count
+    out = Path(out)
+    (out / "progress").mkdir(parents=True, exist_ok=True)
+    encoders = load_encoders(pipeline, compute_dtype)
+    all_shards = source.shards()
+    if not all_shards:
+        raise ValueError(f"source {source.description} has no shards: nothing to prepare")
+    feats = features(encoders.latent_channels, encoders.text.tokenizers[0].model_max_length,
+                     sum(s.hidden_size for s in encoders.text.specs), encoders.text.specs[1].projection_dim,
+                     storage_dtype)
+    settings = {"pipeline": str(Path(pipeline).absolute()), "source": source.description,
+                "preprocessing": dataclasses.asdict(prep), "seed": seed, "storage_dtype": storage_dtype,
+                "num_shards": len(all_shards)}
+    _check_settings(out, settings)
+
+    local = jax.local_devices()
+    if batch_size % len(local):
+        raise ValueError(f"--batch-size {batch_size} must be a multiple of the {len(local)} local devices")
+    mesh = jax.sharding.Mesh(np.array(local), ("data",))
+    data_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    params = jax.device_put(encoders.params, replicated)
+    encode = jax.jit(make_encode(encoders, compute_dtype), in_shardings=(replicated, data_sharding, data_sharding,
+                                                                         data_sharding, replicated),
+                     out_shardings=data_sharding)
+
+    mine = S.shards_for_process(all_shards, pi, pc)
+    todo = [s for s in mine if not _progress_file(out, s).is_file()]
+    print(f"prepare: {source.description}: {len(all_shards)} shards, {len(mine)} for process {pi}/{pc}, "
+          f"{len(mine) - len(todo)} already done")
+    bar = tqdm(total=len(todo), unit="shard", disable=not progress, dynamic_ncols=True)
+    kept_total, start = 0, time.perf_counter()
+    for shard in todo:
+        kept_total += _prepare_shard(source, shard, len(all_shards), out, encoders, params, encode, feats, prep=prep,
+                                     rules=rules, batch_size=batch_size, seed=seed, storage_dtype=storage_dtype)
+        bar.update(1)
+        bar.set_postfix(examples=kept_total, rate=f"{kept_total / (time.perf_counter() - start):.1f}/s")
+    bar.close()
+
+    if pc > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("jaxdistill.prepare: all shards written")
+    done = {s.index: _progress_file(out, s) for s in all_shards}
+    missing = [all_shards[i].name for i, p in done.items() if not p.is_file()]
+    if missing:
+        print(f"prepare: {len(missing)} shards not done yet ({', '.join(missing[:5])}...): run again to finish")
+        return {"done": False, "missing": missing}
+    records = [json.loads(done[i].read_text()) for i in range(len(all_shards))]
+    skips = S.Skips()
+    for r in records:
+        skips.merge(S.Skips.from_dict(r["skips"]))
+    summary = settings | {"done": True, "num_examples": sum(r["examples"] for r in records),
+                          "shard_lengths": [r["examples"] for r in records],
+                          "shapes": [r["shapes"] for r in records], "skips": skips.to_dict(),
+                          "latent_channels": encoders.latent_channels}
+    if pi == 0:
+        template = tfds.core.ShardedFileTemplate(data_dir=out, template=_TEMPLATE, dataset_name=DATASET_NAME,
+                                                 filetype_suffix="array_record")
+        split = tfds.core.SplitInfo(name=SPLIT, shard_lengths=summary["shard_lengths"],
+                                    num_bytes=sum(r["bytes"] for r in records), filename_template=template)
+        tfds.folder_dataset.write_metadata(data_dir=out, features=feats, split_infos=[split],
+                                           filename_template=template, check_data=False,
+                                           description="SDXL training inputs prepared by jaxdistill.prepare")
+        _atomic_json(out / INFO_NAME, summary)
+    print(f"prepare: {summary['num_examples']} examples in {out}; {skips.summary()}")
+    return summary
+
+
+# ---- helpers ------------------------------------------------------------------------------------
+
+def _prepare_shard(source, shard: S.Shard, num_shards: int, out: Path, encoders: Encoders, params, encode, feats, *,
+                   prep, rules, batch_size: int, seed: int, storage_dtype: str) -> int:
+    """Encodes one shard into its ArrayRecord file, then writes its progress file (the shard is done).
+    Examples are batched by pixel shape (buckets); the latent noise is a function of (seed, shard, batch)."""
+    from array_record.python.array_record_module import ArrayRecordWriter
+
+    skips = S.Skips()
+    path = out / _shard_file(shard.index, num_shards)
+    tmp = path.with_name(f".{path.name}.tmp")
+    writer = ArrayRecordWriter(str(tmp), "group_size:1")
+    runs: list[list[int]] = []  # run-length encoded latent shapes in write order: [h, w, count]
+    rng = jax.random.fold_in(jax.random.key(seed), shard.index)
+    batches = 0
+
+    def flush(group: list[S.Example]):
+        nonlocal batches
+        n = len(group)
+        group = group + [group[-1]] * (batch_size - n)  # pad the last batch; the padding is dropped
+        ids1, ids2 = encoders.text.tokenize([e.caption for e in group])
+        pixels = np.stack([e.pixels for e in group])
+        encoded = jax.device_get(encode(params, pixels, ids1, ids2, jax.random.fold_in(rng, batches)))
+        batches += 1
+        for i, e in enumerate(group[:n]):
+            example = {k: np.asarray(v[i], storage_dtype) for k, v in encoded.items()}
+            writer.write(feats.serialize_example(example | {"time_ids": e.time_ids, "key": e.key,
+                                                            "caption": e.caption}))
+            h, w = example["latents"].shape[:2]
+            if runs and runs[-1][:2] == [h, w]:
+                runs[-1][2] += 1
+            else:
+                runs.append([h, w, 1])
+
+    pending: dict[tuple[int, ...], list[S.Example]] = {}
+    for example in S.read_examples(source, shard, seed=seed, prep=prep, rules=rules, skips=skips):
+        group = pending.setdefault(example.pixels.shape, [])
+        group.append(example)
+        if len(group) == batch_size:
+            flush(pending.pop(example.pixels.shape))
+    for group in pending.values():
+        flush(group)
+    writer.close()
+    os.replace(tmp, path)
+    count = sum(r[2] for r in runs)
+    _atomic_json(_progress_file(out, shard), {"shard": shard.name, "index": shard.index, "examples": count,
+                                              "bytes": path.stat().st_size, "shapes": runs,
+                                              "skips": skips.to_dict()})
+    return count
+
+
+def _shard_file(index: int, count: int) -> str:
+    return f"{DATASET_NAME}-{SPLIT}.array_record-{index:05d}-of-{count:05d}"
+
+
+def _progress_file(out: Path, shard: S.Shard) -> Path:
+    return out / "progress" / f"{shard.index:05d}.json"
+
+
+def _check_settings(out: Path, settings: Mapping[str, Any]):
+    """A resumed run must make the same data set: refuse to mix shards made with other settings."""
+    path = out / "progress" / "settings.json"
+    if path.is_file():
+        before = json.loads(path.read_text())
+        changed = sorted(k for k in set(before) | set(settings) if before.get(k) != settings.get(k))
+        if changed:
+            raise ValueError(f"{out} holds shards prepared with other settings ({', '.join(changed)} changed); "
+                             "use a new --out, or rerun with the original settings to resume")
+    else:
+        _atomic_json(path, dict(settings))
+
+
+def _atomic_json(path: Path, data: Any):
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    os.replace(tmp, path)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Encode an image–caption source into a TFDS data set of SDXL latents, embeddings and time ids."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m jaxdistill.prepare", description=main.__doc__)
+    parser.add_argument("--source", required=True,
+                        help="folder:PATH | tar:GLOB | tfds:NAME[:SPLIT] | a path (see jaxdistill.sources)")
+    parser.add_argument("--pipeline", required=True, help="diffusers SDXL pipeline folder (vae/, text_encoder*/, "
+                                                          "tokenizer*/)")
+    parser.add_argument("--out", required=True, help="the TFDS data set folder to write (resumable)")
+    parser.add_argument("--resolution", type=int, default=1024)
+    parser.add_argument("--center-crop", action="store_true", help="centre crop (default: random crop)")
+    parser.add_argument("--random-flip", action="store_true")
+    parser.add_argument("--buckets", action="store_true", help="SDXL aspect-ratio buckets scaled to --resolution")
+    parser.add_argument("--min-size", type=int, default=0, help="skip images whose short side is smaller")
+    parser.add_argument("--max-pixels", type=int, default=S.DecodeRules().max_pixels)
+    parser.add_argument("--batch-size", type=int, default=16, help="per host; a multiple of the local devices")
+    parser.add_argument("--storage-dtype", choices=STORAGE_DTYPES, default="float16")
+    parser.add_argument("--compute-dtype", choices=("float32", "bfloat16"), default="float32")
+    parser.add_argument("--caption-column", default="text", help="metadata.jsonl/csv caption column (folders)")
+    parser.add_argument("--image-key", default="image", help="TFDS sources: the image feature (dotted if nested)")
+    parser.add_argument("--text-key", default="text", help="TFDS sources: the caption feature (dotted if nested)")
+    parser.add_argument("--data-dir", help="TFDS sources: tfds data_dir")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--distributed", action="store_true", help="jax.distributed.initialize() first "
+                                                                   "(multi-host; automatic on TPU VMs)")
+    args = parser.parse_args(argv)
+    if args.distributed:
+        jax.distributed.initialize()
+    kind = args.source.partition(":")[0]
+    options = {}
+    if kind == "tfds":
+        options = {"image_key": args.image_key, "text_key": args.text_key, "data_dir": args.data_dir}
+    elif kind == "folder" or (kind not in ("tar", "tfds") and Path(args.source).is_dir()
+                              and not list(Path(args.source).glob("*.tar"))):
+        options = {"caption_column": args.caption_column}
+    try:
+        source = S.open_source(args.source, **options)
+    except (ValueError, FileNotFoundError) as e:
+        parser.error(str(e))
+    prep = S.Preprocessing(resolution=args.resolution, center_crop=args.center_crop, random_flip=args.random_flip,
+                           buckets=S.sdxl_buckets(args.resolution) if args.buckets else None)
+    rules = S.DecodeRules(max_pixels=args.max_pixels, min_size=args.min_size)
+    if args.resolution % 8:
+        parser.error(f"--resolution {args.resolution}: must be a multiple of 8 (the VAE's downscale)")
+    summary = prepare(source, args.pipeline, args.out, prep=prep, rules=rules, batch_size=args.batch_size,
+                      seed=args.seed, storage_dtype=args.storage_dtype, compute_dtype=args.compute_dtype)
+    return 0 if summary["done"] else 3
+
+
+if __name__ == "__main__":
+    from jaxdistill.prepare import main as _main
+
+    raise SystemExit(_main())

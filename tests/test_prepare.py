@@ -1,0 +1,190 @@
+"""prepare: a generated folder of ~25 images (broken ones included) → a TFDS data set of latents,
+embeddings and time ids through the real VAE and text encoders; resume; the trainer's reader."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+from conftest import TINY
+from test_sources import RULES, _bad_files, _good_files, _write
+
+from jaxdistill import sources as S
+from jaxdistill.data import PreparedLatents, check_fits
+from jaxdistill.prepare import load_encoders, prepare
+from jaxdistill.reference import write_random_text_encoders, write_random_vae
+from jaxdistill.vae import encode
+
+RES = 32  # pixels; the tiny VAE halves once: 16×16 latents
+ENV = os.environ | {"JAX_PLATFORMS": "cpu"}
+EXPECTED_SKIPS = {reason for _, _, reason in _bad_files().values() if reason}
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pipeline")
+    write_random_text_encoders(root, seed=1)
+    write_random_vae(root / "vae", seed=2)
+    return str(root)
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    root = tmp_path_factory.mktemp("images")
+    for rel, (img, cap) in _good_files().items():
+        _write(root, rel, img)
+        _write(root, os.path.splitext(rel)[0] + ".txt", cap)
+    for rel, (img, cap, _) in _bad_files().items():
+        _write(root, rel, img)
+        if cap is not None:
+            _write(root, os.path.splitext(rel)[0] + ".txt", cap)
+    return str(root)
+
+
+def _prepare(images, pipeline, out, **kw):
+    source = S.open_source(f"folder:{images}", files_per_shard=8)
+    options = dict(prep=S.Preprocessing(resolution=RES), rules=RULES, batch_size=4, seed=0, storage_dtype="float32",
+                   progress=False) | kw
+    return source, prepare(source, pipeline, out, **options)
+
+
+@pytest.fixture(scope="module")
+def prepared(images, pipeline, tmp_path_factory):
+    out = tmp_path_factory.mktemp("prepared")
+    source, summary = _prepare(images, pipeline, out)
+    return source, summary, out
+
+
+def test_prepare_writes_every_good_example_and_counts_the_broken_ones(prepared, pipeline):
+    source, summary, out = prepared
+    good = len(_good_files()) + 1  # + the first "dup" file
+    assert summary["done"] and summary["num_examples"] == good
+    assert set(summary["skips"]["skipped"]) == EXPECTED_SKIPS
+    assert sum(summary["skips"]["skipped"].values()) == len(_bad_files()) - 1
+    data = tfds.builder_from_directory(str(out)).as_data_source(split="train")
+    assert len(data) == good
+    encoders = load_encoders(pipeline)
+    expected = {}
+    for shard in source.shards():
+        for ex in S.read_examples(source, shard, seed=0, prep=S.Preprocessing(resolution=RES), rules=RULES):
+            expected[ex.key] = ex
+    records = {r["key"].decode(): r for r in (data[i] for i in range(len(data)))}
+    assert set(records) == set(expected)
+    keys = sorted(records)
+    context, pooled = encoders.text([expected[k].caption for k in keys])
+    pixels = np.stack([expected[k].pixels for k in keys])
+    mean, logvar = encode(encoders.vae_spec, encoders.params["vae"], pixels)
+    sf = encoders.vae_spec.scaling_factor
+    got = {name: np.stack([records[k][name] for k in keys]) for name in records[keys[0]] if name not in ("key",
+                                                                                                         "caption")}
+    assert got["latents"].shape == (len(keys), RES // 2, RES // 2, 4) and got["latents"].dtype == np.float32
+    assert got["time_ids"].dtype == np.int32
+    np.testing.assert_array_equal(got["time_ids"], np.stack([expected[k].time_ids for k in keys]))
+    np.testing.assert_allclose(got["encoder_hidden_states"], context, rtol=0, atol=1e-5 * np.abs(context).max())
+    np.testing.assert_allclose(got["text_embeds"], pooled, rtol=0, atol=1e-5 * np.abs(pooled).max())
+    # one draw of the latent distribution, scaled: the standardised residual is N(0, 1)
+    residual = (got["latents"] / sf - np.asarray(mean)) / np.exp(0.5 * np.asarray(logvar))
+    assert 0.8 < residual.std() < 1.2 and abs(residual.mean()) < 0.1
+    assert [records[k]["caption"].decode() for k in keys] == [expected[k].caption for k in keys]
+
+
+def test_same_seed_same_data_and_an_interrupted_run_resumes(prepared, images, pipeline, tmp_path):
+    source, summary, first = prepared
+    out = tmp_path / "again"
+    _prepare(images, pipeline, out)
+    files = sorted(p.name for p in first.glob("*.array_record-*"))
+    assert files and files == sorted(p.name for p in out.glob("*.array_record-*"))
+    for name in files:  # same seed → the same bytes
+        assert (first / name).read_bytes() == (out / name).read_bytes()
+    # an interruption after shard 0: shard 1 and 2 never finished (no progress file, no metadata)
+    for p in [out / "progress" / "00001.json", out / "progress" / "00002.json", out / "jaxdistill_data.json"]:
+        p.unlink()
+    (out / files[1]).unlink()
+    done_before = (out / files[0]).stat().st_mtime_ns
+    _, resumed = _prepare(images, pipeline, out)
+    assert (out / files[0]).stat().st_mtime_ns == done_before, "a finished shard was redone"
+    assert resumed["num_examples"] == summary["num_examples"] and resumed["skips"] == summary["skips"]
+    assert (first / files[1]).read_bytes() == (out / files[1]).read_bytes()
+    with pytest.raises(ValueError, match="other settings"):
+        _prepare(images, pipeline, out, seed=1)
+
+
+def test_reader_batches_are_deterministic_and_split_across_hosts(prepared):
+    _, summary, out = prepared
+    data = PreparedLatents(out, batch_size=4, seed=3)
+    assert data.steps_per_epoch == summary["num_examples"] // 4
+    batch = data.batch(0)
+    assert batch["latents"].shape == (4, RES // 2, RES // 2, 4) and batch["encoder_hidden_states"].shape == (4, 77, 80)
+    assert batch["text_embeds"].shape == (4, 40) and batch["time_ids"].shape == (4, 6)
+    assert all(v.dtype == np.float32 for v in batch.values())
+    again = PreparedLatents(out, batch_size=4, seed=3)
+    for step in (5, 0, 1, 9, 2):  # any order: batch(step) is a function of (seed, step)
+        for k, v in data.batch(step).items():
+            np.testing.assert_array_equal(v, again.batch(step)[k])
+    epoch = np.concatenate([data.indices(s) for s in range(data.steps_per_epoch)])
+    assert len(set(epoch.tolist())) == len(epoch)  # no example twice in an epoch
+    assert not np.array_equal(data.indices(0), PreparedLatents(out, batch_size=4, seed=4).indices(0))
+    hosts = [PreparedLatents(out, batch_size=4, seed=3, process_index=i, process_count=2) for i in range(2)]
+    for k in batch:
+        np.testing.assert_array_equal(np.concatenate([h.batch(7)[k] for h in hosts]), data.batch(7)[k])
+
+
+def test_buckets_give_batches_of_one_shape(images, pipeline, tmp_path):
+    prep = S.Preprocessing(resolution=RES, buckets=((32, 32), (24, 40), (40, 24)))
+    _, summary = _prepare(images, pipeline, tmp_path / "buckets", prep=prep, batch_size=2)
+    shapes = {tuple(run[:2]) for shard in summary["shapes"] for run in shard}
+    assert len(shapes) == 3  # wide, tall and square images
+    data = PreparedLatents(tmp_path / "buckets", batch_size=2)
+    seen = set()
+    for step in range(data.steps_per_epoch):
+        batch = data.batch(step)
+        seen.add(batch["latents"].shape[1:3])
+        assert np.all(batch["time_ids"][:, 4:] == np.array(batch["latents"].shape[1:3]) * 2)
+    assert len(seen) >= 2
+
+
+def test_the_trainer_reads_a_prepared_set(prepared, tmp_path):
+    """A micro UNet with the tiny pipeline's conditioning widths trains on the prepared set; a mismatched
+    UNet is refused before anything heavy runs."""
+    from jaxdistill.config import base_config
+    from jaxdistill.train import MODELS, run
+
+    _, _, out = prepared
+    spec = TINY["micro"].replace(cross_attention_dim=80, projection_class_embeddings_input_dim=40 + 6 * 8)
+    with pytest.raises(ValueError, match="cross_attention_dim is 32"):
+        check_fits(PreparedLatents(out, batch_size=4), TINY["micro"])
+    MODELS["test-prepared"] = spec
+    c = base_config()
+    c.model, c.plan = "test-prepared", ""
+    c.loss.output = c.loss.feature = 0.0
+    c.data.source, c.data.path = "prepared", str(out)
+    c.batch_size, c.optimizer.accumulation, c.optimizer.lr = 4, 1, 1e-3
+    c.precision.teacher = c.precision.student_compute = "float32"
+    c.steps, c.log_every, c.checkpoint_every = 3, 1, 3
+    try:
+        run(c, tmp_path / "run")
+    finally:
+        del MODELS["test-prepared"]
+    lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert len(lines) == 3 and all(np.isfinite(line["loss"]) for line in lines)
+
+
+def test_prepare_command(images, pipeline, tmp_path):
+    out = tmp_path / "cli"
+    result = subprocess.run([sys.executable, "-m", "jaxdistill.prepare", "--source", images, "--pipeline", pipeline,
+                             "--out", str(out), "--resolution", str(RES), "--batch-size", "4", "--max-pixels",
+                             str(RULES.max_pixels), "--min-size", str(RULES.min_size)],
+                            capture_output=True, text=True, env=ENV)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "13 examples" in result.stdout and "too_many_pixels" in result.stdout
+    info = json.loads((out / "jaxdistill_data.json").read_text())
+    assert info["storage_dtype"] == "float16"
+    assert tfds.builder_from_directory(str(out)).info.splits["train"].num_examples == 13
+    bad = subprocess.run([sys.executable, "-m", "jaxdistill.prepare", "--source", str(tmp_path / "nowhere"),
+                          "--pipeline", pipeline, "--out", str(out)], capture_output=True, text=True, env=ENV)
+    assert bad.returncode == 2 and "cannot open source" in bad.stderr
+
+
