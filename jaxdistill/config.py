@@ -32,14 +32,17 @@ def base_config() -> ml_collections.ConfigDict:
     c.optimizer = ml_collections.ConfigDict(dict(lr=1e-5, warmup_steps=0, weight_decay=1e-2, b1=0.9, b2=0.999,
                                                  eps=1e-8, grad_clip=1.0, schedule="constant", accumulation=4))
     c.ema_decay = 0.0  # 0: no EMA of the student
-    c.precision = ml_collections.ConfigDict(dict(teacher="bfloat16", student_compute="bfloat16"))
+    c.precision = ml_collections.ConfigDict(dict(teacher="bfloat16", student_compute="bfloat16",
+                                                 encoders="float32"))  # SDXL's VAE overflows in float16
     c.remat = "none"  # none | full | dots (keep matmul outputs)
     c.scan_layers = True  # scan over each attention module's layers: much faster compilation
 
-    # source "prepared": the TFDS set `python -m jaxdistill.prepare` wrote to `path`; "synthetic": a
-    # generated latent set (resolution, seq_len and num_examples apply to it only).
-    c.data = ml_collections.ConfigDict(dict(source="synthetic", path="", resolution=1024, seq_len=77,
-                                            num_examples=64))
+    # source "prepared": the TFDS set `python -m jaxdistill.prepare` wrote to `path`; "images": an image–
+    # caption source spec in `path` (folder:, tar:, tfds:), encoded inside the train step by the VAE and
+    # text encoders of the SDXL pipeline folder `pipeline`; "synthetic": a generated latent set (seq_len
+    # and num_examples apply to it only). resolution: pixels (images, synthetic).
+    c.data = ml_collections.ConfigDict(dict(source="synthetic", path="", pipeline="", resolution=1024, seq_len=77,
+                                            num_examples=64, center_crop=False, random_flip=False))
     c.batch_size = 128  # global, all micro-batches of one step together (32 × 4 accumulation)
     c.steps = 251_000
     c.log_every = 50
@@ -78,10 +81,14 @@ def validate(c: ml_collections.ConfigDict) -> None:
     check(c.precision.teacher in DTYPES, "precision.teacher", f"one of {DTYPES}")
     check(c.precision.student_compute in DTYPES, "precision.student_compute", f"one of {DTYPES}")
     check(c.remat in REMAT, "remat", f"one of {REMAT}")
-    check(c.data.source in ("prepared", "synthetic"), "data.source",
-          "'prepared' (with data.path from python -m jaxdistill.prepare) or 'synthetic'")
-    check(c.data.source != "prepared" or bool(c.data.path), "data.path", "the folder python -m jaxdistill.prepare "
-          "wrote (--config.data.path=DIR)")
+    check(c.data.source in ("prepared", "images", "synthetic"), "data.source",
+          "'prepared' (data.path from python -m jaxdistill.prepare), 'images' (data.path a source, data.pipeline "
+          "an SDXL pipeline folder) or 'synthetic'")
+    check(c.data.source == "synthetic" or bool(c.data.path), "data.path", "the prepared folder or an image source "
+          "spec (--config.data.path=...)")
+    check(c.data.source != "images" or bool(c.data.pipeline), "data.pipeline", "an SDXL pipeline folder with vae/, "
+          "text_encoder*/ and tokenizer*/ (--config.data.pipeline=DIR)")
+    check(c.precision.encoders in DTYPES, "precision.encoders", f"one of {DTYPES}")
     check(c.log_every >= 1, "log_every", "≥ 1")
     check(c.checkpoint_every >= 1, "checkpoint_every", "≥ 1")
     if not c.stages:

@@ -23,9 +23,10 @@ from jaxdistill.spec import UNetSpec
 INFO_NAME = "jaxdistill_data.json"  # written by jaxdistill.prepare beside the TFDS metadata
 
 
-def make_data(c, spec: UNetSpec) -> PreparedLatents | SyntheticLatents:
-    """The training data a config asks for (`config.data.source`: "prepared" with `data.path`, or
-    "synthetic"), this host's slice of every batch."""
+def make_data(c, spec: UNetSpec) -> PreparedLatents | StreamedImages | SyntheticLatents:
+    """The training data a config asks for (`config.data.source`: "prepared" with `data.path`; "images"
+    with a source spec in `data.path`, encoded inside the train step; "synthetic"), this host's slice of
+    every batch."""
     import jax
 
     if c.data.source == "prepared":
@@ -33,6 +34,15 @@ def make_data(c, spec: UNetSpec) -> PreparedLatents | SyntheticLatents:
                                process_index=jax.process_index(), process_count=jax.process_count())
         check_fits(data, spec)
         return data
+    if c.data.source == "images":
+        from jaxdistill import sources as S
+        from jaxdistill.text import load_tokenizers
+
+        prep = S.Preprocessing(resolution=c.data.resolution, center_crop=c.data.center_crop,
+                               random_flip=c.data.random_flip)
+        return StreamedImages(S.open_source(c.data.path), load_tokenizers(c.data.pipeline), prep=prep,
+                              batch_size=c.batch_size, seed=c.seed, process_index=jax.process_index(),
+                              process_count=jax.process_count())
     return SyntheticLatents(spec, resolution=c.data.resolution, seq_len=c.data.seq_len,
                             num_examples=c.data.num_examples, batch_size=c.batch_size, seed=c.seed)
 
@@ -126,6 +136,10 @@ class PreparedLatents:
         return {k: np.stack([np.asarray(r[k], np.float32) for r in records])
                 for k in ("latents", "encoder_hidden_states", "text_embeds", "time_ids")}
 
+    def validation_batch(self) -> dict[str, np.ndarray]:
+        """A fixed batch for monitoring (far beyond any real run's position: the same for the whole run)."""
+        return self._read(10**6)
+
     def batch(self, step: int) -> dict[str, np.ndarray]:
         """This host's part of global batch `step`; starts reading batch `step + 1` in the background."""
         if self._ahead is not None and self._ahead[0] == step:
@@ -134,6 +148,66 @@ class PreparedLatents:
             out = self._read(step)
         self._ahead = (step + 1, self._pool.submit(self._read, step + 1))
         return out
+
+
+class StreamedImages:
+    """Pixels and token ids straight from an image–caption source, for encoding inside the train step
+    (`config.data.source = "images"`): {pixels [b, H, W, 3], input_ids [b, 77], input_ids_2 [b, 77],
+    time_ids [b, 6]}. Each host streams its own shards, in an order drawn from (seed, epoch); crops and
+    flips are functions of (seed, key). `batch(step)` continues the stream; any other step (a resumed
+    run) replays the stream from the start, decoding the images it skips: exact, but its cost grows
+    with the position — for long runs prepare the data set once instead."""
+
+    def __init__(self, source, tokenizers, *, prep, batch_size: int, seed: int = 0, process_index: int = 0,
+                 process_count: int = 1, rules=None):
+        from jaxdistill import sources as S
+
+        if batch_size % process_count:
+            raise ValueError(f"batch_size {batch_size} must be divisible by the {process_count} processes")
+        self.source, self.tokenizers, self.prep = source, tokenizers, prep
+        self.rules = rules or S.DecodeRules()
+        self.per_host, self.seed = batch_size // process_count, seed
+        self.host = (process_index, process_count)
+        self.skips = S.Skips()
+        self._stream, self._next = None, None
+
+    def _examples(self):
+        from jaxdistill import sources as S
+
+        shards = S.shards_for_process(self.source.shards(), *self.host)
+        if not shards:
+            raise ValueError(f"{self.source.description}: no shards for process {self.host[0]} of {self.host[1]}")
+        epoch = 0
+        while True:
+            found = False
+            for i in np.random.default_rng([self.seed, epoch]).permutation(len(shards)):
+                for ex in S.read_examples(self.source, shards[i], seed=self.seed, prep=self.prep, rules=self.rules,
+                                          skips=self.skips):
+                    found = True
+                    yield ex
+            if not found:
+                raise ValueError(f"{self.source.description}: no usable example in this host's shards "
+                                 f"({self.skips.summary()})")
+            epoch += 1
+
+    def batch(self, step: int) -> dict[str, np.ndarray]:
+        if self._next != step:  # a fresh start or a resume: replay the stream up to `step`
+            self._stream, self._next = self._examples(), 0
+            for _ in range(step * self.per_host):
+                next(self._stream)
+            self._next = step
+        examples = [next(self._stream) for _ in range(self.per_host)]
+        self._next = step + 1
+        from jaxdistill.text import tokenize
+
+        ids = tokenize(self.tokenizers, [e.caption for e in examples])
+        return {"pixels": np.stack([e.pixels for e in examples]), "input_ids": ids[0], "input_ids_2": ids[1],
+                "time_ids": np.stack([e.time_ids for e in examples]).astype(np.float32)}
+
+    def validation_batch(self) -> dict[str, np.ndarray]:
+        """A fixed batch for monitoring: the first of the stream (read apart from the training stream)."""
+        return StreamedImages(self.source, self.tokenizers, prep=self.prep, batch_size=self.per_host,
+                              seed=self.seed, rules=self.rules).batch(0)
 
 
 class SyntheticLatents:
@@ -163,6 +237,10 @@ class SyntheticLatents:
         if spec.addition_embed_type == "text_time":
             pooled_dim = spec.projection_class_embeddings_input_dim - 6 * spec.addition_time_embed_dim
             self.text_embeds = rng.standard_normal((num_classes, pooled_dim)).astype(np.float32)[labels]
+
+    def validation_batch(self) -> dict[str, np.ndarray]:
+        """A fixed batch for monitoring (far beyond any real run's position: the same for the whole run)."""
+        return self.batch(10**6)
 
     def batch(self, step: int) -> dict[str, np.ndarray]:
         """The batch of global step `step`: examples in a fresh permutation every epoch."""

@@ -1,10 +1,13 @@
-"""The distillation step: a pure function `(state, teacher_params, batch, rng) → (state, metrics)`.
+"""The distillation step: a pure function `(state, frozen, batch, rng) → (state, metrics)`; `frozen` holds
+the parameters nobody trains: {"teacher": ..., "encoders": ...} (either may be None).
 
 Noise and timesteps are drawn from `fold_in(rng, step)` (a resumed run draws the same numbers), the
 teacher runs under `stop_gradient` (it is an input, not state: not optimised, not checkpointed), the
 student runs forward and backward, the three losses are combined, and one AdamW update is applied.
 Gradient accumulation is a `lax.scan` over micro-batches inside the step, so one step is one optimizer
-update. With output and feature weights at 0 and no teacher this is plain diffusion training.
+update. With output and feature weights at 0 and no teacher this is plain diffusion training. With
+`encode` (on-the-fly data) the batch holds pixels and token ids, encoded into latents and embeddings by
+the frozen VAE and text encoders inside the step, per micro-batch.
 """
 
 from __future__ import annotations
@@ -69,8 +72,11 @@ def make_train_step(student: UNet, teacher: UNet | None, tx: optax.GradientTrans
                     alphas_cumprod: jax.Array, *, pairs: Sequence[tuple[str, str]] = (),
                     weights: Mapping[str, float] | None = None, normalize: str = "none",
                     prediction_type: str = "epsilon", accumulation: int = 1, ema_decay: float = 0.0,
+                    encode: Callable | None = None,
                     ) -> Callable[[TrainState, Any, Batch, jax.Array], tuple[TrainState, dict[str, jax.Array]]]:
-    """Builds the (unjitted) step. `teacher` None (or output and feature weights 0): plain diffusion."""
+    """Builds the (unjitted) step. `teacher` None (or output and feature weights 0): plain diffusion.
+    `encode(encoder_params, pixels, ids1, ids2, rng) → {latents, encoder_hidden_states, text_embeds}`
+    (`jaxdistill.prepare.make_encode`): the batch is {pixels, input_ids, input_ids_2, time_ids}."""
     weights = {"task": 1.0, "output": 0.5, "feature": 0.5} | dict(weights or {})
     uses_teacher = teacher is not None and (weights["output"] or (weights["feature"] and pairs))
     if (weights["output"] or weights["feature"]) and teacher is None:
@@ -78,7 +84,12 @@ def make_train_step(student: UNet, teacher: UNet | None, tx: optax.GradientTrans
                          "for plain diffusion training, or give a teacher.")
     acp = jnp.asarray(alphas_cumprod)
 
-    def loss_fn(params, teacher_params, batch, rng):
+    def loss_fn(params, frozen, batch, rng):
+        teacher_params = frozen["teacher"]
+        if encode is not None:  # the latent draw has its own stream: noise and timesteps stay as without it
+            encoded = encode(frozen["encoders"], batch["pixels"], batch["input_ids"], batch["input_ids_2"],
+                             jax.random.fold_in(rng, 1))
+            batch = jax.lax.stop_gradient(encoded) | {"time_ids": batch["time_ids"]}
         latents = batch["latents"].astype(jnp.float32)
         noise_rng, t_rng = jax.random.split(rng)
         noise = jax.random.normal(noise_rng, latents.shape, jnp.float32)
@@ -100,14 +111,14 @@ def make_train_step(student: UNet, teacher: UNet | None, tx: optax.GradientTrans
     if uses_teacher and weights["feature"] and pairs:
         term_names += ["feature_kd"] + [f"feature/{s}" for s, _ in pairs]
 
-    def step(state: TrainState, teacher_params: Any, batch: Batch, rng: jax.Array):
+    def step(state: TrainState, frozen: Mapping[str, Any], batch: Batch, rng: jax.Array):
         rng = jax.random.fold_in(rng, state.step)
         # [B, ...] → [accumulation, B / accumulation, ...]; gradients are averaged over micro-batches.
         micro = jax.tree.map(lambda x: x.reshape(accumulation, x.shape[0] // accumulation, *x.shape[1:]), batch)
 
         def accumulate(carry, inputs):
             index, mb = inputs
-            (loss, terms), grads = grad_fn(state.params, teacher_params, mb, jax.random.fold_in(rng, index))
+            (loss, terms), grads = grad_fn(state.params, frozen, mb, jax.random.fold_in(rng, index))
             return jax.tree.map(jnp.add, carry, (grads, {"loss": loss, **terms})), None
 
         zero_metrics = dict.fromkeys(["loss", *term_names], jnp.zeros((), jnp.float32))

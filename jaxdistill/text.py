@@ -322,11 +322,8 @@ class TextEncoders:
         return tuple(CLIPTextModel(spec=s, dtype=self.dtype) for s in self.specs)
 
     def tokenize(self, captions: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-        """captions → (ids for text_encoder, ids for text_encoder_2), int32 [B, model_max_length (77)] each:
-        padded to max length and truncated, exactly as diffusers' encode_prompt calls the tokenizers."""
-        return tuple(np.asarray(t(list(captions), padding="max_length", max_length=t.model_max_length,
-                                  truncation=True, return_tensors="np").input_ids, np.int32)
-                     for t in self.tokenizers)
+        """captions → (ids for text_encoder, ids for text_encoder_2), int32 [B, 77] each (`tokenize`)."""
+        return tokenize(self.tokenizers, captions)
 
     def encode(self, params: Mapping, ids1: jax.Array, ids2: jax.Array) -> tuple[jax.Array, jax.Array]:
         """Pure and jittable: ids [B, L] of each tokenizer → (prompt_embeds [B, L, D1 + D2]: the penultimate
@@ -349,13 +346,24 @@ def load_text_encoders(pipeline_dir: str | os.PathLike, dtype: Dtype = jnp.float
     and `tokenizer_2/` of a diffusers SDXL pipeline folder. `dtype` is the compute dtype of `encode`;
     `param_dtype` casts the stored parameters (None keeps the files' dtype); `variant` picks
     `model.<variant>.safetensors` (e.g. "fp16")."""
-    from transformers import CLIPTokenizer
-
     root = Path(pipeline_dir)
-    specs, params, tokenizers = [], {}, []
-    for encoder, tokenizer, with_projection in ENCODERS:
+    specs, params = [], {}
+    for encoder, _, with_projection in ENCODERS:
         spec, params[encoder] = load_text_encoder(root / encoder, with_projection, param_dtype, variant)
         specs.append(spec)
-        tokenizers.append(CLIPTokenizer.from_pretrained(str(root / tokenizer)))
-    return TextEncoders(specs=tuple(specs), params=params, tokenizers=tuple(tokenizers), dtype=dtype)
+    return TextEncoders(specs=tuple(specs), params=params, tokenizers=load_tokenizers(root), dtype=dtype)
+
+
+def load_tokenizers(pipeline_dir: str | os.PathLike) -> tuple[Any, Any]:
+    """transformers' CLIP tokenizers of a diffusers SDXL pipeline folder (`tokenizer/`, `tokenizer_2/`)."""
+    from transformers import CLIPTokenizer
+
+    return tuple(CLIPTokenizer.from_pretrained(str(Path(pipeline_dir) / tokenizer)) for _, tokenizer, _ in ENCODERS)
+
+
+def tokenize(tokenizers: Sequence[Any], captions: Sequence[str]) -> tuple[np.ndarray, ...]:
+    """captions → one int32 [B, model_max_length (77)] id array per tokenizer: padded to max length and
+    truncated, exactly as diffusers' encode_prompt calls the tokenizers."""
+    return tuple(np.asarray(t(list(captions), padding="max_length", max_length=t.model_max_length,
+                              truncation=True, return_tensors="np").input_ids, np.int32) for t in tokenizers)
 

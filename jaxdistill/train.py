@@ -30,6 +30,7 @@ from jaxdistill.config import validate
 from jaxdistill.convert import load_unet, resolve_unet_folder, save_unet
 from jaxdistill.data import make_data
 from jaxdistill.layers import stack_layers, unstack_layers
+from jaxdistill.prepare import load_encoders, make_encode
 from jaxdistill.prune import feature_pairs, load_plan, prune
 from jaxdistill.schedule import add_noise, alphas_cumprod
 from jaxdistill.spec import UNetSpec
@@ -146,12 +147,17 @@ def run_stage(c: ml_collections.ConfigDict, workdir: Path, previous: Model | Non
     layout = jax.jit(stack_layers) if c.scan_layers else (lambda p: p)
     student_model = UNet(student.spec, dtype=c.precision.student_compute, remat=c.remat, scan_layers=c.scan_layers)
     teacher_model = UNet(teacher.spec, dtype=c.precision.teacher, scan_layers=c.scan_layers) if distil else None
+    encode, encoder_params = None, None
+    if c.data.source == "images":  # encode inside the step with the frozen VAE and text encoders
+        encoders = load_encoders(c.data.pipeline, c.precision.encoders)
+        encode, encoder_params = make_encode(encoders, c.precision.encoders), encoders.params
     step_fn = make_train_step(student_model, teacher_model, tx, lr_fn, acp, pairs=pairs,
                               weights={"task": c.loss.task, "output": c.loss.output, "feature": c.loss.feature},
                               normalize=c.loss.normalize, prediction_type=c.schedule.prediction_type,
-                              accumulation=c.optimizer.accumulation, ema_decay=c.ema_decay)
+                              accumulation=c.optimizer.accumulation, ema_decay=c.ema_decay, encode=encode)
     train_step = jax.jit(step_fn, donate_argnums=(0,))
     teacher_params = layout(teacher.params) if distil else None
+    frozen = {"teacher": teacher_params, "encoders": encoder_params}
     data = make_data(c, student.spec)
 
     state = init_state(layout(student.params), tx, ema=c.ema_decay > 0)
@@ -168,7 +174,7 @@ def run_stage(c: ml_collections.ConfigDict, workdir: Path, previous: Model | Non
              ", plain diffusion training (no teacher)"))
 
     rng = jax.random.key(c.seed)
-    agreement = _agreement_fn(student_model, teacher_model, acp, data, c) if distil else None
+    agreement = _agreement_fn(student_model, teacher_model, acp, data, c, encode, encoder_params) if distil else None
     before = agreement(state.params, teacher_params) if distil and start == 0 else None
     logger = _Logger(workdir, c.name, c.steps, start, c.batch_size)
     stop = _StopFlag()
@@ -178,7 +184,7 @@ def run_stage(c: ml_collections.ConfigDict, workdir: Path, previous: Model | Non
         with stop:
             while step < c.steps:
                 batch = data.batch(step)
-                state, metrics = train_step(state, teacher_params, batch, rng)
+                state, metrics = train_step(state, frozen, batch, rng)
                 step += 1
                 values = {k: float(v) for k, v in jax.device_get(metrics).items()}
                 bad = [k for k, v in values.items() if not math.isfinite(v) and k not in ("lr",)]
@@ -239,9 +245,12 @@ def _restore(manager: ocp.CheckpointManager, state: TrainState, spec: UNetSpec) 
     return restored.state, int(restored.meta["data_position"])
 
 
-def _agreement_fn(student: UNet, teacher: UNet, acp, data, c):
+def _agreement_fn(student: UNet, teacher: UNet, acp, data, c, encode=None, encoder_params=None):
     """Relative MSE between student and teacher predictions on a fixed validation batch spread over timesteps."""
-    batch = data.batch(10**6)  # fixed for the whole run: examples of the (small) set at fixed noise
+    batch = data.validation_batch()  # fixed for the whole run, at fixed noise
+    if encode is not None:  # on-the-fly data: pixels and token ids → latents (the mean) and embeddings
+        batch = dict(jax.jit(encode)(encoder_params, batch["pixels"], batch["input_ids"], batch["input_ids_2"])) | {
+            "time_ids": batch["time_ids"]}
     rng = np.random.default_rng(c.seed + 1)
     n = batch["latents"].shape[0]
     timesteps = np.linspace(0, c.schedule.num_train_timesteps - 1, n).astype(np.int32)

@@ -188,3 +188,38 @@ def test_prepare_command(images, pipeline, tmp_path):
     assert bad.returncode == 2 and "cannot open source" in bad.stderr
 
 
+
+
+def test_on_the_fly_encoding_inside_the_train_step(images, pipeline, tmp_path):
+    """data.source = "images": the stream replays exactly from any step, and the student trains on pixels
+    and token ids encoded inside the step by the same VAE and text encoders."""
+    from jaxdistill.config import base_config
+    from jaxdistill.data import StreamedImages
+    from jaxdistill.text import load_tokenizers
+    from jaxdistill.train import MODELS, run
+
+    source = S.open_source(f"folder:{images}", files_per_shard=8)
+    stream = lambda: StreamedImages(source, load_tokenizers(pipeline), prep=S.Preprocessing(resolution=RES),  # noqa: E731
+                                    batch_size=4, seed=1, rules=RULES)
+    first, fresh = stream(), stream()
+    batches = [first.batch(step) for step in range(5)]  # 20 examples: the 13 good ones, then a second epoch
+    assert batches[0]["pixels"].shape == (4, RES, RES, 3) and batches[0]["input_ids_2"].shape == (4, 77)
+    for k, v in fresh.batch(4).items():  # a resumed run replays the stream to step 4
+        np.testing.assert_array_equal(v, batches[4][k])
+    assert set(first.skips.counts) == EXPECTED_SKIPS  # every broken input counted, none raised
+
+    spec = TINY["micro"].replace(cross_attention_dim=80, projection_class_embeddings_input_dim=40 + 6 * 8)
+    MODELS["test-images"] = spec
+    c = base_config()
+    c.model, c.plan = "test-images", ""
+    c.loss.output = c.loss.feature = 0.0
+    c.data.source, c.data.path, c.data.pipeline, c.data.resolution = "images", f"folder:{images}", pipeline, RES
+    c.batch_size, c.optimizer.accumulation, c.optimizer.lr = 4, 2, 1e-3
+    c.precision.teacher = c.precision.student_compute = "float32"
+    c.steps, c.log_every, c.checkpoint_every = 2, 1, 2
+    try:
+        run(c, tmp_path / "run")
+    finally:
+        del MODELS["test-images"]
+    lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert len(lines) == 2 and all(np.isfinite(line["loss"]) for line in lines)

@@ -113,7 +113,7 @@ def test_one_step_matches_the_pytorch_reference(models, student_name, scan_layer
     teacher_in = layout(teacher_params)
     teacher_before = jax.tree.map(np.array, teacher_in)
     # Donated as in train.py: the state's buffers must not be the teacher's (a pruned student shares them).
-    new_state, metrics = jax.jit(step, donate_argnums=(0,))(state, teacher_in, batch, rng)
+    new_state, metrics = jax.jit(step, donate_argnums=(0,))(state, {"teacher": teacher_in}, batch, rng)
     assert all(x.is_deleted() for x in jax.tree.leaves(state.params))  # donation happened
     metrics = {k: float(v) for k, v in metrics.items()}
     unlayout = unstack_layers if scan_layers else (lambda p: p)
