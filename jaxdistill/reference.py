@@ -281,3 +281,42 @@ def write_random_vae(folder: str | Path, seed: int = 0, *, variant: str | None =
     kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
     model.eval().save_pretrained(str(folder), safe_serialization=True, variant=variant, **kwargs)
     return Path(folder)
+
+
+# ---- a whole SDXL pipeline -----------------------------------------------------------------------
+
+# A micro UNet whose conditioning fits `write_random_text_encoders`' defaults: context 32 + 48 = 80,
+# pooled 40 (+ 6 time ids × 8).
+PIPELINE_UNET = UNetSpec(
+    block_out_channels=(32, 32), down_depths=((0,), (2,)), up_depths=((2, 2), (0, 0)), num_attention_heads=(1, 1),
+    mid_block_type="UNetMidBlock2DCrossAttn", mid_depth=2, cross_attention_dim=80, norm_num_groups=8,
+    addition_time_embed_dim=8, projection_class_embeddings_input_dim=40 + 6 * 8, sample_size=16)
+
+
+def write_random_pipeline(pipeline_dir: str | Path, unet: UNetSpec = PIPELINE_UNET, seed: int = 0) -> Path:
+    """A complete tiny diffusers SDXL pipeline folder (`StableDiffusionXLPipeline.from_pretrained` loads it):
+    random text encoders and tokenizers, VAE (16, 32 wide: images are 2× the latents), a UNet for `unet`,
+    SDXL's Euler scheduler config, and `model_index.json`, all written by diffusers / transformers."""
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    root = Path(pipeline_dir)
+    write_random_text_encoders(root, seed=seed)
+    write_random_vae(root / "vae", seed=seed + 1)
+    write_random_unet(root / "unet", unet, seed=seed + 2)
+    pipe = StableDiffusionXLPipeline(
+        vae=AutoencoderKL.from_pretrained(root / "vae"), unet=UNet2DConditionModel.from_pretrained(root / "unet"),
+        text_encoder=CLIPTextModel.from_pretrained(root / "text_encoder"),
+        text_encoder_2=CLIPTextModelWithProjection.from_pretrained(root / "text_encoder_2"),
+        tokenizer=CLIPTokenizer.from_pretrained(root / "tokenizer"),
+        tokenizer_2=CLIPTokenizer.from_pretrained(root / "tokenizer_2"),
+        scheduler=EulerDiscreteScheduler.from_config(SDXL_SCHEDULER))
+    pipe.save_pretrained(str(root), safe_serialization=True)
+    return root
+
+
+# stabilityai/stable-diffusion-xl-base-1.0's scheduler/scheduler_config.json
+SDXL_SCHEDULER = {"beta_end": 0.012, "beta_schedule": "scaled_linear", "beta_start": 0.00085,
+                  "interpolation_type": "linear", "num_train_timesteps": 1000, "prediction_type": "epsilon",
+                  "sample_max_value": 1.0, "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1,
+                  "timestep_spacing": "leading", "trained_betas": None, "use_karras_sigmas": False}

@@ -1,0 +1,89 @@
+"""Reading the student out of a training checkpoint, for sampling, evaluation and export.
+
+`python -m jaxdistill.train` writes orbax checkpoints to `WORKDIR/checkpoints/STAGE/STEP`, each with the
+training state (float32 master weights, optimizer state, EMA weights when on) and a JSON `meta` item that
+carries the student's architecture (its diffusers config), the run's config, the teacher and the plan.
+`load_checkpoint` accepts the workdir, a stage folder or a step folder and returns the student as
+(UNetSpec, params) in the plain (unscanned) layout that `convert.save_unet` writes.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from jaxdistill.convert import check_params
+from jaxdistill.layers import unstack_layers
+from jaxdistill.spec import UNetSpec
+
+
+class CheckpointError(ValueError):
+    """A checkpoint path that does not exist, is incomplete, or holds something else."""
+
+
+def resolve_checkpoint(path: str | os.PathLike, stage: str | None = None) -> tuple[Path, int]:
+    """(stage folder, step) for a workdir (its latest stage and step: `stage` picks another), a stage folder
+    (`WORKDIR/checkpoints/NAME`, its latest step) or a step folder. Only finished checkpoints count."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    if path.name.isdigit() and path.parent.is_dir():
+        stage_dir, step = path.parent, int(path.name)
+        if step not in _finished_steps(stage_dir):
+            raise CheckpointError(f"checkpoint {path} is incomplete (the run was stopped while writing it, or the "
+                                  f"files are partly copied); finished steps in {stage_dir}: "
+                                  f"{_finished_steps(stage_dir) or 'none'}")
+        return stage_dir, step
+    if (path / "checkpoints").is_dir():
+        stages = sorted((d for d in (path / "checkpoints").iterdir() if d.is_dir() and _finished_steps(d)),
+                        key=lambda d: max(os.path.getmtime(d / str(s)) for s in _finished_steps(d)))
+        if stage is not None:
+            stages = [d for d in stages if d.name == stage]
+        if not stages:
+            raise CheckpointError(f"{path} holds no finished checkpoint" + (f" of stage {stage!r}" if stage else ""))
+        path = stages[-1]  # the most recently written stage
+    steps = _finished_steps(path)
+    if not steps:
+        raise CheckpointError(f"{path} holds no finished checkpoint (expected WORKDIR, WORKDIR/checkpoints/STAGE "
+                              "or WORKDIR/checkpoints/STAGE/STEP of python -m jaxdistill.train)")
+    return path, max(steps)
+
+
+def load_checkpoint(path: str | os.PathLike, *, ema: bool = False,
+                    stage: str | None = None) -> tuple[UNetSpec, dict, dict[str, Any]]:
+    """The student of a checkpoint → (spec, params as numpy float32 in the diffusers-mirroring layout, meta).
+    `ema` takes the EMA weights (refused when the run kept none). meta gains "step" and "checkpoint"."""
+    stage_dir, step = resolve_checkpoint(path, stage)
+    manager = ocp.CheckpointManager(stage_dir.absolute(), item_names=("state", "meta"))
+    try:
+        restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(),
+                                                                 meta=ocp.args.JsonRestore()))
+    except Exception as e:  # orbax raises many kinds for damaged folders; name the folder and the cause
+        raise CheckpointError(f"cannot read checkpoint {stage_dir / str(step)}: {type(e).__name__}: {e}") from e
+    finally:
+        manager.close()
+    meta = dict(restored.meta) | {"step": step, "checkpoint": str(stage_dir / str(step))}
+    state = restored.state
+    key = "ema_params" if ema else "params"
+    if state.get(key) is None:
+        raise CheckpointError(f"checkpoint {stage_dir / str(step)} has no EMA weights (the run had ema_decay=0); "
+                              "export the trained weights without --ema")
+    spec = UNetSpec.from_diffusers_config(meta["student_config"])
+    params = jax.tree.map(lambda x: np.asarray(x, np.float32), state[key])
+    if meta.get("config", {}).get("scan_layers", False):
+        params = jax.tree.map(np.asarray, unstack_layers(params))
+    check_params(spec, params)
+    return spec, params, meta
+
+
+def _finished_steps(stage_dir: Path) -> list[int]:
+    """Steps orbax finished writing (it writes to a temporary name and renames at the end)."""
+    if not stage_dir.is_dir():
+        return []
+    return sorted(int(d.name) for d in stage_dir.iterdir() if d.is_dir() and d.name.isdigit()
+                  and (d / "_CHECKPOINT_METADATA").is_file())
