@@ -1,0 +1,522 @@
+"""`python -m jaxdistill.export`: hand a trained student to diffusers users.
+
+Writes the student of a training checkpoint (`WORKDIR`, `WORKDIR/checkpoints/STAGE[/STEP]`), of a finished
+stage (`WORKDIR/stages/NAME`) or of any UNet folder as a diffusers UNet folder in fp16, bf16 or fp32 — or,
+with `--pipeline-from`, as a complete SDXL pipeline folder: the teacher pipeline's VAE, text encoders,
+tokenizers and scheduler copied file by file (safetensors, JSON and text only; pickled weights are refused,
+never read) around the new `unet/`. Beside the weights: a Hugging Face model card (`README.md`) and the same
+facts as JSON (`jaxdistill_export.json`), which a later re-export of the folder carries forward.
+
+The output appears as a whole or not at all: it is built in a hidden sibling folder and renamed into place;
+a non-empty `--out` is replaced only with `--overwrite`, and only once the new folder is complete. Every
+refusal (missing or incomplete checkpoint, a pipeline missing a component, text encoders whose widths do
+not fit the student, weights that do not fit the dtype) comes before anything is written.
+Not here: sampling or evaluation, pushing to the Hub, converting the VAE or text encoders.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import os
+import re
+import shutil
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import ml_collections
+import ml_dtypes
+import numpy as np
+
+from jaxdistill.checkpoint import CheckpointError, load_checkpoint
+from jaxdistill.convert import CONFIG_NAME, load_unet, resolve_unet_folder, save_unet, to_diffusers_state_dict
+from jaxdistill.prune import PlanError, load_plan
+from jaxdistill.spec import CROSS_ATTN_MID, UNetSpec, UnsupportedConfigError
+from jaxdistill.train import STAGE_MARKER, stages_of
+from jaxdistill.unet import count_params
+
+DTYPES = {"fp16": np.float16, "bf16": ml_dtypes.bfloat16, "fp32": np.float32}
+FACTS_NAME = "jaxdistill_export.json"
+CARD_NAME = "README.md"
+PLAN_NAME = "prune_plan.json"  # beside a student written by `python -m jaxdistill.prune`
+# What StableDiffusionXLPipeline needs besides the UNet; the first three carry weights.
+PIPELINE_COMPONENTS = ("vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
+WEIGHTED_COMPONENTS = ("vae", "text_encoder", "text_encoder_2")
+COPIED_SUFFIXES = (".safetensors", ".json", ".txt")
+PICKLED_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl", ".pickle")
+SDXL_TIME_IDS = 6  # original size, crop top-left, target size: what StableDiffusionXLPipeline feeds the UNet
+TAGS = ("stable-diffusion-xl", "text-to-image", "distillation")
+
+
+class ExportError(ValueError):
+    """An export that cannot be done as asked; nothing was written."""
+
+
+@dataclasses.dataclass
+class Student:
+    """A student to export: architecture, float32 weights (numpy, the layout `save_unet` writes) and what is
+    known of how it was made (`provenance`: source, stage, step, ema, teacher, plan, kept_layers, config)."""
+
+    spec: UNetSpec
+    params: dict
+    provenance: dict[str, Any]
+
+
+def load_student(path: str | os.PathLike, *, ema: bool = False, stage: str | None = None) -> Student:
+    """The student behind `path`: a training checkpoint (workdir, stage or step folder; `stage` picks a stage
+    of a workdir, `ema` its EMA weights), or a UNet / pipeline folder (a finished stage, a pruned student, an
+    earlier export). Raises CheckpointError or ExportError naming the problem."""
+    path = Path(path)
+    folder = _unet_folder(path)
+    if folder is None:
+        spec, params, meta = load_checkpoint(path, ema=ema, stage=stage)
+        checkpoint = Path(meta["checkpoint"])
+        return Student(spec, params, {
+            "source": str(checkpoint), "stage": meta.get("stage"), "step": meta["step"],
+            "ema": ema, "teacher": meta.get("teacher") or None, "plan": meta.get("plan") or None,
+            "kept_layers": meta.get("kept_layers") or {}, "config": meta.get("config") or None,
+            "workdir": str(checkpoint.parents[2])})  # WORKDIR/checkpoints/STAGE/STEP
+    if stage is not None:
+        raise ExportError(f"--stage picks a stage of a training workdir; {path} is a model folder (one model)")
+    provenance = _folder_provenance(path, folder)
+    if ema and not provenance.get("ema"):
+        raise ExportError(f"--ema: {path} is a model folder with one set of weights, not known to be EMA weights; "
+                          "--ema picks the EMA weights of a training checkpoint (WORKDIR/checkpoints/STAGE)")
+    try:
+        spec, params = load_unet(folder)
+    except (OSError, ValueError) as e:  # WeightsError, UnsupportedConfigError, missing weights
+        raise ExportError(f"cannot read the UNet in {folder}: {e}") from e
+    return Student(spec, jax.tree.map(lambda x: np.asarray(x, np.float32), params), provenance)
+
+
+def pipeline_files(pipeline_dir: str | os.PathLike) -> dict[str, list[Path]]:
+    """The files to copy from an SDXL pipeline folder, per component: everything model_index.json lists but
+    the UNet, and at least SDXL's six components; each must be there, with safetensors weights where it has
+    weights. Together with `check_conditioning` the whole check of `--pipeline-from` (configs only)."""
+    root = Path(pipeline_dir)
+    index_file = root / "model_index.json"
+    if not index_file.is_file():
+        raise ExportError(f"--pipeline-from {root} is not a diffusers pipeline folder (no model_index.json)")
+    index = json.loads(index_file.read_text())
+    listed = [k for k, v in index.items() if not k.startswith("_") and k != "unet"
+              and isinstance(v, list) and v and v[0] is not None]
+    components = list(dict.fromkeys((*PIPELINE_COMPONENTS, *listed)))
+    missing = [c for c in components if not (root / c).is_dir()]
+    if missing:
+        raise ExportError(f"--pipeline-from {root} lacks {', '.join(f'{c}/' for c in missing)}: an SDXL pipeline "
+                          f"needs {', '.join(PIPELINE_COMPONENTS)} (and whatever model_index.json lists)")
+    files = {}
+    for component in components:
+        found = sorted(p for p in (root / component).rglob("*") if p.is_file() and not p.name.startswith("."))
+        kept = [p for p in found if p.suffix in COPIED_SUFFIXES]
+        pickled = [p.name for p in found if p.suffix in PICKLED_SUFFIXES]
+        if (pickled or component in WEIGHTED_COMPONENTS) and not any(p.suffix == ".safetensors" for p in kept):
+            what = f"only pickled weights ({', '.join(pickled)})" if pickled else "no safetensors weights"
+            raise ExportError(f"--pipeline-from {root}: {component}/ has {what}. jaxdistill copies safetensors only "
+                              "(unpickling can run code from the file); convert the component once with "
+                              f"`from_pretrained(...).save_pretrained('{root / component}', safe_serialization=True)` "
+                              "if you trust it")
+        files[component] = kept
+    return files
+
+
+def check_conditioning(pipeline_dir: str | os.PathLike, spec: UNetSpec) -> None:
+    """Refuses a student whose conditioning does not fit the pipeline's text encoders and VAE: context width =
+    the two encoders' hidden sizes together; text_encoder_2's pooled width + 6 time ids ×
+    addition_time_embed_dim = projection_class_embeddings_input_dim; latent channels."""
+    root = Path(pipeline_dir)
+
+    def config(component):
+        cfg = json.loads((root / component / "config.json").read_text())
+        return cfg.get("text_config", cfg)  # a full CLIPConfig nests the text model's
+
+    try:
+        te1, te2, vae = config("text_encoder"), config("text_encoder_2"), config("vae")
+        context, pooled = te1["hidden_size"] + te2["hidden_size"], te2["projection_dim"]
+    except (OSError, KeyError, json.JSONDecodeError) as e:
+        raise ExportError(f"--pipeline-from {root}: cannot read the text encoders' or the VAE's config ({e})") from e
+    problems = []
+    if spec.cross_attention_dim != context:
+        problems.append(f"the student's cross_attention_dim is {spec.cross_attention_dim}, the text encoders give "
+                        f"{te1['hidden_size']} + {te2['hidden_size']} = {context}")
+    if spec.addition_embed_type != "text_time":
+        problems.append("the student has no text_time embedding (addition_embed_type), which SDXL pipelines feed")
+    elif spec.projection_class_embeddings_input_dim != pooled + SDXL_TIME_IDS * spec.addition_time_embed_dim:
+        problems.append(f"the student's projection_class_embeddings_input_dim is "
+                        f"{spec.projection_class_embeddings_input_dim}, the pipeline gives text_encoder_2's pooled "
+                        f"{pooled} + {SDXL_TIME_IDS} time ids × {spec.addition_time_embed_dim} = "
+                        f"{pooled + SDXL_TIME_IDS * spec.addition_time_embed_dim}")
+    latent = vae.get("latent_channels", 4)
+    if (spec.in_channels, spec.out_channels) != (latent, latent):
+        problems.append(f"the student takes {spec.in_channels} and returns {spec.out_channels} latent channels, "
+                        f"the VAE has {latent}")
+    if problems:
+        raise ExportError(f"the student does not fit the pipeline {root}: " + "; ".join(problems))
+
+
+def export(checkpoint: str | os.PathLike, out: str | os.PathLike, *, ema: bool = False, dtype: str = "fp16",
+           pipeline_from: str | os.PathLike | None = None, stage: str | None = None, overwrite: bool = False,
+           base_model: str | None = None) -> Path:
+    """Writes the student of `checkpoint` to `out` (a UNet folder, or with `pipeline_from` an SDXL pipeline
+    folder) with a model card and `jaxdistill_export.json`; see the module docstring. Returns `out`."""
+    out = Path(out)
+    if dtype not in DTYPES:
+        raise ExportError(f"--dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
+    _check_out(out, overwrite, (checkpoint, pipeline_from))  # before the slow part: a refusal costs nothing
+    files = pipeline_files(pipeline_from) if pipeline_from else None  # before the weights: they can be large
+    student = load_student(checkpoint, ema=ema, stage=stage)
+    if pipeline_from:
+        check_conditioning(pipeline_from, student.spec)
+    _check_weights(student.params, dtype)
+    facts = describe(student, dtype, pipeline_from, files, base_model)
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".partial"))
+    try:
+        save_unet(tmp / "unet" if files else tmp, student.spec, student.params, dtype=DTYPES[dtype])
+        if files:
+            src = Path(pipeline_from)
+            for p in (p for paths in files.values() for p in paths):
+                target = tmp / p.relative_to(src)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(p, target)
+            index = json.loads((src / "model_index.json").read_text())
+            index["unet"] = ["diffusers", "UNet2DConditionModel"]
+            (tmp / "model_index.json").write_text(json.dumps(index, indent=2))
+        (tmp / FACTS_NAME).write_text(json.dumps(facts, indent=2))
+        (tmp / CARD_NAME).write_text(model_card(facts, out.name))
+        _default_permissions(tmp)
+        _move_into_place(tmp, out, overwrite)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return out
+
+
+def describe(student: Student, dtype: str, pipeline_from: str | os.PathLike | None = None,
+             files: dict[str, list[Path]] | None = None, base_model: str | None = None) -> dict[str, Any]:
+    """The facts of an export (written as `jaxdistill_export.json` and rendered into the model card)."""
+    spec, prov = student.spec, student.provenance
+    n = count_params(spec)
+    teacher = prov.get("teacher")
+    teacher_params = prov.get("teacher_params") or _teacher_params(teacher, prov.get("workdir"), prov.get("stage"))
+    config = prov.get("config")
+    if base_model is None and prov.get("base_model"):
+        base_model = prov["base_model"]
+    elif base_model is None and teacher and re.fullmatch(r"[\w.-]+/[\w.-]+", teacher) and not Path(teacher).exists():
+        base_model = teacher  # a Hub id; a local path means nothing on the Hub
+    return {
+        "format": "jaxdistill-export/1",
+        "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "source": prov.get("source"),
+        "stage": prov.get("stage"),
+        "step": prov.get("step"),
+        "ema": prov.get("ema"),
+        "dtype": dtype,
+        "params": n,
+        "architecture": _architecture(spec),
+        "teacher": teacher,
+        "teacher_params": teacher_params,
+        "params_ratio": n / teacher_params if teacher_params else None,
+        "base_model": base_model,
+        "plan": prov.get("plan"),
+        "kept_layers": prov.get("kept_layers") or {},
+        "training": _training(config, prov.get("step")) if config else prov.get("training"),
+        "agreement": prov.get("agreement"),
+        "pipeline_from": str(pipeline_from) if pipeline_from else None,
+        "components": sorted(files) if files else None,
+    }
+
+
+def model_card(facts: dict[str, Any], name: str = "student") -> str:
+    """A Hugging Face model card (README.md with YAML front matter) from `describe`'s facts."""
+    arch, training = facts["architecture"], facts.get("training")
+    front = ["---", "library_name: diffusers", "tags:", *(f"- {t}" for t in TAGS)]
+    if facts.get("base_model"):
+        front.append(f"base_model: {facts['base_model']}")
+    if facts.get("components"):
+        front.append("pipeline_tag: text-to-image")
+    lines = [*front, "---", "", f"# {name}", ""]
+    kind = "an SDXL pipeline" if facts.get("components") else "an SDXL-family UNet"
+    lines += [f"A pruned and distilled Stable Diffusion XL UNet, exported by jaxdistill as {kind} "
+              f"(diffusers format, UNet weights in {facts['dtype']}).", ""]
+    lines += ["| | |", "|---|---|", f"| parameters (UNet) | {_count(facts['params'])} |"]
+    if facts.get("teacher_params"):
+        lines += [f"| teacher parameters | {_count(facts['teacher_params'])} |",
+                  f"| student / teacher | {facts['params_ratio']:.3f} ({1 / facts['params_ratio']:.2f}× smaller) |"]
+    lines += [f"| teacher | {facts.get('teacher') or 'none (trained without a teacher)'} |",
+              f"| prune plan | {facts.get('plan') or 'none'} |",
+              f"| stage | {facts.get('stage') or 'unknown'} |",
+              f"| training steps | {_or_unknown(facts.get('step'))} |",
+              f"| weights | {_ema_text(facts.get('ema'))} |",
+              f"| UNet dtype | {facts['dtype']} |",
+              f"| source | `{facts.get('source')}` |", ""]
+    mid_resnets = {CROSS_ATTN_MID: 2, None: 0}.get(arch["mid_block_type"], 1)
+    lines += ["## Architecture", "",
+              "Down blocks from the input, up blocks from the bottom; transformer layers after each resnet:", "",
+              "| | widths | block types | transformer layers | resnets per block |", "|---|---|---|---|---|",
+              f"| down | {arch['block_out_channels']} | {', '.join(arch['down_block_types'])} | "
+              f"{arch['transformer_depths']['down']} | {arch['layers_per_block']} |",
+              f"| mid | {arch['block_out_channels'][-1]} | {arch['mid_block_type'] or 'none'} | "
+              f"{arch['transformer_depths']['mid']} | {mid_resnets} |",
+              f"| up | {arch['block_out_channels'][::-1]} | {', '.join(arch['up_block_types'])} | "
+              f"{arch['transformer_depths']['up']} | {[n + 1 for n in arch['layers_per_block'][::-1]]} |", "",
+              f"Attention heads per block {arch['attention_heads']}, cross-attention width "
+              f"{arch['cross_attention_dim']}, pooled text embedding {arch['pooled_dim']}.", ""]
+    if facts.get("kept_layers"):
+        lines += ["Kept from the teacher (teacher's indices):", ""]
+        lines += [f"- `{k}`: {list(v)}" for k, v in facts["kept_layers"].items()] + [""]
+    if training:
+        lines += ["## Training", "", "| | |", "|---|---|"]
+        lines += [f"| {k.replace('_', ' ')} | {_value(v)} |" for k, v in training.items()] + [""]
+    if facts.get("agreement"):
+        a = facts["agreement"]
+        lines += [f"Student vs teacher, relative MSE of the noise prediction on the run's validation batch: "
+                  f"{_value(a.get('before'))} before, {_value(a.get('after'))} after distillation.", ""]
+    lines += ["## Usage", "", "```python", "import torch"]
+    if facts.get("components"):
+        lines += ["from diffusers import StableDiffusionXLPipeline", "",
+                  f'pipe = StableDiffusionXLPipeline.from_pretrained("{name}", torch_dtype=torch.float16).to("cuda")']
+    else:
+        base = facts.get("base_model") or "stabilityai/stable-diffusion-xl-base-1.0"
+        lines += ["from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel", "",
+                  f'unet = UNet2DConditionModel.from_pretrained("{name}", torch_dtype=torch.float16)',
+                  f'pipe = StableDiffusionXLPipeline.from_pretrained("{base}", unet=unet, torch_dtype=torch.float16)',
+                  'pipe = pipe.to("cuda")']
+    lines += ['image = pipe("an astronaut riding a horse on the moon", num_inference_steps=25).images[0]', "```", ""]
+    if facts.get("components"):
+        lines += [f"The VAE, text encoders, tokenizers and scheduler are the teacher pipeline's "
+                  f"(`{facts['pipeline_from']}`), copied unchanged: the VAE is kept as the teacher pipeline ships "
+                  "it. SDXL's original VAE overflows in float16; diffusers upcasts it to float32 for decoding when "
+                  "its config says `force_upcast`.", ""]
+    lines += [f"Facts as JSON: `{FACTS_NAME}`. In JAX: `jaxdistill.load_unet(\"{name}\")`.", ""]
+    return "\n".join(lines)
+
+
+# ---- helpers ------------------------------------------------------------------------------------
+
+def _unet_folder(path: Path) -> Path | None:
+    """The UNet folder of a UNet or pipeline folder; None for anything else (a workdir has a config.json too,
+    but the run's, without `_class_name`)."""
+    for folder in (path, path / "unet"):
+        config = folder / CONFIG_NAME
+        if config.is_file():
+            try:
+                if "_class_name" in json.loads(config.read_text()):
+                    return folder
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                continue
+    return None
+
+
+def _folder_provenance(path: Path, folder: Path) -> dict[str, Any]:
+    """What a model folder tells about its making: an earlier export's facts, a finished stage's marker
+    (with the run's config.json two levels up), or a pruned student's plan."""
+    prov: dict[str, Any] = {"source": str(path)}
+    for facts_file in (path / FACTS_NAME, folder / FACTS_NAME):
+        if facts_file.is_file():  # re-export: carry the provenance forward
+            old = json.loads(facts_file.read_text())
+            keep = ("stage", "step", "ema", "teacher", "teacher_params", "base_model", "plan", "kept_layers",
+                    "training", "agreement")
+            return prov | {k: old.get(k) for k in keep} | {"source": f"{path} (exported from {old.get('source')})"}
+    marker = folder / STAGE_MARKER
+    if marker.is_file():  # WORKDIR/stages/NAME, written by python -m jaxdistill.train
+        done = json.loads(marker.read_text())
+        workdir = folder.parent.parent
+        config = _stage_config(workdir, done.get("stage"))
+        prov |= {"stage": done.get("stage"), "step": done.get("steps"), "teacher": done.get("teacher") or None,
+                 "plan": done.get("plan") or None, "kept_layers": done.get("kept_layers") or {}, "config": config,
+                 "workdir": str(workdir), "ema": bool(config.get("ema_decay", 0) > 0) if config else None}
+        if "agreement_after" in done:
+            prov["agreement"] = {"before": done.get("agreement_before"), "after": done["agreement_after"]}
+        return prov
+    if (folder / PLAN_NAME).is_file():
+        try:
+            plan = load_plan(folder / PLAN_NAME)
+            prov |= {"plan": plan.name, "kept_layers": {k: list(v) for k, v in plan.applied().items()}}
+        except PlanError:
+            pass  # a plan we cannot read is no reason to refuse the weights
+    return prov
+
+
+def _run_stages(workdir: str | os.PathLike | None) -> list[dict]:
+    """The stage configs of the run in `WORKDIR/config.json`, rebuilt by the trainer's own rule; [] if unreadable."""
+    if not workdir:
+        return []
+    try:
+        return [s.to_dict() for s in stages_of(ml_collections.ConfigDict(
+            json.loads((Path(workdir) / "config.json").read_text())))]
+    except (OSError, ValueError, KeyError, AttributeError):
+        return []
+
+
+def _stage_config(workdir: Path, stage: str | None) -> dict | None:
+    return next((s for s in _run_stages(workdir) if s["name"] == stage), None)
+
+
+def _teacher_params(teacher: str | None, workdir: str | None, stage: str | None) -> int | None:
+    """The teacher's parameter count, when its UNet config can be found ("previous": the stage before)."""
+    if not teacher:
+        return None
+    folder = Path(teacher)
+    if teacher == "previous":
+        names = [s["name"] for s in _run_stages(workdir)]
+        if stage not in names[1:]:
+            return None
+        folder = Path(workdir) / "stages" / names[names.index(stage) - 1]
+    try:
+        return count_params(UNetSpec.from_diffusers_config(resolve_unet_folder(folder) / CONFIG_NAME))
+    except (OSError, ValueError):  # not at hand here, or not a config we read
+        return None
+
+
+def _check_weights(params: dict, dtype: str):
+    """Refuses non-finite weights, and weights beyond float16's range for fp16 (they would become inf)."""
+    limit = float(np.finfo(np.float16).max) if dtype == "fp16" else np.inf
+    bad = []
+    for key, value in to_diffusers_state_dict(params).items():
+        if not np.isfinite(value).all():
+            bad.append(f"{key} has NaN or Inf values")
+        elif np.abs(value).max(initial=0) > limit:
+            bad.append(f"{key} reaches {np.abs(value).max():.4g}, beyond float16's {limit:.0f}")
+    if bad:
+        hint = "; export with --dtype bf16 or fp32" if dtype == "fp16" else ""
+        raise ExportError(f"the weights cannot be exported as {dtype}: " + "; ".join(bad[:10])
+                          + (f" (and {len(bad) - 10} more)" if len(bad) > 10 else "") + hint)
+
+
+def _check_out(out: Path, overwrite: bool, sources: Sequence[str | os.PathLike | None] = ()):
+    for source in filter(None, sources):  # replacing --out must never delete what it is made from
+        if out.resolve() in (Path(source).resolve(), *Path(source).resolve().parents):
+            raise ExportError(f"--out {out} holds {source}, which the export reads; choose another folder")
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"--out {out} is a file; give a folder")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise ExportError(f"--out {out} exists and is not empty; choose another folder or add --overwrite "
+                          "(the old content is replaced only once the new export is complete)")
+
+
+def _default_permissions(folder: Path):
+    """Files and folders as a plain write would make them: mkdtemp / mkstemp (atomic writes) give 0700 / 0600."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in (folder, *folder.rglob("*")):
+        os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
+
+
+def _move_into_place(tmp: Path, out: Path, overwrite: bool):
+    """Renames the finished `tmp` to `out`; an old `out` is moved aside first and deleted only afterwards."""
+    _check_out(out, overwrite)  # again: something may have appeared while we wrote
+    if out.is_dir() and not any(out.iterdir()):
+        out.rmdir()
+    if not out.exists():
+        os.rename(tmp, out)
+        return
+    old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".old"))
+    os.rename(out, old / out.name)
+    try:
+        os.rename(tmp, out)
+    except OSError:
+        os.rename(old / out.name, out)  # put the old one back
+        raise
+    finally:
+        if out.exists():
+            shutil.rmtree(old)
+
+
+def _architecture(spec: UNetSpec) -> dict[str, Any]:
+    return {
+        "block_out_channels": list(spec.block_out_channels),
+        "down_block_types": list(spec.down_block_types),
+        "up_block_types": list(spec.up_block_types),
+        "layers_per_block": list(spec.layers_per_block),
+        "transformer_depths": {"down": [list(d) for d in spec.down_depths],
+                               "mid": spec.mid_depth if spec.mid_block_type == CROSS_ATTN_MID else 0,
+                               "up": [list(d) for d in spec.up_depths]},
+        "mid_block_type": spec.mid_block_type,
+        "attention_heads": list(spec.num_attention_heads),
+        "cross_attention_dim": spec.cross_attention_dim,
+        "pooled_dim": (spec.projection_class_embeddings_input_dim - SDXL_TIME_IDS * spec.addition_time_embed_dim
+                       if spec.addition_embed_type == "text_time" else None),
+    }
+
+
+def _training(c: dict[str, Any], step: int | None) -> dict[str, Any]:
+    """The run config's facts a reader of the card wants (`c` is the stage's config as a dict)."""
+    data, opt = c.get("data", {}), c.get("optimizer", {})
+    resolution = data.get("resolution")
+    if data.get("source") == "prepared":  # the prepared set's resolution, not the config's default
+        try:
+            info = json.loads((Path(data["path"]) / "jaxdistill_data.json").read_text())
+            resolution = info["preprocessing"]["resolution"]
+        except (OSError, KeyError, ValueError):
+            resolution = None
+    return {"steps": step, "planned_steps": c.get("steps"), "loss_weights": c.get("loss"),
+            "resolution": resolution, "batch_size": c.get("batch_size"), "accumulation": opt.get("accumulation"),
+            "lr": opt.get("lr"), "lr_schedule": opt.get("schedule"), "warmup_steps": opt.get("warmup_steps"),
+            "weight_decay": opt.get("weight_decay"), "ema_decay": c.get("ema_decay"),
+            "data": data.get("source") + (f" ({data['path']})" if data.get("path") else "") if data else None,
+            "precision": c.get("precision"), "seed": c.get("seed")}
+
+
+def _count(n: int) -> str:
+    return f"{n:,} ({n / 1e9:.3g} B)" if n >= 1e8 else f"{n:,} ({n / 1e6:.3g} M)"
+
+
+def _value(v: Any) -> str:
+    if isinstance(v, dict):
+        return ", ".join(f"{k} {_value(x)}" for k, x in v.items())
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return _or_unknown(v)
+
+
+def _or_unknown(v: Any) -> str:
+    return "unknown" if v is None else str(v)
+
+
+def _ema_text(ema: bool | None) -> str:
+    return {True: "EMA of the trained weights", False: "the trained weights (no EMA)"}.get(ema, "unknown (EMA or not)")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m jaxdistill.export`: write a trained student as a diffusers UNet folder, or with
+    --pipeline-from as a complete SDXL pipeline folder, with a model card."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m jaxdistill.export", description=main.__doc__)
+    parser.add_argument("--checkpoint", required=True,
+                        help="WORKDIR, WORKDIR/checkpoints/STAGE[/STEP], WORKDIR/stages/NAME, or any UNet folder")
+    parser.add_argument("--out", required=True, help="the folder to write (refused if not empty, see --overwrite)")
+    parser.add_argument("--ema", action="store_true", help="export the EMA weights of the checkpoint")
+    parser.add_argument("--dtype", choices=tuple(DTYPES), default="fp16", help="UNet weight dtype (default fp16)")
+    parser.add_argument("--pipeline-from", metavar="TEACHER_PIPELINE_DIR",
+                        help="write a complete SDXL pipeline: VAE, text encoders, tokenizers, scheduler from here")
+    parser.add_argument("--stage", help="with a workdir: the stage to export (default: the latest)")
+    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out once the export is done")
+    parser.add_argument("--base-model", help="the model card's base_model (default: the teacher, if a Hub id)")
+    args = parser.parse_args(argv)
+    try:
+        out = export(args.checkpoint, args.out, ema=args.ema, dtype=args.dtype, pipeline_from=args.pipeline_from,
+                     stage=args.stage, overwrite=args.overwrite, base_model=args.base_model)
+    except (CheckpointError, ExportError, UnsupportedConfigError) as e:
+        print(f"error: {e}", flush=True, file=sys.stderr)
+        return 2
+    facts = json.loads((out / FACTS_NAME).read_text())
+    what = "SDXL pipeline" if facts["components"] else "UNet"
+    print(f"export: {what} with a {facts['params']:,}-parameter {facts['dtype']} UNet → {out} "
+          f"(model card {out / CARD_NAME})")
+    return 0
+
+
+if __name__ == "__main__":
+    # Run the imported module's main: under `python -m` this file is `__main__`, and its error classes would
+    # not be the ones the library raises.
+    from jaxdistill.export import main as _main
+
+    raise SystemExit(_main())

@@ -1,0 +1,204 @@
+"""Export: a trained student → a diffusers UNet folder or a complete SDXL pipeline folder that diffusers loads
+and runs, weights equal to the checkpoint's per dtype, a model card; SSD-1B's asymmetric up path; refusals
+that leave everything as it was. One tiny distillation run (2 steps, the tiny pipeline's UNet as teacher,
+one layer pruned) is shared by the module."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import jax
+import ml_dtypes
+import numpy as np
+import pytest
+import torch
+import yaml
+from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
+
+from jaxdistill import abstract_params, count_params, presets, save_unet
+from jaxdistill.checkpoint import CheckpointError, load_checkpoint
+from jaxdistill.config import base_config
+from jaxdistill.convert import read_safetensors, to_diffusers_state_dict
+from jaxdistill.export import ExportError, export, main
+from jaxdistill.prune import PrunePlan
+from jaxdistill.reference import PIPELINE_UNET, write_random_pipeline
+from jaxdistill.train import run
+
+ENV = os.environ | {"JAX_PLATFORMS": "cpu"}
+KEPT = [1]  # of up_blocks.0.attentions.0's two layers
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory):
+    return write_random_pipeline(tmp_path_factory.mktemp("teacher") / "sdxl")
+
+
+@pytest.fixture(scope="module")
+def workdir(pipeline, tmp_path_factory):
+    """Distils a student (the teacher's UNet less one layer) for 2 steps, a checkpoint after each."""
+    root = tmp_path_factory.mktemp("run")
+    plan = root / "plan.json"
+    PrunePlan(name="one-less", attentions={"up_blocks.0.attentions.0": KEPT}).save(plan)
+    c = base_config()
+    c.teacher, c.plan = str(pipeline), str(plan)
+    c.batch_size, c.optimizer.accumulation, c.optimizer.lr = 2, 1, 1e-3
+    c.precision.teacher = c.precision.student_compute = "float32"
+    c.data.resolution, c.data.seq_len, c.data.num_examples = 32, 8, 4
+    c.steps, c.log_every, c.checkpoint_every = 2, 1, 1
+    run(c, root / "work")
+    return root / "work"
+
+
+def diffusers_state(folder, dtype=torch.float32) -> dict[str, np.ndarray]:
+    model = UNet2DConditionModel.from_pretrained(folder, torch_dtype=dtype)
+    return {k: v.float().numpy() if dtype == torch.bfloat16 else v.numpy() for k, v in model.state_dict().items()}
+
+
+def test_unet_folder_from_a_checkpoint_equals_its_weights_per_dtype(workdir, tmp_path):
+    spec, params, _ = load_checkpoint(workdir)
+    want = to_diffusers_state_dict(params)
+    out = export(workdir, tmp_path / "fp32", dtype="fp32")
+    got = diffusers_state(out)
+    assert set(got) == set(want)
+    assert all(np.array_equal(got[k], want[k]) for k in want)  # fp32: exact
+
+    out = export(workdir / "checkpoints" / "main", tmp_path / "fp16")  # fp16 is the default
+    files = read_safetensors(out)
+    assert all(files[k].dtype == np.float16 and np.array_equal(files[k], want[k].astype(np.float16)) for k in want)
+    got = diffusers_state(out, torch.float16)
+    assert all(np.array_equal(got[k], want[k].astype(np.float16)) for k in want)
+
+    out = export(workdir / "checkpoints" / "main" / "2", tmp_path / "bf16", dtype="bf16")
+    files = read_safetensors(out)
+    assert all(np.array_equal(files[k].view(np.uint16), want[k].astype(ml_dtypes.bfloat16).view(np.uint16))
+               for k in want)
+    got = diffusers_state(out, torch.bfloat16)
+    assert all(np.array_equal(got[k], want[k].astype(ml_dtypes.bfloat16).astype(np.float32)) for k in want)
+
+    facts = json.loads((out / "jaxdistill_export.json").read_text())
+    assert facts["params"] == count_params(spec) and facts["teacher_params"] == count_params(PIPELINE_UNET)
+    assert facts["params_ratio"] == pytest.approx(count_params(spec) / count_params(PIPELINE_UNET))
+    assert (facts["stage"], facts["step"], facts["ema"], facts["dtype"]) == ("main", 2, False, "bf16")
+    assert facts["kept_layers"]["up_blocks.0.attentions.0"] == KEPT and facts["plan"].endswith("plan.json")
+    assert facts["architecture"]["transformer_depths"] == {"down": [[0], [2]], "mid": 2, "up": [[1, 2], [0, 0]]}
+    assert facts["training"]["lr"] == 1e-3 and facts["training"]["resolution"] == 32
+    assert facts["training"]["loss_weights"]["output"] == 0.5
+    umask = os.umask(0)
+    os.umask(umask)
+    assert os.stat(out / "config.json").st_mode & 0o777 == 0o666 & ~umask  # not mkstemp's 0600
+
+
+def test_pipeline_from_the_command_line_loads_and_generates(workdir, pipeline, tmp_path):
+    out = tmp_path / "student-pipeline"
+    result = subprocess.run([sys.executable, "-m", "jaxdistill.export", "--checkpoint", str(workdir), "--out",
+                             str(out), "--pipeline-from", str(pipeline)], capture_output=True, text=True, env=ENV)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "SDXL pipeline" in result.stdout and not list(tmp_path.glob(".*"))  # no temporary folder left
+    for component in ("vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler"):
+        for f in (pipeline / component).iterdir():  # copied byte for byte
+            assert (out / component / f.name).read_bytes() == f.read_bytes()
+    assert not list(out.rglob("*.bin"))
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(out, torch_dtype=torch.float32)
+    assert pipe.unet.config.reverse_transformer_layers_per_block == [[1, 2], 1]
+    images = pipe("a photo of the moon", height=32, width=32, num_inference_steps=2, output_type="np",
+                  generator=torch.Generator().manual_seed(0)).images
+    assert images.shape == (1, 32, 32, 3) and np.isfinite(images).all()
+
+    card = (out / "README.md").read_text()
+    front = yaml.safe_load(card.split("---")[1])
+    assert front["library_name"] == "diffusers" and front["tags"] == ["stable-diffusion-xl", "text-to-image",
+                                                                      "distillation"]
+    assert "base_model" not in front  # the teacher is a local folder, not a Hub id
+    spec, _, _ = load_checkpoint(workdir)
+    assert f"{count_params(spec):,}" in card and f"{count_params(PIPELINE_UNET):,}" in card
+    assert "StableDiffusionXLPipeline.from_pretrained" in card and "VAE is kept as the teacher pipeline ships" in card
+    assert "up_blocks.0.attentions.0" in card and "fp16" in card
+
+
+def test_reexport_of_a_finished_stage_keeps_weights_and_facts(workdir, tmp_path):
+    _, params, _ = load_checkpoint(workdir)  # no EMA: the stage folder holds the last step's weights
+    out = export(workdir / "stages" / "main", tmp_path / "again", dtype="fp32", base_model="org/sdxl-teacher")
+    got, want = diffusers_state(out), to_diffusers_state_dict(params)
+    assert all(np.array_equal(got[k], want[k]) for k in want)
+    facts = json.loads((out / "jaxdistill_export.json").read_text())
+    assert (facts["stage"], facts["step"], facts["ema"]) == ("main", 2, False)
+    assert facts["training"]["batch_size"] == 2 and facts["agreement"]["after"] >= 0
+    assert facts["teacher_params"] == count_params(PIPELINE_UNET)
+    assert yaml.safe_load((out / "README.md").read_text().split("---")[1])["base_model"] == "org/sdxl-teacher"
+    # An export is itself a UNet folder: exporting it again carries its facts forward.
+    facts2 = json.loads((export(out, tmp_path / "third") / "jaxdistill_export.json").read_text())
+    assert facts2["training"] == facts["training"] and facts2["base_model"] == "org/sdxl-teacher"
+
+
+def test_an_ssd1b_shaped_student_keeps_its_asymmetric_up_path(pipeline, tmp_path):
+    spec = presets.tiny(presets.SSD_1B).replace(cross_attention_dim=80,
+                                                projection_class_embeddings_input_dim=40 + 6 * 8)
+    rng = np.random.default_rng(0)
+    params = jax.tree.map(lambda s: (0.02 * rng.standard_normal(s.shape)).astype(np.float32), abstract_params(spec))
+    save_unet(tmp_path / "ssd1b", spec, params)
+    out = export(tmp_path / "ssd1b", tmp_path / "out", pipeline_from=pipeline)
+    config = json.loads((out / "unet" / "config.json").read_text())
+    assert config["reverse_transformer_layers_per_block"] == [[4, 4, 10], [2, 1, 1], 1]
+    unet = StableDiffusionXLPipeline.from_pretrained(out).unet
+    assert [[len(a.transformer_blocks) for a in b.attentions] for b in unet.up_blocks[:2]] == [[4, 4, 10], [2, 1, 1]]
+    assert type(unet.mid_block).__name__ == "UNetMidBlock2D"
+    card = (out / "README.md").read_text()
+    assert f"{count_params(spec):,}" in card and "[[4, 4, 10], [2, 1, 1], [0, 0, 0]]" in card
+
+
+def test_refusals_leave_everything_as_it_was(workdir, tmp_path):
+    out = tmp_path / "out"
+    with pytest.raises(CheckpointError, match="does not exist"):
+        export(tmp_path / "nowhere", out)
+    with pytest.raises(CheckpointError, match="no EMA weights"):
+        export(workdir, out, ema=True)
+    copy = shutil.copytree(workdir / "checkpoints" / "main", tmp_path / "copy")
+    (copy / "2" / "_CHECKPOINT_METADATA").unlink()  # as if the run stopped while writing step 2
+    with pytest.raises(CheckpointError, match="incomplete"):
+        export(copy / "2", out)
+    damaged = [f for f in (copy / "1" / "state").rglob("*") if f.is_file() and f.stat().st_size > 0]
+    for f in damaged:
+        f.unlink()
+    with pytest.raises(CheckpointError, match="cannot read"):
+        export(copy / "1", out)
+    assert not out.exists()
+
+    out.mkdir()
+    (out / "mine.txt").write_text("keep me")
+    with pytest.raises(ExportError, match="not empty.*--overwrite"):
+        export(workdir, out)
+    with pytest.raises(CheckpointError):
+        export(tmp_path / "nowhere", out, overwrite=True)
+    assert [p.name for p in out.iterdir()] == ["mine.txt"] and (out / "mine.txt").read_text() == "keep me"
+    assert main(["--checkpoint", str(workdir), "--out", str(out)]) == 2
+    for source, target in ((workdir, workdir), (workdir / "stages" / "main", workdir / "stages")):
+        with pytest.raises(ExportError, match="which the export reads"):  # --overwrite would delete the source
+            export(source, target, overwrite=True)
+    export(workdir, out, overwrite=True)
+    assert not (out / "mine.txt").exists() and (out / "config.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["copy", "out"]  # nothing half-written beside it
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("text_encoder_2 wider", "cross_attention_dim is 80, the text encoders give 32 \\+ 64 = 96"),
+    ("pooled narrower", "projection_class_embeddings_input_dim is 88, .* pooled 24"),
+    ("no tokenizer_2", "lacks tokenizer_2/"),
+    ("pickled text encoder", "only pickled weights \\(pytorch_model.bin\\)"),
+])
+def test_a_pipeline_that_does_not_fit_is_refused(workdir, pipeline, tmp_path, damage, message):
+    broken = shutil.copytree(pipeline, tmp_path / "broken")
+    te2 = broken / "text_encoder_2" / "config.json"
+    if damage == "text_encoder_2 wider":
+        te2.write_text(json.dumps(json.loads(te2.read_text()) | {"hidden_size": 64}))
+    elif damage == "pooled narrower":
+        te2.write_text(json.dumps(json.loads(te2.read_text()) | {"projection_dim": 24}))
+    elif damage == "no tokenizer_2":
+        shutil.rmtree(broken / "tokenizer_2")
+    else:
+        (broken / "text_encoder" / "model.safetensors").rename(broken / "text_encoder" / "pytorch_model.bin")
+    with pytest.raises(ExportError, match=message):
+        export(workdir, tmp_path / "out", pipeline_from=broken)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["broken"]
