@@ -43,6 +43,13 @@ def base_config() -> ml_collections.ConfigDict:
     # and num_examples apply to it only). resolution: pixels (images, synthetic).
     c.data = ml_collections.ConfigDict(dict(source="synthetic", path="", pipeline="", resolution=1024, seq_len=77,
                                             num_examples=64, center_crop=False, random_flip=False))
+    # Validation during training, every `every` steps (0: only before and after): the student-vs-teacher
+    # agreement on a fixed batch, and — with an SDXL pipeline folder for the VAE and text encoders
+    # (`pipeline`, default data.pipeline or the teacher when it is one) — a teacher | student image grid for
+    # `prompts` × `seeds` with latent MSE, PSNR and SSIM, in TensorBoard and WORKDIR/samples/STAGE/.
+    c.eval = ml_collections.ConfigDict(dict(every=0, pipeline="", prompts=["a photo of an astronaut riding a horse",
+                                                                           "a watercolor painting of a lighthouse"],
+                                            seeds=[0], steps=20, guidance=5.0, scheduler="euler", height=0, width=0))
     c.batch_size = 128  # global, all micro-batches of one step together (32 × 4 accumulation)
     c.steps = 251_000
     c.log_every = 50
@@ -90,6 +97,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
           "text_encoder*/ and tokenizer*/ (--config.data.pipeline=DIR)")
     check(c.precision.encoders in DTYPES, "precision.encoders", f"one of {DTYPES}")
     check(c.log_every >= 1, "log_every", "≥ 1")
+    check(c.eval.every >= 0, "eval.every", "≥ 0 (0: validate only before and after)")
+    check(c.eval.scheduler in ("euler", "ddim"), "eval.scheduler", "'euler' or 'ddim'")
     check(c.checkpoint_every >= 1, "checkpoint_every", "≥ 1")
     if not c.stages:
         check(bool(c.teacher or c.model), "teacher", "a diffusers UNet/pipeline folder (--config.teacher=DIR)")

@@ -300,6 +300,8 @@ def write_random_pipeline(pipeline_dir: str | Path, unet: UNetSpec = PIPELINE_UN
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
+    from jaxdistill.sample import SDXL_SCHEDULER_CONFIG
+
     root = Path(pipeline_dir)
     write_random_text_encoders(root, seed=seed)
     write_random_vae(root / "vae", seed=seed + 1)
@@ -310,13 +312,6 @@ def write_random_pipeline(pipeline_dir: str | Path, unet: UNetSpec = PIPELINE_UN
         text_encoder_2=CLIPTextModelWithProjection.from_pretrained(root / "text_encoder_2"),
         tokenizer=CLIPTokenizer.from_pretrained(root / "tokenizer"),
         tokenizer_2=CLIPTokenizer.from_pretrained(root / "tokenizer_2"),
-        scheduler=EulerDiscreteScheduler.from_config(SDXL_SCHEDULER))
+        scheduler=EulerDiscreteScheduler.from_config(SDXL_SCHEDULER_CONFIG))
     pipe.save_pretrained(str(root), safe_serialization=True)
     return root
-
-
-# stabilityai/stable-diffusion-xl-base-1.0's scheduler/scheduler_config.json
-SDXL_SCHEDULER = {"beta_end": 0.012, "beta_schedule": "scaled_linear", "beta_start": 0.00085,
-                  "interpolation_type": "linear", "num_train_timesteps": 1000, "prediction_type": "epsilon",
-                  "sample_max_value": 1.0, "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1,
-                  "timestep_spacing": "leading", "trained_betas": None, "use_karras_sigmas": False}

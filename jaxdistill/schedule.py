@@ -12,14 +12,23 @@ PREDICTION_TYPES = ("epsilon", "v_prediction")
 
 def alphas_cumprod(num_train_timesteps: int = 1000, beta_start: float = 0.00085, beta_end: float = 0.012,
                    beta_schedule: str = "scaled_linear") -> np.ndarray:
-    """ᾱ_t for t in [0, T) [T] float32, computed as diffusers does (float32 throughout)."""
-    if beta_schedule == "scaled_linear":
-        betas = np.linspace(beta_start**0.5, beta_end**0.5, num_train_timesteps, dtype=np.float32) ** 2
-    elif beta_schedule == "linear":
-        betas = np.linspace(beta_start, beta_end, num_train_timesteps, dtype=np.float32)
-    else:
+    """ᾱ_t for t in [0, T) [T] float32, bit-equal to diffusers' (torch) table. Sampling needs the last ulp:
+    the smallest σ = √((1 − ᾱ)/ᾱ) comes from 1 − ᾱ ≈ 1e-3. torch's float32 linspace is start + step·i
+    (from the end for the second half) with step in float32 and one rounding; its cumprod accumulates in
+    double."""
+    if beta_schedule not in ("scaled_linear", "linear"):
         raise ValueError(f"beta_schedule={beta_schedule!r}: expected 'scaled_linear' (SDXL) or 'linear'.")
-    return np.cumprod(1.0 - betas, dtype=np.float32)
+    n, start, end = num_train_timesteps, beta_start, beta_end
+    if beta_schedule == "scaled_linear":
+        start, end = start**0.5, end**0.5
+    start32, end32 = np.float32(start), np.float32(end)
+    step = (end32 - start32) / np.float32(n - 1)
+    i = np.arange(n, dtype=np.float64)
+    betas = np.where(i < n / 2, start32 + np.float64(step) * i, end32 - np.float64(step) * (n - 1 - i)).astype(
+        np.float32)
+    if beta_schedule == "scaled_linear":
+        betas = betas**2
+    return np.cumprod((np.float32(1.0) - betas).astype(np.float64)).astype(np.float32)
 
 
 def _coefficients(acp: jax.Array, timesteps: jax.Array, ndim: int) -> tuple[jax.Array, jax.Array]:

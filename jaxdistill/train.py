@@ -177,6 +177,17 @@ def run_stage(c: ml_collections.ConfigDict, workdir: Path, previous: Model | Non
     agreement = _agreement_fn(student_model, teacher_model, acp, data, c, encode, encoder_params) if distil else None
     before = agreement(state.params, teacher_params) if distil and start == 0 else None
     logger = _Logger(workdir, c.name, c.steps, start, c.batch_size)
+    validation = _validation(c, teacher, workdir) if distil else None
+    unstack = jax.jit(unstack_layers) if c.scan_layers else (lambda p: p)
+
+    def validate_now(step):
+        scalars = {"agreement": agreement(state.params, teacher_params)}
+        if validation is not None:
+            means, grid = validation(student.spec, unstack(state.params))
+            scalars |= means
+            logger.image(step, "validation", grid)
+        logger.scalars(step, {f"eval/{k}": v for k, v in scalars.items()})
+
     stop = _StopFlag()
     step = start
     last_good = start if start else None
@@ -194,6 +205,8 @@ def run_stage(c: ml_collections.ConfigDict, workdir: Path, previous: Model | Non
                         f"The run stopped; the last good checkpoint is step {last_good} in {manager.directory}. "
                         "Lower optimizer.lr, enable grad clipping, or check the data.")
                 logger.step(step, values, log=step % c.log_every == 0 or step == c.steps)
+                if distil and c.eval.every and (step % c.eval.every == 0 or step == c.steps):
+                    validate_now(step)
                 if step % c.checkpoint_every == 0 or step == c.steps or stop.requested:
                     manager.save(step, args=_save_args(state, meta | {"data_position": step}))
                     last_good = step
@@ -285,6 +298,19 @@ class _StopFlag:
         self.requested = signal.Signals(signum).name
 
 
+def _validation(c, teacher: Model, workdir: Path):
+    """The image validation of a distillation stage, when an SDXL pipeline folder is at hand (else None)."""
+    from jaxdistill.evaluate import Validation
+    from jaxdistill.sample import is_pipeline
+
+    pipeline = c.eval.pipeline or c.data.pipeline or (c.teacher if c.teacher and is_pipeline(c.teacher) else "")
+    if not (c.eval.every and pipeline):
+        return None
+    size = {k: c.eval[k] for k in ("height", "width") if c.eval[k]}
+    return Validation(pipeline, teacher.spec, teacher.params, prompts=list(c.eval.prompts), seeds=list(c.eval.seeds),
+                      steps=c.eval.steps, guidance=c.eval.guidance, scheduler=c.eval.scheduler, **size)
+
+
 class _Logger:
     """Console progress bar, TensorBoard scalars and metrics.jsonl (written by process 0 only)."""
 
@@ -293,7 +319,7 @@ class _Logger:
         from tqdm import tqdm
 
         self.primary = jax.process_index() == 0
-        self.batch_size, self.stage = batch_size, stage
+        self.batch_size, self.stage, self.workdir = batch_size, stage, workdir
         self.bar = tqdm(total=total, initial=start, desc=f"{stage}", unit="step", dynamic_ncols=True,
                         disable=not self.primary)
         self.writer = SummaryWriter(str(workdir / "tensorboard" / stage)) if self.primary else None
@@ -315,6 +341,21 @@ class _Logger:
         self.writer.add_scalar(f"{self.stage}/samples_per_s", rate, step)
         self.jsonl.write(json.dumps({"stage": self.stage, "step": step, **values, "samples_per_s": rate}) + "\n")
         self.jsonl.flush()
+
+    def scalars(self, step: int, values: dict[str, float]):
+        if self.primary:
+            for k, v in values.items():
+                self.writer.add_scalar(f"{self.stage}/{k}", v, step)
+            self.jsonl.write(json.dumps({"stage": self.stage, "step": step, **values}) + "\n")
+            self.jsonl.flush()
+
+    def image(self, step: int, tag: str, image):
+        """A PIL image to TensorBoard and to WORKDIR/samples/STAGE/TAG_STEP.png."""
+        if self.primary:
+            self.writer.add_image(f"{self.stage}/{tag}", np.asarray(image.convert("RGB")), step, dataformats="HWC")
+            folder = self.workdir / "samples" / self.stage
+            folder.mkdir(parents=True, exist_ok=True)
+            image.save(folder / f"{tag}_{step:07d}.png")
 
     def close(self):
         self.bar.close()

@@ -1,0 +1,228 @@
+"""`python -m jaxdistill.evaluate`: how closely a student follows its teacher, image for image.
+
+For every prompt of a prompt file and every seed, teacher and student sample from the same initial noise
+with the same scheduler and guidance (`jaxdistill.sample`); we compare the final latents (MSE and MSE
+relative to the teacher's mean square) and the decoded images (PSNR and SSIM, 8-bit, data range 255),
+and, when CLIP weights are given, each image's CLIP score against its prompt. Output: `metrics.csv` (one
+row per image pair), `metrics.md` (the table and the means), `summary.json` and `grid.png` (teacher above
+student for each prompt and seed). The same comparison feeds the validation grid during training.
+
+SSIM is Wang et al.'s (11×11 Gaussian window, σ = 1.5, K1 = 0.01, K2 = 0.03), the mean over pixels and
+channels — equal to scikit-image's `structural_similarity(gaussian_weights=True, sigma=1.5,
+use_sample_covariance=False, data_range=255)`. CLIP score is torchmetrics' definition, 100 · max(cos, 0),
+computed with transformers' PyTorch `CLIPModel` (loaded from safetensors) — the only PyTorch on this path.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+METRICS = ("latent_mse", "latent_rel_mse", "psnr", "ssim")
+
+
+def psnr(a: np.ndarray, b: np.ndarray, data_range: float = 255.0) -> float:
+    """Peak signal-to-noise ratio in dB of two images [H, W, C] (inf when equal)."""
+    mse = np.mean((np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2)
+    return float("inf") if mse == 0 else float(10 * np.log10(data_range ** 2 / mse))
+
+
+def ssim(a: np.ndarray, b: np.ndarray, data_range: float = 255.0, sigma: float = 1.5) -> float:
+    """Structural similarity of two images [H, W, C]: Gaussian-weighted local statistics (window 11 for
+    σ = 1.5), averaged over the valid (unpadded) pixels and the channels."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    radius = int(3.5 * sigma + 0.5)  # scikit-image's truncate=3.5 → an 11-tap window at σ = 1.5
+    x = np.arange(-radius, radius + 1)
+    g = np.exp(-x ** 2 / (2 * sigma ** 2))
+    g /= g.sum()
+
+    def blur(img):  # separable "valid" filtering over H and W, per channel
+        img = np.apply_along_axis(lambda r: np.convolve(r, g, mode="valid"), 0, img)
+        return np.apply_along_axis(lambda r: np.convolve(r, g, mode="valid"), 1, img)
+
+    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
+    mu_a, mu_b = blur(a), blur(b)
+    var_a, var_b = blur(a * a) - mu_a ** 2, blur(b * b) - mu_b ** 2
+    cov = blur(a * b) - mu_a * mu_b
+    s = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a ** 2 + mu_b ** 2 + c1) * (var_a + var_b + c2))
+    return float(s.mean())
+
+
+def clip_score(images: np.ndarray, prompts: Sequence[str], clip_dir: str | os.PathLike) -> np.ndarray:
+    """CLIP score of each image [N, H, W, 3] uint8 against its prompt: 100 · max(cos(image, text), 0), with
+    a transformers `CLIPModel` folder (weights in safetensors; its processor config beside them)."""
+    try:
+        import torch
+        from transformers import CLIPModel, CLIPProcessor
+    except ImportError as e:
+        raise RuntimeError("CLIP score needs PyTorch and transformers: pip install 'jaxdistill[torch]'") from e
+    model = CLIPModel.from_pretrained(str(clip_dir), use_safetensors=True).eval()
+    processor = CLIPProcessor.from_pretrained(str(clip_dir))
+    inputs = processor(text=list(prompts), images=list(np.asarray(images)), return_tensors="pt", padding=True,
+                       truncation=True)
+    with torch.no_grad():
+        image = model.get_image_features(pixel_values=inputs["pixel_values"])
+        text = model.get_text_features(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
+    image = torch.nn.functional.normalize(getattr(image, "pooler_output", image), dim=-1)
+    text = torch.nn.functional.normalize(getattr(text, "pooler_output", text), dim=-1)
+    return (100 * torch.clamp((image * text).sum(-1), min=0)).numpy()
+
+
+@dataclasses.dataclass
+class Evaluation:
+    """One row per (prompt, seed): the metrics; and the images, teacher and student, [N, H, W, 3] uint8."""
+
+    rows: list[dict[str, Any]]
+    teacher_images: np.ndarray
+    student_images: np.ndarray
+
+    def means(self) -> dict[str, float]:
+        keys = [k for k in self.rows[0] if k not in ("prompt", "seed")]
+        return {k: float(np.mean([r[k] for r in self.rows])) for k in keys}
+
+
+def compare(teacher, student, prompts: Sequence[str], seeds: Sequence[int], *, clip_dir: str | None = None,
+            teacher_output=None, **sample_kwargs) -> Evaluation:
+    """Teacher and student (`sample.Pipeline`s) from the same noise for every prompt × seed. `sample_kwargs`
+    go to `sample.generate` (steps, guidance, scheduler, height, width). `teacher_output`: the teacher's
+    `SampleOutput` for these prompts and seeds when already computed (training reuses it)."""
+    from jaxdistill import sample
+
+    cases = [(p, s) for p in prompts for s in seeds]
+    case_prompts, case_seeds = [p for p, _ in cases], [s for _, s in cases]
+    t = teacher_output or sample.generate(teacher, case_prompts, seeds=case_seeds, **sample_kwargs)
+    s = sample.generate(student, case_prompts, seeds=case_seeds, **sample_kwargs)
+    rows = []
+    for i, (prompt, seed) in enumerate(cases):
+        tl, sl = np.asarray(t.latents[i], np.float64), np.asarray(s.latents[i], np.float64)
+        mse = float(np.mean((sl - tl) ** 2))
+        rows.append({"prompt": prompt, "seed": seed, "latent_mse": mse, "latent_rel_mse": mse / float(np.mean(tl ** 2)),
+                     "psnr": psnr(s.images[i], t.images[i]), "ssim": ssim(s.images[i], t.images[i])})
+    if clip_dir:
+        for name, images in (("clip_teacher", t.images), ("clip_student", s.images)):
+            for row, score in zip(rows, clip_score(images, case_prompts, clip_dir), strict=True):
+                row[name] = float(score)
+    return Evaluation(rows, np.asarray(t.images), np.asarray(s.images))
+
+
+def comparison_grid(evaluation: Evaluation):
+    """One row per prompt × seed: teacher | student."""
+    from jaxdistill import sample
+
+    return sample.pair_grid(evaluation.teacher_images, evaluation.student_images,
+                            [r["prompt"] for r in evaluation.rows], [r["seed"] for r in evaluation.rows])
+
+
+class Validation:
+    """The validation grid and agreement figures during training: the teacher's samples for fixed prompts
+    and seeds are drawn once; each call samples the student with its current weights and compares."""
+
+    def __init__(self, pipeline_dir: str, teacher_spec, teacher_params, *, prompts: Sequence[str],
+                 seeds: Sequence[int], **sample_kwargs):
+        from jaxdistill import sample
+
+        self.base = sample.load_pipeline(pipeline_dir)  # its VAE, text encoders and scheduler
+        self.teacher = dataclasses.replace(self.base, unet_spec=teacher_spec, unet_params=teacher_params,
+                                           name="teacher")
+        self.prompts, self.seeds, self.kwargs = list(prompts), list(seeds), sample_kwargs
+        self._teacher_output = None
+
+    def __call__(self, student_spec, student_params) -> tuple[dict[str, float], Any]:
+        """→ (mean metrics, the teacher | student grid as a PIL image)."""
+        from jaxdistill import sample
+
+        if self._teacher_output is None:
+            cases = [(p, s) for p in self.prompts for s in self.seeds]
+            self._teacher_output = sample.generate(self.teacher, [p for p, _ in cases], seeds=[s for _, s in cases],
+                                                   **self.kwargs)
+        student = dataclasses.replace(self.base, unet_spec=student_spec, unet_params=student_params, name="student")
+        evaluation = compare(self.teacher, student, self.prompts, self.seeds, teacher_output=self._teacher_output,
+                             **self.kwargs)
+        return evaluation.means(), comparison_grid(evaluation)
+
+
+def write_report(evaluation: Evaluation, out: str | os.PathLike, info: dict[str, Any] | None = None) -> Path:
+    """metrics.csv, metrics.md, summary.json and grid.png in `out`."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    keys = list(evaluation.rows[0])
+    with open(out / "metrics.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=keys)
+        writer.writeheader()
+        writer.writerows(evaluation.rows)
+    means = evaluation.means()
+    fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)  # noqa: E731
+    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    lines += ["| " + " | ".join(fmt(r[k]) for k in keys) + " |" for r in evaluation.rows]
+    lines.append("| **mean** | | " + " | ".join(fmt(means[k]) for k in keys[2:]) + " |")
+    header = [f"# Student vs teacher ({len(evaluation.rows)} image pairs)", ""]
+    if info:
+        header += [f"- {k}: {v}" for k, v in info.items()] + [""]
+    (out / "metrics.md").write_text("\n".join(header + lines) + "\n")
+    (out / "summary.json").write_text(json.dumps({"means": means, "rows": evaluation.rows} | (info or {}),
+                                                 indent=2))
+    comparison_grid(evaluation).save(out / "grid.png")
+    return out
+
+
+def read_prompts(path: str | os.PathLike) -> list[str]:
+    """One prompt per line; blank lines and lines starting with # are ignored."""
+    lines = Path(path).read_text(encoding="utf-8").splitlines()
+    prompts = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+    if not prompts:
+        raise ValueError(f"{path} holds no prompts (one per line; # starts a comment)")
+    return prompts
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Compare a student with its teacher over prompts × seeds: latent MSE, PSNR, SSIM, CLIP score."""
+    import argparse
+
+    from jaxdistill import sample
+
+    parser = argparse.ArgumentParser(prog="python -m jaxdistill.evaluate", description=main.__doc__)
+    parser.add_argument("--student", required=True, help="pipeline / UNet folder, or a training checkpoint")
+    parser.add_argument("--teacher", required=True, help="pipeline / UNet folder of the teacher")
+    parser.add_argument("--pipeline", help="SDXL pipeline folder for the VAE, text encoders and scheduler "
+                                           "(default: the teacher, when it is a pipeline folder)")
+    parser.add_argument("--prompts", required=True, help="text file, one prompt per line")
+    parser.add_argument("--seeds", default="0,1", help="comma-separated seeds (default 0,1)")
+    parser.add_argument("--steps", type=int, default=25)
+    parser.add_argument("--guidance", type=float, default=5.0)
+    parser.add_argument("--scheduler", choices=("euler", "ddim"), default="euler")
+    parser.add_argument("--height", type=int)
+    parser.add_argument("--width", type=int)
+    parser.add_argument("--clip", help="transformers CLIPModel folder (safetensors) for CLIP scores")
+    parser.add_argument("--ema", action="store_true", help="the student checkpoint's EMA weights")
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args(argv)
+    try:
+        prompts = read_prompts(args.prompts)
+        seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    except (OSError, ValueError) as e:
+        parser.error(str(e))
+    pipeline = args.pipeline or args.teacher
+    teacher = sample.load_pipeline(args.teacher, pipeline)
+    student = sample.load_pipeline(args.student, pipeline, ema=args.ema)
+    evaluation = compare(teacher, student, prompts, seeds, clip_dir=args.clip, steps=args.steps,
+                         guidance=args.guidance, scheduler=args.scheduler, height=args.height, width=args.width)
+    info = {"student": args.student, "teacher": args.teacher, "steps": args.steps, "guidance": args.guidance,
+            "scheduler": args.scheduler}
+    out = write_report(evaluation, args.out, info)
+    means = evaluation.means()
+    print("  ".join(f"{k} {v:.4g}" for k, v in means.items()))
+    print(f"evaluate: {len(evaluation.rows)} image pairs → {out}/metrics.{{csv,md}}, grid.png")
+    return 0
+
+
+if __name__ == "__main__":
+    from jaxdistill.evaluate import main as _main
+
+    raise SystemExit(_main())

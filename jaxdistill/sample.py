@@ -1,0 +1,696 @@
+"""Sampling SDXL-family models in JAX: text → image with a (pruned, distilled) UNet, for looking at what a
+student has learnt next to its teacher, and as the base of evaluation.
+
+    pipe = load_pipeline("runs/ssd1b", pipeline="stable-diffusion-xl-base-1.0")   # checkpoint, UNet or pipeline
+    out = generate(pipe, ["a photo of a cat"], seeds=[0], steps=25, guidance=5.0)  # scheduler="euler" | "ddim"
+    out.images                      # uint8 [B, H, W, 3], as diffusers' output_type="pil" gives them
+    image_grid(out.images, rows=1, row_labels=["a photo of a cat"]).save("grid.png")
+
+    python -m jaxdistill.sample --model runs/ssd1b --pipeline SDXL_DIR --prompt "a cat" --out samples/ \
+        [--teacher SDXL_DIR]        # one PNG per image, grid.png (and side_by_side.png with a teacher)
+
+What it reproduces, number for number in float32 (`tests/test_sample.py`): diffusers'
+`StableDiffusionXLPipeline.__call__` with `EulerDiscreteScheduler` or `DDIMScheduler` (eta 0), given the
+same initial latents: SDXL's conditioning (both CLIP encoders, zero negative conditioning for an empty
+negative prompt when the pipeline's `force_zeros_for_empty_prompt` is set), add_time_ids (original size =
+target size = (height, width), crop (0, 0)), classifier-free guidance in one batch of 2B (uncond first),
+optional guidance_rescale, the VAE decode and the image post-processing ((x/2 + 0.5) clipped to [0, 1],
+×255, rounded).
+
+The schedulers are pure: their tables (timesteps, sigmas, ᾱ) come from numpy on the host, computed with the
+same float32 operations as diffusers' torch code; each step is a jittable function of the step index, and
+the whole denoising loop is one `jax.lax.fori_loop` inside one jit.
+
+Not here: other schedulers (DPM-Solver, ...), eta > 0, img2img / inpainting / refiner, prompt weighting,
+long prompts (> 77 tokens are truncated, as diffusers does), IP-adapters, the invisible watermark,
+torch's random generator (the noise of a seed is jax.random's, see `initial_latents`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import os
+import textwrap
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxdistill import schedule
+from jaxdistill.convert import CONFIG_NAME, load_unet
+from jaxdistill.schedule import PREDICTION_TYPES
+from jaxdistill.spec import UNetSpec, UnsupportedConfigError
+from jaxdistill.text import TextEncoders, load_text_encoders
+from jaxdistill.unet import UNet
+from jaxdistill.vae import VAESpec, load_vae
+from jaxdistill.vae import decode as vae_decode
+
+# stabilityai/stable-diffusion-xl-base-1.0's scheduler/scheduler_config.json: used when a pipeline folder
+# has none. Its `clip_sample: false` matters for DDIM, whose own default clips x0 to [-1, 1].
+SDXL_SCHEDULER_CONFIG: dict[str, Any] = {
+    "beta_end": 0.012, "beta_schedule": "scaled_linear", "beta_start": 0.00085, "clip_sample": False,
+    "interpolation_type": "linear", "num_train_timesteps": 1000, "prediction_type": "epsilon",
+    "sample_max_value": 1.0, "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1,
+    "timestep_spacing": "leading", "trained_betas": None, "use_karras_sigmas": False}
+SPACINGS = ("leading", "trailing", "linspace")
+PIPELINE_PARTS = ("vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")  # what sampling reads
+
+
+# ---- schedulers ---------------------------------------------------------------------------------
+
+class _Scheduler:
+    """Shared by the schedulers: reading a diffusers scheduler config (`from_config`) and ᾱ.
+
+    Subclasses are frozen dataclasses whose fields are diffusers' config fields with diffusers' defaults,
+    so `X.from_config(cfg)` means what diffusers' `X.from_config(cfg)` means (`pipe.scheduler =
+    DDIMScheduler.from_config(pipe.scheduler.config)`): fields the class does not know are ignored, missing
+    ones take the class default. `_REFUSED` lists settings not implemented here: (diffusers' default,
+    the values we implement)."""
+
+    _REFUSED: dict[str, tuple[Any, tuple]] = {}
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any] | str | os.PathLike):
+        if not isinstance(config, Mapping):
+            config = json.loads(Path(config).read_text())
+        for field, (default, supported) in cls._REFUSED.items():
+            value = config.get(field, default)
+            if value not in supported:
+                raise UnsupportedConfigError(f"{cls.__name__}: {field}={value!r} is not implemented in "
+                                             f"jaxdistill.sample (supported: {supported})")
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in config.items() if k in names})
+
+    def __post_init__(self):
+        if self.prediction_type not in PREDICTION_TYPES:
+            raise UnsupportedConfigError(f"{type(self).__name__}: prediction_type={self.prediction_type!r}; "
+                                         f"supported: {PREDICTION_TYPES}")
+        if self.timestep_spacing not in SPACINGS:
+            raise UnsupportedConfigError(f"{type(self).__name__}: timestep_spacing={self.timestep_spacing!r}; "
+                                         f"supported: {SPACINGS}")
+        if self.beta_schedule not in ("linear", "scaled_linear"):
+            raise UnsupportedConfigError(f"{type(self).__name__}: beta_schedule={self.beta_schedule!r}; "
+                                         "supported: 'linear', 'scaled_linear'")
+
+    def alphas_cumprod(self) -> np.ndarray:
+        """ᾱ [T] float32, bit-equal to diffusers' schedulers' (torch) table."""
+        return schedule.alphas_cumprod(self.num_train_timesteps, self.beta_start, self.beta_end, self.beta_schedule)
+
+    def _spaced_timesteps(self, num_inference_steps: int) -> np.ndarray:
+        """The inference timesteps [N] (descending, float64 integers), diffusers' `timestep_spacing`."""
+        n, train = num_inference_steps, self.num_train_timesteps
+        if not 1 <= n <= train:
+            raise ValueError(f"num_inference_steps={n}: expected 1 … {train}")
+        if self.timestep_spacing == "leading":  # SDXL's: (N − 1)·⌊T/N⌋ + 1, …, 1 with steps_offset 1
+            return (np.arange(0, n) * (train // n)).round()[::-1] + self.steps_offset
+        if self.timestep_spacing == "trailing":
+            return np.arange(train, 0, -train / n).round() - 1
+        return np.linspace(0, train - 1, n)[::-1]  # "linspace"; each scheduler rounds (or not) itself
+
+
+class EulerSchedule(NamedTuple):
+    """`EulerDiscreteScheduler.set_timesteps`' tables (numpy on the host, traced inside jit)."""
+
+    timesteps: np.ndarray  # [N] float32: what the UNet is given
+    sigmas: np.ndarray  # [N + 1] float32, descending; the last is 0 (or σ_min with final_sigmas_type)
+    init_noise_sigma: np.ndarray  # () float32: initial latents = N(0, 1) noise × this
+
+
+@dataclasses.dataclass(frozen=True)
+class EulerDiscreteScheduler(_Scheduler):
+    """diffusers' `EulerDiscreteScheduler` (SDXL's default), deterministic (s_churn 0): epsilon and
+    v_prediction; leading / trailing / linspace spacing; linear interpolation; Karras sigmas."""
+
+    num_train_timesteps: int = 1000
+    beta_start: float = 0.0001
+    beta_end: float = 0.02
+    beta_schedule: str = "linear"
+    prediction_type: str = "epsilon"
+    interpolation_type: str = "linear"
+    use_karras_sigmas: bool = False
+    sigma_min: float | None = None
+    sigma_max: float | None = None
+    timestep_spacing: str = "linspace"
+    steps_offset: int = 0
+    final_sigmas_type: str = "zero"
+
+    _REFUSED = {"trained_betas": (None, (None,)), "use_exponential_sigmas": (False, (False,)),
+                "use_beta_sigmas": (False, (False,)), "timestep_type": ("discrete", ("discrete",)),
+                "rescale_betas_zero_snr": (False, (False,)), "interpolation_type": ("linear", ("linear",)),
+                "final_sigmas_type": ("zero", ("zero", "sigma_min"))}
+
+    def set_timesteps(self, num_inference_steps: int) -> EulerSchedule:
+        """diffusers' `set_timesteps(num_inference_steps)`, in numpy with diffusers' dtypes at each stage."""
+        timesteps = self._spaced_timesteps(num_inference_steps).astype(np.float32)
+        acp = self.alphas_cumprod()
+        train_sigmas = np.sqrt((1 - acp) / acp)  # float32, as torch computes it
+        sigmas = np.interp(timesteps, np.arange(len(train_sigmas)), train_sigmas)  # float64
+        if self.use_karras_sigmas:
+            sigmas = self._karras(sigmas, num_inference_steps)
+            log_sigmas = np.log(train_sigmas)
+            # One σ at a time, as diffusers: numpy's vectorised float64 log can differ from the scalar one by an ulp.
+            timesteps = np.array([self._sigma_to_t(sigma, log_sigmas) for sigma in sigmas])
+        last = train_sigmas[0] if self.final_sigmas_type == "sigma_min" else 0.0
+        sigmas = np.concatenate([sigmas, [last]]).astype(np.float32)
+        max_sigma = sigmas.max()
+        # diffusers' `init_noise_sigma`: the noise level of x_T = x_0 + σ ε (with x_0 ~ N(0, 1) for "leading").
+        init = max_sigma if self.timestep_spacing in ("linspace", "trailing") else np.sqrt(max_sigma * max_sigma + 1)
+        return EulerSchedule(timesteps.astype(np.float32), sigmas, np.asarray(init, np.float32))
+
+    def _karras(self, sigmas: np.ndarray, n: int) -> np.ndarray:
+        """Karras et al.'s ρ = 7 spacing between σ_max and σ_min (diffusers' `_convert_to_karras`)."""
+        lo = self.sigma_min if self.sigma_min is not None else sigmas[-1].item()
+        hi = self.sigma_max if self.sigma_max is not None else sigmas[0].item()
+        rho, ramp = 7.0, np.linspace(0, 1, n)
+        return (hi ** (1 / rho) + ramp * (lo ** (1 / rho) - hi ** (1 / rho))) ** rho
+
+    @staticmethod
+    def _sigma_to_t(sigma: float, log_sigmas: np.ndarray) -> float:
+        """The fractional training timestep of σ, interpolating log σ (diffusers' `_sigma_to_t`)."""
+        log_sigma = np.log(np.maximum(sigma, 1e-10))
+        low = np.cumsum(log_sigma - log_sigmas >= 0).argmax().clip(max=len(log_sigmas) - 2)
+        w = np.clip((log_sigmas[low] - log_sigma) / (log_sigmas[low] - log_sigmas[low + 1]), 0, 1)
+        return (1 - w) * low + w * (low + 1)
+
+    def scale_model_input(self, schedule: EulerSchedule, sample: jax.Array, step_index: jax.Array) -> jax.Array:
+        """x / √(σ_i² + 1): what the UNet sees at step `step_index`. Jittable."""
+        sigma = jnp.asarray(schedule.sigmas)[step_index]
+        return sample / jnp.sqrt(sigma * sigma + 1)
+
+    def step(self, schedule: EulerSchedule, model_output: jax.Array, step_index: jax.Array,
+             sample: jax.Array) -> jax.Array:
+        """One Euler step from σ_i to σ_{i+1} (diffusers' `step(...).prev_sample`, same float32 operations,
+        gamma 0). model_output and sample [B, h, w, C] → prev_sample [B, h, w, C]. Jittable."""
+        sigmas = jnp.asarray(schedule.sigmas)
+        sigma, sigma_next = sigmas[step_index], sigmas[step_index + 1]
+        sample = sample.astype(jnp.float32)
+        if self.prediction_type == "epsilon":
+            pred_original_sample = sample - sigma * model_output
+        else:  # v_prediction
+            pred_original_sample = model_output * (-sigma / jnp.sqrt(sigma * sigma + 1)) + sample / (sigma * sigma + 1)
+        derivative = (sample - pred_original_sample) / sigma
+        return (sample + derivative * (sigma_next - sigma)).astype(model_output.dtype)
+
+
+class DDIMSchedule(NamedTuple):
+    """`DDIMScheduler.set_timesteps`' tables: ᾱ of each step and of the step it leads to."""
+
+    timesteps: np.ndarray  # [N] int32
+    alpha_prod_t: np.ndarray  # [N] float32: ᾱ_t
+    alpha_prod_t_prev: np.ndarray  # [N] float32: ᾱ at t − T/N, or final_alpha_cumprod past 0
+    init_noise_sigma: np.ndarray  # () float32: 1
+
+
+@dataclasses.dataclass(frozen=True)
+class DDIMScheduler(_Scheduler):
+    """diffusers' `DDIMScheduler` with eta 0 (deterministic DDIM): epsilon and v_prediction, any spacing,
+    `clip_sample` (DDIM's default: on; SDXL's config: off), `set_alpha_to_one`."""
+
+    num_train_timesteps: int = 1000
+    beta_start: float = 0.0001
+    beta_end: float = 0.02
+    beta_schedule: str = "linear"
+    clip_sample: bool = True
+    clip_sample_range: float = 1.0
+    set_alpha_to_one: bool = True
+    steps_offset: int = 0
+    prediction_type: str = "epsilon"
+    timestep_spacing: str = "leading"
+
+    _REFUSED = {"trained_betas": (None, (None,)), "thresholding": (False, (False,)),
+                "rescale_betas_zero_snr": (False, (False,))}
+
+    def set_timesteps(self, num_inference_steps: int) -> DDIMSchedule:
+        timesteps = self._spaced_timesteps(num_inference_steps)
+        if self.timestep_spacing == "linspace":
+            timesteps = timesteps.round()
+        timesteps = timesteps.astype(np.int64)
+        acp = self.alphas_cumprod()
+        final = np.float32(1.0) if self.set_alpha_to_one else acp[0]
+        prev = timesteps - self.num_train_timesteps // num_inference_steps  # diffusers' rule, for every spacing
+        alpha_prev = np.where(prev >= 0, acp[np.maximum(prev, 0)], final).astype(np.float32)
+        return DDIMSchedule(timesteps.astype(np.int32), acp[timesteps], alpha_prev, np.asarray(1.0, np.float32))
+
+    def scale_model_input(self, schedule: DDIMSchedule, sample: jax.Array, step_index: jax.Array) -> jax.Array:
+        return sample
+
+    def step(self, schedule: DDIMSchedule, model_output: jax.Array, step_index: jax.Array,
+             sample: jax.Array) -> jax.Array:
+        """One DDIM step, eta 0 (diffusers' `step(...).prev_sample`, same float32 operations).
+        model_output and sample [B, h, w, C] → prev_sample [B, h, w, C]. Jittable."""
+        alpha_prod_t = jnp.asarray(schedule.alpha_prod_t)[step_index]
+        alpha_prod_t_prev = jnp.asarray(schedule.alpha_prod_t_prev)[step_index]
+        beta_prod_t = 1 - alpha_prod_t
+        if self.prediction_type == "epsilon":
+            pred_original_sample = (sample - jnp.sqrt(beta_prod_t) * model_output) / jnp.sqrt(alpha_prod_t)
+            pred_epsilon = model_output
+        else:  # v_prediction
+            pred_original_sample = jnp.sqrt(alpha_prod_t) * sample - jnp.sqrt(beta_prod_t) * model_output
+            pred_epsilon = jnp.sqrt(alpha_prod_t) * model_output + jnp.sqrt(beta_prod_t) * sample
+        if self.clip_sample:
+            pred_original_sample = jnp.clip(pred_original_sample, -self.clip_sample_range, self.clip_sample_range)
+        return jnp.sqrt(alpha_prod_t_prev) * pred_original_sample + jnp.sqrt(1 - alpha_prod_t_prev) * pred_epsilon
+
+
+SCHEDULERS = {"euler": EulerDiscreteScheduler, "ddim": DDIMScheduler}
+Scheduler = EulerDiscreteScheduler | DDIMScheduler
+
+
+def make_scheduler(name: str, config: Mapping[str, Any] | None = None) -> Scheduler:
+    """`SCHEDULERS[name].from_config(config)` (SDXL's config when None), like diffusers'
+    `EulerDiscreteScheduler.from_config(pipe.scheduler.config)`."""
+    if name not in SCHEDULERS:
+        raise ValueError(f"scheduler {name!r}: expected one of {sorted(SCHEDULERS)}")
+    return SCHEDULERS[name].from_config(SDXL_SCHEDULER_CONFIG if config is None else config)
+
+
+# ---- the pipeline -------------------------------------------------------------------------------
+
+@dataclasses.dataclass(eq=False)
+class Pipeline:
+    """Everything `generate` needs: an SDXL-family UNet with the VAE, text encoders and scheduler settings
+    of an SDXL pipeline. `dtype` is the compute dtype of the UNet and the VAE (the VAE computes in float32
+    when that is float16 and its config says `force_upcast`, as diffusers upcasts it); the text encoders
+    always compute in float32 (they run once per batch)."""
+
+    unet_spec: UNetSpec
+    unet_params: dict
+    text_encoders: TextEncoders
+    vae_spec: VAESpec
+    vae_params: dict
+    scheduler_config: dict[str, Any]
+    force_zeros_for_empty_prompt: bool = True
+    dtype: Any = jnp.float32
+    name: str = ""  # where the UNet came from, for labels and logs
+    pipeline_dir: str = ""  # where the VAE, text encoders and scheduler came from
+
+    @property
+    def vae_scale_factor(self) -> int:
+        """Image side ÷ latent side (8 for SDXL)."""
+        return self.vae_spec.downscale
+
+    @property
+    def size_multiple(self) -> int:
+        """Image sides must be multiples of this: the VAE's factor × the UNet's 2^(blocks − 1)."""
+        return self.vae_scale_factor * 2 ** (self.unet_spec.num_blocks - 1)
+
+    @property
+    def default_size(self) -> int:
+        """diffusers' default image side: the UNet's sample_size × the VAE's factor (SDXL: 1024)."""
+        return (self.unet_spec.sample_size or 128) * self.vae_scale_factor
+
+    def check_size(self, height: int | None, width: int | None) -> tuple[int, int]:
+        """(height, width) in pixels, defaults filled in; ValueError when not multiples of `size_multiple`."""
+        height, width = height or self.default_size, width or self.default_size
+        m = self.size_multiple
+        for name, value in (("height", height), ("width", width)):
+            if value <= 0 or value % m:
+                raise ValueError(f"{name}={value}: must be a positive multiple of {m} (the VAE's "
+                                 f"{self.vae_scale_factor}× times the UNet's {m // self.vae_scale_factor}× "
+                                 "downsampling)")
+        return height, width
+
+
+def load_pipeline(model: str | os.PathLike, pipeline: str | os.PathLike | None = None, *, ema: bool = False,
+                  dtype: str | Any = "float32") -> Pipeline:
+    """A `Pipeline` whose UNet is `model` and whose VAE, text encoders and scheduler come from `pipeline`.
+
+    `model`: a diffusers pipeline folder (its unet/), a diffusers UNet folder, or a training checkpoint of
+    `python -m jaxdistill.train` (workdir, stage or step folder; `ema` takes its EMA weights). `pipeline`:
+    a diffusers SDXL pipeline folder; default `model` itself when it is a pipeline folder, or for a
+    checkpoint the run's `data.pipeline` / pipeline-folder teacher. `dtype`: the UNet's parameters are cast
+    to it and it computes in it ("float32", "bfloat16"; "float16" on GPUs). Raises FileNotFoundError /
+    ValueError with the reason when something is missing or does not fit together."""
+    model = Path(model)
+    dtype = jnp.dtype(dtype)
+    if dtype == jnp.float16 and jax.default_backend() == "cpu":
+        raise ValueError("dtype float16: XLA:CPU's attention does not compute in float16; use bfloat16 or float32 "
+                         "on a CPU (float16 is for GPUs)")
+    if is_pipeline(model):
+        spec, params = load_unet(model, dtype)
+        pipeline = model if pipeline is None else pipeline
+        if ema:
+            raise ValueError("--ema/ema=True applies to training checkpoints; the model is a pipeline folder")
+    elif (model / CONFIG_NAME).is_file():
+        spec, params = load_unet(model, dtype)
+        if ema:
+            raise ValueError("--ema/ema=True applies to training checkpoints; the model is a UNet folder")
+    elif model.exists():
+        from jaxdistill.checkpoint import load_checkpoint  # orbax: only for checkpoints
+
+        spec, params, meta = load_checkpoint(model, ema=ema)
+        params = jax.tree.map(lambda x: jnp.asarray(x, dtype), params)
+        if pipeline is None:  # the run's own SDXL pipeline, when it had one
+            config = meta.get("config", {})
+            candidates = [config.get("data", {}).get("pipeline"), config.get("teacher"), meta.get("teacher")]
+            pipeline = next((c for c in candidates if c and is_pipeline(Path(c))), None)
+    else:
+        raise FileNotFoundError(f"model {model} does not exist")
+    if pipeline is None:
+        raise FileNotFoundError(f"{model} is a UNet, not a whole pipeline: give the SDXL pipeline folder whose VAE, "
+                                "text encoders and scheduler to use (--pipeline DIR / pipeline=)")
+    pipeline = Path(pipeline)
+    missing = [d for d in PIPELINE_PARTS if not (pipeline / d).is_dir()]
+    if missing:
+        raise FileNotFoundError(f"{pipeline} is not a diffusers SDXL pipeline folder: it lacks {', '.join(missing)}")
+
+    vae_spec, vae_params = load_vae(pipeline)
+    encoders = load_text_encoders(pipeline, dtype=jnp.float32)  # once per batch: float32 costs nothing
+    scheduler_file = pipeline / "scheduler" / "scheduler_config.json"
+    scheduler_config = (json.loads(scheduler_file.read_text()) if scheduler_file.is_file()
+                        else dict(SDXL_SCHEDULER_CONFIG))
+    index_file = pipeline / "model_index.json"
+    index = json.loads(index_file.read_text()) if index_file.is_file() else {}
+    pipe = Pipeline(spec, params, encoders, vae_spec, vae_params, scheduler_config,
+                    bool(index.get("force_zeros_for_empty_prompt", True)), dtype, str(model), str(pipeline))
+    _check_compatible(pipe)
+    make_scheduler("euler", scheduler_config)  # refuse an unsupported scheduler config now, not at generate
+    return pipe
+
+
+def is_pipeline(path: str | os.PathLike) -> bool:
+    """A diffusers pipeline folder (model_index.json, or at least unet/)."""
+    path = Path(path)
+    return (path / "model_index.json").is_file() or (path / "unet" / CONFIG_NAME).is_file()
+
+
+def _check_compatible(pipe: Pipeline):
+    """The UNet's conditioning widths against the text encoders' and the latent channels against the VAE's."""
+    s, (e1, e2) = pipe.unet_spec, pipe.text_encoders.specs
+    context, pooled = e1.hidden_size + e2.hidden_size, e2.projection_dim
+    problems = []
+    if s.cross_attention_dim != context:
+        problems.append(f"the UNet's cross_attention_dim is {s.cross_attention_dim}, the text encoders give {context}")
+    if s.addition_embed_type != "text_time":
+        problems.append("the UNet has no SDXL text_time conditioning (addition_embed_type)")
+    elif s.projection_class_embeddings_input_dim != pooled + 6 * s.addition_time_embed_dim:
+        problems.append(f"the UNet's projection_class_embeddings_input_dim is {s.projection_class_embeddings_input_dim}"
+                        f", the pooled embedding ({pooled}) and 6 time ids × {s.addition_time_embed_dim} make "
+                        f"{pooled + 6 * s.addition_time_embed_dim}")
+    if s.in_channels != pipe.vae_spec.latent_channels or s.out_channels != pipe.vae_spec.latent_channels:
+        problems.append(f"the UNet has {s.in_channels}/{s.out_channels} channels, the VAE "
+                        f"{pipe.vae_spec.latent_channels} latent channels")
+    if problems:
+        raise ValueError(f"{pipe.name} does not fit the pipeline's encoders: " + "; ".join(problems))
+
+
+# ---- generation ---------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class SampleOutput:
+    images: np.ndarray  # uint8 [B, H, W, 3]: diffusers' output_type="pil", as an array
+    latents: np.ndarray  # float32 [B, h, w, C]: the final latents, before the VAE
+    pixels: np.ndarray  # float32 [B, H, W, 3] in [0, 1]: diffusers' output_type="np"
+
+
+def initial_latents(seed: int, height: int, width: int, channels: int = 4, *, vae_scale_factor: int = 8) -> np.ndarray:
+    """N(0, 1) noise for one image of height × width pixels from one seed: float32 [1, h, w, C] with
+    h = height / vae_scale_factor (SDXL: 8). Drawn by jax.random (`jax.random.key(seed)`), so a seed gives
+    other noise than torch's generator in diffusers; pass these latents to both for equal images. The
+    noise depends on the seed and the shape only, never on what else is in the batch."""
+    shape = (1, height // vae_scale_factor, width // vae_scale_factor, channels)
+    return np.asarray(jax.random.normal(jax.random.key(seed), shape, jnp.float32))
+
+
+def generate(pipe: Pipeline, prompts: Sequence[str], *, seeds: Sequence[int] | None = None,
+             latents: np.ndarray | None = None, steps: int = 25, guidance: float = 5.0, scheduler: str = "euler",
+             height: int | None = None, width: int | None = None, negative_prompt: str | Sequence[str] = "",
+             guidance_rescale: float = 0.0, batch_size: int | None = None) -> SampleOutput:
+    """Text → images, as diffusers' `StableDiffusionXLPipeline(prompts, ...)` computes them.
+
+    One image per prompt: its noise from `seeds[i]` (`initial_latents`; default seeds 0 … B−1) or the given
+    `latents` [B, h, w, C] (NHWC, unscaled N(0, 1) noise: diffusers' `latents=`, which both multiply by the
+    scheduler's init_noise_sigma). `guidance` > 1 turns on classifier-free guidance (diffusers' rule);
+    `negative_prompt` "" means zero negative conditioning when the pipeline's `force_zeros_for_empty_prompt`
+    is set (diffusers' negative_prompt=None), else it is encoded (one string, or one per prompt).
+    height/width in pixels (default: the UNet's sample size × the VAE's factor). `batch_size` runs the
+    prompts in chunks of that many (the last chunk padded, so one compilation serves all)."""
+    prompts = list(prompts)
+    n = len(prompts)
+    if not n:
+        raise ValueError("no prompts")
+    height, width = pipe.check_size(height, width)
+    f, channels = pipe.vae_scale_factor, pipe.unet_spec.in_channels
+    shape = (n, height // f, width // f, channels)
+    if latents is None:
+        seeds = list(range(n)) if seeds is None else [int(s) for s in seeds]
+        if len(seeds) != n:
+            raise ValueError(f"{len(seeds)} seeds for {n} prompts: give one seed per prompt")
+        latents = np.concatenate([initial_latents(s, height, width, channels, vae_scale_factor=f) for s in seeds])
+    elif seeds is not None:
+        raise ValueError("give seeds or latents, not both")
+    latents = np.asarray(latents, np.float32)
+    if latents.shape != shape:
+        raise ValueError(f"latents of shape {latents.shape}: expected {shape} (NHWC, {height}×{width} pixels)")
+    negatives = [negative_prompt] * n if isinstance(negative_prompt, str) else list(negative_prompt)
+    if len(negatives) != n:
+        raise ValueError(f"{len(negatives)} negative prompts for {n} prompts")
+    sched = make_scheduler(scheduler, pipe.scheduler_config)
+    schedule = sched.set_timesteps(steps)
+
+    chunk = min(batch_size or n, n)
+    outputs = []
+    for start in range(0, n, chunk):
+        idx = [min(i, n - 1) for i in range(start, start + chunk)]  # pad the last chunk with its last item
+        out = _generate_batch(pipe, [prompts[i] for i in idx], [negatives[i] for i in idx], latents[idx], sched,
+                              schedule, guidance, guidance_rescale, height, width)
+        outputs.append(out[: min(chunk, n - start)])
+    final = np.concatenate(outputs)
+    # diffusers' VaeImageProcessor.postprocess: denormalize, then ×255 and round for PIL.
+    pixels = np.clip(_decode(pipe, final) * np.float32(0.5) + np.float32(0.5), 0, 1)
+    return SampleOutput(images=(pixels * 255).round().astype(np.uint8), latents=final, pixels=pixels)
+
+
+def _decode(pipe: Pipeline, latents: np.ndarray) -> np.ndarray:
+    vae_dtype = jnp.float32 if pipe.dtype == jnp.float16 and pipe.vae_spec.force_upcast else pipe.dtype
+    return np.asarray(vae_decode(pipe.vae_spec, pipe.vae_params, jnp.asarray(latents), dtype=vae_dtype), np.float32)
+
+
+def _generate_batch(pipe: Pipeline, prompts: list[str], negatives: list[str], latents: np.ndarray,
+                    scheduler: Scheduler, schedule, guidance: float, guidance_rescale: float, height: int,
+                    width: int) -> np.ndarray:
+    """Conditioning for one batch, then the jitted loop → final latents [B, h, w, C]."""
+    encoders = pipe.text_encoders
+    prompt_embeds, pooled = _encode(encoders, encoders.params, *encoders.tokenize(prompts))
+    guided = guidance > 1.0
+    if guided:
+        if pipe.force_zeros_for_empty_prompt and not any(negatives):
+            negative_embeds, negative_pooled = jnp.zeros_like(prompt_embeds), jnp.zeros_like(pooled)
+        else:
+            negative_embeds, negative_pooled = _encode(encoders, encoders.params, *encoders.tokenize(negatives))
+        prompt_embeds = jnp.concatenate([negative_embeds, prompt_embeds])  # uncond first, as diffusers
+        pooled = jnp.concatenate([negative_pooled, pooled])
+    # SDXL's micro-conditioning: original size, crop top-left, target size (the same for the negative).
+    time_ids = np.tile(np.asarray([[height, width, 0, 0, height, width]], np.float32), (len(prompt_embeds), 1))
+    final = _denoise(pipe.unet_spec, pipe.dtype, scheduler, guided, guidance_rescale > 0, pipe.unet_params,
+                     schedule, jnp.asarray(latents), prompt_embeds, pooled, jnp.asarray(time_ids),
+                     jnp.float32(guidance), jnp.float32(guidance_rescale))
+    return np.asarray(final, np.float32)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _encode(encoders: TextEncoders, params: Mapping, ids1: np.ndarray, ids2: np.ndarray) -> tuple[jax.Array, ...]:
+    """`encoders.encode`, jitted once per TextEncoders (static: hashed by identity)."""
+    return encoders.encode(params, ids1, ids2)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4))
+def _denoise(spec: UNetSpec, dtype, scheduler: Scheduler, guided: bool, rescale: bool, params: Mapping, schedule,
+             latents: jax.Array, prompt_embeds: jax.Array, pooled: jax.Array, time_ids: jax.Array,
+             guidance: jax.Array, guidance_rescale: jax.Array) -> jax.Array:
+    """The whole denoising loop, one fori_loop. latents [B, h, w, C] unscaled noise; prompt_embeds
+    [B', 77, D], pooled [B', P], time_ids [B', 6] with B' = 2B (uncond, cond) when `guided`, else B."""
+    unet = UNet(spec, dtype=dtype)
+
+    def body(i, x):
+        model_input = jnp.concatenate([x, x]) if guided else x
+        model_input = scheduler.scale_model_input(schedule, model_input, i)
+        t = jnp.asarray(schedule.timesteps)[i]
+        noise_pred = unet.apply({"params": params}, model_input, t, prompt_embeds, text_embeds=pooled,
+                                time_ids=time_ids).sample.astype(jnp.float32)
+        if guided:
+            noise_pred_uncond, noise_pred_text = jnp.split(noise_pred, 2)
+            noise_pred = noise_pred_uncond + guidance * (noise_pred_text - noise_pred_uncond)
+            if rescale:
+                noise_pred = rescale_noise_cfg(noise_pred, noise_pred_text, guidance_rescale)
+        return scheduler.step(schedule, noise_pred, i, x)
+
+    x = latents.astype(jnp.float32) * schedule.init_noise_sigma
+    return jax.lax.fori_loop(0, len(schedule.timesteps), body, x)
+
+
+def rescale_noise_cfg(noise_cfg: jax.Array, noise_pred_text: jax.Array, guidance_rescale: jax.Array) -> jax.Array:
+    """diffusers' `rescale_noise_cfg` (Lin et al. 2023, §3.4): the guided prediction rescaled to the text
+    prediction's per-sample std (unbiased, as torch's), mixed back by `guidance_rescale`. [B, h, w, C]."""
+    axes = tuple(range(1, noise_cfg.ndim))
+    std_text = jnp.std(noise_pred_text, axis=axes, ddof=1, keepdims=True)
+    std_cfg = jnp.std(noise_cfg, axis=axes, ddof=1, keepdims=True)
+    return guidance_rescale * (noise_cfg * (std_text / std_cfg)) + (1 - guidance_rescale) * noise_cfg
+
+
+# ---- grids and files ----------------------------------------------------------------------------
+
+def image_grid(images: Sequence[np.ndarray] | np.ndarray, rows: int, *, row_labels: Sequence[str] | None = None,
+               col_labels: Sequence[str] | None = None):
+    """Images (uint8 [H, W, 3] each, all one size) row by row into a `rows` × ⌈N/rows⌉ grid → PIL image of
+    (left + cols·W) × (top + rows·H) pixels; `row_labels` (wrapped) fill a left margin, `col_labels` a top
+    one, in Pillow's default font; no labels, no margins."""
+    from PIL import Image, ImageDraw
+
+    images = [np.asarray(im) for im in images]
+    if not images or rows < 1:
+        raise ValueError("image_grid needs at least one image and one row")
+    h, w = images[0].shape[:2]
+    if any(im.shape[:2] != (h, w) for im in images):
+        raise ValueError("image_grid: the images differ in size")
+    cols = math.ceil(len(images) / rows)
+    font = _font(h)
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    box = lambda text: probe.multiline_textbbox((0, 0), text, font=font)  # noqa: E731
+    pad = 6
+    size = getattr(font, "size", 11)  # Pillow's bitmap fallback font has no size
+    row_texts = [textwrap.fill(str(t), 28, max_lines=max(1, h // (size + 4)), placeholder=" …")
+                 for t in row_labels or []]
+    col_texts = [textwrap.fill(str(t), max(8, w // max(1, size // 2)), max_lines=2, placeholder=" …")
+                 for t in col_labels or []]
+    left = max((box(t)[2] for t in row_texts), default=-2 * pad) + 2 * pad
+    top = max((box(t)[3] for t in col_texts), default=-2 * pad) + 2 * pad
+    grid = Image.new("RGB", (left + cols * w, top + rows * h), "white")
+    for k, im in enumerate(images):
+        grid.paste(Image.fromarray(im.astype(np.uint8)), (left + (k % cols) * w, top + (k // cols) * h))
+    draw = ImageDraw.Draw(grid)
+    for r, text in enumerate(row_texts[:rows]):
+        draw.multiline_text((pad, top + r * h + pad), text, fill="black", font=font)
+    for c, text in enumerate(col_texts[:cols]):
+        draw.multiline_text((left + c * w + (w - box(text)[2]) // 2, pad), text, fill="black", font=font)
+    return grid
+
+
+def _font(image_height: int):
+    from PIL import ImageFont
+
+    try:  # the scalable default font (Pillow ≥ 10.1 with FreeType), sized to the images
+        return ImageFont.load_default(size=max(12, image_height // 24))
+    except (TypeError, ImportError, OSError):
+        return ImageFont.load_default()
+
+
+def save_images(images: Sequence[np.ndarray] | np.ndarray, directory: str | os.PathLike,
+                names: Sequence[str]) -> list[Path]:
+    """Writes each uint8 [H, W, 3] image as DIRECTORY/NAME.png (`names` without the suffix)."""
+    from PIL import Image
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    if len(names) != len(images):
+        raise ValueError(f"{len(names)} names for {len(images)} images")
+    paths = []
+    for im, name in zip(images, names, strict=True):
+        Image.fromarray(np.asarray(im, np.uint8)).save(path := directory / f"{name}.png")
+        paths.append(path)
+    return paths
+
+
+def side_by_side(teacher: Pipeline, student: Pipeline, prompts: Sequence[str], seeds: Sequence[int],
+                 **generate_kwargs):
+    """The teacher's and the student's images for the same prompts and seeds (one seed per prompt, the same
+    initial noise for both), one pair per row: a PIL image with columns "teacher" | "student"."""
+    outs = [generate(pipe, prompts, seeds=seeds, **generate_kwargs) for pipe in (teacher, student)]
+    return pair_grid(outs[0].images, outs[1].images, prompts, seeds)
+
+
+def pair_grid(teacher_images: np.ndarray, student_images: np.ndarray, prompts: Sequence[str],
+              seeds: Sequence[int], labels: tuple[str, str] = ("teacher", "student")):
+    """Rows of (teacher image, student image), labelled with the prompt and seed."""
+    interleaved = [im for pair in zip(teacher_images, student_images, strict=True) for im in pair]
+    row_labels = [f"{p} (seed {s})" for p, s in zip(prompts, seeds, strict=True)]
+    return image_grid(interleaved, rows=len(prompts), row_labels=row_labels, col_labels=list(labels))
+
+
+# ---- command line -------------------------------------------------------------------------------
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m jaxdistill.sample`: images from a model (pipeline, UNet folder or training checkpoint)
+    for prompts and seeds: one PNG per image, grid.png (prompts × seeds), and with --teacher the teacher's
+    images and side_by_side.png."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m jaxdistill.sample", description=main.__doc__)
+    parser.add_argument("--model", required=True,
+                        help="diffusers pipeline folder, UNet folder, or training checkpoint (workdir/stage/step)")
+    parser.add_argument("--pipeline", help="SDXL pipeline folder for the VAE, text encoders and scheduler "
+                                           "(default: the model when it is a pipeline folder)")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--prompt", action="append", help="a prompt (repeat for more)")
+    source.add_argument("--prompts", metavar="FILE", help="a text file, one prompt per line")
+    parser.add_argument("--negative-prompt", default="")
+    parser.add_argument("--steps", type=int, default=25)
+    parser.add_argument("--guidance", type=float, default=5.0)
+    parser.add_argument("--guidance-rescale", type=float, default=0.0)
+    parser.add_argument("--seed", type=int, default=0, help="first seed; image k of a prompt uses seed + k")
+    parser.add_argument("--num-images", type=int, default=1, help="images per prompt")
+    parser.add_argument("--scheduler", choices=sorted(SCHEDULERS), default="euler")
+    parser.add_argument("--height", type=int, help="pixels (default: the UNet's sample size × the VAE's factor)")
+    parser.add_argument("--width", type=int)
+    parser.add_argument("--batch-size", type=int, default=4, help="images denoised together")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
+                        help="the UNet's and VAE's compute dtype (float16: GPUs only)")
+    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--teacher", help="a teacher model (same forms as --model, same --pipeline) for "
+                                          "side_by_side.png")
+    parser.add_argument("--ema", action="store_true", help="a checkpoint's EMA weights")
+    args = parser.parse_args(argv)
+
+    if args.prompts:
+        try:
+            prompts = [line.strip() for line in Path(args.prompts).read_text().splitlines() if line.strip()]
+        except OSError as e:
+            parser.error(f"--prompts: {e}")
+    else:
+        prompts = args.prompt
+    if not prompts:
+        parser.error("no prompts")
+    for name in ("steps", "num_images", "batch_size"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be ≥ 1")
+    try:
+        student = load_pipeline(args.model, args.pipeline, ema=args.ema, dtype=args.dtype)
+        # The teacher gets the student's VAE, text encoders and scheduler: only the UNets differ.
+        teacher = load_pipeline(args.teacher, student.pipeline_dir, dtype=args.dtype) if args.teacher else None
+        height, width = student.check_size(args.height, args.width)
+        make_scheduler(args.scheduler, student.scheduler_config)
+    except (OSError, ValueError) as e:  # missing folders, incompatible parts, bad sizes, scheduler configs
+        parser.error(str(e))
+
+    pairs = [(i, p, args.seed + k) for i, p in enumerate(prompts) for k in range(args.num_images)]
+    kwargs = dict(seeds=[s for _, _, s in pairs], steps=args.steps, guidance=args.guidance, scheduler=args.scheduler,
+                  height=height, width=width, negative_prompt=args.negative_prompt,
+                  guidance_rescale=args.guidance_rescale, batch_size=args.batch_size)
+    out = Path(args.out)
+    names = [f"{i:03d}_seed{s}" for i, _, s in pairs]
+    images = generate(student, [p for _, p, _ in pairs], **kwargs).images
+    save_images(images, out, names)
+    image_grid(images, rows=len(prompts), row_labels=prompts,
+               col_labels=[f"seed {args.seed + k}" for k in range(args.num_images)]).save(out / "grid.png")
+    print(f"{len(images)} images ({width}×{height}, {args.steps} {args.scheduler} steps, guidance {args.guidance}) "
+          f"→ {out}/ and {out / 'grid.png'}")
+    if teacher is not None:
+        teacher_images = generate(teacher, [p for _, p, _ in pairs], **kwargs).images
+        save_images(teacher_images, out / "teacher", names)
+        pair_grid(teacher_images, images, [p for _, p, _ in pairs], kwargs["seeds"]).save(out / "side_by_side.png")
+        print(f"teacher images → {out / 'teacher'}/, side by side → {out / 'side_by_side.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    # Run the imported module's main: under `python -m` this file is `__main__`, and its classes would not
+    # be the ones other modules import.
+    from jaxdistill.sample import main as _main
+
+    raise SystemExit(_main())

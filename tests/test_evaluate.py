@@ -1,0 +1,116 @@
+"""Evaluation: SSIM equal to scikit-image's Gaussian SSIM, PSNR by hand, the report files, and the
+evaluate command comparing a student with its teacher on a tiny pipeline."""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from skimage.metrics import structural_similarity
+
+from jaxdistill.evaluate import Evaluation, psnr, read_prompts, ssim, write_report
+
+ENV = os.environ | {"JAX_PLATFORMS": "cpu"}
+
+
+def _pair(seed, noise):
+    rng = np.random.default_rng(seed)
+    a = rng.integers(0, 256, (40, 56, 3)).astype(np.uint8)
+    return a, np.clip(a + rng.normal(0, noise, a.shape), 0, 255).astype(np.uint8)
+
+
+@pytest.mark.parametrize("noise", [5.0, 40.0])
+def test_ssim_equals_scikit_image(noise):
+    a, b = _pair(int(noise), noise)
+    reference = structural_similarity(a, b, gaussian_weights=True, sigma=1.5, use_sample_covariance=False,
+                                      data_range=255, channel_axis=-1)
+    assert abs(ssim(a, b) - reference) < 1e-12
+    assert ssim(a, a) == pytest.approx(1.0)
+
+
+def test_psnr_by_hand():
+    a, b = _pair(0, 10.0)
+    mse = np.mean((a.astype(float) - b.astype(float)) ** 2)
+    assert psnr(a, b) == pytest.approx(10 * np.log10(255 ** 2 / mse))
+    assert psnr(a, a) == float("inf")
+
+
+def test_report_files(tmp_path):
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (4, 16, 16, 3)).astype(np.uint8)
+    rows = [{"prompt": f"p{i}", "seed": i, "latent_mse": 0.1 * i, "latent_rel_mse": 0.01 * i, "psnr": 20.0 + i,
+             "ssim": 0.5} for i in range(2)]
+    evaluation = Evaluation(rows, images[:2], images[2:])
+    assert evaluation.means()["psnr"] == 20.5
+    out = write_report(evaluation, tmp_path / "report", {"steps": 3})
+    with open(out / "metrics.csv") as f:
+        assert [r["prompt"] for r in csv.DictReader(f)] == ["p0", "p1"]
+    assert "**mean**" in (out / "metrics.md").read_text()
+    assert json.loads((out / "summary.json").read_text())["means"]["psnr"] == 20.5
+    assert (out / "grid.png").stat().st_size > 0
+
+
+def test_prompt_files(tmp_path):
+    path = tmp_path / "prompts.txt"
+    path.write_text("# comment\na cat\n\n  a dog  \n")
+    assert read_prompts(path) == ["a cat", "a dog"]
+    path.write_text("# nothing\n")
+    with pytest.raises(ValueError, match="no prompts"):
+        read_prompts(path)
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory):
+    from jaxdistill.reference import write_random_pipeline
+
+    return write_random_pipeline(tmp_path_factory.mktemp("pipeline") / "sdxl")
+
+
+def test_evaluate_command_compares_a_student_with_its_teacher(pipeline, tmp_path):
+    """The teacher against itself is perfect (latent MSE 0, SSIM 1); a perturbed student is not."""
+    from jaxdistill import load_unet, save_unet
+
+    spec, params = load_unet(pipeline)
+    noisy = {k: v for k, v in params.items()}
+    noisy["conv_out"] = {k: v + 0.05 for k, v in params["conv_out"].items()}
+    student = save_unet(tmp_path / "student", spec, noisy)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red square\na blue circle\n")
+    common = ["--teacher", str(pipeline), "--prompts", str(prompts), "--seeds", "0,3", "--steps", "3", "--height",
+              "32", "--width", "48"]
+    for name, model in (("self", str(pipeline)), ("student", str(student))):
+        result = subprocess.run([sys.executable, "-m", "jaxdistill.evaluate", "--student", model, *common, "--out",
+                                 str(tmp_path / name)], capture_output=True, text=True, env=ENV)
+        assert result.returncode == 0, result.stderr[-2000:]
+    same = json.loads((tmp_path / "self" / "summary.json").read_text())
+    different = json.loads((tmp_path / "student" / "summary.json").read_text())
+    assert len(same["rows"]) == 4 and {r["seed"] for r in same["rows"]} == {0, 3}
+    assert same["means"]["latent_mse"] == 0 and same["means"]["ssim"] == pytest.approx(1.0)
+    assert different["means"]["latent_rel_mse"] > 1e-4 and different["means"]["ssim"] < 1.0
+    assert (tmp_path / "student" / "grid.png").is_file()
+
+
+def test_training_writes_a_validation_grid_and_agreement(pipeline, tmp_path):
+    from jaxdistill.config import base_config
+    from jaxdistill.prune import PrunePlan
+    from jaxdistill.train import run
+
+    plan = tmp_path / "plan.json"
+    PrunePlan(name="test", attentions={"up_blocks.0.attentions.0": [1]}).save(plan)
+    c = base_config()
+    c.teacher, c.plan = str(pipeline), str(plan)
+    c.batch_size, c.optimizer.accumulation, c.optimizer.lr = 2, 1, 1e-3
+    c.precision.teacher = c.precision.student_compute = "float32"
+    c.data.resolution, c.data.seq_len, c.data.num_examples = 32, 8, 4
+    c.steps, c.log_every, c.checkpoint_every = 2, 1, 2
+    c.eval.every, c.eval.steps, c.eval.prompts, c.eval.seeds = 1, 2, ["a cat"], [0, 1]
+    run(c, tmp_path / "run")
+    lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    evals = [line for line in lines if "eval/ssim" in line]
+    assert [line["step"] for line in evals] == [1, 2]
+    assert all(0 < line["eval/agreement"] and line["eval/ssim"] <= 1 for line in evals)
+    assert sorted(p.name for p in (tmp_path / "run" / "samples" / "main").iterdir()) == [
+        "validation_0000001.png", "validation_0000002.png"]

@@ -1,0 +1,277 @@
+"""Sampling (`jaxdistill.sample`) against diffusers: the schedulers step for step, and the whole
+`StableDiffusionXLPipeline` on a tiny random pipeline folder written by diffusers
+(`reference.write_random_pipeline`), from the same initial latents.
+
+Tolerances (float32), max |ours − diffusers| / max |diffusers|:
+- scheduler tables and each step's output (random model outputs): 1e-6 (measured ≤ 6e-7; torch's
+  vectorised sqrt is not always correctly rounded, so tables differ from ours by an ulp at most);
+- whole pipeline, final latents and float images before uint8 rounding: 1e-4, the project's UNet parity
+  tolerance (measured: Euler ≈ 1e-6, DDIM ≈ 2e-5: its x0 = (x − √(1−ᾱ) ε)/√ᾱ magnifies the UNet's
+  float32 differences at large t); uint8 images differ by at most 1 (rounding at .5 boundaries).
+"""
+
+import dataclasses
+import json
+
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+
+from jaxdistill import sample
+from jaxdistill.reference import write_random_pipeline
+from jaxdistill.sample import SDXL_SCHEDULER_CONFIG as SDXL_SCHEDULER
+from jaxdistill.sample import (
+    DDIMScheduler,
+    EulerDiscreteScheduler,
+    generate,
+    image_grid,
+    initial_latents,
+    load_pipeline,
+)
+from jaxdistill.spec import UnsupportedConfigError
+
+torch = pytest.importorskip("torch")
+diffusers = pytest.importorskip("diffusers")
+
+STEP_TOLERANCE = 1e-6
+PIPELINE_TOLERANCE = 1e-4
+HEIGHT, WIDTH = 32, 48  # pixels; the tiny VAE's factor is 2: latents 16 × 24
+STEPS = 4
+PROMPTS = ["a photo of the cat", "a red tree under the sky at night"]
+
+
+def rel(ours, ref) -> float:
+    ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
+    assert ours.shape == ref.shape
+    return float(np.abs(ours - ref).max() / max(np.abs(ref).max(), 1e-30))
+
+
+@pytest.fixture(scope="module")
+def pipeline_dir(tmp_path_factory):
+    return write_random_pipeline(tmp_path_factory.mktemp("sdxl_pipeline"), seed=0)
+
+
+@pytest.fixture(scope="module")
+def pipe(pipeline_dir):
+    return load_pipeline(pipeline_dir)
+
+
+@pytest.fixture(scope="module")
+def torch_pipe(pipeline_dir):
+    p = diffusers.StableDiffusionXLPipeline.from_pretrained(pipeline_dir, add_watermarker=False)
+    p.set_progress_bar_config(disable=True)
+    return p
+
+
+@pytest.fixture(scope="module")
+def noise():
+    return np.concatenate([initial_latents(s, HEIGHT, WIDTH, vae_scale_factor=2) for s in range(len(PROMPTS))])
+
+
+def run_diffusers(torch_pipe, scheduler: str, latents: np.ndarray, guidance: float, negative_prompt=None):
+    """diffusers' pipeline from NHWC noise → (float images [B, H, W, 3] in [0, 1], final latents NHWC)."""
+    base = diffusers.EulerDiscreteScheduler.from_config(SDXL_SCHEDULER)
+    torch_pipe.scheduler = base if scheduler == "euler" else diffusers.DDIMScheduler.from_config(base.config)
+    final = {}
+
+    def keep_latents(_pipe, _i, _t, kwargs):
+        final["latents"] = kwargs["latents"]
+        return kwargs
+
+    with torch.no_grad():
+        images = torch_pipe(PROMPTS, height=HEIGHT, width=WIDTH, num_inference_steps=STEPS, guidance_scale=guidance,
+                            negative_prompt=negative_prompt, output_type="np", callback_on_step_end=keep_latents,
+                            latents=torch.from_numpy(latents.transpose(0, 3, 1, 2).copy())).images
+    return images, final["latents"].permute(0, 2, 3, 1).numpy()
+
+
+# ---- schedulers, step for step --------------------------------------------------------------------
+
+def compare_steps(ours, ref, steps: int, seed: int = 0) -> float:
+    """Runs diffusers' scheduler on random model outputs; at each step our jitted scale_model_input and
+    step take the same input. → the worst relative error over tables, inputs and steps."""
+    ref.set_timesteps(steps)
+    schedule = ours.set_timesteps(steps)
+    np.testing.assert_allclose(schedule.timesteps, ref.timesteps.numpy(), rtol=STEP_TOLERANCE, atol=0)
+    assert abs(float(schedule.init_noise_sigma) - float(ref.init_noise_sigma)) <= 1e-6 * float(ref.init_noise_sigma)
+    worst = rel(schedule.sigmas, ref.sigmas.numpy()) if hasattr(schedule, "sigmas") else 0.0
+    scale, step = jax.jit(ours.scale_model_input), jax.jit(ours.step)
+    rng = np.random.default_rng(seed)
+    nhwc = lambda x: x.permute(0, 2, 3, 1).numpy()  # noqa: E731
+    x = torch.from_numpy(rng.standard_normal((2, 4, 6, 5)).astype(np.float32)) * ref.init_noise_sigma
+    for i, t in enumerate(ref.timesteps):
+        model_input = ref.scale_model_input(x, t)
+        model_output = torch.from_numpy(rng.standard_normal(x.shape).astype(np.float32))
+        prev = ref.step(model_output, t, x).prev_sample
+        worst = max(worst, rel(scale(schedule, nhwc(x), i), nhwc(model_input)),
+                    rel(step(schedule, nhwc(model_output), i, nhwc(x)), nhwc(prev)))
+        x = prev
+    return worst
+
+
+@pytest.mark.parametrize("changes, steps", [
+    ({}, 25),  # SDXL's own: leading spacing, steps_offset 1, epsilon
+    ({}, 1),
+    ({"prediction_type": "v_prediction"}, 7),
+    ({"timestep_spacing": "trailing"}, 10),
+    ({"timestep_spacing": "linspace", "final_sigmas_type": "sigma_min"}, 6),
+    ({"use_karras_sigmas": True}, 12),
+])
+def test_euler_matches_diffusers_step_for_step(changes, steps):
+    config = SDXL_SCHEDULER | changes
+    ref = diffusers.EulerDiscreteScheduler.from_config(config)
+    assert compare_steps(EulerDiscreteScheduler.from_config(config), ref, steps) <= STEP_TOLERANCE
+
+
+@pytest.mark.parametrize("changes, steps", [
+    ({"clip_sample": False}, 25),  # SDXL's config (its scheduler_config.json says clip_sample false)
+    ({}, 5),  # DDIM's own default clips x0 to [-1, 1]: what DDIMScheduler.from_config(tiny pipeline) does
+    ({"clip_sample": False, "prediction_type": "v_prediction"}, 8),
+    ({"clip_sample": False, "timestep_spacing": "trailing"}, 10),
+    ({"clip_sample": False, "timestep_spacing": "linspace", "set_alpha_to_one": True}, 6),
+])
+def test_ddim_matches_diffusers_step_for_step(changes, steps):
+    config = SDXL_SCHEDULER | changes
+    ref = diffusers.DDIMScheduler.from_config(config)
+    assert compare_steps(DDIMScheduler.from_config(config), ref, steps) <= STEP_TOLERANCE
+
+
+@pytest.mark.parametrize("cls, changes, field", [
+    (EulerDiscreteScheduler, {"use_exponential_sigmas": True}, "use_exponential_sigmas"),
+    (EulerDiscreteScheduler, {"interpolation_type": "log_linear"}, "interpolation_type"),
+    (EulerDiscreteScheduler, {"timestep_spacing": "uniform"}, "timestep_spacing"),
+    (EulerDiscreteScheduler, {"prediction_type": "sample"}, "prediction_type"),
+    (DDIMScheduler, {"thresholding": True}, "thresholding"),
+    (DDIMScheduler, {"beta_schedule": "squaredcos_cap_v2"}, "beta_schedule"),
+])
+def test_unsupported_scheduler_settings_are_refused(cls, changes, field):
+    with pytest.raises(UnsupportedConfigError, match=field):
+        cls.from_config(SDXL_SCHEDULER | changes)
+
+
+# ---- the whole pipeline ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("scheduler", ["euler", "ddim"])
+def test_generate_matches_diffusers(pipe, torch_pipe, noise, scheduler):
+    images, latents = run_diffusers(torch_pipe, scheduler, noise, guidance=5.0)
+    out = generate(pipe, PROMPTS, latents=noise, steps=STEPS, guidance=5.0, scheduler=scheduler,
+                   height=HEIGHT, width=WIDTH)
+    assert out.images.shape == (2, HEIGHT, WIDTH, 3) and out.images.dtype == np.uint8
+    assert out.latents.shape == (2, HEIGHT // 2, WIDTH // 2, 4) and out.latents.dtype == np.float32
+    assert rel(out.latents, latents) <= PIPELINE_TOLERANCE
+    assert rel(out.pixels, images) <= PIPELINE_TOLERANCE
+    assert np.abs(out.images.astype(int) - (images * 255).round().astype(int)).max() <= 1
+
+
+def test_guidance_off_and_negative_prompts_match_diffusers(pipe, torch_pipe, noise):
+    # guidance 1: no classifier-free guidance (a batch of B, no negative conditioning)
+    images, latents = run_diffusers(torch_pipe, "euler", noise, guidance=1.0)
+    out = generate(pipe, PROMPTS, latents=noise, steps=STEPS, guidance=1.0, height=HEIGHT, width=WIDTH)
+    assert rel(out.latents, latents) <= PIPELINE_TOLERANCE and rel(out.pixels, images) <= PIPELINE_TOLERANCE
+    # an encoded negative prompt, one per prompt
+    negatives = ["blue dog", "oil painting"]
+    images, latents = run_diffusers(torch_pipe, "euler", noise, guidance=5.0, negative_prompt=negatives)
+    out = generate(pipe, PROMPTS, latents=noise, steps=STEPS, guidance=5.0, height=HEIGHT, width=WIDTH,
+                   negative_prompt=negatives)
+    assert rel(out.latents, latents) <= PIPELINE_TOLERANCE and rel(out.pixels, images) <= PIPELINE_TOLERANCE
+    # force_zeros_for_empty_prompt off: the empty negative prompt is encoded
+    torch_pipe.register_to_config(force_zeros_for_empty_prompt=False)
+    try:
+        images, latents = run_diffusers(torch_pipe, "euler", noise, guidance=5.0)
+    finally:
+        torch_pipe.register_to_config(force_zeros_for_empty_prompt=True)
+    out = generate(dataclasses.replace(pipe, force_zeros_for_empty_prompt=False), PROMPTS, latents=noise,
+                   steps=STEPS, guidance=5.0, height=HEIGHT, width=WIDTH)
+    assert rel(out.latents, latents) <= PIPELINE_TOLERANCE and rel(out.pixels, images) <= PIPELINE_TOLERANCE
+
+
+def test_seeds_chunks_and_bad_arguments(pipe, noise):
+    kwargs = dict(steps=STEPS, guidance=5.0, height=HEIGHT, width=WIDTH)
+    a = initial_latents(7, HEIGHT, WIDTH, vae_scale_factor=2)
+    assert a.shape == (1, 16, 24, 4) and a.dtype == np.float32
+    assert np.array_equal(a, initial_latents(7, HEIGHT, WIDTH, 4, vae_scale_factor=2))  # the seed alone decides
+    assert not np.array_equal(a, initial_latents(8, HEIGHT, WIDTH, vae_scale_factor=2))
+    # seeds are initial_latents; chunks of 2 (the last padded) give what one batch gives
+    whole = generate(pipe, PROMPTS, latents=noise, **kwargs)
+    chunked = generate(pipe, PROMPTS + PROMPTS[:1], seeds=[0, 1, 0], batch_size=2, **kwargs)
+    np.testing.assert_array_equal(chunked.latents[:2], whole.latents)
+    np.testing.assert_allclose(chunked.latents[2], whole.latents[0], rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="multiple of 4"):  # VAE 2× × UNet 2×
+        generate(pipe, PROMPTS, seeds=[0, 1], height=30, width=WIDTH)
+    with pytest.raises(ValueError, match="one seed per prompt"):
+        generate(pipe, PROMPTS, seeds=[0], **kwargs)
+    with pytest.raises(ValueError, match="expected"):
+        generate(pipe, PROMPTS, latents=noise[:, :8], **kwargs)
+    with pytest.raises(ValueError, match="scheduler"):
+        generate(pipe, PROMPTS, scheduler="dpm", **kwargs)
+
+
+def test_image_grid_sizes_and_labels(tmp_path):
+    images = np.random.default_rng(0).integers(0, 256, (5, 20, 30, 3), dtype=np.uint8)
+    plain = image_grid(images, rows=2)
+    assert plain.size == (3 * 30, 2 * 20)
+    assert np.array_equal(np.asarray(plain)[20:40, 30:60], images[4])  # row 1, column 1
+    labelled = image_grid(images, rows=2, row_labels=["a long prompt " * 5, "short"],
+                          col_labels=["seed 0", "seed 1", "seed 2"])
+    w, h = labelled.size
+    left, top = w - 90, h - 40
+    assert left > 0 and top > 0
+    assert np.array_equal(np.asarray(labelled)[top:top + 20, left:left + 30], images[0])
+    paths = sample.save_images(images[:2], tmp_path, ["a", "b"])
+    assert [p.name for p in paths] == ["a.png", "b.png"]
+    assert np.array_equal(np.asarray(Image.open(paths[1])), images[1])
+
+
+def test_cli_writes_images_grid_and_side_by_side(pipeline_dir, tmp_path, capsys):
+    out = tmp_path / "samples"
+    code = sample.main(["--model", str(pipeline_dir), "--prompt", PROMPTS[0], "--num-images", "2", "--seed", "3",
+                        "--steps", str(STEPS), "--height", str(HEIGHT), "--width", str(WIDTH), "--batch-size", "2",
+                        "--out", str(out), "--teacher", str(pipeline_dir)])
+    assert code == 0
+    assert sorted(p.name for p in out.glob("*.png")) == ["000_seed3.png", "000_seed4.png", "grid.png",
+                                                         "side_by_side.png"]
+    assert sorted(p.name for p in (out / "teacher").glob("*.png")) == ["000_seed3.png", "000_seed4.png"]
+    assert Image.open(out / "000_seed4.png").size == (WIDTH, HEIGHT)
+    # the teacher is the same model here: both sides are the same image
+    assert np.array_equal(np.asarray(Image.open(out / "teacher" / "000_seed3.png")),
+                          np.asarray(Image.open(out / "000_seed3.png")))
+    grid = Image.open(out / "side_by_side.png")
+    assert grid.size[0] > 2 * WIDTH and grid.size[1] > 2 * HEIGHT
+    # errors are argparse errors (exit 2) with the reason
+    for args, reason in [(["--model", str(pipeline_dir / "unet")], "pipeline"),
+                         (["--model", str(pipeline_dir), "--height", "30"], "multiple of 4"),
+                         (["--model", str(tmp_path / "nothing")], "does not exist")]:
+        with pytest.raises(SystemExit) as info:
+            sample.main([*args, "--prompt", "x", "--out", str(tmp_path / "bad")])
+        assert info.value.code == 2 and reason in capsys.readouterr().err
+
+
+def test_unet_folders_and_checkpoints_as_models(pipeline_dir, pipe, noise, tmp_path):
+    import orbax.checkpoint as ocp
+
+    with pytest.raises(FileNotFoundError, match="pipeline"):
+        load_pipeline(pipeline_dir / "unet")
+    with pytest.raises(ValueError, match="checkpoints"):
+        load_pipeline(pipeline_dir, ema=True)
+    # A checkpoint as python -m jaxdistill.train writes it (its state and meta items), holding the pipeline's
+    # UNet; its run config names the pipeline, so none need be given.
+    params = jax.tree.map(np.asarray, pipe.unet_params)
+    manager = ocp.CheckpointManager((tmp_path / "run" / "checkpoints" / "main").absolute(),
+                                    item_names=("state", "meta"))
+    meta = {"student_config": pipe.unet_spec.to_diffusers_config(),
+            "config": {"scan_layers": False, "data": {"pipeline": str(pipeline_dir)}}}
+    manager.save(5, args=ocp.args.Composite(state=ocp.args.StandardSave({"params": params}),
+                                            meta=ocp.args.JsonSave(meta)))
+    manager.wait_until_finished()
+    manager.close()
+    from_checkpoint = load_pipeline(tmp_path / "run")
+    assert from_checkpoint.unet_spec == pipe.unet_spec and from_checkpoint.pipeline_dir == str(pipeline_dir)
+    kwargs = dict(latents=noise, steps=STEPS, guidance=5.0, height=HEIGHT, width=WIDTH)
+    np.testing.assert_array_equal(generate(from_checkpoint, PROMPTS, **kwargs).images,
+                                  generate(pipe, PROMPTS, **kwargs).images)
+    # the UNet folder with the pipeline given explicitly
+    from_unet = load_pipeline(pipeline_dir / "unet", pipeline_dir)
+    index = json.loads((pipeline_dir / "model_index.json").read_text())
+    assert from_unet.unet_spec == pipe.unet_spec
+    assert from_unet.force_zeros_for_empty_prompt is index["force_zeros_for_empty_prompt"] is True
