@@ -114,3 +114,36 @@ def test_training_writes_a_validation_grid_and_agreement(pipeline, tmp_path):
     assert all(0 < line["eval/agreement"] and line["eval/ssim"] <= 1 for line in evals)
     assert sorted(p.name for p in (tmp_path / "run" / "samples" / "main").iterdir()) == [
         "validation_0000001.png", "validation_0000002.png"]
+
+
+def test_clip_score_from_a_clip_folder(tmp_path):
+    """A tiny random CLIPModel saved as safetensors with its processor: scores are 100·max(cos, 0) of the
+    image and text embeddings, computed here by hand from the same model."""
+    import torch
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+
+    from jaxdistill.evaluate import clip_score
+    from jaxdistill.reference import write_tiny_clip_tokenizer
+
+    tokenizer = write_tiny_clip_tokenizer(tmp_path / "tok")
+    torch.manual_seed(0)
+    config = CLIPConfig(text_config=dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                                         num_hidden_layers=2, num_attention_heads=2,
+                                         eos_token_id=tokenizer.eos_token_id),
+                        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                           num_attention_heads=2, image_size=32, patch_size=8), projection_dim=16)
+    CLIPModel(config).eval().save_pretrained(tmp_path / "clip", safe_serialization=True)
+    processor = CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 32},
+                                                                 crop_size={"height": 32, "width": 32}),
+                              tokenizer=tokenizer)
+    processor.save_pretrained(tmp_path / "clip")
+    images = np.random.default_rng(0).integers(0, 256, (3, 40, 48, 3)).astype(np.uint8)
+    prompts = ["a cat", "a dog on a hill", "two red cars"]
+    scores = clip_score(images, prompts, tmp_path / "clip")
+    model = CLIPModel.from_pretrained(tmp_path / "clip")
+    inputs = processor(text=prompts, images=list(images), return_tensors="pt", padding=True)
+    with torch.no_grad():
+        out = model(**inputs)
+    cos = torch.nn.functional.cosine_similarity(out.image_embeds, out.text_embeds).numpy()
+    np.testing.assert_allclose(scores, 100 * np.maximum(cos, 0), rtol=1e-5, atol=1e-4)
+    assert scores.shape == (3,) and np.all((scores >= 0) & (scores <= 100))
