@@ -72,11 +72,17 @@ def save_unet(path: str | os.PathLike, spec: UNetSpec, params: Mapping, *, dtype
 
 def resolve_unet_folder(path: str | os.PathLike) -> Path:
     """A UNet folder itself, or the `unet/` folder of a diffusers pipeline folder."""
+    return resolve_component(path, "unet", "UNet")
+
+
+def resolve_component(path: str | os.PathLike, component: str, what: str) -> Path:
+    """A model folder itself, or the `component/` folder (unet, vae, ...) of a diffusers pipeline folder."""
     path = Path(path)
-    for folder in (path, path / "unet"):
+    for folder in (path, path / component):
         if (folder / CONFIG_NAME).is_file():
             return folder
-    raise FileNotFoundError(f"{path} is not a diffusers UNet folder (no config.json in it or in {path}/unet).")
+    raise FileNotFoundError(f"{path} is not a diffusers {what} folder (no config.json in it or in "
+                            f"{path}/{component}).")
 
 
 def read_safetensors(folder: Path, variant: str | None = None, name: str = WEIGHTS_NAME) -> dict[str, np.ndarray]:

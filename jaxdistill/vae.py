@@ -36,7 +36,15 @@ import jax.numpy as jnp
 import numpy as np
 from flax.traverse_util import flatten_dict
 
-from jaxdistill.convert import CONFIG_NAME, WeightsError, _torch_key, _torch_shape, read_safetensors, torch_to_flax
+from jaxdistill.convert import (
+    CONFIG_NAME,
+    WeightsError,
+    _torch_key,
+    _torch_shape,
+    read_safetensors,
+    resolve_component,
+    torch_to_flax,
+)
 from jaxdistill.layers import Downsample2D, ResnetBlock2D, Upsample2D, _Layer
 from jaxdistill.spec import UnsupportedConfigError
 
@@ -392,7 +400,7 @@ def load_vae(path: str | os.PathLike, dtype: jnp.dtype | type | None = None,
     `WeightsError` lists every missing, unexpected and misshaped tensor. `dtype` casts every parameter
     (None keeps the file's). Parameters come back as jax arrays on the default device.
     """
-    folder = resolve_vae_folder(path)
+    folder = resolve_component(path, "vae", "VAE")
     spec = VAESpec.from_diffusers_config(folder / CONFIG_NAME)
     state = _rename_deprecated_attention(read_safetensors(folder, variant))
     params = torch_to_flax(state)
@@ -400,15 +408,6 @@ def load_vae(path: str | os.PathLike, dtype: jnp.dtype | type | None = None,
     if dtype is not None:
         params = jax.tree.map(lambda x: np.asarray(x).astype(dtype), params)
     return spec, jax.tree.map(jnp.asarray, params)
-
-
-def resolve_vae_folder(path: str | os.PathLike) -> Path:
-    """A VAE folder itself, or the `vae/` folder of a diffusers pipeline folder."""
-    path = Path(path)
-    for folder in (path, path / "vae"):
-        if (folder / CONFIG_NAME).is_file():
-            return folder
-    raise FileNotFoundError(f"{path} is not a diffusers VAE folder (no config.json in it or in {path}/vae).")
 
 
 @functools.lru_cache(maxsize=16)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 from conftest import TINY
-from test_sources import RULES, _bad_files, _good_files, _write
+from test_sources import RULES, _bad_files, _good_files, write_image_folder
 
 from jaxdistill import sources as S
 from jaxdistill.data import PreparedLatents, check_fits
@@ -33,15 +33,7 @@ def pipeline(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def images(tmp_path_factory):
-    root = tmp_path_factory.mktemp("images")
-    for rel, (img, cap) in _good_files().items():
-        _write(root, rel, img)
-        _write(root, os.path.splitext(rel)[0] + ".txt", cap)
-    for rel, (img, cap, _) in _bad_files().items():
-        _write(root, rel, img)
-        if cap is not None:
-            _write(root, os.path.splitext(rel)[0] + ".txt", cap)
-    return str(root)
+    return write_image_folder(tmp_path_factory.mktemp("images"))
 
 
 def _prepare(images, pipeline, out, **kw):
@@ -149,27 +141,33 @@ def test_buckets_give_batches_of_one_shape(images, pipeline, tmp_path):
 def test_the_trainer_reads_a_prepared_set(prepared, tmp_path):
     """A micro UNet with the tiny pipeline's conditioning widths trains on the prepared set; a mismatched
     UNet is refused before anything heavy runs."""
-    from jaxdistill.config import base_config
-    from jaxdistill.train import MODELS, run
 
     _, _, out = prepared
     spec = TINY["micro"].replace(cross_attention_dim=80, projection_class_embeddings_input_dim=40 + 6 * 8)
     with pytest.raises(ValueError, match="cross_attention_dim is 32"):
         check_fits(PreparedLatents(out, batch_size=4), TINY["micro"])
-    MODELS["test-prepared"] = spec
-    c = base_config()
-    c.model, c.plan = "test-prepared", ""
-    c.loss.output = c.loss.feature = 0.0
-    c.data.source, c.data.path = "prepared", str(out)
-    c.batch_size, c.optimizer.accumulation, c.optimizer.lr = 4, 1, 1e-3
-    c.precision.teacher = c.precision.student_compute = "float32"
-    c.steps, c.log_every, c.checkpoint_every = 3, 1, 3
-    try:
-        run(c, tmp_path / "run")
-    finally:
-        del MODELS["test-prepared"]
+    _train_micro(tmp_path / "run", spec, steps=3, accumulation=1, source="prepared", path=str(out))
     lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert len(lines) == 3 and all(np.isfinite(line["loss"]) for line in lines)
+
+
+def _train_micro(workdir, spec, *, steps: int, accumulation: int, **data):
+    """Plain diffusion training of `spec` for a few steps, batch 4, on the data `data` describes."""
+    from jaxdistill.config import base_config
+    from jaxdistill.train import MODELS, run
+
+    MODELS["test-data"] = spec
+    c = base_config()
+    c.model, c.plan = "test-data", ""
+    c.loss.output = c.loss.feature = 0.0
+    c.data.update(data)
+    c.batch_size, c.optimizer.accumulation, c.optimizer.lr = 4, accumulation, 1e-3
+    c.precision.teacher = c.precision.student_compute = "float32"
+    c.steps, c.log_every, c.checkpoint_every = steps, 1, steps
+    try:
+        run(c, workdir)
+    finally:
+        del MODELS["test-data"]
 
 
 def test_prepare_command(images, pipeline, tmp_path):
@@ -193,10 +191,8 @@ def test_prepare_command(images, pipeline, tmp_path):
 def test_on_the_fly_encoding_inside_the_train_step(images, pipeline, tmp_path):
     """data.source = "images": the stream replays exactly from any step, and the student trains on pixels
     and token ids encoded inside the step by the same VAE and text encoders."""
-    from jaxdistill.config import base_config
     from jaxdistill.data import StreamedImages
     from jaxdistill.text import load_tokenizers
-    from jaxdistill.train import MODELS, run
 
     source = S.open_source(f"folder:{images}", files_per_shard=8)
     stream = lambda: StreamedImages(source, load_tokenizers(pipeline), prep=S.Preprocessing(resolution=RES),  # noqa: E731
@@ -209,17 +205,7 @@ def test_on_the_fly_encoding_inside_the_train_step(images, pipeline, tmp_path):
     assert set(first.skips.counts) == EXPECTED_SKIPS  # every broken input counted, none raised
 
     spec = TINY["micro"].replace(cross_attention_dim=80, projection_class_embeddings_input_dim=40 + 6 * 8)
-    MODELS["test-images"] = spec
-    c = base_config()
-    c.model, c.plan = "test-images", ""
-    c.loss.output = c.loss.feature = 0.0
-    c.data.source, c.data.path, c.data.pipeline, c.data.resolution = "images", f"folder:{images}", pipeline, RES
-    c.batch_size, c.optimizer.accumulation, c.optimizer.lr = 4, 2, 1e-3
-    c.precision.teacher = c.precision.student_compute = "float32"
-    c.steps, c.log_every, c.checkpoint_every = 2, 1, 2
-    try:
-        run(c, tmp_path / "run")
-    finally:
-        del MODELS["test-images"]
+    _train_micro(tmp_path / "run", spec, steps=2, accumulation=2, source="images", path=f"folder:{images}",
+                 pipeline=pipeline, resolution=RES)
     lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert len(lines) == 2 and all(np.isfinite(line["loss"]) for line in lines)

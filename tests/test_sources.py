@@ -95,9 +95,8 @@ def _bad_files() -> dict[str, tuple[bytes, bytes | None, str]]:
     }
 
 
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    root = tmp_path_factory.mktemp("folder")
+def write_image_folder(root) -> str:
+    """The good and the broken images, each with its caption file (when it has one)."""
     for rel, (img, cap) in _good_files().items():
         _write(root, rel, img)
         _write(root, os.path.splitext(rel)[0] + ".txt", cap)
@@ -106,6 +105,11 @@ def folder(tmp_path_factory):
         if cap is not None:
             _write(root, os.path.splitext(rel)[0] + ".txt", cap)
     return str(root)
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return write_image_folder(tmp_path_factory.mktemp("folder"))
 
 
 def _run(source, prep=None, rules=RULES, seed=0):
