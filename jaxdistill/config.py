@@ -11,6 +11,7 @@ import ml_collections
 
 from jaxdistill.losses import NORMALIZATIONS
 from jaxdistill.schedule import PREDICTION_TYPES
+from jaxdistill.sharding import AXES, DEFAULT_RULES
 
 DTYPES = ("float32", "bfloat16")
 REMAT = ("none", "full", "dots")
@@ -34,6 +35,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.ema_decay = 0.0  # 0: no EMA of the student
     c.precision = ml_collections.ConfigDict(dict(teacher="bfloat16", student_compute="bfloat16",
                                                  encoders="float32"))  # SDXL's VAE overflows in float16
+    # The device mesh (jaxdistill/sharding.py): sizes of data / fsdp / tensor (one may be -1: the rest of
+    # the devices), slices per axis for multi-slice TPU (dcn), and the logical-axis → mesh-axis rules.
+    c.mesh = ml_collections.ConfigDict(dict(sizes=dict(data=1, fsdp=-1, tensor=1),
+                                            dcn=dict(data=1, fsdp=1, tensor=1),
+                                            rules=[list(r) for r in DEFAULT_RULES]))
     c.remat = "none"  # none | full | dots (keep matmul outputs)
     c.scan_layers = True  # scan over each attention module's layers: much faster compilation
 
@@ -97,6 +103,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
           "text_encoder*/ and tokenizer*/ (--config.data.pipeline=DIR)")
     check(c.precision.encoders in DTYPES, "precision.encoders", f"one of {DTYPES}")
     check(c.log_every >= 1, "log_every", "≥ 1")
+    check(set(c.mesh.sizes) == set(AXES) and set(c.mesh.dcn) == set(AXES), "mesh.sizes",
+          f"sizes and dcn for each of {AXES}")
     check(c.eval.every >= 0, "eval.every", "≥ 0 (0: validate only before and after)")
     check(c.eval.scheduler in ("euler", "ddim"), "eval.scheduler", "'euler' or 'ddim'")
     check(c.checkpoint_every >= 1, "checkpoint_every", "≥ 1")

@@ -44,7 +44,8 @@ def make_data(c, spec: UNetSpec) -> PreparedLatents | StreamedImages | Synthetic
                               batch_size=c.batch_size, seed=c.seed, process_index=jax.process_index(),
                               process_count=jax.process_count())
     return SyntheticLatents(spec, resolution=c.data.resolution, seq_len=c.data.seq_len,
-                            num_examples=c.data.num_examples, batch_size=c.batch_size, seed=c.seed)
+                            num_examples=c.data.num_examples, batch_size=c.batch_size, seed=c.seed,
+                            process_index=jax.process_index(), process_count=jax.process_count())
 
 
 def check_fits(data: PreparedLatents, spec: UNetSpec):
@@ -131,14 +132,15 @@ class PreparedLatents:
         epoch, offset = divmod(step, self.steps_per_epoch)
         return self._epoch(epoch)[offset]
 
-    def _read(self, step: int) -> dict[str, np.ndarray]:
-        records = self.source.__getitems__(self.indices(step)[self.host].tolist())
+    def _read(self, step: int, whole: bool = False) -> dict[str, np.ndarray]:
+        indices = self.indices(step) if whole else self.indices(step)[self.host]
+        records = self.source.__getitems__(indices.tolist())
         return {k: np.stack([np.asarray(r[k], np.float32) for r in records])
                 for k in ("latents", "encoder_hidden_states", "text_embeds", "time_ids")}
 
     def validation_batch(self) -> dict[str, np.ndarray]:
-        """A fixed batch for monitoring (far beyond any real run's position: the same for the whole run)."""
-        return self._read(10**6)
+        """A fixed batch for monitoring, the same on every host (all of global batch 10⁶: beyond any run)."""
+        return self._read(10**6, whole=True)
 
     def batch(self, step: int) -> dict[str, np.ndarray]:
         """This host's part of global batch `step`; starts reading batch `step + 1` in the background."""
@@ -217,8 +219,13 @@ class SyntheticLatents:
     is a real denoiser with something to distil."""
 
     def __init__(self, spec: UNetSpec, *, resolution: int = 128, seq_len: int = 8, num_examples: int = 64,
-                 num_classes: int = 8, batch_size: int = 8, seed: int = 0):
+                 num_classes: int = 8, batch_size: int = 8, seed: int = 0, process_index: int = 0,
+                 process_count: int = 1):
         rng = np.random.default_rng(seed)
+        if batch_size % process_count:
+            raise ValueError(f"batch_size {batch_size} must be divisible by the {process_count} processes")
+        per_host = batch_size // process_count
+        self.host = slice(process_index * per_host, (process_index + 1) * per_host)
         side = resolution // 8
         if side % 2 ** (spec.num_blocks - 1):
             raise ValueError(f"data.resolution={resolution}: the latent side {side} must be divisible by "
@@ -239,15 +246,16 @@ class SyntheticLatents:
             self.text_embeds = rng.standard_normal((num_classes, pooled_dim)).astype(np.float32)[labels]
 
     def validation_batch(self) -> dict[str, np.ndarray]:
-        """A fixed batch for monitoring (far beyond any real run's position: the same for the whole run)."""
-        return self.batch(10**6)
+        """A fixed batch for monitoring, the same on every host (all of global batch 10⁶: beyond any run)."""
+        return self.batch(10**6, whole=True)
 
-    def batch(self, step: int) -> dict[str, np.ndarray]:
-        """The batch of global step `step`: examples in a fresh permutation every epoch."""
+    def batch(self, step: int, whole: bool = False) -> dict[str, np.ndarray]:
+        """This host's part of global batch `step` (`whole`: all of it): a fresh permutation every epoch."""
         per_epoch = max(self.num_examples // self.batch_size, 1)
         epoch, offset = divmod(step, per_epoch)
         order = np.random.default_rng([self.seed, epoch]).permutation(self.num_examples)
         index = np.resize(order[offset * self.batch_size:], self.batch_size)
+        index = index if whole else index[self.host]
         out = {"latents": self.latents[index], "encoder_hidden_states": self.encoder_hidden_states[index],
                "time_ids": self.time_ids[index]}
         if hasattr(self, "text_embeds"):

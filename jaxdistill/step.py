@@ -113,8 +113,11 @@ def make_train_step(student: UNet, teacher: UNet | None, tx: optax.GradientTrans
 
     def step(state: TrainState, frozen: Mapping[str, Any], batch: Batch, rng: jax.Array):
         rng = jax.random.fold_in(rng, state.step)
-        # [B, ...] → [accumulation, B / accumulation, ...]; gradients are averaged over micro-batches.
-        micro = jax.tree.map(lambda x: x.reshape(accumulation, x.shape[0] // accumulation, *x.shape[1:]), batch)
+        # [B, ...] → [accumulation, B / accumulation, ...], micro-batch i = examples i, i + A, i + 2A, ...: each
+        # device's block of a batch split over the mesh holds its share of every micro-batch, so no data moves.
+        # Gradients are averaged over micro-batches.
+        micro = jax.tree.map(lambda x: x.reshape(x.shape[0] // accumulation, accumulation, *x.shape[1:]).swapaxes(0, 1),
+                             batch)
 
         def accumulate(carry, inputs):
             index, mb = inputs

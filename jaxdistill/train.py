@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 from jaxdistill import presets
 from jaxdistill.config import validate
@@ -33,6 +34,14 @@ from jaxdistill.layers import stack_layers, unstack_layers
 from jaxdistill.prepare import load_encoders, make_encode
 from jaxdistill.prune import feature_pairs, load_plan, prune
 from jaxdistill.schedule import add_noise, alphas_cumprod
+from jaxdistill.sharding import (
+    batch_sharding,
+    global_batch,
+    initialize_distributed,
+    make_mesh,
+    replicated,
+    shard_params,
+)
 from jaxdistill.spec import UNetSpec
 from jaxdistill.step import TrainState, cast, init_state, make_optimizer, make_train_step
 from jaxdistill.unet import UNet, count_params, init_params
@@ -155,12 +164,20 @@ def run_stage(c: ml_collections.ConfigDict, workdir: Path, previous: Model | Non
                               weights={"task": c.loss.task, "output": c.loss.output, "feature": c.loss.feature},
                               normalize=c.loss.normalize, prediction_type=c.schedule.prediction_type,
                               accumulation=c.optimizer.accumulation, ema_decay=c.ema_decay, encode=encode)
-    train_step = jax.jit(step_fn, donate_argnums=(0,))
-    teacher_params = layout(teacher.params) if distil else None
-    frozen = {"teacher": teacher_params, "encoders": encoder_params}
+    # Everything on one mesh: parameters by the rule table (FSDP / tensor), batches over data × fsdp; the
+    # optimizer state inherits the parameters' placement from `init_state`.
+    mesh = make_mesh(dict(c.mesh.sizes), dcn=dict(c.mesh.dcn))
+    rules = [tuple(r) for r in c.mesh.rules]
+    teacher_params = shard_params(layout(teacher.params), mesh, rules) if distil else None
+    frozen = {"teacher": teacher_params, "encoders": shard_params(encoder_params, mesh, rules)}
     data = make_data(c, student.spec)
 
-    state = init_state(layout(student.params), tx, ema=c.ema_decay > 0)
+    state = init_state(shard_params(layout(student.params), mesh, rules), tx, ema=c.ema_decay > 0)
+    state_sharding = jax.tree.map(lambda x: x.sharding, state)
+    train_step = jax.jit(step_fn, donate_argnums=(0,),
+                         in_shardings=(state_sharding, jax.tree.map(lambda x: x.sharding, frozen),
+                                       batch_sharding(mesh), replicated(mesh)),
+                         out_shardings=(state_sharding, replicated(mesh)))
     manager = _checkpoint_manager(workdir / "checkpoints" / c.name, c)
     meta = {"stage": c.name, "student_config": student.spec.to_diffusers_config(), "config": c.to_dict(),
             "kept_layers": {k: list(v) for k, v in (kept or {}).items()},
@@ -194,7 +211,7 @@ def run_stage(c: ml_collections.ConfigDict, workdir: Path, previous: Model | Non
     try:
         with stop:
             while step < c.steps:
-                batch = data.batch(step)
+                batch = global_batch(data.batch(step), mesh)
                 state, metrics = train_step(state, frozen, batch, rng)
                 step += 1
                 values = {k: float(v) for k, v in jax.device_get(metrics).items()}
@@ -220,16 +237,22 @@ def run_stage(c: ml_collections.ConfigDict, workdir: Path, previous: Model | Non
         logger.close()
 
     final = state.ema_params if state.ema_params is not None else state.params
-    result = Model(student.spec, jax.jit(unstack_layers)(final) if c.scan_layers else final)
-    out = save_unet(workdir / "stages" / c.name, student.spec, result.params)
+    # every process gets the whole student (it may be spread over hosts); process 0 writes it
+    result = Model(student.spec, jax.tree.map(np.asarray, multihost_utils.process_allgather(unstack(final),
+                                                                                             tiled=True)))
+    out = workdir / "stages" / c.name
+    if jax.process_index() == 0:
+        save_unet(out, student.spec, result.params)
     summary = {"steps": step, "params": count_params(student.spec)}
     if distil:
         after = agreement(final, teacher_params)
         summary |= {"agreement_before": before, "agreement_after": after}
         print(f"stage {c.name}: student vs teacher, relative MSE of the noise prediction on a fixed validation "
               f"batch: before {before if before is None else f'{before:.4f}'} → after {after:.4f}")
-    (out / STAGE_MARKER).write_text(json.dumps(summary | {"stage": c.name, "plan": c.plan, "teacher": c.teacher,
-                                                          "kept_layers": meta["kept_layers"]}, indent=2))
+    if jax.process_index() == 0:
+        (out / STAGE_MARKER).write_text(json.dumps(summary | {"stage": c.name, "plan": c.plan,
+                                                              "teacher": c.teacher,
+                                                              "kept_layers": meta["kept_layers"]}, indent=2))
     print(f"stage {c.name}: student written to {out}")
     return result, summary
 
@@ -375,6 +398,7 @@ def main(argv=None) -> int:
 
     def _main(_):
         absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every save at INFO
+        initialize_distributed()  # multi-host: TPU VM slices, SLURM, or JAX_COORDINATOR_ADDRESS & co.
         try:
             run(flags.FLAGS.config, flags.FLAGS.workdir)
         except (ValueError, NonFiniteLoss) as e:

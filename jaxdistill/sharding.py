@@ -1,0 +1,166 @@
+"""One device mesh for every platform: axes `data`, `fsdp`, `tensor`, sized from the config, and the
+rules that place parameters and batches on it (the maxtext way: logical axis names → mesh axes).
+
+Parameters get logical axis names from the parameter tree itself — the trees mirror diffusers' modules,
+so a leaf's name and rank say what it is: a linear kernel is (embed, mlp) (in, out), a conv kernel
+(h, w, conv_in, conv_out), a bias (mlp), a norm's scale and bias (norm), an embedding table (vocab,
+embed); a leading `layers` axis when transformer layers are scanned. The rule table
+(`config.mesh.rules`) maps logical names to mesh axes; FSDP shards `embed` / `conv_out` over `fsdp`,
+tensor parallelism `mlp` over `tensor`. A dimension the mesh axis does not divide stays whole (tiny
+models, odd widths). Batches are split over `data` × `fsdp`.
+
+Multi-host: `initialize_distributed()` starts JAX's runtime (TPU VMs by themselves; SLURM from its
+environment; anywhere from JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID), and
+`global_batch` assembles each host's slice of a batch into one global array.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from flax.traverse_util import flatten_dict, unflatten_dict
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+AXES = ("data", "fsdp", "tensor")
+BATCH = ("data", "fsdp")  # the batch dimension is split over both: FSDP is data parallelism too
+# logical axis → mesh axis (None: replicated). FSDP: the input side of linear kernels and the output side
+# of conv kernels; tensor parallelism: the output side of linear kernels (and their biases).
+DEFAULT_RULES = (("embed", "fsdp"), ("mlp", "tensor"), ("conv_out", "fsdp"), ("conv_in", None), ("norm", None),
+                 ("vocab", "tensor"), ("layers", None), ("kernel_h", None), ("kernel_w", None))
+
+
+def mesh_shape(sizes: Mapping[str, int], num_devices: int) -> tuple[int, ...]:
+    """(data, fsdp, tensor) from the config's sizes; one of them may be -1: the devices left over."""
+    shape = [int(sizes.get(a, 1)) for a in AXES]
+    free = [i for i, s in enumerate(shape) if s == -1]
+    if len(free) > 1 or any(s == 0 or s < -1 for s in shape):
+        raise ValueError(f"mesh sizes {dict(zip(AXES, shape, strict=True))}: positive, with at most one -1")
+    if free:
+        rest = math.prod(s for s in shape if s != -1)
+        if num_devices % rest:
+            raise ValueError(f"mesh sizes {dict(zip(AXES, shape, strict=True))}: {num_devices} devices are not a "
+                             f"multiple of {rest}")
+        shape[free[0]] = num_devices // rest
+    if math.prod(shape) != num_devices:
+        raise ValueError(f"mesh {dict(zip(AXES, shape, strict=True))} needs {math.prod(shape)} devices; there are "
+                         f"{num_devices} (set one size to -1 to take the rest)")
+    return tuple(shape)
+
+
+def make_mesh(sizes: Mapping[str, int] | None = None, devices: Sequence[jax.Device] | None = None,
+              dcn: Mapping[str, int] | None = None) -> Mesh:
+    """The (data, fsdp, tensor) mesh over `devices` (default: all). `dcn` gives the number of slices along
+    each axis for multi-slice TPU (slow links between slices: put `data` there); `sizes` then count the
+    devices within a slice."""
+    devices = list(devices if devices is not None else jax.devices())
+    sizes = dict(sizes or {"data": 1, "fsdp": -1, "tensor": 1})
+    dcn_shape = tuple(int((dcn or {}).get(a, 1)) for a in AXES)
+    slices = math.prod(dcn_shape)
+    from jax.experimental import mesh_utils
+
+    if slices > 1:
+        if len(devices) % slices:
+            raise ValueError(f"{len(devices)} devices do not split into {slices} slices (mesh.dcn {dcn})")
+        ici = mesh_shape(sizes, len(devices) // slices)
+        array = mesh_utils.create_hybrid_device_mesh(ici, dcn_shape, devices)
+    else:
+        shape = mesh_shape(sizes, len(devices))
+        try:
+            array = mesh_utils.create_device_mesh(shape, devices)
+        except (ValueError, NotImplementedError, AssertionError):  # CPU and other topologies it does not know
+            array = np.asarray(devices).reshape(shape)
+    return Mesh(array, AXES)
+
+
+def logical_axes(params: Mapping) -> dict:
+    """The logical axis names of every parameter (a tree of tuples, the shape of `params`)."""
+    out = {}
+    for path, leaf in flatten_dict(dict(params)).items():
+        out[path] = _leaf_axes(path, len(np.shape(leaf)))
+    return unflatten_dict(out)
+
+
+def param_shardings(params: Mapping, mesh: Mesh, rules: Sequence[tuple[str, str | None]] = DEFAULT_RULES) -> dict:
+    """NamedSharding for every parameter of `params` (arrays or ShapeDtypeStructs) under `rules`."""
+    table = dict(rules)
+    out = {}
+    for path, leaf in flatten_dict(dict(params)).items():
+        shape = np.shape(leaf)
+        spec = []
+        for dim, name in zip(shape, _leaf_axes(path, len(shape)), strict=True):
+            axis = table.get(name) if name else None
+            size = mesh.shape[axis] if axis else 1
+            spec.append(axis if axis and size > 1 and dim % size == 0 else None)
+        out[path] = NamedSharding(mesh, PartitionSpec(*spec))
+    return unflatten_dict(out)
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """The leading (batch) dimension split over data × fsdp; the rest whole."""
+    return NamedSharding(mesh, PartitionSpec(BATCH))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def shard_params(params: Any, mesh: Mesh, rules: Sequence[tuple[str, str | None]] = DEFAULT_RULES) -> Any:
+    """`params` placed on the mesh by `rules` (None stays None)."""
+    if params is None:
+        return None
+    return jax.device_put(params, param_shardings(params, mesh, rules))
+
+
+def global_batch(local: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+    """This host's slice of a batch [b, ...] → global arrays [b · process_count, ...] split over data × fsdp."""
+    sharding = batch_sharding(mesh)
+    per_host = mesh.shape["data"] * mesh.shape["fsdp"] // jax.process_count()
+    out = {}
+    for k, v in local.items():
+        if v.shape[0] % max(per_host, 1):
+            raise ValueError(f"batch of {v.shape[0]} per host does not split over this host's {per_host} batch "
+                             "shards (data × fsdp); make batch_size / process_count a multiple of it")
+        out[k] = jax.make_array_from_process_local_data(sharding, np.asarray(v))
+    return out
+
+
+def initialize_distributed() -> bool:
+    """Starts JAX's multi-process runtime when the environment describes more than one process: JAX's own
+    variables (JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID), SLURM (srun with more than one
+    task) or a TPU VM pod slice (detected by JAX). Returns whether it did. Call before using any device."""
+    env = os.environ
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU processes talk over gloo; GPU/TPU ignore it
+    if "JAX_COORDINATOR_ADDRESS" in env:
+        jax.distributed.initialize(coordinator_address=env["JAX_COORDINATOR_ADDRESS"],
+                                   num_processes=int(env.get("JAX_NUM_PROCESSES", "1")),
+                                   process_id=int(env.get("JAX_PROCESS_ID", "0")))
+        return True
+    if int(env.get("SLURM_NTASKS", "1")) > 1 or env.get("TPU_WORKER_HOSTNAMES", "").count(",") > 0:
+        jax.distributed.initialize()  # JAX reads SLURM's and the TPU VM's environment itself
+        return True
+    return False
+
+
+def _leaf_axes(path: tuple[str, ...], rank: int) -> tuple[str | None, ...]:
+    """Logical names of one parameter, from its name and rank (see the module docstring)."""
+    leaf, parent = path[-1], path[-2] if len(path) > 1 else ""
+    if leaf == "kernel" and rank >= 4:
+        axes = ("kernel_h", "kernel_w", "conv_in", "conv_out")
+    elif leaf == "kernel":
+        axes = ("embed", "mlp")
+    elif leaf == "embedding":
+        axes = ("vocab", "embed")
+    elif leaf == "scale" or "norm" in parent:
+        axes = ("norm",)
+    else:  # a linear or conv bias
+        axes = ("mlp",) if leaf == "bias" and "conv" not in parent else ("conv_out",)
+    if rank == len(axes) + 1:  # scanned transformer layers: a leading layer axis
+        axes = ("layers", *axes)
+    if rank != len(axes):
+        raise ValueError(f"parameter {'/'.join(path)} has rank {rank}; expected {len(axes)} ({axes})")
+    return axes

@@ -1,0 +1,154 @@
+"""The mesh: parameter placement by logical axes, the sharded step equal to one device (8 simulated CPU
+devices, fsdp=8 and data=2 × fsdp=4), per-device memory falling with fsdp, and a real two-process run
+(gloo collectives) whose checkpoint a one-process run on another mesh restores and continues."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from conftest import TINY
+from flax.traverse_util import flatten_dict
+from test_train import small_config, write_config_file
+
+from jaxdistill import load_unet
+from jaxdistill.prune import PrunePlan
+from jaxdistill.sharding import logical_axes, mesh_shape
+from jaxdistill.unet import abstract_params
+
+EIGHT = os.environ | {"JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+ONE = os.environ | {"JAX_PLATFORMS": "cpu"}
+# float32 sums in another order: losses agree to ~1e-6; Adam divides by √v, so a parameter whose gradient
+# is ~0 can move differently by up to ~lr — parameters are compared relative to the update size.
+LOSS_RTOL = 1e-5
+
+
+def test_mesh_sizes():
+    assert mesh_shape({"data": 2, "fsdp": -1, "tensor": 1}, 8) == (2, 4, 1)
+    assert mesh_shape({"data": 1, "fsdp": 8, "tensor": 1}, 8) == (1, 8, 1)
+    with pytest.raises(ValueError, match="needs 6 devices"):
+        mesh_shape({"data": 2, "fsdp": 3, "tensor": 1}, 8)
+    with pytest.raises(ValueError, match="at most one -1"):
+        mesh_shape({"data": -1, "fsdp": -1, "tensor": 1}, 8)
+    with pytest.raises(ValueError, match="not a multiple"):
+        mesh_shape({"data": 3, "fsdp": -1, "tensor": 1}, 8)
+
+
+def test_every_parameter_has_logical_axes():
+    from jaxdistill.layers import stack_layers
+
+    params = abstract_params(TINY["micro"])
+    flat = flatten_dict(logical_axes(params))
+    shapes = flatten_dict(params)
+    assert all(len(axes) == len(shapes[path].shape) for path, axes in flat.items())
+    assert flat["conv_in", "kernel"] == ("kernel_h", "kernel_w", "conv_in", "conv_out")
+    assert flat["time_embedding", "linear_1", "kernel"] == ("embed", "mlp")
+    assert flat["conv_norm_out", "scale"] == ("norm",)
+    stacked = flatten_dict(logical_axes(jax.eval_shape(stack_layers, params)))
+    assert any(axes[0] == "layers" for axes in stacked.values())
+
+
+@pytest.fixture(scope="module")
+def runs(unet_folders, tmp_path_factory):
+    """The same 2-step distillation on one device, on 8 devices with fsdp=8 and with data=2 × fsdp=4."""
+    root = tmp_path_factory.mktemp("sharded")
+    plan = root / "plan.json"
+    PrunePlan(name="test", attentions={"up_blocks.0.attentions.0": [1]}).save(plan)
+    out = {}
+    procs = []
+    for name, sizes, env in (("one", {"data": 1, "fsdp": -1, "tensor": 1}, ONE),
+                             ("fsdp8", {"data": 1, "fsdp": -1, "tensor": 1}, EIGHT),
+                             ("data2_fsdp4", {"data": 2, "fsdp": 4, "tensor": 1}, EIGHT)):
+        c = small_config(unet_folders["micro"], str(plan), batch_size=16, steps=2, checkpoint_every=2,
+                         **{"optimizer.accumulation": 2, "mesh.sizes": sizes})
+        config = write_config_file(root / f"{name}.py", c)
+        out[name] = root / name
+        procs.append(subprocess.Popen([sys.executable, "-m", "jaxdistill.train", "--config", config, "--workdir",
+                                       str(out[name])], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                      text=True))
+    for p in procs:
+        log = p.communicate()[0]
+        assert p.returncode == 0, log[-3000:]
+    return out, plan
+
+
+def _losses(workdir):
+    lines = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+    return np.array([line["loss"] for line in lines if "loss" in line])
+
+
+def _assert_same_student(a, b, lr=1e-3):
+    _, pa = load_unet(os.path.join(a, "stages", "main"))
+    _, pb = load_unet(os.path.join(b, "stages", "main"))
+    fa, fb = flatten_dict(pa), flatten_dict(pb)
+    worst = max(float(np.max(np.abs(np.asarray(fa[k]) - np.asarray(fb[k])))) for k in fa)
+    assert worst <= 0.05 * lr, f"parameters differ by {worst} (2 Adam steps of lr {lr})"
+
+
+def test_sharded_steps_equal_one_device(runs):
+    out, _ = runs
+    reference = _losses(out["one"])
+    assert len(reference) == 2
+    for name in ("fsdp8", "data2_fsdp4"):
+        np.testing.assert_allclose(_losses(out[name]), reference, rtol=LOSS_RTOL)
+        _assert_same_student(out[name], out["one"])
+
+
+def test_parameter_memory_per_device_falls_with_fsdp(unet_folders):
+    code = """
+import jax, json, sys
+from jaxdistill import load_unet
+from jaxdistill.sharding import make_mesh, shard_params
+_, params = load_unet(sys.argv[1])
+out = {}
+for name, sizes in (("data8", {"data": 8, "fsdp": 1, "tensor": 1}), ("fsdp8", {"data": 1, "fsdp": 8, "tensor": 1})):
+    sharded = shard_params(params, make_mesh(sizes))
+    compiled = jax.jit(lambda p: jax.tree.map(lambda x: x * 2, p)).lower(sharded).compile()
+    out[name] = compiled.memory_analysis().argument_size_in_bytes
+print(json.dumps(out))
+"""
+    result = subprocess.run([sys.executable, "-c", code, unet_folders["micro"]], env=EIGHT, capture_output=True,
+                            text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    sizes = json.loads(result.stdout.strip().splitlines()[-1])
+    assert sizes["fsdp8"] < sizes["data8"] / 3, sizes  # replicated vs sharded (small leaves stay whole)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_train_and_one_process_continues(runs, unet_folders, tmp_path):
+    """Two real processes (one CPU device each, gloo) train 2 steps and checkpoint; their losses equal the
+    one-device run's. One process (a 1-device mesh) then restores that checkpoint and trains to step 4."""
+    out, plan = runs
+    c = small_config(unet_folders["micro"], str(plan), batch_size=16, steps=2, checkpoint_every=2,
+                     **{"optimizer.accumulation": 2})
+    config = write_config_file(tmp_path / "two.py", c)
+    workdir = tmp_path / "two"
+    port = _free_port()
+    procs = [subprocess.Popen([sys.executable, "-m", "jaxdistill.train", "--config", config, "--workdir", str(workdir)],
+                              env=ONE | {"JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}", "JAX_NUM_PROCESSES": "2",
+                                         "JAX_PROCESS_ID": str(i)},
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    logs = [p.communicate(timeout=600)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), "\n----\n".join(log[-3000:] for log in logs)
+    np.testing.assert_allclose(_losses(workdir), _losses(out["one"]), rtol=LOSS_RTOL)
+    _assert_same_student(workdir, out["one"])
+    assert (workdir / "checkpoints" / "main" / "2").is_dir()
+
+    c.steps = 4
+    (workdir / "stages" / "main" / "jaxdistill_stage.json").unlink()  # let the stage continue past step 2
+    config = write_config_file(tmp_path / "more.py", c)
+    result = subprocess.run([sys.executable, "-m", "jaxdistill.train", "--config", config, "--workdir", str(workdir)],
+                            env=ONE, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "resumed from step 2" in result.stdout
+    steps = [json.loads(line)["step"] for line in open(workdir / "metrics.jsonl") if '"loss"' in line]
+    assert steps == [1, 2, 3, 4]
