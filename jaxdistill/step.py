@@ -22,6 +22,7 @@ import optax
 
 from jaxdistill.losses import distill_loss
 from jaxdistill.schedule import add_noise, prediction_target
+from jaxdistill.sharding import BATCH
 from jaxdistill.unet import UNet
 
 Batch = Mapping[str, jax.Array]  # latents [B, H, W, 4], encoder_hidden_states, text_embeds, time_ids
@@ -72,11 +73,12 @@ def make_train_step(student: UNet, teacher: UNet | None, tx: optax.GradientTrans
                     alphas_cumprod: jax.Array, *, pairs: Sequence[tuple[str, str]] = (),
                     weights: Mapping[str, float] | None = None, normalize: str = "none",
                     prediction_type: str = "epsilon", accumulation: int = 1, ema_decay: float = 0.0,
-                    encode: Callable | None = None,
+                    encode: Callable | None = None, mesh: jax.sharding.Mesh | None = None,
                     ) -> Callable[[TrainState, Any, Batch, jax.Array], tuple[TrainState, dict[str, jax.Array]]]:
     """Builds the (unjitted) step. `teacher` None (or output and feature weights 0): plain diffusion.
     `encode(encoder_params, pixels, ids1, ids2, rng) → {latents, encoder_hidden_states, text_embeds}`
-    (`jaxdistill.prepare.make_encode`): the batch is {pixels, input_ids, input_ids_2, time_ids}."""
+    (`jaxdistill.prepare.make_encode`): the batch is {pixels, input_ids, input_ids_2, time_ids}.
+    `mesh`: keep every micro-batch split over data × fsdp (`jaxdistill.sharding`) inside the scan."""
     weights = {"task": 1.0, "output": 0.5, "feature": 0.5} | dict(weights or {})
     uses_teacher = teacher is not None and (weights["output"] or (weights["feature"] and pairs))
     if (weights["output"] or weights["feature"]) and teacher is None:
@@ -118,6 +120,9 @@ def make_train_step(student: UNet, teacher: UNet | None, tx: optax.GradientTrans
         # Gradients are averaged over micro-batches.
         micro = jax.tree.map(lambda x: x.reshape(x.shape[0] // accumulation, accumulation, *x.shape[1:]).swapaxes(0, 1),
                              batch)
+        if mesh is not None:
+            split = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, BATCH))
+            micro = jax.lax.with_sharding_constraint(micro, split)
 
         def accumulate(carry, inputs):
             index, mb = inputs

@@ -156,6 +156,10 @@ def run_stage(c: ml_collections.ConfigDict, workdir: Path, previous: Model | Non
     layout = jax.jit(stack_layers) if c.scan_layers else (lambda p: p)
     student_model = UNet(student.spec, dtype=c.precision.student_compute, remat=c.remat, scan_layers=c.scan_layers)
     teacher_model = UNet(teacher.spec, dtype=c.precision.teacher, scan_layers=c.scan_layers) if distil else None
+    # Everything on one mesh: parameters by the rule table (FSDP / tensor), batches over data × fsdp; the
+    # optimizer state inherits the parameters' placement from `init_state`.
+    mesh = make_mesh(dict(c.mesh.sizes), dcn=dict(c.mesh.dcn))
+    rules = [tuple(r) for r in c.mesh.rules]
     encode, encoder_params = None, None
     if c.data.source == "images":  # encode inside the step with the frozen VAE and text encoders
         encoders = load_encoders(c.data.pipeline, c.precision.encoders)
@@ -163,11 +167,8 @@ def run_stage(c: ml_collections.ConfigDict, workdir: Path, previous: Model | Non
     step_fn = make_train_step(student_model, teacher_model, tx, lr_fn, acp, pairs=pairs,
                               weights={"task": c.loss.task, "output": c.loss.output, "feature": c.loss.feature},
                               normalize=c.loss.normalize, prediction_type=c.schedule.prediction_type,
-                              accumulation=c.optimizer.accumulation, ema_decay=c.ema_decay, encode=encode)
-    # Everything on one mesh: parameters by the rule table (FSDP / tensor), batches over data × fsdp; the
-    # optimizer state inherits the parameters' placement from `init_state`.
-    mesh = make_mesh(dict(c.mesh.sizes), dcn=dict(c.mesh.dcn))
-    rules = [tuple(r) for r in c.mesh.rules]
+                              accumulation=c.optimizer.accumulation, ema_decay=c.ema_decay, encode=encode,
+                              mesh=mesh)
     teacher_params = shard_params(layout(teacher.params), mesh, rules) if distil else None
     frozen = {"teacher": teacher_params, "encoders": shard_params(encoder_params, mesh, rules)}
     data = make_data(c, student.spec)

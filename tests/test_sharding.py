@@ -4,9 +4,9 @@ devices, fsdp=8 and data=2 × fsdp=4), per-device memory falling with fsdp, and 
 
 import json
 import os
-import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -118,27 +118,20 @@ print(json.dumps(out))
     assert sizes["fsdp8"] < sizes["data8"] / 3, sizes  # replicated vs sharded (small leaves stay whole)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_processes_train_and_one_process_continues(runs, unet_folders, tmp_path):
-    """Two real processes (one CPU device each, gloo) train 2 steps and checkpoint; their losses equal the
-    one-device run's. One process (a 1-device mesh) then restores that checkpoint and trains to step 4."""
+    """Two real processes (one CPU device each, gloo; started by launch/local.sh) train 2 steps and
+    checkpoint; their losses equal the one-device run's. One process (a 1-device mesh) then restores that
+    checkpoint and trains to step 4."""
     out, plan = runs
     c = small_config(unet_folders["micro"], str(plan), batch_size=16, steps=2, checkpoint_every=2,
                      **{"optimizer.accumulation": 2})
     config = write_config_file(tmp_path / "two.py", c)
     workdir = tmp_path / "two"
-    port = _free_port()
-    procs = [subprocess.Popen([sys.executable, "-m", "jaxdistill.train", "--config", config, "--workdir", str(workdir)],
-                              env=ONE | {"JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}", "JAX_NUM_PROCESSES": "2",
-                                         "JAX_PROCESS_ID": str(i)},
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
-    logs = [p.communicate(timeout=600)[0] for p in procs]
-    assert all(p.returncode == 0 for p in procs), "\n----\n".join(log[-3000:] for log in logs)
+    launcher = Path(__file__).parents[1] / "launch" / "local.sh"
+    result = subprocess.run(["bash", str(launcher), "2", "--config", config, "--workdir", str(workdir)],
+                            env=ONE | {"PYTHON": sys.executable}, capture_output=True, text=True, timeout=600)
+    logs = [(workdir / f"process_{i}.log").read_text() for i in range(2)]
+    assert result.returncode == 0, "\n----\n".join(log[-3000:] for log in logs)
     np.testing.assert_allclose(_losses(workdir), _losses(out["one"]), rtol=LOSS_RTOL)
     _assert_same_student(workdir, out["one"])
     assert (workdir / "checkpoints" / "main" / "2").is_dir()

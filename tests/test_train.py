@@ -147,8 +147,8 @@ def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(unet_f
                                                                           monkeypatch):
     clean = SyntheticLatents.batch
 
-    def poisoned(self, step):
-        batch = clean(self, step)
+    def poisoned(self, step, whole=False):
+        batch = clean(self, step, whole)
         if step == 4:  # the 5th step
             batch["latents"] = np.full_like(batch["latents"], np.nan)
         return batch

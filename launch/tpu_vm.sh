@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# A Cloud TPU VM (single host or pod slice): create it, copy this checkout to every worker, install, run
+# the same command on all workers (JAX finds the other workers itself), delete it.
+#
+#   export TPU_NAME=jaxdistill ZONE=us-central2-b ACCELERATOR=v4-32 RUNTIME=tpu-ubuntu2204-base
+#   launch/tpu_vm.sh create
+#   launch/tpu_vm.sh setup
+#   launch/tpu_vm.sh run --config configs/ssd1b.py --workdir /mnt/shared/runs/ssd1b --config.teacher=/mnt/shared/sdxl
+#   launch/tpu_vm.sh ssh 'tail -f jaxdistill/run.log'        # any command on all workers
+#   launch/tpu_vm.sh delete
+#
+# The workdir (checkpoints, written by all workers together) and the data must be on storage every worker
+# sees: a Filestore/NFS mount, or a bucket mounted with gcsfuse. `run` keeps going after you disconnect
+# (nohup); its output goes to ~/jaxdistill/run.log on each worker.
+set -euo pipefail
+: "${TPU_NAME:?set TPU_NAME}" "${ZONE:?set ZONE}"
+ACCELERATOR=${ACCELERATOR:-v4-8}
+RUNTIME=${RUNTIME:-tpu-ubuntu2204-base}
+tpu=(gcloud compute tpus tpu-vm)
+on_all() { "${tpu[@]}" ssh "$TPU_NAME" --zone "$ZONE" --worker=all --command "$1"; }
+case "${1:-}" in
+  create)
+    "${tpu[@]}" create "$TPU_NAME" --zone "$ZONE" --accelerator-type "$ACCELERATOR" --version "$RUNTIME" ;;
+  setup)
+    here=$(cd "$(dirname "$0")/.." && pwd)
+    tar -C "$here" --exclude=.venv --exclude=runs --exclude=.git -czf /tmp/jaxdistill.tgz .
+    "${tpu[@]}" scp /tmp/jaxdistill.tgz "$TPU_NAME":~/ --zone "$ZONE" --worker=all
+    on_all "mkdir -p jaxdistill && tar -C jaxdistill -xzf jaxdistill.tgz && cd jaxdistill && python3 -m venv .venv \
+            && . .venv/bin/activate && pip install -q -e '.[tpu]'" ;;
+  run)
+    shift
+    args=$(printf '%q ' "$@")
+    on_all "cd jaxdistill && . .venv/bin/activate && nohup python -m jaxdistill.train $args > run.log 2>&1 &" ;;
+  ssh)
+    on_all "${2:?launch/tpu_vm.sh ssh COMMAND}" ;;
+  stop)
+    on_all "pkill -TERM -f jaxdistill.train || true" ;;  # the trainer checkpoints, then exits
+  delete)
+    "${tpu[@]}" delete "$TPU_NAME" --zone "$ZONE" --quiet ;;
+  *)
+    echo "usage: $0 create|setup|run ARGS...|ssh COMMAND|stop|delete" >&2; exit 2 ;;
+esac
