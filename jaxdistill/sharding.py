@@ -100,6 +100,20 @@ def param_shardings(params: Mapping, mesh: Mesh, rules: Sequence[tuple[str, str 
     return unflatten_dict(out)
 
 
+def like_params(state: Any, params_sharding: Mapping, mesh: Mesh) -> Any:
+    """Shardings for a tree that holds parameter-shaped subtrees (a TrainState: master weights, AdamW
+    moments, EMA): every leaf found under a parameter's path is placed like that parameter; everything
+    else (step, counts) is replicated."""
+    by_path = flatten_dict(dict(params_sharding))
+
+    def place(path, leaf):
+        keys = tuple(k.key for k in path if isinstance(k, jax.tree_util.DictKey))
+        sharding = by_path.get(keys)
+        return sharding if sharding is not None and np.ndim(leaf) > 0 else replicated(mesh)
+
+    return jax.tree_util.tree_map_with_path(place, state)
+
+
 def batch_sharding(mesh: Mesh) -> NamedSharding:
     """The leading (batch) dimension split over data × fsdp; the rest whole."""
     return NamedSharding(mesh, PartitionSpec(BATCH))

@@ -22,7 +22,7 @@ import optax
 
 from jaxdistill.losses import distill_loss
 from jaxdistill.schedule import add_noise, prediction_target
-from jaxdistill.sharding import BATCH
+from jaxdistill.sharding import BATCH, like_params
 from jaxdistill.unet import UNet
 
 Batch = Mapping[str, jax.Array]  # latents [B, H, W, 4], encoder_hidden_states, text_embeds, time_ids
@@ -54,14 +54,21 @@ def make_optimizer(lr: float = 1e-5, warmup_steps: int = 0, weight_decay: float 
 
 def init_state(params: Any, tx: optax.GradientTransformation, ema: bool) -> TrainState:
     """float32 master copies of `params` in buffers of their own (the state is donated to the step, and a
-    student fresh from pruning shares its arrays with the teacher). One jitted program, not one per leaf."""
+    student fresh from pruning shares its arrays with the teacher). One jitted program, not one per leaf.
+    Parameters placed on a mesh keep their placement, and so do their AdamW moments and EMA (zeros do not
+    depend on the parameters, so without explicit output shardings XLA would replicate them)."""
     def build(params):
         params = jax.tree.map(lambda x: jnp.array(x, jnp.float32, copy=True), params)
         ema_params = jax.tree.map(lambda x: jnp.array(x, copy=True), params) if ema else None
         return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                           ema_params=ema_params)
 
-    return jax.jit(build)(params)
+    leaves = jax.tree.leaves(params)
+    sharding = getattr(leaves[0], "sharding", None) if leaves else None
+    if not isinstance(sharding, jax.sharding.NamedSharding):
+        return jax.jit(build)(params)
+    out = like_params(jax.eval_shape(build, params), jax.tree.map(lambda x: x.sharding, params), sharding.mesh)
+    return jax.jit(build, out_shardings=out)(params)
 
 
 def cast(params: Any, dtype) -> Any:

@@ -98,7 +98,7 @@ def test_sharded_steps_equal_one_device(runs):
         _assert_same_student(out[name], out["one"])
 
 
-def test_parameter_memory_per_device_falls_with_fsdp(unet_folders):
+def test_parameter_memory_per_device_falls_with_fsdp_and_the_optimizer_state_follows(unet_folders):
     code = """
 import jax, json, sys
 from jaxdistill import load_unet
@@ -109,6 +109,13 @@ for name, sizes in (("data8", {"data": 8, "fsdp": 1, "tensor": 1}), ("fsdp8", {"
     sharded = shard_params(params, make_mesh(sizes))
     compiled = jax.jit(lambda p: jax.tree.map(lambda x: x * 2, p)).lower(sharded).compile()
     out[name] = compiled.memory_analysis().argument_size_in_bytes
+# the optimizer state and EMA follow their parameters (zeros would otherwise come out replicated)
+from jaxdistill.step import init_state, make_optimizer
+state = init_state(sharded, make_optimizer(1e-3)[0], ema=True)
+specs = lambda tree: [x.sharding.spec for x in jax.tree.leaves(tree)]
+adam = state.opt_state[1][0]
+out["moments_like_params"] = specs(adam.mu) == specs(adam.nu) == specs(state.params) == specs(state.ema_params)
+out["some_sharded"] = any(any(a is not None for a in spec) for spec in specs(adam.mu))
 print(json.dumps(out))
 """
     result = subprocess.run([sys.executable, "-c", code, unet_folders["micro"]], env=EIGHT, capture_output=True,
@@ -116,6 +123,7 @@ print(json.dumps(out))
     assert result.returncode == 0, result.stderr[-3000:]
     sizes = json.loads(result.stdout.strip().splitlines()[-1])
     assert sizes["fsdp8"] < sizes["data8"] / 3, sizes  # replicated vs sharded (small leaves stay whole)
+    assert sizes["moments_like_params"] and sizes["some_sharded"]
 
 
 def test_two_processes_train_and_one_process_continues(runs, unet_folders, tmp_path):
