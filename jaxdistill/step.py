@@ -138,7 +138,14 @@ def make_train_step(student: UNet, teacher: UNet | None, tx: optax.GradientTrans
 
         zero_metrics = dict.fromkeys(["loss", *term_names], jnp.zeros((), jnp.float32))
         carry = (jax.tree.map(jnp.zeros_like, state.params), zero_metrics)
-        (grads, metrics), _ = jax.lax.scan(accumulate, carry, (jnp.arange(accumulation), micro))
+        if jax.default_backend() == "cpu":
+            # Straight-line code: XLA:CPU runs a loop body ~3× slower than the same ops outside a loop
+            # (bench/NOTES.md). Accelerators keep the loop: one copy of the body in the program.
+            for i in range(accumulation):
+                carry, _ = accumulate(carry, (jnp.int32(i), jax.tree.map(lambda x, i=i: x[i], micro)))
+        else:
+            carry, _ = jax.lax.scan(accumulate, carry, (jnp.arange(accumulation), micro))
+        grads, metrics = carry
         grads, metrics = jax.tree.map(lambda x: x / accumulation, (grads, metrics))
 
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
