@@ -168,7 +168,13 @@ def flax_to_torch(params: Mapping, lists: frozenset[str] = MODULE_LISTS) -> dict
 
 def check_params(spec: UNetSpec, params: Mapping):
     """Raises one `WeightsError` listing every missing, unexpected and misshaped parameter."""
-    expected = {k: tuple(v.shape) for k, v in flatten_dict(abstract_params(spec)).items()}
+    check_tree(abstract_params(spec), params, "UNet")
+
+
+def check_tree(expected: Mapping, params: Mapping, what: str):
+    """Raises one `WeightsError` listing every parameter of `params` missing from, unexpected in or
+    misshaped against the `expected` (abstract) tree; names and shapes in diffusers' form."""
+    expected = {k: tuple(v.shape) for k, v in flatten_dict(dict(expected)).items()}
     given = {k: tuple(np.shape(v)) for k, v in flatten_dict(dict(params)).items()}
     problems = [f"missing: {_torch_key(k)}" for k in expected if k not in given]
     problems += [f"unexpected: {_torch_key(k)}" for k in given if k not in expected]
@@ -177,7 +183,7 @@ def check_params(spec: UNetSpec, params: Mapping):
                  for k in expected if k in given and given[k] != expected[k]]
     if problems:
         shown = "\n  ".join(problems[:200]) + (f"\n  ... and {len(problems) - 200} more" if len(problems) > 200 else "")
-        raise WeightsError(f"the weights do not fit the UNet described by its config ({len(problems)} problems, "
+        raise WeightsError(f"the weights do not fit the {what} described by its config ({len(problems)} problems, "
                            f"names and shapes in diffusers' form):\n  {shown}")
 
 

@@ -34,17 +34,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax.traverse_util import flatten_dict
 
-from jaxdistill.convert import (
-    CONFIG_NAME,
-    WeightsError,
-    _torch_key,
-    _torch_shape,
-    read_safetensors,
-    resolve_component,
-    torch_to_flax,
-)
+from jaxdistill.convert import CONFIG_NAME, check_tree, read_safetensors, resolve_component, torch_to_flax
 from jaxdistill.layers import Downsample2D, ResnetBlock2D, Upsample2D, _Layer
 from jaxdistill.spec import UnsupportedConfigError
 
@@ -426,16 +417,7 @@ def count_vae_params(spec: VAESpec) -> int:
 
 def check_vae_params(spec: VAESpec, params: Mapping):
     """Raises one `WeightsError` listing every missing, unexpected and misshaped parameter."""
-    expected = {k: tuple(v.shape) for k, v in flatten_dict(abstract_vae_params(spec)).items()}
-    given = {k: tuple(np.shape(v)) for k, v in flatten_dict(dict(params)).items()}
-    problems = [f"missing: {_torch_key(k)}" for k in expected if k not in given]
-    problems += [f"unexpected: {_torch_key(k)}" for k in given if k not in expected]
-    problems += [f"shape mismatch: {_torch_key(k)} has {_torch_shape(given[k])}, the architecture needs "
-                 f"{_torch_shape(expected[k])}" for k in expected if k in given and given[k] != expected[k]]
-    if problems:
-        shown = "\n  ".join(problems[:200]) + (f"\n  ... and {len(problems) - 200} more" if len(problems) > 200 else "")
-        raise WeightsError(f"the weights do not fit the VAE described by its config ({len(problems)} problems, "
-                           f"names and shapes in diffusers' form):\n  {shown}")
+    check_tree(abstract_vae_params(spec), params, "VAE")
 
 
 # ---- helpers ------------------------------------------------------------------------------------
