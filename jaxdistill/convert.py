@@ -174,17 +174,22 @@ def check_params(spec: UNetSpec, params: Mapping):
 def check_tree(expected: Mapping, params: Mapping, what: str):
     """Raises one `WeightsError` listing every parameter of `params` missing from, unexpected in or
     misshaped against the `expected` (abstract) tree; names and shapes in diffusers' form."""
-    expected = {k: tuple(v.shape) for k, v in flatten_dict(dict(expected)).items()}
-    given = {k: tuple(np.shape(v)) for k, v in flatten_dict(dict(params)).items()}
-    problems = [f"missing: {_torch_key(k)}" for k in expected if k not in given]
-    problems += [f"unexpected: {_torch_key(k)}" for k in given if k not in expected]
-    problems += [f"shape mismatch: {_torch_key(k)} has {_torch_shape(given[k])}, the "
-                 f"architecture needs {_torch_shape(expected[k])}"
-                 for k in expected if k in given and given[k] != expected[k]]
+    expected = {_torch_key(k): _torch_shape(tuple(v.shape)) for k, v in flatten_dict(dict(expected)).items()}
+    given = {_torch_key(k): _torch_shape(tuple(np.shape(v))) for k, v in flatten_dict(dict(params)).items()}
+    check_shapes(expected, given, what)
+
+
+def check_shapes(expected: Mapping[str, tuple], given: Mapping[str, tuple], what: str):
+    """Raises one `WeightsError` listing every name missing from, unexpected in or misshaped in `given`
+    against `expected` (PyTorch names and shapes)."""
+    problems = [f"missing: {k}" for k in expected if k not in given]
+    problems += [f"unexpected: {k}" for k in given if k not in expected]
+    problems += [f"shape mismatch: {k} has {given[k]}, the architecture needs {expected[k]}"
+                 for k in expected if k in given and tuple(given[k]) != tuple(expected[k])]
     if problems:
         shown = "\n  ".join(problems[:200]) + (f"\n  ... and {len(problems) - 200} more" if len(problems) > 200 else "")
         raise WeightsError(f"the weights do not fit the {what} described by its config ({len(problems)} problems, "
-                           f"names and shapes in diffusers' form):\n  {shown}")
+                           f"names and shapes as in the PyTorch files):\n  {shown}")
 
 
 # ---- helpers ------------------------------------------------------------------------------------
@@ -247,7 +252,7 @@ def _atomic_write(path: Path, write):
     os.close(fd)
     try:
         write(tmp)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes files 0600; a written model is for others to read
+        os.chmod(tmp, 0o666 & ~umask())  # mkstemp makes files 0600; a written model is for others to read
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -255,7 +260,8 @@ def _atomic_write(path: Path, write):
 
 
 
-def _umask() -> int:
+def umask() -> int:
+    """The process's file-creation mask (read without changing it)."""
     mask = os.umask(0)
     os.umask(mask)
     return mask

@@ -172,15 +172,6 @@ def write_report(evaluation: Evaluation, out: str | os.PathLike, info: dict[str,
     return out
 
 
-def read_prompts(path: str | os.PathLike) -> list[str]:
-    """One prompt per line; blank lines and lines starting with # are ignored."""
-    lines = Path(path).read_text(encoding="utf-8").splitlines()
-    prompts = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
-    if not prompts:
-        raise ValueError(f"{path} holds no prompts (one per line; # starts a comment)")
-    return prompts
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Compare a student with its teacher over prompts × seeds: latent MSE, PSNR, SSIM, CLIP score."""
     import argparse
@@ -204,7 +195,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", required=True)
     args = parser.parse_args(argv)
     try:
-        prompts = read_prompts(args.prompts)
+        prompts = sample.read_prompts(args.prompts)
         seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     except (OSError, ValueError) as e:
         parser.error(str(e))

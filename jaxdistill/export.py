@@ -34,7 +34,14 @@ import ml_dtypes
 import numpy as np
 
 from jaxdistill.checkpoint import CheckpointError, load_checkpoint
-from jaxdistill.convert import CONFIG_NAME, load_unet, resolve_unet_folder, save_unet, to_diffusers_state_dict
+from jaxdistill.convert import (
+    CONFIG_NAME,
+    load_unet,
+    resolve_unet_folder,
+    save_unet,
+    to_diffusers_state_dict,
+    umask,
+)
 from jaxdistill.prune import PlanError, load_plan
 from jaxdistill.spec import CROSS_ATTN_MID, UNetSpec, UnsupportedConfigError
 from jaxdistill.train import STAGE_MARKER, stages_of
@@ -403,10 +410,9 @@ def _check_out(out: Path, overwrite: bool, sources: Sequence[str | os.PathLike |
 
 def _default_permissions(folder: Path):
     """Files and folders as a plain write would make them: mkdtemp / mkstemp (atomic writes) give 0700 / 0600."""
-    umask = os.umask(0)
-    os.umask(umask)
+    mask = umask()
     for path in (folder, *folder.rglob("*")):
-        os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
+        os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~mask)
 
 
 def _move_into_place(tmp: Path, out: Path, overwrite: bool):

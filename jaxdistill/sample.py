@@ -615,6 +615,16 @@ def pair_grid(teacher_images: np.ndarray, student_images: np.ndarray, prompts: S
 
 # ---- command line -------------------------------------------------------------------------------
 
+def read_prompts(path: str | os.PathLike) -> list[str]:
+    """One prompt per line; blank lines and lines starting with # are ignored."""
+    lines = Path(path).read_text(encoding="utf-8").splitlines()
+    prompts = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+    if not prompts:
+        raise ValueError(f"{path} holds no prompts (one per line; # starts a comment)")
+    return prompts
+
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """`python -m jaxdistill.sample`: images from a model (pipeline, UNet folder or training checkpoint)
     for prompts and seeds: one PNG per image, grid.png (prompts × seeds), and with --teacher the teacher's
@@ -649,8 +659,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     if args.prompts:
         try:
-            prompts = [line.strip() for line in Path(args.prompts).read_text().splitlines() if line.strip()]
-        except OSError as e:
+            prompts = read_prompts(args.prompts)
+        except (OSError, ValueError) as e:
             parser.error(f"--prompts: {e}")
     else:
         prompts = args.prompt

@@ -281,16 +281,8 @@ def from_transformers_state_dict(state: Mapping[str, np.ndarray], spec: TextEnco
 
 def check_state_dict(state: Mapping[str, np.ndarray], spec: TextEncoderSpec):
     """Raises one `WeightsError` listing every missing, unexpected and misshaped tensor."""
-    expected = state_dict_shapes(spec)
-    given = {k: tuple(np.shape(v)) for k, v in state.items()}
-    problems = [f"missing: {k}" for k in expected if k not in given]
-    problems += [f"unexpected: {k}" for k in given if k not in expected]
-    problems += [f"shape mismatch: {k} has {given[k]}, the config needs {expected[k]}"
-                 for k in expected if k in given and given[k] != expected[k]]
-    if problems:
-        shown = "\n  ".join(problems[:200]) + (f"\n  ... and {len(problems) - 200} more" if len(problems) > 200 else "")
-        raise convert.WeightsError(f"the weights do not fit the CLIP text encoder described by its config "
-                                   f"({len(problems)} problems):\n  {shown}")
+    convert.check_shapes(state_dict_shapes(spec), {k: tuple(np.shape(v)) for k, v in state.items()},
+                         "CLIP text encoder")
 
 
 def load_text_encoder(folder: str | os.PathLike, with_projection: bool | None = None,

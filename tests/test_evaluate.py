@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 from skimage.metrics import structural_similarity
 
-from jaxdistill.evaluate import Evaluation, psnr, read_prompts, ssim, write_report
+from jaxdistill.evaluate import Evaluation, psnr, ssim, write_report
+from jaxdistill.sample import read_prompts
 
 ENV = os.environ | {"JAX_PLATFORMS": "cpu"}
 
