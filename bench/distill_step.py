@@ -33,14 +33,16 @@ import platform  # noqa: E402
 import resource  # noqa: E402
 import statistics  # noqa: E402
 import time  # noqa: E402
+import traceback  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+import optax  # noqa: E402
 
 from jaxdistill import presets  # noqa: E402
-from jaxdistill.layers import stack_layers  # noqa: E402
+from jaxdistill.layers import ATTENTION, stack_layers  # noqa: E402
 from jaxdistill.prune import feature_pairs, prune  # noqa: E402
 from jaxdistill.schedule import alphas_cumprod  # noqa: E402
 from jaxdistill.spec import UNetSpec  # noqa: E402
@@ -58,8 +60,12 @@ def reduced_sdxl(width: int) -> UNetSpec:
                                 norm_num_groups=min(32, width // 2))
 
 
-def peak_matmul_flops(dtype, n: int = 4096, repeats: int = 5) -> float:
-    """Best FLOP/s of an n×n×n matmul in `dtype` on the default device."""
+def peak_matmul_flops(dtype, n: int | None = None, repeats: int = 5) -> float:
+    """Best FLOP/s of an n×n×n matmul in `dtype` on the default device (n: 8192 on accelerators, where
+    several products are queued per timing so that dispatch does not count; 4096 on a CPU)."""
+    accelerator = jax.default_backend() != "cpu"
+    n = n or (8192 if accelerator else 4096)
+    inner = 10 if accelerator else 1
     a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32).astype(dtype)
     b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32).astype(dtype)
     mm = jax.jit(lambda x, y: x @ y)
@@ -67,8 +73,10 @@ def peak_matmul_flops(dtype, n: int = 4096, repeats: int = 5) -> float:
     best = float("inf")
     for _ in range(repeats):
         t0 = time.perf_counter()
-        mm(a, b).block_until_ready()
-        best = min(best, time.perf_counter() - t0)
+        for _ in range(inner):
+            c = mm(a, b)
+        c.block_until_ready()
+        best = min(best, (time.perf_counter() - t0) / inner)
     return 2 * n**3 / best
 
 
@@ -81,17 +89,17 @@ def batch_for(spec: UNetSpec, batch: int, side: int, seed: int = 0) -> dict[str,
             "time_ids": np.tile(np.array([1024, 1024, 0, 0, 1024, 1024], np.float32), (batch, 1))}
 
 
-def jax_step(teacher_spec, teacher, student_spec, student, kept, batch, args) -> dict:
-    """Compile and time our step; → figures."""
+def jax_step(teacher_spec, teacher, student_spec, student, kept, batch, args, attention: str) -> dict:
+    """Compile and time our step with one attention kernel; → figures."""
     dtype = jnp.bfloat16 if args.dtype == "bf16" else jnp.float32
     tx, lr_fn = make_optimizer(1e-5)
     pairs = feature_pairs(teacher_spec, student_spec, "all", kept)
     scan = not args.no_scan_layers
     layout = jax.jit(stack_layers) if scan else (lambda p: p)
-    step = make_train_step(UNet(student_spec, dtype=dtype, remat=args.remat, scan_layers=scan),
-                           UNet(teacher_spec, dtype=dtype, scan_layers=scan), tx, lr_fn,
+    model = lambda spec, **kw: UNet(spec, dtype=dtype, scan_layers=scan, attention=attention, **kw)  # noqa: E731
+    step = make_train_step(model(student_spec, remat=args.remat), model(teacher_spec), tx, lr_fn,
                            alphas_cumprod(), pairs=pairs, accumulation=args.accumulation)
-    frozen = {"teacher": layout(jax.tree.map(lambda x: x.astype(dtype), teacher)), "encoders": None}
+    frozen = {"teacher": layout(jax.tree.map(lambda x: jnp.asarray(x, dtype), teacher)), "encoders": None}
     state = init_state(layout(student), tx, ema=False)
     batch = jax.device_put(batch)
     rng = jax.random.key(0)
@@ -111,32 +119,85 @@ def jax_step(teacher_spec, teacher, student_spec, student, kept, batch, args) ->
         state, metrics = compiled(state, frozen, batch, rng)
         jax.block_until_ready(metrics)
         times.append(time.perf_counter() - t0)
-    return {"step_s": statistics.median(times), "compile_s": compile_s, "peak_bytes": peak_bytes,
-            "loss": float(metrics["loss"]), "pairs": len(pairs)}
+    stats = jax.devices()[0].memory_stats() or {}  # allocator's high-water mark (GPU/TPU; includes the setup)
+    return {"attention": attention, "step_s": statistics.median(times), "compile_s": compile_s,
+            "peak_memory_gb": (peak_bytes or 0) / 1e9, "loss": float(metrics["loss"]), "pairs": len(pairs),
+            "measured_peak_memory_gb": stats.get("peak_bytes_in_use", 0) / 1e9 or None}
+
+
+def timed_call(fn, *args, iters: int) -> tuple[float, float]:
+    """(compile s, median s per call) of jit(fn)(*args)."""
+    t0 = time.perf_counter()
+    compiled = jax.jit(fn).lower(*args).compile()
+    compile_s = time.perf_counter() - t0
+    jax.block_until_ready(compiled(*args))
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        jax.block_until_ready(compiled(*args))
+        times.append(time.perf_counter() - t0)
+    return compile_s, statistics.median(times)
+
+
+def breakdown(teacher_spec, teacher, student_spec, student, batch, args, attention: str) -> dict:
+    """The step's parts, each compiled and timed alone (where the time goes): teacher forward, student
+    forward, student forward + backward (of the mean squares of its output and every tap, so the taps'
+    gradients flow as in the step), and the AdamW update of the student's float32 weights."""
+    dtype = jnp.bfloat16 if args.dtype == "bf16" else jnp.float32
+    scan = not args.no_scan_layers
+    layout = jax.jit(stack_layers) if scan else (lambda p: p)
+    model = lambda spec, **kw: UNet(spec, dtype=dtype, scan_layers=scan, attention=attention, **kw)  # noqa: E731
+    x = {k: jnp.asarray(v) for k, v in batch.items()}
+    x = {"sample": x.pop("latents"), "timesteps": jnp.full((args.batch,), 500), **x}
+    t_params = layout(jax.tree.map(lambda a: jnp.asarray(a, dtype), teacher))
+    s_params = layout(jax.tree.map(jnp.asarray, student))
+    teacher_model, student_model = model(teacher_spec), model(student_spec, remat=args.remat)
+    forward = lambda m: lambda p, x: m.apply({"params": p}, **x)  # noqa: E731
+
+    def student_loss(p, x):
+        out = student_model.apply({"params": p}, **x)
+        return sum(jnp.mean(jnp.square(f.astype(jnp.float32))) for f in (out.sample, *out.features.values()))
+
+    tx, _ = make_optimizer(1e-5)
+    opt_state = tx.init(s_params)
+
+    def update(p, g, o):
+        updates, o = tx.update(g, o, p)
+        return optax.apply_updates(p, updates), o
+
+    parts = {"teacher_forward": (forward(teacher_model), t_params, x),
+             "student_forward": (forward(student_model), s_params, x),
+             "student_forward_backward": (jax.grad(student_loss), s_params, x),
+             "adamw_update": (update, s_params, s_params, opt_state)}
+    out = {}
+    for name, (fn, *inputs) in parts.items():
+        compile_s, step_s = timed_call(fn, *inputs, iters=args.iters)
+        out[name] = {"ms": 1e3 * step_s, "compile_s": compile_s}
+        print(f"breakdown {name}: {1e3 * step_s:.2f} ms (compile {compile_s:.1f} s)", flush=True)
+    return out
 
 
 def torch_step(teacher_spec, teacher, student_spec, student, kept, batch, args) -> dict:
-    """Time the usual PyTorch step on the same weights; → figures."""
+    """Time the usual PyTorch step on the same weights; → figures. On CUDA in bf16: the frozen teacher's
+    weights in bf16 (diffusers' scripts' `weight_dtype`), the student's fp32 under bf16 autocast."""
     import torch
 
-    from jaxdistill.convert import to_diffusers_state_dict
-    from jaxdistill.reference import random_diffusers_unet, torch_distill_step
+    from jaxdistill.reference import diffusers_unet, torch_distill_step
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    bf16 = args.dtype == "bf16" and device == "cuda"
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    models = []
-    for spec, params in ((teacher_spec, teacher), (student_spec, student)):
-        model = random_diffusers_unet(spec)
-        model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in to_diffusers_state_dict(params).items()})
-        models.append(model.to(device))
-    t_model, s_model = models
-    t_model.eval().requires_grad_(False)
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    t_model = diffusers_unet(teacher_spec, teacher, torch.bfloat16 if bf16 else torch.float32, device)
+    s_model = diffusers_unet(student_spec, student, torch.float32, device)
+    t_model.requires_grad_(False)
     s_model.train()
     optimizer = torch.optim.AdamW(s_model.parameters(), lr=1e-5)
     pairs = feature_pairs(teacher_spec, student_spec, "all", kept)
     rng = np.random.default_rng(0)
     acp = alphas_cumprod()
-    autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=args.dtype == "bf16" and device == "cuda")
+    autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=bf16)
 
     def one():
         noise = rng.standard_normal(batch["latents"].shape).astype(np.float32)
@@ -146,8 +207,6 @@ def torch_step(teacher_spec, teacher, student_spec, student, kept, batch, args) 
         if device == "cuda":
             torch.cuda.synchronize()
 
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
     one()  # warm-up
     times = []
     for _ in range(args.iters):
@@ -160,6 +219,16 @@ def torch_step(teacher_spec, teacher, student_spec, student, kept, batch, args) 
             "threads": torch.get_num_threads()}
 
 
+def attempt(fn, *args) -> dict:
+    """fn(*args), or {"error": ...} when it fails (out of memory, a kernel the platform lacks): the
+    failure is recorded and printed, and the run goes on to its other measurements."""
+    try:
+        return fn(*args)
+    except Exception as e:  # noqa: BLE001 — XLA's and torch's errors have no common type
+        traceback.print_exc()
+        return {"error": f"{type(e).__name__}: {e}".splitlines()[0][:300]}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--width", type=int, default=64, help="first block width of the reduced SDXL (SDXL: 320)")
@@ -168,12 +237,17 @@ def main() -> int:
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
     parser.add_argument("--remat", choices=("none", "full", "dots"), default="none")
+    parser.add_argument("--attention", nargs="+", choices=ATTENTION, default=["auto"],
+                        help="attention kernels of our step, each compiled and timed in turn; the first is the "
+                             "headline (auto: cuDNN's fused kernel on a GPU in bf16, else the plain XLA path)")
     parser.add_argument("--iters", type=int, default=5)
     parser.add_argument("--accumulation", type=int, default=1, help="micro-batches per step (ours)")
     parser.add_argument("--no-scan-layers", action="store_true", help="unrolled transformer layers (the trainer's "
                         "scan_layers=False): slower compile, faster on XLA:CPU")
     parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch reference")
-    parser.add_argument("--json", help="write every figure here")
+    parser.add_argument("--breakdown", action="store_true", help="also time the step's parts alone (teacher "
+                        "forward, student forward, student forward + backward, AdamW) with the first attention")
+    parser.add_argument("--json", help="write every figure here (rewritten after each phase)")
     args = parser.parse_args()
 
     teacher_spec = presets.SDXL if args.full else reduced_sdxl(args.width)
@@ -187,14 +261,11 @@ def main() -> int:
     teacher_flops = flops(teacher_spec, args.batch, side, SEQ_LEN)
     student_flops = flops(student_spec, args.batch, side, SEQ_LEN)
     model_flops = teacher_flops + 3 * student_flops
-    ours = jax_step(teacher_spec, teacher, student_spec, student, kept, batch, args)
-    gc.collect()
-    ref = None if args.no_torch else torch_step(teacher_spec, teacher, student_spec, student, kept, batch, args)
-
     device = jax.devices()[0]
     out = {
         "device": f"{device.platform}: {getattr(device, 'device_kind', '')} "
                   f"({platform.processor() or platform.machine()}, {os.cpu_count()} CPUs)",
+        "software": f"jax {jax.__version__}",
         "model": "SDXL → SSD-1B" + ("" if args.full else f" (SDXL topology, widths {teacher_spec.block_out_channels})"),
         "teacher_params": sum(x.size for x in jax.tree.leaves(teacher)),
         "student_params": sum(x.size for x in jax.tree.leaves(student)),
@@ -202,21 +273,59 @@ def main() -> int:
         "scan_layers": not args.no_scan_layers, "accumulation": args.accumulation,
         "model_tflop_per_step": model_flops / 1e12, "teacher_tflop": teacher_flops / 1e12,
         "student_tflop": student_flops / 1e12, "peak_matmul_tflops": peak / 1e12,
-        "step_s": ours["step_s"], "samples_per_s": args.batch / ours["step_s"], "compile_s": ours["compile_s"],
-        "flop_utilisation": model_flops / ours["step_s"] / peak, "peak_memory_gb": (ours["peak_bytes"] or 0) / 1e9,
-        "feature_pairs": ours["pairs"],
     }
-    if ref is not None:
-        out |= {"torch_step_s": ref["step_s"], "torch_samples_per_s": args.batch / ref["step_s"],
-                "ratio_vs_torch": ref["step_s"] / ours["step_s"], "torch_peak_memory_gb": ref["peak_bytes"] / 1e9,
-                "torch_device": ref["device"], "torch_threads": ref["threads"],
-                "torch_flop_utilisation": model_flops / ref["step_s"] / peak}
+
+    def report():
+        if args.json:
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.json).write_text(json.dumps(out, indent=2))
+
+    # PyTorch first: its caching allocator hands memory back when done; JAX's keeps what it has taken.
+    if not args.no_torch:
+        ref = attempt(torch_step, teacher_spec, teacher, student_spec, student, kept, batch, args)
+        import torch
+
+        out["software"] += f", torch {torch.__version__}"
+        if "error" in ref:
+            out["torch_error"] = ref["error"]
+        else:
+            out |= {"torch_step_s": ref["step_s"], "torch_samples_per_s": args.batch / ref["step_s"],
+                    "torch_peak_memory_gb": ref["peak_bytes"] / 1e9, "torch_device": ref["device"],
+                    "torch_threads": ref["threads"], "torch_flop_utilisation": model_flops / ref["step_s"] / peak}
+        report()
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()  # hand the models' memory back before JAX's step
+
+    out["variants"] = []
+    for attention in args.attention:
+        ours = attempt(jax_step, teacher_spec, teacher, student_spec, student, kept, batch, args, attention)
+        if "step_s" in ours:
+            ours |= {"samples_per_s": args.batch / ours["step_s"],
+                     "flop_utilisation": model_flops / ours["step_s"] / peak}
+            if "torch_step_s" in out:
+                ours["ratio_vs_torch"] = out["torch_step_s"] / ours["step_s"]
+        out["variants"].append(ours | {"attention": attention})
+        report()
+        gc.collect()
+    if args.breakdown:
+        parts = attempt(breakdown, teacher_spec, teacher, student_spec, student, batch, args, args.attention[0])
+        for name, flop in (("teacher_forward", teacher_flops), ("student_forward", student_flops),
+                           ("student_forward_backward", 3 * student_flops)):
+            if name in parts:
+                parts[name]["flop_utilisation"] = flop / (parts[name]["ms"] / 1e3) / peak
+        out["breakdown"] = parts
+        report()
+    headline = out["variants"][0]
+    out |= {k: headline[k] for k in ("step_s", "samples_per_s", "compile_s", "flop_utilisation", "peak_memory_gb",
+                                     "measured_peak_memory_gb", "ratio_vs_torch", "pairs", "error") if k in headline}
+    report()
     width = max(len(k) for k in out)
     for k, v in out.items():
-        print(f"{k:<{width}}  {v:.4g}" if isinstance(v, float) else f"{k:<{width}}  {v}")
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(out, indent=2))
+        if k not in ("variants", "breakdown"):
+            print(f"{k:<{width}}  {v:.4g}" if isinstance(v, float) else f"{k:<{width}}  {v}")
+    for v in out["variants"]:
+        print("variant", {k: round(x, 4) if isinstance(x, float) else x for k, x in v.items()})
     return 0
 
 

@@ -37,7 +37,6 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 import argparse  # noqa: E402
 import gc  # noqa: E402
 import json  # noqa: E402
-import math  # noqa: E402
 import platform  # noqa: E402
 import statistics  # noqa: E402
 import sys  # noqa: E402
@@ -49,8 +48,10 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from jaxdistill import UNet, init_params, presets  # noqa: E402
+from jaxdistill.layers import ATTENTION  # noqa: E402
+from jaxdistill.reference import diffusers_unet  # noqa: E402
 from jaxdistill.spec import UNetSpec  # noqa: E402
-from jaxdistill.unet import dummy_inputs  # noqa: E402
+from jaxdistill.unet import dummy_inputs, flops  # noqa: E402
 
 NAMES = {"sdxl": "SDXL", "ssd1b": "SSD-1B", "vega": "Vega"}
 # PyTorch FLOP counter on diffusers' models, batch 1, TFLOP by latent side (shared/docs/design.md §2).
@@ -69,6 +70,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="timed calls after one warm-up; the median is reported (default: 3 on CPU, 10 otherwise)")
     p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32",
                    help="bf16: bf16 params and compute in JAX, the model in bf16 in torch")
+    p.add_argument("--attention", choices=ATTENTION, default="auto",
+                   help="JAX attention kernel (auto: cuDNN's fused kernel on a GPU in bf16, else xla)")
     p.add_argument("--no-torch", action="store_true", help="skip the PyTorch side")
     p.add_argument("--json", type=Path, default=None, help="write every figure to this file")
     args = p.parse_args(argv)
@@ -108,57 +111,32 @@ def time_calls(call, iters: int) -> dict:
                 cpu_times=cpu_times)
 
 
-def bench_jax(spec: UNetSpec, inputs: dict[str, np.ndarray], dtype, iters: int) -> dict:
+def bench_jax(spec: UNetSpec, inputs: dict[str, np.ndarray], dtype, iters: int, attention: str = "auto") -> dict:
     """Compile and time the JAX forward; → params, gflop, init_s, compile_s and `time_calls`' figures."""
     t0 = time.perf_counter()
     params = jax.block_until_ready(init_params(spec, jax.random.key(0), param_dtype=dtype))
     init_s = time.perf_counter() - t0
     n_params = sum(x.size for x in jax.tree.leaves(params))
-    model = UNet(spec, dtype=dtype, param_dtype=dtype)
+    model = UNet(spec, dtype=dtype, param_dtype=dtype, attention=attention)
     x = {k: jnp.asarray(v) for k, v in inputs.items()}
 
     t0 = time.perf_counter()
     compiled = jax.jit(lambda p, x: model.apply({"params": p}, **x).sample).lower(params, x).compile()
     compile_s = time.perf_counter() - t0
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     out = compiled(params, x)
     if not bool(jnp.isfinite(out).all()):
         raise RuntimeError(f"JAX forward gave non-finite values (depths {spec.down_depths} / {spec.up_depths})")
     timing = time_calls(lambda: jax.block_until_ready(compiled(params, x)), iters)
-    return dict(params=n_params, gflop=float(cost["flops"]) / 1e9, init_s=init_s, compile_s=compile_s, **timing)
-
-
-def build_torch_unet(spec: UNetSpec, dtype, device):
-    """diffusers' UNet for `spec`, built on the meta device and filled fast: weights ~ N(0, 1/fan_in),
-    norm scales 1, biases 0 (the scale of Flax's default init; the time does not depend on values)."""
-    import torch
-    from diffusers import UNet2DConditionModel
-    from diffusers.utils import logging
-
-    logging.set_verbosity_error()  # `.to(dtype)` warns about from_pretrained's fp32 modules: none here
-    cfg = {k: v for k, v in spec.to_diffusers_config().items() if not k.startswith("_")}
-    with torch.device("meta"):
-        model = UNet2DConditionModel(**cfg)
-    model = model.to(dtype).to_empty(device=device).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.ndim > 1:
-                p.normal_(0.0, 1.0 / math.sqrt(p[0].numel()))
-            elif "norm" in name and name.endswith("weight"):
-                p.fill_(1.0)
-            else:
-                p.zero_()
-        for b in model.buffers():
-            b.zero_()
-    return model
+    # The plain-attention count: a fused kernel is a custom call that cost analysis cannot see.
+    gflop = flops(spec, *inputs["sample"].shape[:2], inputs["encoder_hidden_states"].shape[1]) / 1e9
+    return dict(params=n_params, gflop=gflop, init_s=init_s, compile_s=compile_s, **timing)
 
 
 def bench_torch(spec: UNetSpec, inputs: dict[str, np.ndarray], dtype, iters: int, device) -> dict:
     """Time diffusers' forward; → `time_calls`' figures."""
     import torch
 
-    model = build_torch_unet(spec, dtype, device)
+    model = diffusers_unet(spec, dtype=dtype, device=device)
     t = {k: torch.from_numpy(v).to(device) for k, v in inputs.items()}
     sample = t["sample"].permute(0, 3, 1, 2).contiguous().to(dtype)  # NHWC → NCHW
     ehs, cond = t["encoder_hidden_states"].to(dtype), {"text_embeds": t["text_embeds"].to(dtype),
@@ -281,7 +259,7 @@ def main(argv: list[str] | None = None) -> None:
     for name in args.models:
         spec = presets.PRESETS[name]
         inputs = make_inputs(spec, args.batch, size, args.resolution)
-        j = bench_jax(spec, inputs, jax_dtype, iters)
+        j = bench_jax(spec, inputs, jax_dtype, iters, args.attention)
         jax.clear_caches()
         gc.collect()
         log(f"{name}: JAX params {j['init_s']:.1f} s, compile {j['compile_s']:.1f} s, forward {_times(j)}")
@@ -298,7 +276,8 @@ def main(argv: list[str] | None = None) -> None:
             row |= dict(torch_forward_s=t["forward_s"], torch_times=t["times"], torch_cpu_s=t["cpu_s"],
                         torch_cpu_times=t["cpu_times"])
         rows.append(row)
-    add_derived(rows, size, args.batch)
+        add_derived(rows, size, args.batch)
+        save(args, size, iters, devices, dict(start=load_start, end=os.getloadavg()), rows)  # each model, as it ends
     load = dict(start=load_start, end=os.getloadavg())
 
     print(f"UNet forward, {args.resolution}² images ({size}² latents), batch {args.batch}, {args.dtype}, "
@@ -311,10 +290,14 @@ def main(argv: list[str] | None = None) -> None:
     if on_cpu:
         print("\nProcess CPU time per forward (median, all threads; JAX's barely moves with other load):")
         print(format_table(rows, CPU_COLUMNS))
+    save(args, size, iters, devices, load, rows)
+
+
+def save(args: argparse.Namespace, size: int, iters: int, devices: dict, load: dict, rows: list[dict]) -> None:
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         record = dict(resolution=args.resolution, latent_size=size, batch=args.batch, dtype=args.dtype,
-                      iters=iters, devices=devices, load_average=load, rows=rows)
+                      attention=args.attention, iters=iters, devices=devices, load_average=load, rows=rows)
         args.json.write_text(json.dumps(record, indent=2) + "\n")
 
 

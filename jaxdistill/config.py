@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ml_collections
 
+from jaxdistill.layers import ATTENTION
 from jaxdistill.losses import NORMALIZATIONS
 from jaxdistill.schedule import PREDICTION_TYPES
 from jaxdistill.sharding import AXES, DEFAULT_RULES
@@ -42,6 +43,7 @@ def base_config() -> ml_collections.ConfigDict:
                                             rules=[list(r) for r in DEFAULT_RULES]))
     c.remat = "none"  # none | full | dots (keep matmul outputs)
     c.scan_layers = True  # scan over each attention module's layers: much faster compilation
+    c.attention = "auto"  # auto (cuDNN's fused kernel on GPUs in bf16, else xla) | xla | cudnn
 
     # source "prepared": the TFDS set `python -m jaxdistill.prepare` wrote to `path`; "images": an image–
     # caption source spec in `path` (folder:, tar:, tfds:), encoded inside the train step by the VAE and
@@ -94,6 +96,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
     check(c.precision.teacher in DTYPES, "precision.teacher", f"one of {DTYPES}")
     check(c.precision.student_compute in DTYPES, "precision.student_compute", f"one of {DTYPES}")
     check(c.remat in REMAT, "remat", f"one of {REMAT}")
+    check(c.attention in ATTENTION, "attention", f"one of {ATTENTION}")
     check(c.data.source in ("prepared", "images", "synthetic"), "data.source",
           "'prepared' (data.path from python -m jaxdistill.prepare), 'images' (data.path a source, data.pipeline "
           "an SDXL pipeline folder) or 'synthetic'")

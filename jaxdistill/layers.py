@@ -46,6 +46,7 @@ class _Layer(_Ops):
     dtype: Dtype = jnp.float32  # compute
     param_dtype: Dtype = jnp.float32  # storage
     remat: str = "none"  # rematerialise resnets and transformer layers in the backward pass: none|full|dots
+    attention: str = "auto"  # the attention kernel: auto | xla | cudnn (see `attention`)
 
 
 REMAT_POLICIES = {"full": None, "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
@@ -126,17 +127,37 @@ class Attention(_Layer):
         if self.upcast:
             q, k = q.astype(jnp.float32), k.astype(jnp.float32)
             v = v.astype(jnp.float32)
-        out = attention(q, k, v).astype(self.dtype)
+        out = attention(q, k, v, self.attention).astype(self.dtype)
         return self.dense(x.shape[-1], "to_out_0")(out.reshape(*x.shape[:2], inner))
 
 
-def attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+ATTENTION = ("auto", "xla", "cudnn")
+
+
+def auto_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> str:
+    """The kernel `attention(..., "auto")` runs for these inputs: "cudnn" or "xla"."""
+    fused = (jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16)
+             and q.dtype == k.dtype == v.dtype and q.shape[-1] % 8 == 0 and q.shape[-1] <= 128
+             and q.shape[1] % 2 == 0 and k.shape[1] % 2 == 0)
+    return "cudnn" if fused else "xla"
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, implementation: str = "auto") -> jax.Array:
     """softmax(q kᵀ / √d) v, q [B, L, H, D], k and v [B, S, H, D] → [B, L, H, D]; logits and softmax in float32.
-    `jax.nn.dot_product_attention` (cuDNN's fused kernel on GPUs when it applies); on XLA:CPU two einsums,
-    which the CPU compiler runs 1.7× (forward) and 1.4× (backward) faster than that function's transposing
-    path at 1024 tokens, with the same result (bench/NOTES.md)."""
-    if jax.default_backend() != "cpu":
-        return jax.nn.dot_product_attention(q, k, v)
+
+    "xla": two einsums and a float32 softmax, the reference on every platform (on XLA:CPU 1.7× forward and
+    1.4× backward faster than `jax.nn.dot_product_attention`'s transposing path at 1024 tokens, same
+    result: bench/NOTES.md). "cudnn": cuDNN's fused flash attention through `jax.nn.dot_product_attention`
+    (GPUs; bf16/fp16 inputs, head dim a multiple of 8, and for gradients even lengths L and S). "auto":
+    cudnn where all of that holds — SDXL's self-attention — else xla (its cross-attention to 77 tokens:
+    cheap). TPUs run the xla path: Pallas splash attention is not wired in yet.
+    """
+    if implementation == "auto":
+        implementation = auto_attention(q, k, v)
+    if implementation == "cudnn":
+        return jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
+    if implementation != "xla":
+        raise ValueError(f"attention={implementation!r}: expected one of {ATTENTION}")
     logits = jnp.einsum("blhd,bshd->bhls", q, k, preferred_element_type=jnp.float32) / math.sqrt(q.shape[-1])
     weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
     return jnp.einsum("bhls,bshd->blhd", weights, v)
@@ -175,7 +196,7 @@ class BasicTransformerBlock(_Layer):
     def __call__(self, x: jax.Array, context: jax.Array) -> jax.Array:
         """x [B, L, C], context [B, S, D] → [B, L, C]."""
         kw = dict(heads=self.heads, head_dim=self.head_dim, upcast=self.upcast_attention,
-                  dtype=self.dtype, param_dtype=self.param_dtype)
+                  dtype=self.dtype, param_dtype=self.param_dtype, attention=self.attention)
         x = x + Attention(**kw, name="attn1")(self.layer_norm(self.eps, "norm1")(x))
         x = x + Attention(**kw, name="attn2")(self.layer_norm(self.eps, "norm2")(x), context)
         return x + FeedForward(dtype=self.dtype, param_dtype=self.param_dtype, name="ff")(
@@ -236,7 +257,7 @@ class Transformer2DModel(_Layer):
         else:
             h = self.conv(inner, 1, "proj_in")(h).reshape(b, hgt * wid, inner)
         layer = dict(heads=self.heads, head_dim=self.head_dim, upcast_attention=self.upcast_attention,
-                     dtype=self.dtype, param_dtype=self.param_dtype)
+                     dtype=self.dtype, param_dtype=self.param_dtype, attention=self.attention)
         if self.scan_layers:
             # One compiled body for all layers; parameters stacked under `transformer_blocks` [depth, ...]
             # (`stack_layers` / `unstack_layers` convert from and to the per-layer tree).

@@ -31,6 +31,39 @@ def random_diffusers_unet(spec: UNetSpec, seed: int = 0):
     return model.eval()
 
 
+def diffusers_unet(spec: UNetSpec, params: Mapping | None = None, dtype=None, device="cpu"):
+    """diffusers' UNet for `spec`, built on the meta device and filled in place on `device` (fast at full
+    size: no PyTorch init): our `params` (per-layer layout) when given, else weights ~ N(0, 1/fan_in), norm
+    scales 1, biases 0 (the scale of Flax's default init; for timing, where values do not matter).
+    `dtype`: a torch dtype (default float32)."""
+    import torch
+    from diffusers import UNet2DConditionModel
+    from diffusers.utils import logging
+
+    from jaxdistill.convert import to_diffusers_state_dict
+
+    logging.set_verbosity_error()  # `.to(dtype)` warns about from_pretrained's fp32 modules: none here
+    with torch.device("meta"):
+        model = UNet2DConditionModel(**{k: v for k, v in spec.to_diffusers_config().items() if not k.startswith("_")})
+    model = model.to(dtype or torch.float32).to_empty(device=device).eval()
+    with torch.no_grad():
+        if params is not None:
+            # np.array copies: arrays from jax are read-only, torch wants writable memory.
+            state = to_diffusers_state_dict(params)
+            model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in state.items()})
+            return model
+        for name, p in model.named_parameters():
+            if p.ndim > 1:
+                p.normal_(0.0, p[0].numel() ** -0.5)
+            elif "norm" in name and name.endswith("weight"):
+                p.fill_(1.0)
+            else:
+                p.zero_()
+        for b in model.buffers():
+            b.zero_()
+    return model
+
+
 def write_random_unet(folder: str | Path, spec: UNetSpec, seed: int = 0, **save_kwargs) -> Path:
     """Saves a random diffusers UNet for `spec` with diffusers' own `save_pretrained` (safetensors)."""
     random_diffusers_unet(spec, seed).save_pretrained(str(folder), safe_serialization=True, **save_kwargs)

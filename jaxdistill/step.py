@@ -138,9 +138,10 @@ def make_train_step(student: UNet, teacher: UNet | None, tx: optax.GradientTrans
 
         zero_metrics = dict.fromkeys(["loss", *term_names], jnp.zeros((), jnp.float32))
         carry = (jax.tree.map(jnp.zeros_like, state.params), zero_metrics)
-        if jax.default_backend() == "cpu":
+        if accumulation == 1 or jax.default_backend() == "cpu":
             # Straight-line code: XLA:CPU runs a loop body ~3× slower than the same ops outside a loop
-            # (bench/NOTES.md). Accelerators keep the loop: one copy of the body in the program.
+            # (bench/NOTES.md), and one micro-batch needs no loop anywhere (outside a loop XLA also drops
+            # the zero carry). Accelerators loop over several: one copy of the body in the program.
             for i in range(accumulation):
                 carry, _ = accumulate(carry, (jnp.int32(i), jax.tree.map(lambda x, i=i: x[i], micro)))
         else:

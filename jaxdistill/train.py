@@ -154,8 +154,10 @@ def run_stage(c: ml_collections.ConfigDict, workdir: Path, previous: Model | Non
                          c.schedule.beta_schedule)
     # Training runs on the scanned layout (one compiled body per attention module); saving converts back.
     layout = jax.jit(stack_layers) if c.scan_layers else (lambda p: p)
-    student_model = UNet(student.spec, dtype=c.precision.student_compute, remat=c.remat, scan_layers=c.scan_layers)
-    teacher_model = UNet(teacher.spec, dtype=c.precision.teacher, scan_layers=c.scan_layers) if distil else None
+    student_model = UNet(student.spec, dtype=c.precision.student_compute, remat=c.remat, scan_layers=c.scan_layers,
+                         attention=c.attention)
+    teacher_model = (UNet(teacher.spec, dtype=c.precision.teacher, scan_layers=c.scan_layers, attention=c.attention)
+                     if distil else None)
     # Everything on one mesh: parameters by the rule table (FSDP / tensor), batches over data × fsdp; the
     # optimizer state inherits the parameters' placement from `init_state`.
     mesh = make_mesh(dict(c.mesh.sizes), dcn=dict(c.mesh.dcn))

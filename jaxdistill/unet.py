@@ -50,13 +50,13 @@ class _Block(_Layer):
         return rematted(ResnetBlock2D, self.remat)(out_channels, self.spec.norm_num_groups, self.spec.norm_eps,
                                                     dtype=self.dtype, param_dtype=self.param_dtype, name=name)
 
-    def attention(self, block: int, depth: int, name: str) -> Transformer2DModel:
+    def transformer(self, block: int, depth: int, name: str) -> Transformer2DModel:
         s = self.spec
         heads = s.num_attention_heads[block]
         return Transformer2DModel(heads, s.block_out_channels[block] // heads, depth, s.norm_num_groups,
                                   s.use_linear_projection, s.upcast_attention, dtype=self.dtype,
                                   param_dtype=self.param_dtype, remat=self.remat, scan_layers=self.scan_layers,
-                                  name=name)
+                                  attention=self.attention, name=name)
 
 
 class DownBlock(_Block):
@@ -70,7 +70,7 @@ class DownBlock(_Block):
         for j, depth in enumerate(self.spec.down_depths[self.index]):
             h = feats[f"resnets.{j}"] = self.resnet(out, f"resnets_{j}")(h, temb)
             if depth:
-                h = feats[f"attentions.{j}"] = self.attention(self.index, depth, f"attentions_{j}")(h, context)
+                h = feats[f"attentions.{j}"] = self.transformer(self.index, depth, f"attentions_{j}")(h, context)
             skips.append(h)
         if self.index < self.spec.num_blocks - 1:
             h = Downsample2D(dtype=self.dtype, param_dtype=self.param_dtype, name="downsamplers_0")(h)
@@ -86,7 +86,7 @@ class MidBlock(_Block):
         width = self.spec.block_out_channels[-1]
         h = self.resnet(width, "resnets_0")(h, temb)
         if self.spec.mid_block_type == CROSS_ATTN_MID:
-            h = self.attention(self.spec.num_blocks - 1, self.spec.mid_depth, "attentions_0")(h, context)
+            h = self.transformer(self.spec.num_blocks - 1, self.spec.mid_depth, "attentions_0")(h, context)
             h = self.resnet(width, "resnets_1")(h, temb)
         return h
 
@@ -104,7 +104,7 @@ class UpBlock(_Block):
             h = jnp.concatenate([h, skips.pop()], axis=-1)
             h = feats[f"resnets.{j}"] = self.resnet(out, f"resnets_{j}")(h, temb)
             if depth:
-                h = feats[f"attentions.{j}"] = self.attention(block, depth, f"attentions_{j}")(h, context)
+                h = feats[f"attentions.{j}"] = self.transformer(block, depth, f"attentions_{j}")(h, context)
         if self.index < self.spec.num_blocks - 1:
             h = Upsample2D(dtype=self.dtype, param_dtype=self.param_dtype, name="upsamplers_0")(h)
         return h, feats
@@ -118,6 +118,7 @@ class UNet(_Ops):
     param_dtype: jnp.dtype | type = jnp.float32  # storage
     remat: str = "none"  # none | full | dots: recomputation of resnets and transformer layers for backward
     scan_layers: bool = False  # scan over each attention module's layers: parameters in `stack_layers` layout
+    attention: str = "auto"  # attention kernel: auto (cuDNN's fused kernel on GPUs in bf16/fp16) | xla | cudnn
 
     @nn.compact
     def __call__(self, sample: jax.Array, timesteps: jax.Array, encoder_hidden_states: jax.Array,
@@ -126,7 +127,7 @@ class UNet(_Ops):
         encoder_hidden_states [B, S, cross_attention_dim]; text_embeds [B, P] and time_ids [B, N]
         (SDXL: P=1280, N=6) when the spec has the `text_time` add-embedding."""
         s = self.spec
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, remat=self.remat)
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, remat=self.remat, attention=self.attention)
         batch = sample.shape[0]
         timesteps = jnp.broadcast_to(jnp.asarray(timesteps), (batch,))
 
@@ -215,11 +216,16 @@ def count_params(spec: UNetSpec) -> int:
 
 
 def flops(spec: UNetSpec, batch: int = 1, size: int | tuple[int, int] = 128, seq_len: int = 77) -> float:
-    """Forward FLOPs of one UNet call from XLA's cost analysis of the compiled forward (size: latent side)."""
-    model = UNet(spec)
-    inputs = dummy_inputs(spec, batch, size, seq_len)
-    compiled = jax.jit(lambda p, x: model.apply({"params": p}, **x).sample).lower(
-        abstract_params(spec), inputs).compile()
-    cost = compiled.cost_analysis()
+    """Forward FLOPs of one UNet call (size: latent side) from XLA's cost analysis of the forward lowered
+    for the CPU with the plain attention, so that the count is the same on every platform and kernel (a
+    fused attention is a custom call that cost analysis cannot see; GPU plugins give no cost analysis
+    before compiling). Lowering compiles nothing, so this is cheap at full size; the compiled program's
+    count differs by < 0.1 % (fusion)."""
+    model = UNet(spec, attention="xla")
+    cpu = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
+    on_cpu = lambda tree: jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=cpu), tree)  # noqa: E731
+    lowered = jax.jit(lambda p, x: model.apply({"params": p}, **x).sample).lower(
+        on_cpu(abstract_params(spec)), on_cpu(dummy_inputs(spec, batch, size, seq_len)))
+    cost = lowered.cost_analysis() or lowered.compile().cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     return float(np.asarray(cost["flops"]))

@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxdistill.convert import CONFIG_NAME, check_tree, read_safetensors, resolve_component, torch_to_flax
-from jaxdistill.layers import Downsample2D, ResnetBlock2D, Upsample2D, _Layer
+from jaxdistill.layers import Downsample2D, ResnetBlock2D, Upsample2D, _Layer, attention
 from jaxdistill.spec import UnsupportedConfigError
 
 DOWN_BLOCK = "DownEncoderBlock2D"
@@ -196,7 +196,7 @@ class Attention(_Layer):
         h = self.group_norm(self.groups, EPS, "group_norm")(x).reshape(b, hgt * wid, c)
         # [B, L, C] → [B, L, 1 head, C]; the logits and softmax are float32 (diffusers' upcast_softmax).
         q, k, v = (self.dense(c, name)(h)[:, :, None, :] for name in ("to_q", "to_k", "to_v"))
-        out = jax.nn.dot_product_attention(q, k, v).astype(self.dtype).reshape(b, hgt * wid, c)
+        out = attention(q, k, v, self.attention).astype(self.dtype).reshape(b, hgt * wid, c)
         return self.dense(c, "to_out_0")(out).reshape(b, hgt, wid, c) + x  # rescale_output_factor is 1
 
 

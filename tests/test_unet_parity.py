@@ -81,3 +81,21 @@ def test_scanned_layers_and_remat_compute_the_same_function():
         # float32 reassociation only: every gradient within 1e-5 of its tensor's largest entry
         for a, b in zip(jax.tree.leaves(unstack_layers(other)), jax.tree.leaves(grads), strict=True):
             assert float(jnp.max(jnp.abs(a - b))) <= 1e-5 * float(jnp.max(jnp.abs(b))) + 1e-12, remat
+
+
+def test_attention_paths():
+    """The plain path is jax.nn.dot_product_attention's XLA path on fresh random inputs (float32 and bf16,
+    cross-attention lengths); "auto" is that path off GPUs; a bad name is refused with the choices."""
+    from jaxdistill.layers import attention
+
+    keys = jax.random.split(jax.random.key(7), 3)
+    for dtype, tol in ((jnp.float32, 1e-5), (jnp.bfloat16, 2e-2)):
+        q = jax.random.normal(keys[0], (2, 48, 3, 16), dtype)
+        k, v = (jax.random.normal(key, (2, 7, 3, 16), dtype) for key in keys[1:])
+        ours = np.asarray(attention(q, k, v, "xla"), np.float32)
+        ref = np.asarray(jax.nn.dot_product_attention(q, k, v, implementation="xla"), np.float32)
+        assert np.max(np.abs(ours - ref)) <= tol * np.max(np.abs(ref))
+        if jax.default_backend() != "gpu":
+            np.testing.assert_array_equal(np.asarray(attention(q, k, v, "auto"), np.float32), ours)
+    with pytest.raises(ValueError, match="'auto', 'xla', 'cudnn'"):
+        attention(q, k, v, "flash")

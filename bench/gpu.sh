@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# The GPU figures of bench/ in one bounded run, most important first (a lent GPU's time is short):
+#   1. bench/attention.py    cuDNN's fused attention vs the XLA path: parity and kernel times;
+#   2. bench/distill_step.py full-size SDXL → SSD-1B at 1024², bf16: ours beside PyTorch (the headline);
+#   3. bench/unet_forward.py SDXL / SSD-1B / Vega forward at 1024², bf16: student speed-ups, ours vs PyTorch;
+#   4. bench/distill_step.py again with the XLA attention (the "before" of the fused kernel), no PyTorch.
+# If the fused kernel fails its check, every step runs the XLA path. Each step gets what is left of the
+# budget; the scripts rewrite their JSON as they go, so a step cut short keeps what it finished.
+#
+#     bash bench/gpu.sh OUT_DIR [BUDGET_SECONDS]      # e.g. bash bench/gpu.sh bench/out/gpu 560
+set -u
+out=${1:-bench/out/gpu}
+budget=${2:-560}
+batch=${BATCH:-2}
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" XLA_PYTHON_CLIENT_PREALLOCATE=false
+py=${PYTHON:-python3}
+left() { echo $((budget - SECONDS)); }
+step() {  # step NAME RESERVE_SECONDS COMMAND...: run with the budget left minus a reserve for later steps
+    local name=$1 reserve=$2
+    shift 2
+    local limit=$(($(left) - reserve))
+    if ((limit < 30)); then echo "== $name: skipped, ${limit}s left" | tee -a "$out/log.txt"; return 1; fi
+    echo "== $name (limit ${limit}s, at ${SECONDS}s)" | tee -a "$out/log.txt"
+    timeout "$limit" "$@" 2>&1 | tee -a "$out/log.txt"
+    local rc=${PIPESTATUS[0]}
+    echo "== $name: rc $rc at ${SECONDS}s" | tee -a "$out/log.txt"
+    return "$rc"
+}
+
+{ nvidia-smi -L; "$py" -c "import jax, flax, optax, torch, diffusers
+print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__, 'torch', torch.__version__,
+      'diffusers', diffusers.__version__, jax.devices())"; } 2>&1 | tee "$out/log.txt"
+
+attention=auto
+step attention 480 "$py" bench/attention.py --iters 20 --json "$out/attention.json" || attention=xla
+step distill 120 "$py" bench/distill_step.py --full --resolution 1024 --batch "$batch" --dtype bf16 --iters 10 \
+    --attention "$attention" --json "$out/distill.json"
+step forward 60 "$py" bench/unet_forward.py --resolution 1024 --batch "$batch" --dtype bf16 --iters 10 \
+    --attention "$attention" --json "$out/forward.json"
+if [ "$attention" = auto ]; then
+    step distill_xla 0 "$py" bench/distill_step.py --full --resolution 1024 --batch "$batch" --dtype bf16 \
+        --iters 10 --attention xla --no-torch --json "$out/distill_xla.json"
+fi
+exit 0
