@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU figures of bench/ in one bounded run, most important first (a lent GPU's time is short):
 #   1. bench/attention.py    cuDNN's fused attention vs the XLA path: parity and kernel times;
-#   2. bench/distill_step.py full-size SDXL → SSD-1B at 1024², bf16: ours beside PyTorch (the headline);
+#   2. bench/distill_step.py full-size SDXL → SSD-1B at 1024², bf16: ours beside PyTorch (the headline),
+#      then the step's parts timed alone (--breakdown);
 #   3. bench/unet_forward.py SDXL / SSD-1B / Vega forward at 1024², bf16: student speed-ups, ours vs PyTorch;
 #   4. bench/distill_step.py again with the XLA attention (the "before" of the fused kernel), no PyTorch.
 # If the fused kernel fails its check, every step runs the XLA path. Each step gets what is left of the
@@ -35,7 +36,7 @@ print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version
 attention=auto
 step attention 480 "$py" bench/attention.py --iters 20 --json "$out/attention.json" || attention=xla
 step distill 120 "$py" bench/distill_step.py --full --resolution 1024 --batch "$batch" --dtype bf16 --iters 10 \
-    --attention "$attention" --json "$out/distill.json"
+    --attention "$attention" --breakdown --json "$out/distill.json"
 step forward 60 "$py" bench/unet_forward.py --resolution 1024 --batch "$batch" --dtype bf16 --iters 10 \
     --attention "$attention" --json "$out/forward.json"
 if [ "$attention" = auto ]; then
