@@ -99,3 +99,21 @@ def test_attention_paths():
             np.testing.assert_array_equal(np.asarray(attention(q, k, v, "auto"), np.float32), ours)
     with pytest.raises(ValueError, match="'auto', 'xla', 'cudnn'"):
         attention(q, k, v, "flash")
+
+
+def test_auto_attention_picks_cudnn_only_where_it_applies(monkeypatch):
+    """On a GPU: cuDNN for bf16/fp16 self-attention with even lengths and heads ≤ 128 wide (measured to
+    work on an H200, bench/NOTES.md); XLA for float32, SDXL's 77-token cross-attention (cuDNN's backward
+    refuses odd lengths), the VAE's 512-wide head. Off GPUs always XLA."""
+    from jaxdistill.layers import auto_attention
+
+    def qkv(lq, lk, dim=64, dtype=jnp.bfloat16):
+        return (jax.ShapeDtypeStruct((2, lq, 4, dim), dtype), *[jax.ShapeDtypeStruct((2, lk, 4, dim), dtype)] * 2)
+
+    assert auto_attention(*qkv(4096, 4096)) == "xla"  # this machine has no GPU
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert auto_attention(*qkv(4096, 4096)) == "cudnn"
+    assert auto_attention(*qkv(988, 988, dtype=jnp.float16)) == "cudnn"
+    assert auto_attention(*qkv(4096, 77)) == "xla"
+    assert auto_attention(*qkv(4096, 4096, dtype=jnp.float32)) == "xla"
+    assert auto_attention(*qkv(16384, 16384, dim=512)) == "xla"
