@@ -3,12 +3,14 @@
 #   1. bench/attention.py    cuDNN's fused attention vs the XLA path: parity and kernel times;
 #   2. bench/distill_step.py full-size SDXL → SSD-1B at 1024², bf16: ours beside PyTorch (the headline),
 #      then the step's parts timed alone (--breakdown);
-#   3. bench/unet_forward.py SDXL / SSD-1B / Vega forward at 1024², bf16: student speed-ups, ours vs PyTorch;
-#   4. bench/distill_step.py again with the XLA attention (the "before" of the fused kernel), no PyTorch.
+#   3. bench/distill_step.py at batch 4 (bigger matmuls), ours beside PyTorch;
+#   4. bench/unet_forward.py SDXL / SSD-1B / Vega forward at 1024², bf16: student speed-ups, ours vs PyTorch;
+#   5. bench/distill_step.py again with the XLA attention (the "before" of the fused kernel), no PyTorch.
 # If the fused kernel fails its check, every step runs the XLA path. Each step gets what is left of the
 # budget; the scripts rewrite their JSON as they go, so a step cut short keeps what it finished.
 #
 #     bash bench/gpu.sh OUT_DIR [BUDGET_SECONDS]      # e.g. bash bench/gpu.sh bench/out/gpu 560
+# Environment: BATCH (default 2) for steps 2, 4, 5; PYTHON (default python3).
 set -u
 out=${1:-bench/out/gpu}
 budget=${2:-560}
@@ -37,6 +39,8 @@ attention=auto
 step attention 480 "$py" bench/attention.py --iters 20 --json "$out/attention.json" || attention=xla
 step distill 120 "$py" bench/distill_step.py --full --resolution 1024 --batch "$batch" --dtype bf16 --iters 10 \
     --attention "$attention" --breakdown --json "$out/distill.json"
+step distill_b4 120 "$py" bench/distill_step.py --full --resolution 1024 --batch $((2 * batch)) --dtype bf16 \
+    --iters 10 --attention "$attention" --json "$out/distill_b$((2 * batch)).json"
 step forward 60 "$py" bench/unet_forward.py --resolution 1024 --batch "$batch" --dtype bf16 --iters 10 \
     --attention "$attention" --json "$out/forward.json"
 if [ "$attention" = auto ]; then
