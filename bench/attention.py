@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from distill_step import timed_call  # bench/ is on the path when this script runs
 
-from jaxdistill.layers import attention, auto_attention
+from jaxdistill.layers import attention, attention_kernel
 
 # (name, batch, query tokens, key tokens, heads): SDXL at 1024², batch 2 (head dim 64 throughout).
 SHAPES = (("down_blocks.1 self (64² tokens)", 2, 4096, 4096, 10),
@@ -46,7 +46,7 @@ def main() -> int:
         q = jax.random.normal(keys[0], (b, lq, heads, 64), jnp.bfloat16)
         k, v = (jax.random.normal(key, (b, lk, heads, 64), jnp.bfloat16) for key in keys[1:3])
         cot = jax.random.normal(keys[3], q.shape, jnp.bfloat16)
-        row = {"shape": name, "q": list(q.shape), "k": list(k.shape), "auto_kernel": auto_attention(q, k, v)}
+        row = {"shape": name, "q": list(q.shape), "k": list(k.shape), "auto_kernel": attention_kernel(q, k, v)}
         results = {}
         for impl in impls:
             fn = lambda q, k, v, impl=impl: attention(q, k, v, impl)  # noqa: E731

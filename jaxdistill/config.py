@@ -43,7 +43,7 @@ def base_config() -> ml_collections.ConfigDict:
                                             rules=[list(r) for r in DEFAULT_RULES]))
     c.remat = "none"  # none | full | dots (keep matmul outputs)
     c.scan_layers = True  # scan over each attention module's layers: much faster compilation
-    c.attention = "auto"  # auto (cuDNN's fused kernel on GPUs in bf16, else xla) | xla | cudnn
+    c.attention = "auto"  # fused kernel where it applies: auto (cuDNN on GPUs, else none) | xla | cudnn | splash (TPU)
 
     # source "prepared": the TFDS set `python -m jaxdistill.prepare` wrote to `path`; "images": an image–
     # caption source spec in `path` (folder:, tar:, tfds:), encoded inside the train step by the VAE and

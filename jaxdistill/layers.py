@@ -8,6 +8,7 @@ float32. Parity with diffusers is tested in `tests/test_unet_parity.py`.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import flax.linen as nn
@@ -131,15 +132,33 @@ class Attention(_Layer):
         return self.dense(x.shape[-1], "to_out_0")(out.reshape(*x.shape[:2], inner))
 
 
-ATTENTION = ("auto", "xla", "cudnn")
+ATTENTION = ("auto", "xla", "cudnn", "splash")
+SPLASH_BLOCK = 128  # splash attention's default block: both lengths must be multiples of it
 
 
-def auto_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> str:
-    """The kernel `attention(..., "auto")` runs for these inputs: "cudnn" or "xla"."""
-    fused = (jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16)
-             and q.dtype == k.dtype == v.dtype and q.shape[-1] % 8 == 0 and q.shape[-1] <= 128
-             and q.shape[1] % 2 == 0 and k.shape[1] % 2 == 0)
-    return "cudnn" if fused else "xla"
+def attention_kernel(q: jax.Array, k: jax.Array, v: jax.Array, implementation: str = "auto") -> str:
+    """The kernel `attention(q, k, v, implementation)` runs: "cudnn", "splash" or "xla".
+
+    A fused kernel runs where it applies and the XLA path everywhere else (SDXL's cross-attention to 77
+    text tokens, for one). "auto" is cudnn on GPUs and xla elsewhere: splash is opt-in until timed on a TPU.
+    - cudnn (GPUs): bf16/fp16 inputs, head dim a multiple of 8 up to 128, even lengths (cuDNN's backward
+      refuses odd ones).
+    - splash (TPUs; Pallas' interpreter elsewhere, for tests): both lengths multiples of 128.
+    """
+    if implementation not in ATTENTION:
+        raise ValueError(f"attention={implementation!r}: expected one of {ATTENTION}")
+    backend = jax.default_backend()
+    if implementation == "auto":
+        implementation = "cudnn" if backend == "gpu" else "xla"
+    if implementation == "cudnn":
+        if backend != "gpu":
+            raise ValueError(f"attention='cudnn' needs a GPU (this backend: {backend}): use 'auto' or 'xla'")
+        fits = (q.dtype in (jnp.bfloat16, jnp.float16) and q.dtype == k.dtype == v.dtype
+                and q.shape[-1] % 8 == 0 and q.shape[-1] <= 128 and q.shape[1] % 2 == 0 and k.shape[1] % 2 == 0)
+        return "cudnn" if fits else "xla"
+    if implementation == "splash":
+        return "splash" if q.shape[1] % SPLASH_BLOCK == 0 and k.shape[1] % SPLASH_BLOCK == 0 else "xla"
+    return "xla"
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, implementation: str = "auto") -> jax.Array:
@@ -147,20 +166,48 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, implementation: str = "a
 
     "xla": two einsums and a float32 softmax, the reference on every platform (on XLA:CPU 1.7× forward and
     1.4× backward faster than `jax.nn.dot_product_attention`'s transposing path at 1024 tokens, same
-    result: bench/NOTES.md). "cudnn": cuDNN's fused flash attention through `jax.nn.dot_product_attention`
-    (GPUs; bf16/fp16 inputs, head dim a multiple of 8, and for gradients even lengths L and S). "auto":
-    cudnn where all of that holds — SDXL's self-attention — else xla (its cross-attention to 77 tokens:
-    cheap). TPUs run the xla path: Pallas splash attention is not wired in yet.
+    result: bench/NOTES.md). "cudnn": cuDNN's fused flash attention through `jax.nn.dot_product_attention`.
+    "splash": Pallas splash attention (TPUs). "auto": see `attention_kernel`, which also says where each
+    fused kernel applies (elsewhere the XLA path runs).
     """
-    if implementation == "auto":
-        implementation = auto_attention(q, k, v)
-    if implementation == "cudnn":
+    kernel = attention_kernel(q, k, v, implementation)
+    if kernel == "cudnn":
         return jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
-    if implementation != "xla":
-        raise ValueError(f"attention={implementation!r}: expected one of {ATTENTION}")
+    if kernel == "splash":
+        return _splash(q, k, v)
     logits = jnp.einsum("blhd,bshd->bhls", q, k, preferred_element_type=jnp.float32) / math.sqrt(q.shape[-1])
     weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
     return jnp.einsum("bhls,bshd->blhd", weights, v)
+
+
+@functools.lru_cache
+def _splash_kernel(heads: int, q_len: int, kv_len: int, interpret: bool):
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel, splash_attention_mask
+
+    mask = splash_attention_mask.MultiHeadMask([splash_attention_mask.FullMask((q_len, kv_len))] * heads)
+    with jax.ensure_compile_time_eval():  # concrete mask tables: the kernel is cached across traces
+        return splash_attention_kernel.make_splash_mha(mask, head_shards=1, q_seq_shards=1, interpret=interpret)
+
+
+def _splash(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+    """Splash attention per example. The head dim is zero-padded to the TPU's 128 lanes (zeros change
+    neither q·k nor the kept columns of the output). Under a mesh set with `jax.set_mesh` (the trainer
+    does), each device runs the kernel on its share of the batch (shard_map over data × fsdp): XLA cannot
+    split a Pallas call itself."""
+    d = q.shape[-1]
+    pad = ((0, 0), (0, 0), (0, 0), (0, -d % 128))
+    q = (q / math.sqrt(d)).astype(k.dtype)
+    q, k, v = (jnp.pad(x, pad).transpose(0, 2, 1, 3) for x in (q, k, v))  # [B, H, L, D']
+
+    # built here, not inside shard_map: its tables must not belong to one mesh's manual context
+    kernel = _splash_kernel(q.shape[1], q.shape[2], k.shape[2], jax.default_backend() != "tpu")
+    local = jax.vmap(kernel)
+    mesh = jax.sharding.get_abstract_mesh()
+    if not mesh.empty and mesh.size > 1:
+        batch = tuple(a for a in ("data", "fsdp") if a in mesh.axis_names)
+        spec = jax.sharding.PartitionSpec(batch)
+        local = jax.shard_map(local, mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec, check_vma=False)
+    return local(q, k, v)[..., :d].transpose(0, 2, 1, 3)
 
 
 class GEGLU(_Layer):

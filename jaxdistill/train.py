@@ -212,7 +212,8 @@ def run_stage(c: ml_collections.ConfigDict, workdir: Path, previous: Model | Non
     step = start
     last_good = start if start else None
     try:
-        with stop:
+        # The mesh as context: layers that must place work per device themselves (splash attention) see it.
+        with stop, jax.set_mesh(mesh):
             while step < c.steps:
                 batch = global_batch(data.batch(step), mesh)
                 state, metrics = train_step(state, frozen, batch, rng)

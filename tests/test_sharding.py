@@ -153,3 +153,37 @@ def test_two_processes_train_and_one_process_continues(runs, unet_folders, tmp_p
     assert "resumed from step 2" in result.stdout
     steps = [json.loads(line)["step"] for line in open(workdir / "metrics.jsonl") if '"loss"' in line]
     assert steps == [1, 2, 3, 4]
+
+
+def test_splash_attention_runs_per_device_under_the_mesh():
+    """Under the trainer's mesh context (fsdp=8 and data=2 × fsdp=4) splash attention runs on each
+    device's share of the batch: same numbers as the XLA path (forward and gradients, Pallas' interpreter
+    on these CPU devices) and no all-gather of the activations in the compiled program."""
+    code = """
+import jax, jax.numpy as jnp, json, numpy as np
+from jaxdistill.layers import attention
+from jaxdistill.sharding import batch_sharding, make_mesh
+keys = jax.random.split(jax.random.key(5), 4)
+q, k, v, cot = (jax.random.normal(key, (8, 128, 2, 64)) for key in keys)
+def both(impl, q, k, v, cot):
+    out, vjp = jax.vjp(lambda *x: attention(*x, impl), q, k, v)
+    return (out, *vjp(cot))
+ref = jax.jit(lambda *x: both("xla", *x))(q, k, v, cot)
+out = {}
+for name, sizes in (("fsdp8", (1, 8)), ("data2fsdp4", (2, 4))):
+    mesh = make_mesh({"data": sizes[0], "fsdp": sizes[1], "tensor": 1})
+    args = [jax.device_put(x, batch_sharding(mesh)) for x in (q, k, v, cot)]
+    with jax.set_mesh(mesh):
+        fn = jax.jit(lambda *x: both("splash", *x))
+        ours = fn(*args)
+        hlo = fn.lower(*args).compile().as_text()
+    out[name] = {"err": max(float(np.max(np.abs(a - b)) / np.max(np.abs(b))) for a, b in zip(ours, ref)),
+                 "all_gather": hlo.count("all-gather"), "spec": str(ours[0].sharding.spec)}
+print(json.dumps(out))
+"""
+    result = subprocess.run([sys.executable, "-c", code], env=EIGHT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    for name, figures in out.items():
+        assert figures["err"] <= 1e-5, (name, figures)
+        assert figures["all_gather"] == 0, (name, figures)

@@ -101,19 +101,45 @@ def test_attention_paths():
         attention(q, k, v, "flash")
 
 
-def test_auto_attention_picks_cudnn_only_where_it_applies(monkeypatch):
-    """On a GPU: cuDNN for bf16/fp16 self-attention with even lengths and heads ≤ 128 wide (measured to
-    work on an H200, bench/NOTES.md); XLA for float32, SDXL's 77-token cross-attention (cuDNN's backward
-    refuses odd lengths), the VAE's 512-wide head. Off GPUs always XLA."""
-    from jaxdistill.layers import auto_attention
+def test_attention_kernel_choice(monkeypatch):
+    """Each fused kernel only where it applies, the XLA path elsewhere. On a GPU "auto" is cuDNN for
+    bf16/fp16 self-attention with even lengths and heads ≤ 128 wide (measured on an H200,
+    bench/NOTES.md); XLA for float32, SDXL's 77-token cross-attention (cuDNN's backward refuses odd
+    lengths) and the VAE's 512-wide head. Off GPUs "auto" is XLA and "cudnn" a clear error; "splash"
+    wherever both lengths are multiples of 128."""
+    from jaxdistill.layers import attention_kernel
 
     def qkv(lq, lk, dim=64, dtype=jnp.bfloat16):
         return (jax.ShapeDtypeStruct((2, lq, 4, dim), dtype), *[jax.ShapeDtypeStruct((2, lk, 4, dim), dtype)] * 2)
 
-    assert auto_attention(*qkv(4096, 4096)) == "xla"  # this machine has no GPU
+    assert attention_kernel(*qkv(4096, 4096)) == "xla"  # this machine has no GPU
+    with pytest.raises(ValueError, match="'cudnn' needs a GPU"):
+        attention_kernel(*qkv(4096, 4096), "cudnn")
+    assert attention_kernel(*qkv(4096, 4096), "splash") == "splash"
+    assert attention_kernel(*qkv(4096, 77), "splash") == "xla"
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-    assert auto_attention(*qkv(4096, 4096)) == "cudnn"
-    assert auto_attention(*qkv(988, 988, dtype=jnp.float16)) == "cudnn"
-    assert auto_attention(*qkv(4096, 77)) == "xla"
-    assert auto_attention(*qkv(4096, 4096, dtype=jnp.float32)) == "xla"
-    assert auto_attention(*qkv(16384, 16384, dim=512)) == "xla"
+    assert attention_kernel(*qkv(4096, 4096)) == "cudnn"
+    assert attention_kernel(*qkv(988, 988, dtype=jnp.float16), "cudnn") == "cudnn"
+    assert attention_kernel(*qkv(4096, 77)) == "xla"
+    assert attention_kernel(*qkv(4096, 4096, dtype=jnp.float32)) == "xla"
+    assert attention_kernel(*qkv(16384, 16384, dim=512)) == "xla"
+
+
+def test_splash_attention_matches_the_xla_path():
+    """Pallas splash attention (Pallas' interpreter on this CPU: the numbers, not the TPU speed) against
+    the XLA path on fresh random inputs: output and q/k/v gradients, self- and cross-attention lengths
+    that are multiples of 128, heads of 64 (padded to 128 inside); float32, max error ≤ 1e-5 relative."""
+    from jaxdistill.layers import attention
+
+    keys = jax.random.split(jax.random.key(3), 4)
+    for lk in (256, 128):
+        q = jax.random.normal(keys[0], (2, 256, 2, 64))
+        k, v = (jax.random.normal(key, (2, lk, 2, 64)) for key in keys[1:3])
+        cot = jax.random.normal(keys[3], q.shape)
+
+        def both(impl, q=q, k=k, v=v, cot=cot):
+            out, vjp = jax.vjp(lambda *x: attention(*x, impl), q, k, v)
+            return (out, *vjp(cot))
+
+        for ours, ref in zip(jax.jit(lambda: both("splash"))(), jax.jit(lambda: both("xla"))(), strict=True):
+            assert np.max(np.abs(ours - ref)) <= 1e-5 * np.max(np.abs(ref))
