@@ -30,6 +30,7 @@ import argparse  # noqa: E402
 import gc  # noqa: E402
 import json  # noqa: E402
 import platform  # noqa: E402
+import re  # noqa: E402
 import resource  # noqa: E402
 import statistics  # noqa: E402
 import time  # noqa: E402
@@ -120,9 +121,52 @@ def jax_step(teacher_spec, teacher, student_spec, student, kept, batch, args, at
         jax.block_until_ready(metrics)
         times.append(time.perf_counter() - t0)
     stats = jax.devices()[0].memory_stats() or {}  # allocator's high-water mark (GPU/TPU; includes the setup)
-    return {"attention": attention, "step_s": statistics.median(times), "compile_s": compile_s,
-            "peak_memory_gb": (peak_bytes or 0) / 1e9, "loss": float(metrics["loss"]), "pairs": len(pairs),
-            "measured_peak_memory_gb": stats.get("peak_bytes_in_use", 0) / 1e9 or None}
+    out = {"attention": attention, "step_s": statistics.median(times), "compile_s": compile_s,
+           "peak_memory_gb": (peak_bytes or 0) / 1e9, "loss": float(metrics["loss"]), "pairs": len(pairs),
+           "measured_peak_memory_gb": stats.get("peak_bytes_in_use", 0) / 1e9 or None}
+    if args.profile:
+        trace_dir = Path(args.profile) / attention
+        with jax.profiler.trace(str(trace_dir)):
+            for _ in range(PROFILED_STEPS):
+                state, metrics = compiled(state, frozen, batch, rng)
+            jax.block_until_ready(metrics)
+        out["profile"] = profile_summary(trace_dir, compiled.as_text(), PROFILED_STEPS)
+    return out
+
+
+PROFILED_STEPS = 3
+
+
+def profile_summary(trace_dir: Path, hlo: str, steps: int, top: int = 25) -> dict:
+    """Where a step's time goes, from a `jax.profiler` trace: the time of every XLA op (events carrying
+    an `hlo_op` stat, on the accelerator's planes, or the host's on a CPU) per step, summed by the JAX
+    primitive that made it (the last part of the op's `op_name` metadata in the compiled HLO), by pass
+    (backward: under `transpose(`; forward: the UNets' other ops, teacher and student; other: the
+    optimizer, the losses and ops without a name), and the `top` ops. Times in ms per step."""
+    names = {}  # HLO instruction → its op_name metadata
+    for m in re.finditer(r"%?([\w.\-]+) = [^\n]*?op_name=\"([^\"]*)\"", hlo):
+        names[m.group(1)] = m.group(2)
+    path = next(trace_dir.glob("**/*.xplane.pb"))
+    planes = list(jax.profiler.ProfileData.from_file(str(path)).planes)
+    devices = [p for p in planes if p.name.startswith("/device:")] or planes
+    ops: dict[str, float] = {}
+    for plane in devices:
+        for line in plane.lines:
+            for event in line.events:
+                op = dict(event.stats).get("hlo_op")
+                if op is not None:
+                    ops[op] = ops.get(op, 0.0) + event.duration_ns / 1e6 / steps
+    by_primitive: dict[str, float] = {}
+    by_pass = {"forward": 0.0, "backward": 0.0, "other": 0.0}  # other: the optimizer, losses, unnamed ops
+    for op, ms in ops.items():
+        op_name = names.get(op, "")
+        primitive = re.sub(r"\[.*", "", op_name.rsplit("/", 1)[-1]) or op.rstrip("0123456789.")
+        by_primitive[primitive] = by_primitive.get(primitive, 0.0) + ms
+        by_pass["backward" if "transpose(" in op_name else "forward" if "(UNet)" in op_name else "other"] += ms
+    ranked = sorted(ops.items(), key=lambda kv: -kv[1])[:top]
+    return {"ms_per_step": sum(ops.values()), "trace": str(path),
+            "by_primitive": dict(sorted(by_primitive.items(), key=lambda kv: -kv[1])), "by_pass": by_pass,
+            "top_ops": [{"op": op, "ms": ms, "op_name": names.get(op, "")[-160:]} for op, ms in ranked]}
 
 
 def timed_call(fn, *args, iters: int) -> tuple[float, float]:
@@ -245,6 +289,8 @@ def main() -> int:
     parser.add_argument("--no-scan-layers", action="store_true", help="unrolled transformer layers (the trainer's "
                         "scan_layers=False): slower compile, faster on XLA:CPU")
     parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch reference")
+    parser.add_argument("--profile", help="trace 3 steps of each variant into this folder (jax.profiler; TensorBoard "
+                        "reads it) and add a summary: time by JAX primitive, by pass, the top ops")
     parser.add_argument("--breakdown", action="store_true", help="also time the step's parts alone (teacher "
                         "forward, student forward, student forward + backward, AdamW) with the first attention")
     parser.add_argument("--json", help="write every figure here (rewritten after each phase)")

@@ -2,7 +2,7 @@
 # The GPU figures of bench/ in one bounded run, most important first (a lent GPU's time is short):
 #   1. bench/attention.py    cuDNN's fused attention vs the XLA path: parity and kernel times;
 #   2. bench/distill_step.py full-size SDXL → SSD-1B at 1024², bf16: ours beside PyTorch (the headline),
-#      then the step's parts timed alone (--breakdown);
+#      then the step's parts timed alone (--breakdown) and a profile summary (--profile: time by primitive);
 #   3. bench/distill_step.py at batch 4 (bigger matmuls), ours beside PyTorch;
 #   4. bench/unet_forward.py SDXL / SSD-1B / Vega forward at 1024², bf16: student speed-ups, ours vs PyTorch;
 #   5. bench/distill_step.py again with the XLA attention (the "before" of the fused kernel), no PyTorch.
@@ -38,7 +38,7 @@ print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version
 attention=auto
 step attention 480 "$py" bench/attention.py --iters 20 --json "$out/attention.json" || attention=xla
 step distill 120 "$py" bench/distill_step.py --full --resolution 1024 --batch "$batch" --dtype bf16 --iters 10 \
-    --attention "$attention" --breakdown --json "$out/distill.json"
+    --attention "$attention" --breakdown --profile /tmp/jaxdistill_trace --json "$out/distill.json"
 step distill_b4 120 "$py" bench/distill_step.py --full --resolution 1024 --batch $((2 * batch)) --dtype bf16 \
     --iters 10 --attention "$attention" --json "$out/distill_b$((2 * batch)).json"
 step forward 60 "$py" bench/unet_forward.py --resolution 1024 --batch "$batch" --dtype bf16 --iters 10 \
