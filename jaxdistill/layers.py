@@ -15,6 +15,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxdistill.sharding import BATCH
+
 Dtype = jnp.dtype | type
 
 
@@ -203,8 +205,9 @@ def _splash(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
     kernel = _splash_kernel(q.shape[1], q.shape[2], k.shape[2], jax.default_backend() != "tpu")
     local = jax.vmap(kernel)
     mesh = jax.sharding.get_abstract_mesh()
-    if not mesh.empty and mesh.size > 1:
-        batch = tuple(a for a in ("data", "fsdp") if a in mesh.axis_names)
+    batch = tuple(a for a in BATCH if not mesh.empty and a in mesh.axis_names)
+    shards = math.prod(mesh.shape[a] for a in batch)
+    if shards > 1 and q.shape[0] % shards == 0:  # else (e.g. a small eval batch) XLA places it, replicated
         spec = jax.sharding.PartitionSpec(batch)
         local = jax.shard_map(local, mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec, check_vma=False)
     return local(q, k, v)[..., :d].transpose(0, 2, 1, 3)
