@@ -124,13 +124,17 @@ def jax_step(teacher_spec, teacher, student_spec, student, kept, batch, args, at
     out = {"attention": attention, "step_s": statistics.median(times), "compile_s": compile_s,
            "peak_memory_gb": (peak_bytes or 0) / 1e9, "loss": float(metrics["loss"]), "pairs": len(pairs),
            "measured_peak_memory_gb": stats.get("peak_bytes_in_use", 0) / 1e9 or None}
-    if args.profile:
+    if args.profile:  # a failing profiler (no CUPTI, say) must not cost the figures above
         trace_dir = Path(args.profile) / attention
-        with jax.profiler.trace(str(trace_dir)):
-            for _ in range(PROFILED_STEPS):
-                state, metrics = compiled(state, frozen, batch, rng)
-            jax.block_until_ready(metrics)
-        out["profile"] = profile_summary(trace_dir, compiled.as_text(), PROFILED_STEPS)
+        try:
+            with jax.profiler.trace(str(trace_dir)):
+                for _ in range(PROFILED_STEPS):
+                    state, metrics = compiled(state, frozen, batch, rng)
+                jax.block_until_ready(metrics)
+            out["profile"] = profile_summary(trace_dir, compiled.as_text(), PROFILED_STEPS)
+        except Exception as e:  # noqa: BLE001
+            traceback.print_exc()
+            out["profile"] = {"error": f"{type(e).__name__}: {e}".splitlines()[0][:300]}
     return out
 
 
