@@ -90,17 +90,32 @@ def batch_for(spec: UNetSpec, batch: int, side: int, seed: int = 0) -> dict[str,
             "time_ids": np.tile(np.array([1024, 1024, 0, 0, 1024, 1024], np.float32), (batch, 1))}
 
 
+def compute_dtype(args) -> type:
+    return jnp.bfloat16 if args.dtype == "bf16" else jnp.float32
+
+
+def setup(teacher_spec, teacher, student_spec, args, attention: str):
+    """What our step and its parts share: (teacher UNet, student UNet, the teacher's weights in the
+    compute dtype and the step's layout, the layout function for the student's weights)."""
+    dtype, scan = compute_dtype(args), not args.no_scan_layers
+    layout = jax.jit(stack_layers) if scan else (lambda p: p)
+    teacher_model = UNet(teacher_spec, dtype=dtype, scan_layers=scan, attention=attention)
+    student_model = UNet(student_spec, dtype=dtype, scan_layers=scan, attention=attention, remat=args.remat)
+    return teacher_model, student_model, layout(jax.tree.map(lambda x: jnp.asarray(x, dtype), teacher)), layout
+
+
+def error_text(e: Exception) -> str:
+    return f"{type(e).__name__}: {e}".splitlines()[0][:300]
+
+
 def jax_step(teacher_spec, teacher, student_spec, student, kept, batch, args, attention: str) -> dict:
     """Compile and time our step with one attention kernel; → figures."""
-    dtype = jnp.bfloat16 if args.dtype == "bf16" else jnp.float32
     tx, lr_fn = make_optimizer(1e-5)
     pairs = feature_pairs(teacher_spec, student_spec, "all", kept)
-    scan = not args.no_scan_layers
-    layout = jax.jit(stack_layers) if scan else (lambda p: p)
-    model = lambda spec, **kw: UNet(spec, dtype=dtype, scan_layers=scan, attention=attention, **kw)  # noqa: E731
-    step = make_train_step(model(student_spec, remat=args.remat), model(teacher_spec), tx, lr_fn,
-                           alphas_cumprod(), pairs=pairs, accumulation=args.accumulation)
-    frozen = {"teacher": layout(jax.tree.map(lambda x: jnp.asarray(x, dtype), teacher)), "encoders": None}
+    teacher_model, student_model, teacher_params, layout = setup(teacher_spec, teacher, student_spec, args, attention)
+    step = make_train_step(student_model, teacher_model, tx, lr_fn, alphas_cumprod(), pairs=pairs,
+                           accumulation=args.accumulation)
+    frozen = {"teacher": teacher_params, "encoders": None}
     state = init_state(layout(student), tx, ema=False)
     batch = jax.device_put(batch)
     rng = jax.random.key(0)
@@ -134,7 +149,7 @@ def jax_step(teacher_spec, teacher, student_spec, student, kept, batch, args, at
             out["profile"] = profile_summary(trace_dir, compiled.as_text(), PROFILED_STEPS)
         except Exception as e:  # noqa: BLE001
             traceback.print_exc()
-            out["profile"] = {"error": f"{type(e).__name__}: {e}".splitlines()[0][:300]}
+            out["profile"] = {"error": error_text(e)}
     return out
 
 
@@ -191,15 +206,10 @@ def breakdown(teacher_spec, teacher, student_spec, student, batch, args, attenti
     """The step's parts, each compiled and timed alone (where the time goes): teacher forward, student
     forward, student forward + backward (of the mean squares of its output and every tap, so the taps'
     gradients flow as in the step), and the AdamW update of the student's float32 weights."""
-    dtype = jnp.bfloat16 if args.dtype == "bf16" else jnp.float32
-    scan = not args.no_scan_layers
-    layout = jax.jit(stack_layers) if scan else (lambda p: p)
-    model = lambda spec, **kw: UNet(spec, dtype=dtype, scan_layers=scan, attention=attention, **kw)  # noqa: E731
+    teacher_model, student_model, t_params, layout = setup(teacher_spec, teacher, student_spec, args, attention)
     x = {k: jnp.asarray(v) for k, v in batch.items()}
     x = {"sample": x.pop("latents"), "timesteps": jnp.full((args.batch,), 500), **x}
-    t_params = layout(jax.tree.map(lambda a: jnp.asarray(a, dtype), teacher))
     s_params = layout(jax.tree.map(jnp.asarray, student))
-    teacher_model, student_model = model(teacher_spec), model(student_spec, remat=args.remat)
     forward = lambda m: lambda p, x: m.apply({"params": p}, **x)  # noqa: E731
 
     def student_loss(p, x):
@@ -274,7 +284,7 @@ def attempt(fn, *args) -> dict:
         return fn(*args)
     except Exception as e:  # noqa: BLE001 — XLA's and torch's errors have no common type
         traceback.print_exc()
-        return {"error": f"{type(e).__name__}: {e}".splitlines()[0][:300]}
+        return {"error": error_text(e)}
 
 
 def main() -> int:
@@ -305,7 +315,7 @@ def main() -> int:
     student_spec, student, kept = prune(teacher_spec, teacher, "ssd1b")
     side = args.resolution // 8
     batch = batch_for(teacher_spec, args.batch, side)
-    dtype = jnp.bfloat16 if args.dtype == "bf16" else jnp.float32
+    dtype = compute_dtype(args)
 
     peak = peak_matmul_flops(dtype)
     teacher_flops = flops(teacher_spec, args.batch, side, SEQ_LEN)

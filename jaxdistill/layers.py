@@ -49,7 +49,7 @@ class _Layer(_Ops):
     dtype: Dtype = jnp.float32  # compute
     param_dtype: Dtype = jnp.float32  # storage
     remat: str = "none"  # rematerialise resnets and transformer layers in the backward pass: none|full|dots
-    attention: str = "auto"  # the attention kernel: auto | xla | cudnn (see `attention`)
+    attention: str = "auto"  # the attention kernel: auto | xla | cudnn | splash (see `attention_kernel`)
 
 
 REMAT_POLICIES = {"full": None, "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}

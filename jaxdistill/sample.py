@@ -624,7 +624,6 @@ def read_prompts(path: str | os.PathLike) -> list[str]:
     return prompts
 
 
-
 def main(argv: Sequence[str] | None = None) -> int:
     """`python -m jaxdistill.sample`: images from a model (pipeline, UNet folder or training checkpoint)
     for prompts and seeds: one PNG per image, grid.png (prompts × seeds), and with --teacher the teacher's

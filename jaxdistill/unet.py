@@ -118,7 +118,7 @@ class UNet(_Ops):
     param_dtype: jnp.dtype | type = jnp.float32  # storage
     remat: str = "none"  # none | full | dots: recomputation of resnets and transformer layers for backward
     scan_layers: bool = False  # scan over each attention module's layers: parameters in `stack_layers` layout
-    attention: str = "auto"  # attention kernel: auto (cuDNN's fused kernel on GPUs in bf16/fp16) | xla | cudnn
+    attention: str = "auto"  # attention kernel: auto | xla | cudnn | splash (`layers.attention_kernel`)
 
     @nn.compact
     def __call__(self, sample: jax.Array, timesteps: jax.Array, encoder_hidden_states: jax.Array,
