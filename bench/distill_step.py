@@ -1,8 +1,10 @@
 """Speed of one distillation step: ours (JAX) beside the usual PyTorch step, same recipe, model, batch, device.
 
-Ours: `jaxdistill.step.make_train_step` exactly as the trainer builds it (teacher frozen, student pruned
-with the ssd1b plan, every resnet/attention tap, AdamW, scanned transformer layers, donated state),
-compiled ahead of time (compile time reported), warmed up, then `--iters` timed steps.
+Ours: `jaxdistill.step.make_train_step` exactly as the trainer builds it with `configs/ssd1b.py` (teacher
+frozen, student pruned with the ssd1b plan, every resnet/attention tap, AdamW, that config's attention
+kernel, remat and layer layout — unrolled transformer layers —, donated state), compiled ahead of time
+(compile time reported), warmed up, then `--iters` timed steps. `--variant` compiles and times others in
+the same run (scanned layers, another batch, remat, an XLA option), for before/after figures side by side.
 PyTorch: `jaxdistill.reference.torch_distill_step` — diffusers teacher under `no_grad`, forward hooks on
 the same taps, AdamW, gradient clipping; bf16 autocast when `--dtype bf16` on CUDA.
 
@@ -28,6 +30,7 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # leave GPU mem
 
 import argparse  # noqa: E402
 import gc  # noqa: E402
+import importlib.util  # noqa: E402
 import json  # noqa: E402
 import platform  # noqa: E402
 import re  # noqa: E402
@@ -51,6 +54,17 @@ from jaxdistill.step import init_state, make_optimizer, make_train_step  # noqa:
 from jaxdistill.unet import UNet, flops, init_params  # noqa: E402
 
 SEQ_LEN = 77
+
+
+def load_config(path: Path):
+    """`get_config()` of a config file, as `python -m jaxdistill.train --config PATH` reads it."""
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+SSD1B = load_config(Path(__file__).resolve().parents[1] / "configs" / "ssd1b.py")  # the step's defaults
 
 
 def reduced_sdxl(width: int) -> UNetSpec:
@@ -94,13 +108,46 @@ def compute_dtype(args) -> type:
     return jnp.bfloat16 if args.dtype == "bf16" else jnp.float32
 
 
-def setup(teacher_spec, teacher, student_spec, args, attention: str):
+def _bool(text: str) -> bool:
+    return {"true": True, "false": False}[text.lower()]
+
+
+def _option(text: str) -> bool | int | str:
+    """An XLA option's value as XLA wants its type: true/false → bool, digits → int, else the string."""
+    return _bool(text) if text.lower() in ("true", "false") else int(text) if text.lstrip("-").isdigit() else text
+
+
+VARIANT_KEYS = {"attention": str, "scan_layers": _bool, "remat": str, "batch": int, "accumulation": int}
+
+
+def parse_variant(text: str, args) -> dict:
+    """"key=value,key=value" over the run's options (attention, scan_layers, remat, batch, accumulation) →
+    the variant's settings; keys starting with "xla_" are XLA compiler options for this compile alone."""
+    variant = {"attention": args.attention, "scan_layers": SSD1B.scan_layers, "remat": args.remat,
+               "batch": args.batch, "accumulation": args.accumulation, "xla": {}}
+    for item in filter(None, text.split(",")):
+        key, sep, value = item.partition("=")
+        if not sep or (key not in VARIANT_KEYS and not key.startswith("xla_")):
+            raise SystemExit(f"--variant {text!r}: expected key=value pairs, keys {sorted(VARIANT_KEYS)} or xla_*")
+        try:
+            if key.startswith("xla_"):
+                variant["xla"][key] = _option(value)
+            else:
+                variant[key] = VARIANT_KEYS[key](value)
+        except (KeyError, ValueError):
+            raise SystemExit(f"--variant {text!r}: bad value for {key}: {value!r}") from None
+    if variant["attention"] not in ATTENTION or variant["remat"] not in ("none", "full", "dots"):
+        raise SystemExit(f"--variant {text!r}: attention must be one of {ATTENTION}, remat none|full|dots")
+    return variant
+
+
+def setup(teacher_spec, teacher, student_spec, args, variant: dict):
     """What our step and its parts share: (teacher UNet, student UNet, the teacher's weights in the
     compute dtype and the step's layout, the layout function for the student's weights)."""
-    dtype, scan = compute_dtype(args), not args.no_scan_layers
+    dtype, scan, attention = compute_dtype(args), variant["scan_layers"], variant["attention"]
     layout = jax.jit(stack_layers) if scan else (lambda p: p)
     teacher_model = UNet(teacher_spec, dtype=dtype, scan_layers=scan, attention=attention)
-    student_model = UNet(student_spec, dtype=dtype, scan_layers=scan, attention=attention, remat=args.remat)
+    student_model = UNet(student_spec, dtype=dtype, scan_layers=scan, attention=attention, remat=variant["remat"])
     return teacher_model, student_model, layout(jax.tree.map(lambda x: jnp.asarray(x, dtype), teacher)), layout
 
 
@@ -108,19 +155,20 @@ def error_text(e: Exception) -> str:
     return f"{type(e).__name__}: {e}".splitlines()[0][:300]
 
 
-def jax_step(teacher_spec, teacher, student_spec, student, kept, batch, args, attention: str) -> dict:
-    """Compile and time our step with one attention kernel; → figures."""
+def jax_step(teacher_spec, teacher, student_spec, student, kept, args, variant: dict) -> dict:
+    """Compile and time our step in one variant (`parse_variant`); → figures."""
     tx, lr_fn = make_optimizer(1e-5)
     pairs = feature_pairs(teacher_spec, student_spec, "all", kept)
-    teacher_model, student_model, teacher_params, layout = setup(teacher_spec, teacher, student_spec, args, attention)
+    teacher_model, student_model, teacher_params, layout = setup(teacher_spec, teacher, student_spec, args, variant)
     step = make_train_step(student_model, teacher_model, tx, lr_fn, alphas_cumprod(), pairs=pairs,
-                           accumulation=args.accumulation)
+                           accumulation=variant["accumulation"])
     frozen = {"teacher": teacher_params, "encoders": None}
     state = init_state(layout(student), tx, ema=False)
-    batch = jax.device_put(batch)
+    batch = jax.device_put(batch_for(teacher_spec, variant["batch"], args.resolution // 8))
     rng = jax.random.key(0)
     t0 = time.perf_counter()
-    compiled = jax.jit(step, donate_argnums=(0,)).lower(state, frozen, batch, rng).compile()
+    lowered = jax.jit(step, donate_argnums=(0,)).lower(state, frozen, batch, rng)
+    compiled = lowered.compile(compiler_options=variant["xla"] or None)
     compile_s = time.perf_counter() - t0
     memory = compiled.memory_analysis()
     peak_bytes = None
@@ -136,17 +184,20 @@ def jax_step(teacher_spec, teacher, student_spec, student, kept, batch, args, at
         jax.block_until_ready(metrics)
         times.append(time.perf_counter() - t0)
     stats = jax.devices()[0].memory_stats() or {}  # allocator's high-water mark (GPU/TPU; includes the setup)
-    out = {"attention": attention, "step_s": statistics.median(times), "compile_s": compile_s,
+    out = {"step_s": statistics.median(times), "compile_s": compile_s,
            "peak_memory_gb": (peak_bytes or 0) / 1e9, "loss": float(metrics["loss"]), "pairs": len(pairs),
            "measured_peak_memory_gb": stats.get("peak_bytes_in_use", 0) / 1e9 or None}
     if args.profile:  # a failing profiler (no CUPTI, say) must not cost the figures above
-        trace_dir = Path(args.profile) / attention
+        trace_dir = Path(args.profile) / variant_name(variant)
         try:
             with jax.profiler.trace(str(trace_dir)):
                 for _ in range(PROFILED_STEPS):
                     state, metrics = compiled(state, frozen, batch, rng)
                 jax.block_until_ready(metrics)
             out["profile"] = profile_summary(trace_dir, compiled.as_text(), PROFILED_STEPS)
+            # the share of the step's wall time that the busiest timeline spends in kernels (on a GPU the rest
+            # is idle: launch gaps, host syncs)
+            out["profile"]["busy"] = max(out["profile"]["by_line"].values(), default=0) / 1e3 / out["step_s"]
         except Exception as e:  # noqa: BLE001
             traceback.print_exc()
             out["profile"] = {"error": error_text(e)}
@@ -154,6 +205,12 @@ def jax_step(teacher_spec, teacher, student_spec, student, kept, batch, args, at
 
 
 PROFILED_STEPS = 3
+
+
+def variant_name(variant: dict) -> str:
+    parts = [variant["attention"], "scan" if variant["scan_layers"] else "unrolled", f"remat-{variant['remat']}",
+             f"b{variant['batch']}", f"acc{variant['accumulation']}"]
+    return "_".join(parts + [f"{k}-{v}" for k, v in variant["xla"].items()])
 
 
 def profile_summary(trace_dir: Path, hlo: str, steps: int, top: int = 25) -> dict:
@@ -169,12 +226,15 @@ def profile_summary(trace_dir: Path, hlo: str, steps: int, top: int = 25) -> dic
     planes = list(jax.profiler.ProfileData.from_file(str(path)).planes)
     devices = [p for p in planes if p.name.startswith("/device:")] or planes
     ops: dict[str, float] = {}
+    by_line: dict[str, float] = {}  # per timeline (a GPU stream, a CPU thread): overlapping lines sum to > the step
     for plane in devices:
         for line in plane.lines:
             for event in line.events:
                 op = dict(event.stats).get("hlo_op")
                 if op is not None:
                     ops[op] = ops.get(op, 0.0) + event.duration_ns / 1e6 / steps
+                    key = f"{plane.name}/{line.name}"
+                    by_line[key] = by_line.get(key, 0.0) + event.duration_ns / 1e6 / steps
     by_primitive: dict[str, float] = {}
     by_pass = {"forward": 0.0, "backward": 0.0, "other": 0.0}  # other: the optimizer, losses, unnamed ops
     for op, ms in ops.items():
@@ -183,7 +243,7 @@ def profile_summary(trace_dir: Path, hlo: str, steps: int, top: int = 25) -> dic
         by_primitive[primitive] = by_primitive.get(primitive, 0.0) + ms
         by_pass["backward" if "transpose(" in op_name else "forward" if "(UNet)" in op_name else "other"] += ms
     ranked = sorted(ops.items(), key=lambda kv: -kv[1])[:top]
-    return {"ms_per_step": sum(ops.values()), "trace": str(path),
+    return {"ms_per_step": sum(ops.values()), "trace": str(path), "by_line": by_line,
             "by_primitive": dict(sorted(by_primitive.items(), key=lambda kv: -kv[1])), "by_pass": by_pass,
             "top_ops": [{"op": op, "ms": ms, "op_name": names.get(op, "")[-160:]} for op, ms in ranked]}
 
@@ -202,11 +262,11 @@ def timed_call(fn, *args, iters: int) -> tuple[float, float]:
     return compile_s, statistics.median(times)
 
 
-def breakdown(teacher_spec, teacher, student_spec, student, batch, args, attention: str) -> dict:
+def breakdown(teacher_spec, teacher, student_spec, student, batch, args, variant: dict) -> dict:
     """The step's parts, each compiled and timed alone (where the time goes): teacher forward, student
     forward, student forward + backward (of the mean squares of its output and every tap, so the taps'
     gradients flow as in the step), and the AdamW update of the student's float32 weights."""
-    teacher_model, student_model, t_params, layout = setup(teacher_spec, teacher, student_spec, args, attention)
+    teacher_model, student_model, t_params, layout = setup(teacher_spec, teacher, student_spec, args, variant)
     x = {k: jnp.asarray(v) for k, v in batch.items()}
     x = {"sample": x.pop("latents"), "timesteps": jnp.full((args.batch,), 500), **x}
     s_params = layout(jax.tree.map(jnp.asarray, student))
@@ -294,14 +354,16 @@ def main() -> int:
     parser.add_argument("--resolution", type=int, default=256, help="image side; latents are 1/8")
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
-    parser.add_argument("--remat", choices=("none", "full", "dots"), default="none")
-    parser.add_argument("--attention", nargs="+", choices=ATTENTION, default=["auto"],
-                        help="attention kernels of our step, each compiled and timed in turn; the first is the "
-                             "headline (auto: cuDNN's fused kernel on a GPU in bf16, else the plain XLA path)")
+    parser.add_argument("--remat", choices=("none", "full", "dots"), default=SSD1B.remat)
+    parser.add_argument("--attention", choices=ATTENTION, default=SSD1B.attention,
+                        help="attention kernel of our step (auto: cuDNN's fused kernel on a GPU in bf16, else the "
+                             "plain XLA path)")
+    parser.add_argument("--variant", action="append", default=[], metavar="KEY=VALUE,...",
+                        help="a variant of our step to compile and time, repeatable, in order (the first is the "
+                             "headline): overrides of attention, scan_layers, remat, batch, accumulation, and "
+                             "xla_* compiler options, e.g. 'scan_layers=false' or 'batch=4,remat=dots'")
     parser.add_argument("--iters", type=int, default=5)
     parser.add_argument("--accumulation", type=int, default=1, help="micro-batches per step (ours)")
-    parser.add_argument("--no-scan-layers", action="store_true", help="unrolled transformer layers (the trainer's "
-                        "scan_layers=False): slower compile, faster on XLA:CPU")
     parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch reference")
     parser.add_argument("--profile", help="trace 3 steps of each variant into this folder (jax.profiler; TensorBoard "
                         "reads it) and add a summary: time by JAX primitive, by pass, the top ops")
@@ -309,6 +371,7 @@ def main() -> int:
                         "forward, student forward, student forward + backward, AdamW) with the first attention")
     parser.add_argument("--json", help="write every figure here (rewritten after each phase)")
     args = parser.parse_args()
+    variants = [parse_variant(v, args) for v in args.variant or [""]]
 
     teacher_spec = presets.SDXL if args.full else reduced_sdxl(args.width)
     teacher = jax.tree.map(np.asarray, init_params(teacher_spec, jax.random.key(0)))
@@ -330,7 +393,7 @@ def main() -> int:
         "teacher_params": sum(x.size for x in jax.tree.leaves(teacher)),
         "student_params": sum(x.size for x in jax.tree.leaves(student)),
         "resolution": args.resolution, "batch": args.batch, "dtype": args.dtype, "remat": args.remat,
-        "scan_layers": not args.no_scan_layers, "accumulation": args.accumulation,
+        "scan_layers": variants[0]["scan_layers"], "accumulation": args.accumulation,
         "model_tflop_per_step": model_flops / 1e12, "teacher_tflop": teacher_flops / 1e12,
         "student_tflop": student_flops / 1e12, "peak_matmul_tflops": peak / 1e12,
     }
@@ -358,18 +421,18 @@ def main() -> int:
             torch.cuda.empty_cache()  # hand the models' memory back before JAX's step
 
     out["variants"] = []
-    for attention in args.attention:
-        ours = attempt(jax_step, teacher_spec, teacher, student_spec, student, kept, batch, args, attention)
-        if "step_s" in ours:
-            ours |= {"samples_per_s": args.batch / ours["step_s"],
-                     "flop_utilisation": model_flops / ours["step_s"] / peak}
-            if "torch_step_s" in out:
+    for variant in variants:
+        ours = attempt(jax_step, teacher_spec, teacher, student_spec, student, kept, args, variant)
+        if "step_s" in ours:  # model FLOPs scale with the batch
+            ours |= {"samples_per_s": variant["batch"] / ours["step_s"],
+                     "flop_utilisation": model_flops * variant["batch"] / args.batch / ours["step_s"] / peak}
+            if "torch_step_s" in out and variant["batch"] == args.batch:
                 ours["ratio_vs_torch"] = out["torch_step_s"] / ours["step_s"]
-        out["variants"].append(ours | {"attention": attention})
+        out["variants"].append({"name": variant_name(variant), **variant, **ours})
         report()
         gc.collect()
     if args.breakdown:
-        parts = attempt(breakdown, teacher_spec, teacher, student_spec, student, batch, args, args.attention[0])
+        parts = attempt(breakdown, teacher_spec, teacher, student_spec, student, batch, args, variants[0])
         for name, flop in (("teacher_forward", teacher_flops), ("student_forward", student_flops),
                            ("student_forward_backward", 3 * student_flops)):
             if name in parts:
@@ -385,7 +448,13 @@ def main() -> int:
         if k not in ("variants", "breakdown"):
             print(f"{k:<{width}}  {v:.4g}" if isinstance(v, float) else f"{k:<{width}}  {v}")
     for v in out["variants"]:
-        print("variant", {k: round(x, 4) if isinstance(x, float) else x for k, x in v.items()})
+        print("variant", {k: round(x, 4) if isinstance(x, float) else x for k, x in v.items() if k != "profile"})
+        if "by_pass" in v.get("profile", {}):
+            p = v["profile"]
+            print(f"  profile: {p['ms_per_step']:.1f} ms of ops per step (busiest timeline {p['busy']:.0%} of it;",
+                  {k: round(x, 1) for k, x in p["by_line"].items()}, "), by pass",
+                  {k: round(x, 1) for k, x in p["by_pass"].items()}, "top primitives",
+                  {k: round(x, 1) for k, x in list(p["by_primitive"].items())[:8]})
     return 0
 
 

@@ -1,16 +1,17 @@
 #!/usr/bin/env bash
 # The GPU figures of bench/ in one bounded run, most important first (a lent GPU's time is short):
-#   1. bench/attention.py    cuDNN's fused attention vs the XLA path: parity and kernel times;
-#   2. bench/distill_step.py full-size SDXL → SSD-1B at 1024², bf16: ours beside PyTorch (the headline),
-#      then the step's parts timed alone (--breakdown) and a profile summary (--profile: time by primitive);
-#   3. bench/distill_step.py at batch 4 (bigger matmuls), ours beside PyTorch;
-#   4. bench/unet_forward.py SDXL / SSD-1B / Vega forward at 1024², bf16: student speed-ups, ours vs PyTorch;
-#   5. bench/distill_step.py again with the XLA attention (the "before" of the fused kernel), no PyTorch.
-# If the fused kernel fails its check, every step runs the XLA path. Each step gets what is left of the
-# budget; the scripts rewrite their JSON as they go, so a step cut short keeps what it finished.
+#   1. bench/distill_step.py full-size SDXL → SSD-1B at 1024², bf16: PyTorch's step, then ours (the
+#      headline), both profiled (--profile: time by primitive and pass, how busy the GPU is), the second with
+#      XLA's command buffers off so that the profile names each op inside them;
+#   2. the same at twice the batch, ours beside PyTorch;
+#   3. bench/unet_forward.py SDXL / SSD-1B / Vega forward at 1024², bf16: student speed-ups, ours vs PyTorch;
+#   4. bench/attention.py    cuDNN's fused attention vs the XLA path: parity and kernel times;
+#   5. bench/distill_step.py with the XLA attention (the "before" of the fused kernel), no PyTorch.
+# Each step gets what is left of the budget; the scripts rewrite their JSON as they go, so a step cut short
+# keeps what it finished.
 #
 #     bash bench/gpu.sh OUT_DIR [BUDGET_SECONDS]      # e.g. bash bench/gpu.sh bench/out/gpu 560
-# Environment: BATCH (default 2) for steps 2, 4, 5; PYTHON (default python3).
+# Environment: BATCH (default 2), PYTHON (default python3).
 set -u
 out=${1:-bench/out/gpu}
 budget=${2:-560}
@@ -35,16 +36,13 @@ step() {  # step NAME RESERVE_SECONDS COMMAND...: run with the budget left minus
 print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__, 'torch', torch.__version__,
       'diffusers', diffusers.__version__, jax.devices())"; } 2>&1 | tee "$out/log.txt"
 
-attention=auto
-step attention 480 "$py" bench/attention.py --iters 20 --json "$out/attention.json" || attention=xla
-step distill 120 "$py" bench/distill_step.py --full --resolution 1024 --batch "$batch" --dtype bf16 --iters 10 \
-    --attention "$attention" --breakdown --profile /tmp/jaxdistill_trace --json "$out/distill.json"
-step distill_b4 120 "$py" bench/distill_step.py --full --resolution 1024 --batch $((2 * batch)) --dtype bf16 \
-    --iters 10 --attention "$attention" --json "$out/distill_b$((2 * batch)).json"
-step forward 60 "$py" bench/unet_forward.py --resolution 1024 --batch "$batch" --dtype bf16 --iters 10 \
-    --attention "$attention" --json "$out/forward.json"
-if [ "$attention" = auto ]; then
-    step distill_xla 0 "$py" bench/distill_step.py --full --resolution 1024 --batch "$batch" --dtype bf16 \
-        --iters 10 --attention xla --no-torch --json "$out/distill_xla.json"
-fi
+step distill 250 "$py" bench/distill_step.py --full --resolution 1024 --batch "$batch" --dtype bf16 --iters 10 \
+    --variant "" --variant "xla_gpu_enable_command_buffer=" --profile /tmp/jaxdistill_trace --json "$out/distill.json"
+step distill_b$((2 * batch)) 0 "$py" bench/distill_step.py --full --resolution 1024 --batch $((2 * batch)) \
+    --dtype bf16 --iters 10 --json "$out/distill_b$((2 * batch)).json"
+step forward 0 "$py" bench/unet_forward.py --resolution 1024 --batch "$batch" --dtype bf16 --iters 10 \
+    --json "$out/forward.json"
+step attention 0 "$py" bench/attention.py --iters 20 --json "$out/attention.json"
+step distill_xla 0 "$py" bench/distill_step.py --full --resolution 1024 --batch "$batch" --dtype bf16 \
+    --iters 10 --attention xla --no-torch --json "$out/distill_xla.json"
 exit 0

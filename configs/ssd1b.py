@@ -11,4 +11,8 @@ from jaxdistill.config import base_config
 def get_config():
     c = base_config()
     c.plan = "ssd1b"
+    # Unrolled transformer layers: on an H100 the full step at 1024², batch 2 ran 1.32× faster than scanned
+    # (0.198 → 0.150 s), in 14 % less memory, compiling no slower (bench/NOTES.md). The base default (scanned)
+    # stays for CPU-sized runs such as tiny.py: on a CPU it halves the compile.
+    c.scan_layers = False
     return c
