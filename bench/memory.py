@@ -1,7 +1,8 @@
 """Per-device memory of the full-size SSD-1B and Vega distillation steps, from XLA's compiled memory analysis.
 
 Builds the step `python -m jaxdistill.train` builds (`jaxdistill.train.run_stage`): the student UNet
-(scanned transformer layers, bfloat16 compute, float32 master weights, the chosen `remat` policy) distilled
+(scanned transformer layers as in the base config — `configs/ssd1b.py` unrolls them, which measured 14 %
+less on an H100, bench/NOTES.md —, bfloat16 compute, float32 master weights, the chosen `remat` policy) distilled
 from SDXL's UNet (bfloat16 parameters) with the default recipe of `jaxdistill.config.base_config` (task +
 output + feature KD over every resnet and attention tap, AdamW behind global-norm clipping), on a
 (data, fsdp, tensor) mesh with the trainer's placements (`jaxdistill.sharding`), the state donated. Every

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import signal
 import sys
 import time
@@ -391,6 +392,17 @@ class _Logger:
             self.jsonl.close()
 
 
+def enable_compilation_cache(setting: str, workdir: str | Path) -> str | None:
+    """Turns on XLA's persistent compilation cache for this process ("auto": WORKDIR/xla_cache; a folder;
+    "": off; gs:// folders work, as jax reads them), so a restarted run loads its compiled programs instead of
+    compiling them again. A process setting, hence here and not in `run`."""
+    if not setting:
+        return None
+    path = str(Path(workdir) / "xla_cache") if setting == "auto" else os.path.expanduser(setting)
+    jax.config.update("jax_compilation_cache_dir", path)
+    return path
+
+
 def main(argv=None) -> int:
     from absl import app, flags
     from absl import logging as absl_logging
@@ -403,6 +415,7 @@ def main(argv=None) -> int:
     def _main(_):
         absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every save at INFO
         initialize_distributed()  # multi-host: TPU VM slices, SLURM, or JAX_COORDINATOR_ADDRESS & co.
+        enable_compilation_cache(flags.FLAGS.config.compilation_cache, flags.FLAGS.workdir)
         try:
             run(flags.FLAGS.config, flags.FLAGS.workdir)
         except (ValueError, NonFiniteLoss) as e:

@@ -135,12 +135,16 @@ def test_sigterm_checkpoints_and_the_command_resumes(unet_folders, plan_file, tm
     stopped = int(out.split("stopped by SIGTERM at step ")[1].split(";")[0])
     assert stopped >= 3
     assert os.path.isdir(tmp_path / "run" / "checkpoints" / "main" / str(stopped))
+    cache = tmp_path / "run" / "xla_cache"  # compilation_cache "auto": the compiled programs are kept
+    entries = set(os.listdir(cache))
+    assert any("step" in name for name in entries), entries
     # the same command, now with a reachable end, resumes where it stopped
     write_config_file(tmp_path / "config.py", small_config(unet_folders["micro"], plan_file,
                                                           steps=stopped + 2, checkpoint_every=10_000))
     out = subprocess.run(cmd, env=ENV, capture_output=True, text=True, check=True).stdout
     assert f"resumed from step {stopped}" in out
     assert [r["step"] for r in metrics(tmp_path / "run")][-2:] == [stopped + 1, stopped + 2]
+    assert set(os.listdir(cache)) == entries  # the resumed run read every program back, compiled nothing new
 
 
 def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(unet_folders, plan_file, tmp_path,
