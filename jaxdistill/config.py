@@ -65,6 +65,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.batch_size = 128  # global, all micro-batches of one step together (32 × 4 accumulation)
     c.steps = 251_000
     c.log_every = 50
+    # A jax.profiler trace of steps first..first + steps − 1 of each stage (0 steps: off), from process 0, into
+    # WORKDIR/tensorboard/STAGE (TensorBoard's profile tab, with tensorboard-plugin-profile installed).
+    c.profile = ml_collections.ConfigDict(dict(first=10, steps=0))
     c.checkpoint_every = 1000
     c.keep_checkpoints = 3
     c.seed = 0
@@ -111,6 +114,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
           "text_encoder*/ and tokenizer*/ (--config.data.pipeline=DIR)")
     check(c.precision.encoders in DTYPES, "precision.encoders", f"one of {DTYPES}")
     check(c.log_every >= 1, "log_every", "≥ 1")
+    check(c.profile.first >= 1, "profile.first", "≥ 1 (the first traced step, as logged)")
+    check(c.profile.steps >= 0, "profile.steps", "≥ 0 (0: no trace)")
     check(set(c.mesh.sizes) == set(AXES) and set(c.mesh.dcn) == set(AXES), "mesh.sizes",
           f"sizes and dcn for each of {AXES}")
     check(c.eval.every >= 0, "eval.every", "≥ 0 (0: validate only before and after)")

@@ -212,14 +212,17 @@ def run_stage(c: ml_collections.ConfigDict, workdir: Path, previous: Model | Non
     stop = _StopFlag()
     step = start
     last_good = start if start else None
+    profiler = _Profiler(c.profile.first, c.profile.steps, workdir / "tensorboard" / c.name)
     try:
         # The mesh as context: layers that must place work per device themselves (splash attention) see it.
         with stop, jax.set_mesh(mesh):
             while step < c.steps:
                 batch = global_batch(data.batch(step), mesh)
+                profiler.before(step + 1)
                 state, metrics = train_step(state, frozen, batch, rng)
                 step += 1
                 values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                profiler.after(step)  # after the metrics came back: the step has finished on the device
                 bad = [k for k, v in values.items() if not math.isfinite(v) and k not in ("lr",)]
                 if bad:
                     raise NonFiniteLoss(
@@ -238,6 +241,7 @@ def run_stage(c: ml_collections.ConfigDict, workdir: Path, previous: Model | Non
                           "Run the same command to resume.")
                     raise SystemExit(0)
     finally:
+        profiler.close()
         manager.wait_until_finished()
         logger.close()
 
@@ -263,6 +267,31 @@ def run_stage(c: ml_collections.ConfigDict, workdir: Path, previous: Model | Non
 
 
 # ---- helpers ------------------------------------------------------------------------------------
+
+class _Profiler:
+    """A jax.profiler trace of steps first .. first + steps − 1 (1-based, as logged) on process 0, written
+    where TensorBoard's profile tab finds it (DIR/plugins/profile/RUN/)."""
+
+    def __init__(self, first: int, steps: int, directory: Path):
+        self.first, self.last, self.directory = first, first + steps - 1, directory
+        self.on = steps > 0 and jax.process_index() == 0
+        self.tracing = False
+
+    def before(self, step: int):
+        if self.on and step == self.first:
+            jax.profiler.start_trace(str(self.directory))
+            self.tracing = True
+
+    def after(self, step: int):
+        if self.tracing and step == self.last:
+            self.close()
+            print(f"\nprofile of steps {self.first}–{self.last} written to {self.directory} (TensorBoard: profile tab)")
+
+    def close(self):
+        if self.tracing:
+            jax.profiler.stop_trace()
+            self.tracing = False
+
 
 def _checkpoint_manager(directory: Path, c) -> ocp.CheckpointManager:
     options = ocp.CheckpointManagerOptions(max_to_keep=c.keep_checkpoints, enable_async_checkpointing=True,

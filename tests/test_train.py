@@ -103,8 +103,14 @@ def test_schedule_matches_diffusers():
 
 def test_resume_continues_exactly(unet_folders, plan_file, tmp_path):
     teacher = unet_folders["micro"]
-    # EMA on: its state must resume exactly too (the stage's output is the EMA)
-    run(small_config(teacher, plan_file, ema_decay=0.9), tmp_path / "straight")
+    # EMA on: its state must resume exactly too (the stage's output is the EMA). The straight run also
+    # traces steps 2–3 (config.profile): the trace must hold the step's XLA ops and change nothing.
+    run(small_config(teacher, plan_file, ema_decay=0.9, **{"profile.first": 2, "profile.steps": 2}),
+        tmp_path / "straight")
+    traces = list((tmp_path / "straight" / "tensorboard" / "main" / "plugins" / "profile").glob("*/*.xplane.pb"))
+    assert len(traces) == 1, traces
+    planes = jax.profiler.ProfileData.from_file(str(traces[0])).planes
+    assert any(dict(e.stats).get("hlo_op") for p in planes for line in p.lines for e in line.events)
     run(small_config(teacher, plan_file, ema_decay=0.9, steps=3), tmp_path / "resumed")  # checkpoint at 3, stop
     run(small_config(teacher, plan_file, ema_decay=0.9), tmp_path / "resumed")  # new run: resumes at 3, trains 4..6
     _, straight = load_unet(tmp_path / "straight" / "stages" / "main")
@@ -194,6 +200,8 @@ def test_student_loss_falls_over_30_steps_and_progressive_stages(unet_folders, p
                                                                                "config.schedule.prediction_type"]),
     (dict(teacher=""), ["config.teacher"]),
     (dict(attention="flash", remat="some"), ["config.attention='flash'", "config.remat='some'"]),
+    ({"profile.first": 0, "compilation_cache": None}, ["config.profile.first=0",
+                                                                  "config.compilation_cache=None"]),
     (dict(stages=[dict(name="a", learning_rate=1.0)]), ["config.stages[0]", "learning_rate"]),
 ])
 def test_bad_config_values_are_named(changes, fields):
