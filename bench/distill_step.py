@@ -46,6 +46,7 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 from jaxdistill import presets  # noqa: E402
+from jaxdistill.config import REMAT  # noqa: E402
 from jaxdistill.layers import ATTENTION, stack_layers  # noqa: E402
 from jaxdistill.prune import feature_pairs, prune  # noqa: E402
 from jaxdistill.schedule import alphas_cumprod  # noqa: E402
@@ -136,8 +137,8 @@ def parse_variant(text: str, args) -> dict:
                 variant[key] = VARIANT_KEYS[key](value)
         except (KeyError, ValueError):
             raise SystemExit(f"--variant {text!r}: bad value for {key}: {value!r}") from None
-    if variant["attention"] not in ATTENTION or variant["remat"] not in ("none", "full", "dots"):
-        raise SystemExit(f"--variant {text!r}: attention must be one of {ATTENTION}, remat none|full|dots")
+    if variant["attention"] not in ATTENTION or variant["remat"] not in REMAT:
+        raise SystemExit(f"--variant {text!r}: attention must be one of {ATTENTION}, remat one of {REMAT}")
     return variant
 
 
@@ -354,7 +355,7 @@ def main() -> int:
     parser.add_argument("--resolution", type=int, default=256, help="image side; latents are 1/8")
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
-    parser.add_argument("--remat", choices=("none", "full", "dots"), default=SSD1B.remat)
+    parser.add_argument("--remat", choices=REMAT, default=SSD1B.remat)
     parser.add_argument("--attention", choices=ATTENTION, default=SSD1B.attention,
                         help="attention kernel of our step (auto: cuDNN's fused kernel on a GPU in bf16, else the "
                              "plain XLA path)")
@@ -368,7 +369,7 @@ def main() -> int:
     parser.add_argument("--profile", help="trace 3 steps of each variant into this folder (jax.profiler; TensorBoard "
                         "reads it) and add a summary: time by JAX primitive, by pass, the top ops")
     parser.add_argument("--breakdown", action="store_true", help="also time the step's parts alone (teacher "
-                        "forward, student forward, student forward + backward, AdamW) with the first attention")
+                        "forward, student forward, student forward + backward, AdamW) as the first variant, at --batch")
     parser.add_argument("--json", help="write every figure here (rewritten after each phase)")
     args = parser.parse_args()
     variants = [parse_variant(v, args) for v in args.variant or [""]]
@@ -392,8 +393,8 @@ def main() -> int:
         "model": "SDXL → SSD-1B" + ("" if args.full else f" (SDXL topology, widths {teacher_spec.block_out_channels})"),
         "teacher_params": sum(x.size for x in jax.tree.leaves(teacher)),
         "student_params": sum(x.size for x in jax.tree.leaves(student)),
-        "resolution": args.resolution, "batch": args.batch, "dtype": args.dtype, "remat": args.remat,
-        "scan_layers": variants[0]["scan_layers"], "accumulation": args.accumulation,
+        "resolution": args.resolution, "batch": args.batch, "dtype": args.dtype,  # + the headline's settings:
+        **{k: variants[0][k] for k in ("attention", "remat", "scan_layers", "accumulation")},
         "model_tflop_per_step": model_flops / 1e12, "teacher_tflop": teacher_flops / 1e12,
         "student_tflop": student_flops / 1e12, "peak_matmul_tflops": peak / 1e12,
     }

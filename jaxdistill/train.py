@@ -153,7 +153,8 @@ def run_stage(c: ml_collections.ConfigDict, workdir: Path, previous: Model | Non
                                c.optimizer.schedule, c.steps)
     acp = alphas_cumprod(c.schedule.num_train_timesteps, c.schedule.beta_start, c.schedule.beta_end,
                          c.schedule.beta_schedule)
-    # Training runs on the scanned layout (one compiled body per attention module); saving converts back.
+    # With scan_layers, training runs on the stacked layout (one compiled body per attention module);
+    # saving converts back.
     layout = jax.jit(stack_layers) if c.scan_layers else (lambda p: p)
     student_model = UNet(student.spec, dtype=c.precision.student_compute, remat=c.remat, scan_layers=c.scan_layers,
                          attention=c.attention)
@@ -421,15 +422,13 @@ class _Logger:
             self.jsonl.close()
 
 
-def enable_compilation_cache(setting: str, workdir: str | Path) -> str | None:
+def enable_compilation_cache(setting: str, workdir: str | Path) -> None:
     """Turns on XLA's persistent compilation cache for this process ("auto": WORKDIR/xla_cache; a folder;
     "": off; gs:// folders work, as jax reads them), so a restarted run loads its compiled programs instead of
     compiling them again. A process setting, hence here and not in `run`."""
-    if not setting:
-        return None
-    path = str(Path(workdir) / "xla_cache") if setting == "auto" else os.path.expanduser(setting)
-    jax.config.update("jax_compilation_cache_dir", path)
-    return path
+    if setting:
+        path = str(Path(workdir) / "xla_cache") if setting == "auto" else os.path.expanduser(setting)
+        jax.config.update("jax_compilation_cache_dir", path)
 
 
 def main(argv=None) -> int:

@@ -200,8 +200,7 @@ def test_student_loss_falls_over_30_steps_and_progressive_stages(unet_folders, p
                                                                                "config.schedule.prediction_type"]),
     (dict(teacher=""), ["config.teacher"]),
     (dict(attention="flash", remat="some"), ["config.attention='flash'", "config.remat='some'"]),
-    ({"profile.first": 0, "compilation_cache": None}, ["config.profile.first=0",
-                                                                  "config.compilation_cache=None"]),
+    ({"profile.first": 0, "compilation_cache": None}, ["config.profile.first=0", "config.compilation_cache=None"]),
     (dict(stages=[dict(name="a", learning_rate=1.0)]), ["config.stages[0]", "learning_rate"]),
 ])
 def test_bad_config_values_are_named(changes, fields):
