@@ -39,7 +39,7 @@ from jaxdistill.prune import PrunePlan, feature_pairs, prune
 from jaxdistill.reference import random_inputs, torch_distill_step, write_random_unet
 from jaxdistill.schedule import alphas_cumprod
 from jaxdistill.spec import CROSS_ATTN_MID, RESNET_MID, UNetSpec
-from jaxdistill.step import init_state, make_optimizer, make_train_step
+from jaxdistill.step import clip_by_global_norm, init_state, make_optimizer, make_train_step
 from jaxdistill.unet import UNet
 
 TEACHER = UNetSpec(block_out_channels=(32, 64), down_depths=((0,), (2,)), up_depths=((2, 2), (0, 0)),
@@ -182,3 +182,19 @@ def test_one_step_matches_the_pytorch_reference(models, student_name, scan_layer
           f"{max(rel(metrics[k], ref[k]) for k in ref if ref[k]):.1e} relative (grad norm "
           f"{rel(metrics['grad_norm'], ref['grad_norm']):.1e}); m {worst['m'][0]:.1e}, v {worst['v'][0]:.1e} of the "
           f"tensor's max; update {worst['update'][0]:.1e}·lr ({worst['update'][1]}) on {compared / total:.1%}")
+
+
+def test_clipping_scales_by_the_global_norm_only_above_the_limit():
+    keys = jax.random.split(jax.random.key(3), 3)
+    grads = {"a": jax.random.normal(keys[0], (7, 5)), "b": [jax.random.normal(keys[1], (11,)),
+                                                            jax.random.normal(keys[2], (2, 3, 4))]}
+    norm = float(optax.tree.norm(grads))
+    clip = jax.jit(lambda g, limit: clip_by_global_norm(limit).update(g, optax.EmptyState())[0])
+    # below the limit: untouched, bit for bit (the scale is exactly 1)
+    below = clip(grads, 2 * norm)
+    assert jax.tree.all(jax.tree.map(lambda a, b: np.array_equal(np.asarray(a), np.asarray(b)), below, grads))
+    # above it: the global norm becomes the limit, every tensor scaled by the same factor, as optax's does
+    above = clip(grads, norm / 4)
+    np.testing.assert_allclose(float(optax.tree.norm(above)), norm / 4, rtol=1e-5)
+    theirs = optax.clip_by_global_norm(norm / 4).update(grads, optax.EmptyState())[0]
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=0), above, theirs)
