@@ -139,6 +139,9 @@ def parse_variant(text: str, args) -> dict:
             raise SystemExit(f"--variant {text!r}: bad value for {key}: {value!r}") from None
     if variant["attention"] not in ATTENTION or variant["remat"] not in REMAT:
         raise SystemExit(f"--variant {text!r}: attention must be one of {ATTENTION}, remat one of {REMAT}")
+    if variant["accumulation"] < 1 or variant["batch"] % variant["accumulation"]:
+        raise SystemExit(f"--variant {text!r}: batch {variant['batch']} does not split into "
+                         f"{variant['accumulation']} micro-batches")
     return variant
 
 
@@ -322,7 +325,8 @@ def torch_step(teacher_spec, teacher, student_spec, student, kept, batch, args) 
         noise = rng.standard_normal(batch["latents"].shape).astype(np.float32)
         timesteps = rng.integers(0, 1000, batch["latents"].shape[0])
         with autocast:
-            torch_distill_step(t_model, s_model, optimizer, batch, noise, timesteps, acp, pairs, None)
+            torch_distill_step(t_model, s_model, optimizer, batch, noise, timesteps, acp, pairs, None,
+                               accumulation=args.torch_accumulation or args.accumulation)
         if device == "cuda":
             torch.cuda.synchronize()
 
@@ -365,6 +369,9 @@ def main() -> int:
                              "xla_* compiler options, e.g. 'scan_layers=false' or 'batch=4,remat=dots'")
     parser.add_argument("--iters", type=int, default=5)
     parser.add_argument("--accumulation", type=int, default=1, help="micro-batches per step (ours)")
+    parser.add_argument("--torch-accumulation", type=int, help="micro-batches per step of the PyTorch reference "
+                        "(default: --accumulation), for a global batch whose micro-batch fits PyTorch's memory "
+                        "less well than ours")
     parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch reference")
     parser.add_argument("--profile", help="trace 3 steps of each variant into this folder (jax.profiler; TensorBoard "
                         "reads it) and add a summary: time by JAX primitive, by pass, the top ops")
@@ -373,6 +380,8 @@ def main() -> int:
     parser.add_argument("--json", help="write every figure here (rewritten after each phase)")
     args = parser.parse_args()
     variants = [parse_variant(v, args) for v in args.variant or [""]]
+    if args.torch_accumulation is not None and (args.torch_accumulation < 1 or args.batch % args.torch_accumulation):
+        parser.error(f"--torch-accumulation {args.torch_accumulation} does not divide --batch {args.batch}")
 
     teacher_spec = presets.SDXL if args.full else reduced_sdxl(args.width)
     teacher = jax.tree.map(np.asarray, init_params(teacher_spec, jax.random.key(0)))
@@ -414,6 +423,7 @@ def main() -> int:
             out["torch_error"] = ref["error"]
         else:
             out |= {"torch_step_s": ref["step_s"], "torch_samples_per_s": args.batch / ref["step_s"],
+                    "torch_accumulation": args.torch_accumulation or args.accumulation,
                     "torch_peak_memory_gb": ref["peak_bytes"] / 1e9, "torch_device": ref["device"],
                     "torch_threads": ref["threads"], "torch_flop_utilisation": model_flops / ref["step_s"] / peak}
         report()

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The GPU figures of bench/ in one bounded run, most important first (a lent GPU's time is short):
-#   1. bench/distill_step.py full-size SDXL → SSD-1B at 1024², bf16: PyTorch's step, then ours (the
-#      headline), both profiled (--profile: time by primitive and pass, how busy the GPU is), the second with
-#      XLA's command buffers off so that the profile names each op inside them;
-#   2. the same at twice the batch, ours beside PyTorch;
+#   1. bench/distill_step.py full-size SDXL → SSD-1B at 1024², bf16, one training step at a global batch of
+#      32: ours as 4 micro-batches of 8 (the headline), PyTorch as 8 of 4 (8 does not fit its memory on an
+#      80 GB card), ours profiled (--profile: time by primitive and pass, how busy the GPU is);
+#   2. ours at one micro-batch of 8 with XLA's command buffers off, profiled: the op-level profile (inside
+#      command buffers the profile names no ops);
 #   3. bench/unet_forward.py SDXL / SSD-1B / Vega forward at 1024², bf16: student speed-ups, ours vs PyTorch;
 #   4. bench/attention.py    cuDNN's fused attention vs the XLA path: parity and kernel times;
 #   5. bench/distill_step.py with the XLA attention (the "before" of the fused kernel), no PyTorch.
@@ -11,11 +12,15 @@
 # keeps what it finished.
 #
 #     bash bench/gpu.sh OUT_DIR [BUDGET_SECONDS]      # e.g. bash bench/gpu.sh bench/out/gpu 560
-# Environment: BATCH (default 2), PYTHON (default python3).
+# Environment: BATCH (global, default 32), ACCUMULATION (ours, default 4), TORCH_ACCUMULATION (default 8),
+# PYTHON (default python3).
 set -u
 out=${1:-bench/out/gpu}
 budget=${2:-560}
-batch=${BATCH:-2}
+batch=${BATCH:-32}
+acc=${ACCUMULATION:-4}
+torch_acc=${TORCH_ACCUMULATION:-8}
+micro=$((batch / acc))
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" XLA_PYTHON_CLIENT_PREALLOCATE=false
 py=${PYTHON:-python3}
@@ -36,13 +41,13 @@ step() {  # step NAME RESERVE_SECONDS COMMAND...: run with the budget left minus
 print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__, 'torch', torch.__version__,
       'diffusers', diffusers.__version__, jax.devices())"; } 2>&1 | tee "$out/log.txt"
 
-step distill 250 "$py" bench/distill_step.py --full --resolution 1024 --batch "$batch" --dtype bf16 --iters 10 \
-    --variant "" --variant "xla_gpu_enable_command_buffer=" --profile /tmp/jaxdistill_trace --json "$out/distill.json"
-step distill_b$((2 * batch)) 0 "$py" bench/distill_step.py --full --resolution 1024 --batch $((2 * batch)) \
-    --dtype bf16 --iters 10 --json "$out/distill_b$((2 * batch)).json"
-step forward 0 "$py" bench/unet_forward.py --resolution 1024 --batch "$batch" --dtype bf16 --iters 10 \
+step distill 220 "$py" bench/distill_step.py --full --resolution 1024 --batch "$batch" --accumulation "$acc" \
+    --torch-accumulation "$torch_acc" --dtype bf16 --iters 5 --profile /tmp/jaxdistill_trace --json "$out/distill.json"
+step distill_ops 0 "$py" bench/distill_step.py --full --resolution 1024 --batch "$micro" --dtype bf16 --iters 5 \
+    --no-torch --variant "xla_gpu_enable_command_buffer=" --profile /tmp/jaxdistill_trace --json "$out/distill_ops.json"
+step forward 0 "$py" bench/unet_forward.py --resolution 1024 --batch 2 --dtype bf16 --iters 10 \
     --json "$out/forward.json"
 step attention 0 "$py" bench/attention.py --iters 20 --json "$out/attention.json"
-step distill_xla 0 "$py" bench/distill_step.py --full --resolution 1024 --batch "$batch" --dtype bf16 \
+step distill_xla 0 "$py" bench/distill_step.py --full --resolution 1024 --batch 2 --dtype bf16 \
     --iters 10 --attention xla --no-torch --json "$out/distill_xla.json"
 exit 0

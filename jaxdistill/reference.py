@@ -150,7 +150,7 @@ def relative_errors(ours: Mapping[str, np.ndarray], reference: Mapping[str, np.n
 def torch_distill_step(teacher, student, optimizer, batch: Mapping[str, np.ndarray], noise: np.ndarray,
                        timesteps: np.ndarray, alphas_cumprod: np.ndarray, pairs, weights: Mapping[str, float] | None,
                        normalize: str = "none", prediction_type: str = "epsilon",
-                       grad_clip: float | None = 1.0) -> dict[str, float]:
+                       grad_clip: float | None = 1.0, accumulation: int = 1) -> dict[str, float]:
     """One distillation step the usual PyTorch way (diffusers' training scripts, Segmind's distill script):
     the reference for `jaxdistill.step` and a baseline for benchmarks.
 
@@ -163,9 +163,11 @@ def torch_distill_step(teacher, student, optimizer, batch: Mapping[str, np.ndarr
 
         w_task · MSE(s, target) + w_out · MSE(s, t) + w_feat · Σ_pairs MSE(s_f, t_f) [/ (mean(t_f²) + 1e-8)]
 
-    then backward, `clip_grad_norm_` (when `grad_clip`) and `optimizer.step()`. Modes (train/eval)
-    are the caller's. → {"loss", "task", "output_kd", "feature_kd", "feature/<tap>"..., "grad_norm"}
-    (unweighted terms as floats, like our step's metrics; grad_norm before clipping).
+    With `accumulation` A, micro-batch i is examples i, i + A, ... (as in our step), each runs forward and
+    backward on loss / A (diffusers' scripts' accumulation), then `clip_grad_norm_` (when `grad_clip`) and
+    `optimizer.step()` once. Modes (train/eval) are the caller's. → {"loss", "task", "output_kd",
+    "feature_kd", "feature/<tap>"..., "grad_norm"}: unweighted terms averaged over micro-batches, as floats
+    like our step's metrics; grad_norm before clipping.
     """
     import torch
     import torch.nn.functional as F
@@ -173,58 +175,65 @@ def torch_distill_step(teacher, student, optimizer, batch: Mapping[str, np.ndarr
     w = {"task": 1.0, "output": 0.5, "feature": 0.5} | dict(weights or {})
     if normalize not in ("none", "teacher_ms"):
         raise ValueError(f"feature normalisation {normalize!r}: expected 'none' or 'teacher_ms'.")
+    if prediction_type not in ("epsilon", "v_prediction"):
+        raise ValueError(f"prediction_type={prediction_type!r}: expected 'epsilon' or 'v_prediction'.")
+    if len(timesteps) % accumulation:
+        raise ValueError(f"batch of {len(timesteps)} does not split into {accumulation} micro-batches")
     device = next(student.parameters()).device
     # np.array copies: arrays from jax are read-only, torch wants writable memory.
     tensor = lambda x: torch.from_numpy(np.array(x, np.float32)).to(device)  # noqa: E731
     nchw = lambda x: tensor(x).permute(0, 3, 1, 2).contiguous()  # noqa: E731
-    latents, noise = nchw(batch["latents"]), nchw(noise)
-    t = torch.from_numpy(np.array(timesteps)).long().to(device)
-    acp = tensor(alphas_cumprod)[t].view(-1, 1, 1, 1)
-    noisy = acp.sqrt() * latents + (1 - acp).sqrt() * noise  # DDPMScheduler.add_noise
-    if prediction_type == "epsilon":
-        target = noise
-    elif prediction_type == "v_prediction":
-        target = acp.sqrt() * noise - (1 - acp).sqrt() * latents  # DDPMScheduler.get_velocity
-    else:
-        raise ValueError(f"prediction_type={prediction_type!r}: expected 'epsilon' or 'v_prediction'.")
-    context = tensor(batch["encoder_hidden_states"])
-    added = {k: tensor(batch[k]) for k in ("text_embeds", "time_ids") if k in batch} or None
-
     use_teacher = bool(w["output"] or (w["feature"] and pairs))
     pairs = list(pairs) if w["feature"] else []
-    t_pred = None
-    with capture_features(teacher, {t_name for _, t_name in pairs}) as t_feats, torch.no_grad():
-        if use_teacher:
-            t_pred = teacher(noisy, t, context, added_cond_kwargs=added).sample
-    with capture_features(student, {s_name for s_name, _ in pairs}) as s_feats:
-        s_pred = student(noisy, t, context, added_cond_kwargs=added).sample
-
     mse = lambda a, b: F.mse_loss(a.float(), b.float(), reduction="mean")  # noqa: E731
-    terms = {"task": mse(s_pred, target)}
-    loss = w["task"] * terms["task"]
-    if w["output"]:
-        terms["output_kd"] = mse(s_pred, t_pred)
-        loss = loss + w["output"] * terms["output_kd"]
-    if pairs:
-        per_tap = {}
-        for s_name, t_name in pairs:
-            term = mse(s_feats[s_name], t_feats[t_name])
-            if normalize == "teacher_ms":
-                term = term / (t_feats[t_name].float().pow(2).mean() + 1e-8)
-            per_tap[s_name] = term
-        terms["feature_kd"] = sum(per_tap.values())
-        terms |= {f"feature/{k}": v for k, v in per_tap.items()}
-        loss = loss + w["feature"] * terms["feature_kd"]
+
+    def micro_loss(i):
+        latents, eps = nchw(batch["latents"][i::accumulation]), nchw(noise[i::accumulation])
+        t = torch.from_numpy(np.array(timesteps[i::accumulation])).long().to(device)
+        acp = tensor(alphas_cumprod)[t].view(-1, 1, 1, 1)
+        noisy = acp.sqrt() * latents + (1 - acp).sqrt() * eps  # DDPMScheduler.add_noise
+        # DDPMScheduler.get_velocity for v-prediction
+        target = eps if prediction_type == "epsilon" else acp.sqrt() * eps - (1 - acp).sqrt() * latents
+        context = tensor(batch["encoder_hidden_states"][i::accumulation])
+        added = {k: tensor(batch[k][i::accumulation]) for k in ("text_embeds", "time_ids") if k in batch} or None
+        t_pred = None
+        with capture_features(teacher, {t_name for _, t_name in pairs}) as t_feats, torch.no_grad():
+            if use_teacher:
+                t_pred = teacher(noisy, t, context, added_cond_kwargs=added).sample
+        with capture_features(student, {s_name for s_name, _ in pairs}) as s_feats:
+            s_pred = student(noisy, t, context, added_cond_kwargs=added).sample
+
+        terms = {"task": mse(s_pred, target)}
+        loss = w["task"] * terms["task"]
+        if w["output"]:
+            terms["output_kd"] = mse(s_pred, t_pred)
+            loss = loss + w["output"] * terms["output_kd"]
+        if pairs:
+            per_tap = {}
+            for s_name, t_name in pairs:
+                term = mse(s_feats[s_name], t_feats[t_name])
+                if normalize == "teacher_ms":
+                    term = term / (t_feats[t_name].float().pow(2).mean() + 1e-8)
+                per_tap[s_name] = term
+            terms["feature_kd"] = sum(per_tap.values())
+            terms |= {f"feature/{k}": v for k, v in per_tap.items()}
+            loss = loss + w["feature"] * terms["feature_kd"]
+        return loss, terms
 
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    metrics = {}
+    for i in range(accumulation):
+        loss, terms = micro_loss(i)
+        (loss / accumulation).backward()
+        for k, v in {"loss": loss, **terms}.items():
+            metrics[k] = metrics.get(k, 0.0) + v.detach() / accumulation  # .item() at the end: one sync
     params = [p for p in student.parameters() if p.grad is not None]
     if grad_clip:
         grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
     else:
         grad_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in params]))
     optimizer.step()
-    return {k: v.item() for k, v in {"loss": loss, **terms, "grad_norm": grad_norm}.items()}
+    return {k: v.item() for k, v in {**metrics, "grad_norm": grad_norm}.items()}
 
 
 # ---- SDXL's text encoders --------------------------------------------------------------------------

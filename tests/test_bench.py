@@ -1,7 +1,8 @@
 """`bench/distill_step.py` end to end at a tiny width: the script the performance figures come from runs,
 its variants compile side by side, and a remat variant computes the same step (the same loss) as without.
 Scanned layers (the cheap compile here; both layouts are checked against PyTorch in test_step_reference).
-Bad `--variant` text is refused before anything is built."""
+PyTorch's step runs beside it with its own accumulation. Bad `--variant` text and batch splits are refused
+before anything is built."""
 
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ def run_bench(*args: str) -> subprocess.CompletedProcess:
 
 def test_distill_step_runs_its_variants_side_by_side(tmp_path):
     out = tmp_path / "step.json"
-    result = run_bench("--width", "16", "--resolution", "64", "--iters", "1", "--no-torch",
+    result = run_bench("--width", "16", "--resolution", "64", "--iters", "1", "--torch-accumulation", "2",
                        "--variant", "scan_layers=true", "--variant", "scan_layers=true,remat=full", "--json", str(out))
     assert result.returncode == 0, result.stderr[-3000:]
     figures = json.loads(out.read_text())
@@ -33,6 +34,9 @@ def test_distill_step_runs_its_variants_side_by_side(tmp_path):
     # the same weights, batch and rng: recomputing in the backward must not change the step's numbers
     assert abs(plain["loss"] - remat["loss"]) <= 1e-4 * abs(plain["loss"]), (plain["loss"], remat["loss"])
     assert figures["step_s"] == plain["step_s"] and figures["pairs"] == 26
+    # PyTorch beside it, here over two micro-batches of one (its own accumulation, same global batch)
+    assert figures["torch_accumulation"] == 2 and figures["torch_step_s"] > 0
+    assert figures["ratio_vs_torch"] == figures["torch_step_s"] / plain["step_s"]
 
 
 def test_bad_variant_is_refused_by_name():
@@ -40,3 +44,7 @@ def test_bad_variant_is_refused_by_name():
     assert result.returncode != 0 and "bad value for scan_layers" in result.stderr
     result = run_bench("--no-torch", "--variant", "depth=3")
     assert result.returncode != 0 and "expected key=value pairs" in result.stderr
+    result = run_bench("--no-torch", "--variant", "batch=3,accumulation=2")
+    assert result.returncode != 0 and "does not split into 2 micro-batches" in result.stderr
+    result = run_bench("--torch-accumulation", "3")
+    assert result.returncode != 0 and "--torch-accumulation 3 does not divide --batch 2" in result.stderr

@@ -7,7 +7,8 @@ drops one transformer layer in two modules (keeping layer 1 of one: renumbering)
 block, so the `mid_block` pair is a different module on each side, as in SSD-1B.
 
 Both cases clip (grad norm ≥ 2 × grad_clip = 1.0); one uses optax's and torch's default eps = 1e-8, the other
-the scanned parameter layout, `normalize="teacher_ms"` and a perturbed student. Tolerances, all float32
+the scanned parameter layout, `normalize="teacher_ms"`, a perturbed student and gradient accumulation over two
+micro-batches (examples i, i + 2, ... on both sides; metrics and gradients averaged over them). Tolerances, all float32
 (measured differences are ~1e-6 relative; `pytest -s` prints them):
 - every loss term, every per-tap feature term and the grad norm (before clipping): relative 1e-4;
 - the clipped gradient ĝ, read from the optimizer's moments after one step (m = (1 − b1)·ĝ, v = (1 − b2)·ĝ²),
@@ -77,38 +78,44 @@ def models(tmp_path_factory):
     return teacher_spec, teacher, student_spec, {"pruned": student, "perturbed": perturbed}, folders
 
 
-def drawn_noise_and_timesteps(rng, step, latents_shape, num_timesteps):
-    """What `make_train_step` draws for micro-batch 0 of `step`: fold in the step, then the micro-batch
-    index, split into noise and timestep keys."""
-    noise_rng, t_rng = jax.random.split(jax.random.fold_in(jax.random.fold_in(rng, step), 0))
-    noise = jax.random.normal(noise_rng, latents_shape, jnp.float32)
-    return np.asarray(noise), np.asarray(jax.random.randint(t_rng, (latents_shape[0],), 0, num_timesteps))
+def drawn_noise_and_timesteps(rng, step, latents_shape, num_timesteps, accumulation=1):
+    """What `make_train_step` draws at `step`, for the whole batch: micro-batch i (examples i, i + A, ...)
+    folds in the step, then i, and splits that into noise and timestep keys."""
+    noise = np.zeros(latents_shape, np.float32)
+    timesteps = np.zeros(latents_shape[:1], np.int32)
+    micro_shape = (latents_shape[0] // accumulation, *latents_shape[1:])
+    for i in range(accumulation):
+        noise_rng, t_rng = jax.random.split(jax.random.fold_in(jax.random.fold_in(rng, step), i))
+        noise[i::accumulation] = jax.random.normal(noise_rng, micro_shape, jnp.float32)
+        timesteps[i::accumulation] = jax.random.randint(t_rng, micro_shape[:1], 0, num_timesteps)
+    return noise, timesteps
 
 
 def rel(a, b):
     return abs(a - b) / max(abs(b), 1e-30)
 
 
-@pytest.mark.parametrize("student_name, scan_layers, normalize, eps, compare_above", [
-    ("pruned", False, "none", 1e-8, 1e-5),  # the defaults; updates compared where |ĝ| ≥ 1e3 · eps
-    ("perturbed", True, "teacher_ms", 1e-3, 0.0),  # everywhere
+@pytest.mark.parametrize("student_name, scan_layers, normalize, eps, compare_above, accumulation", [
+    ("pruned", False, "none", 1e-8, 1e-5, 1),  # the defaults; updates compared where |ĝ| ≥ 1e3 · eps
+    ("perturbed", True, "teacher_ms", 1e-3, 0.0, 2),  # everywhere; two micro-batches of 2
 ])
-def test_one_step_matches_the_pytorch_reference(models, student_name, scan_layers, normalize, eps, compare_above):
+def test_one_step_matches_the_pytorch_reference(models, student_name, scan_layers, normalize, eps, compare_above,
+                                                accumulation):
     teacher_spec, teacher_params, student_spec, students, folders = models
     student_params = students[student_name]
     pairs = feature_pairs(teacher_spec, student_spec, "all")
     assert ("mid_block", "mid_block") in pairs and len(pairs) == 10
     acp = alphas_cumprod()
-    inputs = random_inputs(student_spec, batch=2, size=8, seq_len=6, seed=5)
+    inputs = random_inputs(student_spec, batch=2 * accumulation, size=8, seq_len=6, seed=5)
     batch = {"latents": inputs["sample"]} | {k: inputs[k] for k in ("encoder_hidden_states", "text_embeds",
                                                                      "time_ids")}
     rng = jax.random.key(7)
 
-    # ---- ours: one jitted step, float32, accumulation 1
+    # ---- ours: one jitted step, float32
     tx, lr_fn = make_optimizer(lr=LR, weight_decay=WEIGHT_DECAY, b1=B1, b2=B2, eps=eps, grad_clip=GRAD_CLIP)
     layout = stack_layers if scan_layers else (lambda p: p)
     step = make_train_step(UNet(student_spec, scan_layers=scan_layers), UNet(teacher_spec, scan_layers=scan_layers),
-                           tx, lr_fn, acp, pairs=pairs, normalize=normalize)
+                           tx, lr_fn, acp, pairs=pairs, normalize=normalize, accumulation=accumulation)
     state = init_state(layout(student_params), tx, ema=False)
     teacher_in = layout(teacher_params)
     teacher_before = jax.tree.map(np.array, teacher_in)
@@ -131,10 +138,10 @@ def test_one_step_matches_the_pytorch_reference(models, student_name, scan_layer
         assert np.array_equal(value, old[name]), name
     for name, value in to_diffusers_state_dict(teacher_params).items():
         assert np.array_equal(value, teacher_old[name].numpy()), name
-    noise, timesteps = drawn_noise_and_timesteps(rng, 0, batch["latents"].shape, acp.shape[0])
+    noise, timesteps = drawn_noise_and_timesteps(rng, 0, batch["latents"].shape, acp.shape[0], accumulation)
     optimizer = torch.optim.AdamW(student.parameters(), lr=LR, betas=(B1, B2), eps=eps, weight_decay=WEIGHT_DECAY)
     ref = torch_distill_step(teacher, student, optimizer, batch, noise, timesteps, acp, pairs, None,
-                             normalize=normalize, grad_clip=GRAD_CLIP)
+                             normalize=normalize, grad_clip=GRAD_CLIP, accumulation=accumulation)
     new = {k: v.detach().numpy() for k, v in student.state_dict().items()}
 
     # ---- loss terms (the task term agreeing also shows the noise and timesteps are the ones the step drew)
@@ -197,4 +204,5 @@ def test_clipping_scales_by_the_global_norm_only_above_the_limit():
     above = clip(grads, norm / 4)
     np.testing.assert_allclose(float(optax.tree.norm(above)), norm / 4, rtol=1e-5)
     theirs = optax.clip_by_global_norm(norm / 4).update(grads, optax.EmptyState())[0]
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=0), above, theirs)
+    for a, b in zip(jax.tree.leaves(above), jax.tree.leaves(theirs), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=0)
