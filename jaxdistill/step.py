@@ -94,11 +94,14 @@ def make_train_step(student: UNet, teacher: UNet | None, tx: optax.GradientTrans
                     weights: Mapping[str, float] | None = None, normalize: str = "none",
                     prediction_type: str = "epsilon", accumulation: int = 1, ema_decay: float = 0.0,
                     encode: Callable | None = None, mesh: jax.sharding.Mesh | None = None,
+                    scan_accumulation: bool | None = None,
                     ) -> Callable[[TrainState, Any, Batch, jax.Array], tuple[TrainState, dict[str, jax.Array]]]:
     """Builds the (unjitted) step. `teacher` None (or output and feature weights 0): plain diffusion.
     `encode(encoder_params, pixels, ids1, ids2, rng) → {latents, encoder_hidden_states, text_embeds}`
     (`jaxdistill.prepare.make_encode`): the batch is {pixels, input_ids, input_ids_2, time_ids}.
-    `mesh`: keep every micro-batch split over data × fsdp (`jaxdistill.sharding`) inside the scan."""
+    `mesh`: keep every micro-batch split over data × fsdp (`jaxdistill.sharding`) inside the scan.
+    `scan_accumulation`: micro-batches as a `lax.scan` (True) or straight-line code (False); default: scan on
+    accelerators, straight-line on CPUs and for one micro-batch. Both compute the same step."""
     weights = {"task": 1.0, "output": 0.5, "feature": 0.5} | dict(weights or {})
     uses_teacher = teacher is not None and (weights["output"] or (weights["feature"] and pairs))
     if (weights["output"] or weights["feature"]) and teacher is None:
@@ -151,7 +154,8 @@ def make_train_step(student: UNet, teacher: UNet | None, tx: optax.GradientTrans
 
         zero_metrics = dict.fromkeys(["loss", *term_names], jnp.zeros((), jnp.float32))
         carry = (jax.tree.map(jnp.zeros_like, state.params), zero_metrics)
-        if accumulation == 1 or jax.default_backend() == "cpu":
+        scan = accumulation > 1 and jax.default_backend() != "cpu" if scan_accumulation is None else scan_accumulation
+        if not scan:
             # Straight-line code: XLA:CPU runs a loop body ~3× slower than the same ops outside a loop
             # (bench/NOTES.md), and one micro-batch needs no loop anywhere (outside a loop XLA also drops
             # the zero carry). Accelerators loop over several: one copy of the body in the program.
