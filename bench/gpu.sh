@@ -4,7 +4,8 @@
 #      32: ours as 4 micro-batches of 8 (the headline), PyTorch as 8 of 4 (8 does not fit its memory on an
 #      80 GB card), ours profiled (--profile: time by primitive and pass, how busy the GPU is);
 #   2. ours at one micro-batch of 8 with XLA's command buffers off, profiled: the op-level profile (inside
-#      command buffers the profile names no ops);
+#      command buffers the profile names no ops); if 1 found micro-batches of 8 too big, first 1 again as 8
+#      micro-batches of 4, and the profile at 4;
 #   3. bench/unet_forward.py SDXL / SSD-1B / Vega forward at 1024², bf16: student speed-ups, ours vs PyTorch;
 #   4. bench/attention.py    cuDNN's fused attention vs the XLA path: parity and kernel times;
 #   5. bench/distill_step.py with the XLA attention (the "before" of the fused kernel), no PyTorch.
@@ -43,6 +44,12 @@ print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version
 
 step distill 220 "$py" bench/distill_step.py --full --resolution 1024 --batch "$batch" --accumulation "$acc" \
     --torch-accumulation "$torch_acc" --dtype bf16 --iters 5 --profile /tmp/jaxdistill_trace --json "$out/distill.json"
+# micro-batch 8 out of memory: the same global batch as twice the micro-batches of half the size, instead
+if ! "$py" -c "import json, sys; sys.exit('step_s' not in json.load(open(sys.argv[1])))" "$out/distill.json"; then
+    acc=$((acc * 2)) micro=$((micro / 2))
+    step distill_retry 200 "$py" bench/distill_step.py --full --resolution 1024 --batch "$batch" --accumulation "$acc" \
+        --dtype bf16 --iters 5 --no-torch --profile /tmp/jaxdistill_trace --json "$out/distill_retry.json"
+fi
 step distill_ops 0 "$py" bench/distill_step.py --full --resolution 1024 --batch "$micro" --dtype bf16 --iters 5 \
     --no-torch --variant "xla_gpu_enable_command_buffer=" --profile /tmp/jaxdistill_trace --json "$out/distill_ops.json"
 step forward 0 "$py" bench/unet_forward.py --resolution 1024 --batch 2 --dtype bf16 --iters 10 \
