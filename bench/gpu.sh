@@ -6,9 +6,11 @@
 #   2. ours at one micro-batch of 8 with XLA's command buffers off, profiled: the op-level profile (inside
 #      command buffers the profile names no ops); if 1 found micro-batches of 8 too big, first 1 again as 8
 #      micro-batches of 4, and the profile at 4;
-#   3. bench/unet_forward.py SDXL / SSD-1B / Vega forward at 1024², bf16: student speed-ups, ours vs PyTorch;
-#   4. bench/attention.py    cuDNN's fused attention vs the XLA path: parity and kernel times;
-#   5. bench/distill_step.py with the XLA attention (the "before" of the fused kernel), no PyTorch.
+#   3. the same global batch as half the micro-batches of twice the size, with remat "dots" (matmul outputs
+#      kept, the rest recomputed in the backward): does remat buy a micro-batch that runs faster?
+#   4. bench/unet_forward.py SDXL / SSD-1B / Vega forward at 1024², bf16: student speed-ups, ours vs PyTorch;
+#   5. bench/attention.py    cuDNN's fused attention vs the XLA path: parity and kernel times;
+#   6. bench/distill_step.py with the XLA attention (the "before" of the fused kernel), no PyTorch.
 # Each step gets what is left of the budget; the scripts rewrite their JSON as they go, so a step cut short
 # keeps what it finished.
 #
@@ -52,6 +54,8 @@ if ! "$py" -c "import json, sys; sys.exit('step_s' not in json.load(open(sys.arg
 fi
 step distill_ops 0 "$py" bench/distill_step.py --full --resolution 1024 --batch "$micro" --dtype bf16 --iters 5 \
     --no-torch --variant "xla_gpu_enable_command_buffer=" --profile /tmp/jaxdistill_trace --json "$out/distill_ops.json"
+step distill_remat 0 "$py" bench/distill_step.py --full --resolution 1024 --batch "$batch" \
+    --accumulation $((acc / 2)) --remat dots --dtype bf16 --iters 5 --no-torch --json "$out/distill_remat.json"
 step forward 0 "$py" bench/unet_forward.py --resolution 1024 --batch 2 --dtype bf16 --iters 10 \
     --json "$out/forward.json"
 step attention 0 "$py" bench/attention.py --iters 20 --json "$out/attention.json"
