@@ -45,7 +45,7 @@ from jaxdistill.sharding import (
 )
 from jaxdistill.spec import UNetSpec
 from jaxdistill.step import TrainState, cast, init_state, make_optimizer, make_train_step
-from jaxdistill.unet import UNet, count_params, init_params
+from jaxdistill.unet import UNet, count_params, flops, init_params
 
 STAGE_MARKER = "jaxdistill_stage.json"  # beside a finished stage's diffusers files: what made it
 MODELS = {**presets.PRESETS, **{f"tiny-{name}": presets.tiny(spec) for name, spec in presets.PRESETS.items()}}
@@ -218,7 +218,9 @@ def run_stage(c: ml_collections.ConfigDict, workdir: Path, previous: Model | Non
         # The mesh as context: layers that must place work per device themselves (splash attention) see it.
         with stop, jax.set_mesh(mesh):
             while step < c.steps:
-                batch = global_batch(data.batch(step), mesh)
+                host_batch = data.batch(step)
+                flop = step_flops(teacher.spec if distil else None, student.spec, host_batch, c.batch_size)
+                batch = global_batch(host_batch, mesh)
                 profiler.before(step + 1)
                 state, metrics = train_step(state, frozen, batch, rng)
                 step += 1
@@ -230,7 +232,7 @@ def run_stage(c: ml_collections.ConfigDict, workdir: Path, previous: Model | Non
                         f"stage {c.name}, step {step}: non-finite {', '.join(f'{k}={values[k]}' for k in bad)}. "
                         f"The run stopped; the last good checkpoint is step {last_good} in {manager.directory}. "
                         "Lower optimizer.lr, enable grad clipping, or check the data.")
-                logger.step(step, values, log=step % c.log_every == 0 or step == c.steps)
+                logger.step(step, values, log=step % c.log_every == 0 or step == c.steps, flop=flop)
                 if distil and c.eval.every and (step % c.eval.every == 0 or step == c.steps):
                     validate_now(step)
                 if step % c.checkpoint_every == 0 or step == c.steps or stop.requested:
@@ -369,6 +371,19 @@ def _validation(c, teacher: Model, workdir: Path):
                       steps=c.eval.steps, guidance=c.eval.guidance, scheduler=c.eval.scheduler, **size)
 
 
+def step_flops(teacher: UNetSpec | None, student: UNetSpec, batch: dict[str, np.ndarray], batch_size: int) -> float:
+    """Model FLOPs of one step of `batch_size` samples shaped like `batch` (this host's part): per sample the
+    teacher's forward (when there is one) + 3 × the student's (forward and backward), from XLA's cost
+    analysis (`unet.flops`, cached per shape) — the count `bench/distill_step.py` and maxtext's TFLOP/s use."""
+    if "latents" in batch:
+        size, seq_len = batch["latents"].shape[1:3], batch["encoder_hidden_states"].shape[1]
+    else:  # pixels and token ids, encoded inside the step
+        size, seq_len = tuple(s // 8 for s in batch["pixels"].shape[1:3]), batch["input_ids"].shape[1]
+    per_sample = 3 * flops(student, 1, tuple(size), seq_len) + (flops(teacher, 1, tuple(size), seq_len) if teacher
+                                                                 else 0.0)
+    return per_sample * batch_size
+
+
 class _Logger:
     """Console progress bar, TensorBoard scalars and metrics.jsonl (written by process 0 only)."""
 
@@ -382,22 +397,28 @@ class _Logger:
                         disable=not self.primary)
         self.writer = SummaryWriter(str(workdir / "tensorboard" / stage)) if self.primary else None
         self.jsonl = open(workdir / "metrics.jsonl", "a") if self.primary else None  # noqa: SIM115
-        self.t0, self.s0, self.timing = time.perf_counter(), start, False
+        self.t0, self.s0, self.timing, self.flop = time.perf_counter(), start, False, 0.0
 
-    def step(self, step: int, values: dict[str, float], log: bool):
+    def step(self, step: int, values: dict[str, float], log: bool, flop: float):
+        """After `step` (of `flop` model FLOPs) finished: the bar, and on `log` the scalars, with samples/s and
+        model TFLOP/s per device since the end of the first step (which includes compilation)."""
         self.bar.update(1)
-        if not self.timing:  # the first step includes compilation: measure the rate from its end
+        if not self.timing:
             self.t0, self.s0, self.timing = time.perf_counter(), step, True
+        else:
+            self.flop += flop
         if not (log and self.primary):
             return
-        rate = (step - self.s0) * self.batch_size / max(time.perf_counter() - self.t0, 1e-9)
+        elapsed = max(time.perf_counter() - self.t0, 1e-9)
+        rates = {"samples_per_s": (step - self.s0) * self.batch_size / elapsed,
+                 "tflop_per_s_per_device": self.flop / elapsed / jax.device_count() / 1e12}
         features = sorted(((v, k) for k, v in values.items() if k.startswith("feature/")), reverse=True)[:3]
-        self.bar.set_postfix(loss=f"{values['loss']:.4f}", samples_s=f"{rate:.1f}",
+        self.bar.set_postfix(loss=f"{values['loss']:.4f}", samples_s=f"{rates['samples_per_s']:.1f}",
+                             tflop_s=f"{rates['tflop_per_s_per_device']:.3g}",
                              **{k.split("/", 1)[1]: f"{v:.3g}" for v, k in features[:1]})
-        for k, v in values.items():
+        for k, v in (values | rates).items():
             self.writer.add_scalar(f"{self.stage}/{k}", v, step)
-        self.writer.add_scalar(f"{self.stage}/samples_per_s", rate, step)
-        self.jsonl.write(json.dumps({"stage": self.stage, "step": step, **values, "samples_per_s": rate}) + "\n")
+        self.jsonl.write(json.dumps({"stage": self.stage, "step": step, **values, **rates}) + "\n")
         self.jsonl.flush()
 
     def scalars(self, step: int, values: dict[str, float]):

@@ -22,6 +22,7 @@ from jaxdistill.losses import distill_loss
 from jaxdistill.prune import PrunePlan
 from jaxdistill.schedule import add_noise, alphas_cumprod, prediction_target
 from jaxdistill.train import NonFiniteLoss, run
+from jaxdistill.unet import flops
 
 ENV = os.environ | {"JAX_PLATFORMS": "cpu"}
 
@@ -188,6 +189,15 @@ def test_student_loss_falls_over_30_steps_and_progressive_stages(unet_folders, p
     assert {"agreement_before", "agreement_after"} <= set(summary["student"])
     student_spec, _ = load_unet(tmp_path / "stages" / "student")
     assert student_spec.up_depths[0] == (1, 1)
+    # model TFLOP/s per device beside samples/s: plain training counts 3 student forwards per sample,
+    # distillation adds the teacher's forward (8×8 latents, 8 text tokens)
+    teacher_spec, _ = load_unet(tmp_path / "stages" / "teacher")
+    per_sample = {"teacher": 3 * flops(teacher_spec, 1, (8, 8), 8),
+                  "student": flops(teacher_spec, 1, (8, 8), 8) + 3 * flops(student_spec, 1, (8, 8), 8)}
+    for r in rows:
+        if "samples_per_s" in r and r["step"] > 1:
+            expected = per_sample[r["stage"]] * r["samples_per_s"] / jax.device_count() / 1e12
+            assert expected > 0 and r["tflop_per_s_per_device"] == pytest.approx(expected, rel=1e-9), r
     # the whole sequence resumes like a single run: finished stages are not trained again
     assert run(config, tmp_path) == {}
 
