@@ -225,8 +225,9 @@ def flops(spec: UNetSpec, batch: int = 1, size: int | tuple[int, int] = 128, seq
     model = UNet(spec, attention="xla")
     cpu = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
     on_cpu = lambda tree: jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=cpu), tree)  # noqa: E731
-    lowered = jax.jit(lambda p, x: model.apply({"params": p}, **x).sample).lower(
-        on_cpu(abstract_params(spec)), on_cpu(dummy_inputs(spec, batch, size, seq_len)))
+    with jax.set_mesh(None):  # a caller's device mesh (the trainer's loop runs in one) is not this CPU's
+        lowered = jax.jit(lambda p, x: model.apply({"params": p}, **x).sample).lower(
+            on_cpu(abstract_params(spec)), on_cpu(dummy_inputs(spec, batch, size, seq_len)))
     cost = lowered.cost_analysis() or lowered.compile().cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     return float(np.asarray(cost["flops"]))
