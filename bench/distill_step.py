@@ -9,7 +9,8 @@ PyTorch: `jaxdistill.reference.torch_distill_step` — diffusers teacher under `
 the same taps, AdamW, gradient clipping; bf16 autocast when `--dtype bf16` on CUDA.
 
 FLOP utilisation = model FLOPs per step ÷ step time ÷ peak. Model FLOPs = teacher forward + 3 × student
-forward (forward + backward), each from XLA's cost analysis of the compiled forward; the peak is a large
+forward (forward + backward), from XLA's cost analysis of each forward lowered for the CPU
+(`jaxdistill.train.step_flops`, the count the trainer logs as TFLOP/s); the peak is a large
 square matmul in the step's compute dtype, measured by this script on the same device (the best of a few
 runs). Peak memory: XLA's compiled memory analysis of the step (arguments + outputs − aliased + temps);
 PyTorch: `torch.cuda.max_memory_allocated` on a GPU, the growth of the process's peak RSS on a CPU.
@@ -52,6 +53,7 @@ from jaxdistill.prune import feature_pairs, prune  # noqa: E402
 from jaxdistill.schedule import alphas_cumprod  # noqa: E402
 from jaxdistill.spec import UNetSpec  # noqa: E402
 from jaxdistill.step import init_state, make_optimizer, make_train_step  # noqa: E402
+from jaxdistill.train import step_flops  # noqa: E402
 from jaxdistill.unet import UNet, flops, init_params  # noqa: E402
 
 SEQ_LEN = 77
@@ -393,7 +395,7 @@ def main() -> int:
     peak = peak_matmul_flops(dtype)
     teacher_flops = flops(teacher_spec, args.batch, side, SEQ_LEN)
     student_flops = flops(student_spec, args.batch, side, SEQ_LEN)
-    model_flops = teacher_flops + 3 * student_flops
+    model_flops = step_flops(teacher_spec, student_spec, batch, args.batch)  # the trainer's count, as it logs
     device = jax.devices()[0]
     out = {
         "device": f"{device.platform}: {getattr(device, 'device_kind', '')} "
