@@ -20,6 +20,58 @@ from jaxdistill.sharding import BATCH
 Dtype = jnp.dtype | type
 
 
+NHWC = ("NHWC", "HWIO", "NHWC")
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def conv2d(x: jax.Array, w: jax.Array, strides: tuple[int, int], padding: tuple[tuple[int, int], ...]) -> jax.Array:
+    """An NHWC × HWIO convolution whose gradients are convolutions in that same canonical form.
+
+    JAX's transpose rules give the backward pass convolutions with swapped kernel dimensions ("01oi") and
+    a batch-as-feature weight gradient; XLA:CPU's `ConvCanonicalization` rewrites those only at a program's
+    top level, so inside any loop (a `lax.scan` over micro-batches) they miss its YNNPACK kernels and ran
+    9x slower on the CPU machine (bench/NOTES.md). Here they are written in the canonical form directly,
+    with the kernel flip and the transposes XLA would insert."""
+    return jax.lax.conv_general_dilated(x, w, strides, padding, dimension_numbers=NHWC)
+
+
+def _conv2d_fwd(x, w, strides, padding):
+    return conv2d(x, w, strides, padding), (x, w)
+
+
+def _conv2d_bwd(strides, padding, residuals, dy):
+    x, w = residuals
+    n_in, n_out, k = x.shape[1:3], dy.shape[1:3], w.shape[:2]
+    # input gradient: dy dilated by the stride, correlated with the flipped kernel (input/output swapped)
+    dilated = [(m - 1) * s + 1 for m, s in zip(n_out, strides, strict=True)]
+    before = [kk - 1 - lo for kk, (lo, _) in zip(k, padding, strict=True)]
+    pad_x = [(b, n + kk - 1 - d - b) for b, n, kk, d in zip(before, n_in, k, dilated, strict=True)]
+    dx = jax.lax.conv_general_dilated(dy, jnp.flip(w, (0, 1)).swapaxes(2, 3), (1, 1), pad_x,
+                                      lhs_dilation=strides, dimension_numbers=NHWC)
+    # weight gradient: input channels as the batch, the batch as features, dy as a dilated kernel
+    pad_w = [(lo, kk - 1 + d - n - lo) for (lo, _), kk, d, n in zip(padding, k, dilated, n_in, strict=True)]
+    dw = jax.lax.conv_general_dilated(x.transpose(3, 1, 2, 0), dy.transpose(1, 2, 0, 3), (1, 1), pad_w,
+                                      rhs_dilation=strides, dimension_numbers=NHWC)
+    return dx.astype(x.dtype), dw.transpose(1, 2, 0, 3).astype(w.dtype)
+
+
+conv2d.defvjp(_conv2d_fwd, _conv2d_bwd)
+
+
+def cpu_conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
+                             dimension_numbers=None, feature_group_count=1, precision=None):
+    """`lax.conv_general_dilated` for `nn.Conv` on XLA:CPU: `conv2d` (canonical gradients) for the UNet's
+    2-D, undilated, ungrouped convolutions with explicit padding, which are all of them."""
+    plain = (lhs.ndim == 4 and not isinstance(padding, str) and feature_group_count == 1 and precision is None
+             and all(d is None or tuple(d) == (1, 1) for d in (lhs_dilation, rhs_dilation))
+             and jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
+             == jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, NHWC))
+    if not plain:
+        return jax.lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
+                                            dimension_numbers, feature_group_count, precision=precision)
+    return conv2d(lhs, rhs, tuple(window_strides), tuple(map(tuple, padding)))
+
+
 class _Ops(nn.Module):
     """Constructors for diffusers-named submodules in the module's `dtype` / `param_dtype`."""
 
@@ -32,7 +84,8 @@ class _Ops(nn.Module):
         pad = (kernel - 1) // 2
         return nn.Conv(features, (kernel, kernel), strides=(stride, stride),
                        padding=padding if padding is not None else ((pad, pad), (pad, pad)),
-                       dtype=self.dtype, param_dtype=self.param_dtype, name=name)
+                       dtype=self.dtype, param_dtype=self.param_dtype, name=name,
+                       conv_general_dilated=cpu_conv_general_dilated if jax.default_backend() == "cpu" else None)
 
     def group_norm(self, groups: int, eps: float, name: str) -> nn.GroupNorm:
         # Two-pass variance, as PyTorch computes it: the fast E[x²]-E[x]² form loses digits.

@@ -83,6 +83,43 @@ def test_scanned_layers_and_remat_compute_the_same_function():
             assert float(jnp.max(jnp.abs(a - b))) <= 1e-5 * float(jnp.max(jnp.abs(b))) + 1e-12, remat
 
 
+@pytest.mark.parametrize("size,kernel,stride,padding", [
+    (9, 3, 1, ((1, 1), (1, 1))),  # resnet conv1/conv2, conv_in/out, upsamplers (odd size)
+    (8, 3, 2, ((1, 1), (1, 1))),  # the UNet's downsamplers
+    (9, 3, 2, ((1, 1), (1, 1))),  # ... on an odd size (the last row is never read)
+    (8, 3, 2, ((0, 1), (0, 1))),  # the VAE encoder's downsamplers
+    (8, 1, 1, ((0, 0), (0, 0))),  # shortcuts, proj_in / proj_out
+])
+def test_conv2d_gradients_are_lax_gradients(size, kernel, stride, padding):
+    """`conv2d` writes its own backward (canonical convolutions, so XLA:CPU's fast kernels run them inside
+    loops too): value and both gradients equal `lax.conv_general_dilated`'s on fresh random inputs (float32,
+    1e-5 of the largest entry), also as the body of a `lax.scan`, as gradient accumulation runs it."""
+    from jaxdistill.layers import NHWC, conv2d, cpu_conv_general_dilated
+
+    kx, kw, kd = jax.random.split(jax.random.key(size * 10 + kernel + stride), 3)
+    x = jax.random.normal(kx, (2, size, size + 3, 6))  # not square: height and width are not mixed up
+    w = jax.random.normal(kw, (kernel, kernel, 6, 4))
+    lax_conv = lambda x, w: jax.lax.conv_general_dilated(x, w, (stride,) * 2, padding, dimension_numbers=NHWC)  # noqa: E731
+    ours = lambda x, w: conv2d(x, w, (stride,) * 2, padding)  # noqa: E731
+    want, vjp = jax.vjp(lax_conv, x, w)
+    dy = jax.random.normal(kd, want.shape)
+
+    def in_scan(f):
+        body = lambda c, _: (c, jax.vjp(f, x, w)[1](dy))  # noqa: E731
+        return jax.jit(lambda: jax.lax.scan(body, 0, None, length=2)[1])()
+
+    got, got_vjp = jax.vjp(ours, x, w)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    for grads in (got_vjp(dy), jax.tree.map(lambda g: g[1], in_scan(ours))):
+        for a, b in zip(grads, vjp(dy), strict=True):
+            assert a.shape == b.shape and float(jnp.max(jnp.abs(a - b))) <= 1e-5 * float(jnp.max(jnp.abs(b)))
+    # nn.Conv's call on the CPU takes this path; what it does not cover (groups, dilation) goes to lax
+    np.testing.assert_array_equal(cpu_conv_general_dilated(x, w, (stride,) * 2, padding, dimension_numbers=NHWC), got)
+    grouped = cpu_conv_general_dilated(x, w[:, :, :3], (1, 1), "SAME", dimension_numbers=NHWC, feature_group_count=2)
+    np.testing.assert_array_equal(grouped, jax.lax.conv_general_dilated(x, w[:, :, :3], (1, 1), "SAME", None, None,
+                                                                        NHWC, feature_group_count=2))
+
+
 def test_attention_paths():
     """The plain path is jax.nn.dot_product_attention's XLA path on fresh random inputs (float32 and bf16,
     cross-attention lengths); "auto" is that path off GPUs; a bad name is refused with the choices."""
