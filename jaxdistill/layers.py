@@ -29,8 +29,8 @@ def conv2d(x: jax.Array, w: jax.Array, strides: tuple[int, int], padding: tuple[
 
     JAX's transpose rules give the backward pass convolutions with swapped kernel dimensions ("01oi") and
     a batch-as-feature weight gradient; XLA:CPU's `ConvCanonicalization` rewrites those only at a program's
-    top level, so inside any loop (a `lax.scan` over micro-batches) they miss its YNNPACK kernels and ran
-    9x slower on the CPU machine (bench/NOTES.md). Here they are written in the canonical form directly,
+    top level, so inside any loop (a `lax.scan` over micro-batches) they miss its YNNPACK kernels: 9x the
+    convolution time on the CPU machine (bench/NOTES.md). Here they are written in the canonical form directly,
     with the kernel flip and the transposes XLA would insert."""
     return jax.lax.conv_general_dilated(x, w, strides, padding, dimension_numbers=NHWC)
 
@@ -58,8 +58,9 @@ def _conv2d_bwd(strides, padding, residuals, dy):
 conv2d.defvjp(_conv2d_fwd, _conv2d_bwd)
 
 
-def cpu_conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
-                             dimension_numbers=None, feature_group_count=1, precision=None):
+def cpu_conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides, padding, lhs_dilation=None,
+                             rhs_dilation=None, dimension_numbers=None, feature_group_count: int = 1,
+                             precision=None) -> jax.Array:
     """`lax.conv_general_dilated` for `nn.Conv` on XLA:CPU: `conv2d` (canonical gradients) for the UNet's
     2-D, undilated, ungrouped convolutions with explicit padding, which are all of them."""
     plain = (lhs.ndim == 4 and not isinstance(padding, str) and feature_group_count == 1 and precision is None
