@@ -120,14 +120,16 @@ def _option(text: str) -> bool | int | str:
     return _bool(text) if text.lower() in ("true", "false") else int(text) if text.lstrip("-").isdigit() else text
 
 
-VARIANT_KEYS = {"attention": str, "scan_layers": _bool, "remat": str, "batch": int, "accumulation": int}
+VARIANT_KEYS = {"attention": str, "scan_layers": _bool, "remat": str, "batch": int, "accumulation": int,
+                "scan_accumulation": _bool}
 
 
 def parse_variant(text: str, args) -> dict:
-    """"key=value,key=value" over the run's options (attention, scan_layers, remat, batch, accumulation) →
-    the variant's settings; keys starting with "xla_" are XLA compiler options for this compile alone."""
+    """"key=value,key=value" over the run's options (attention, scan_layers, remat, batch, accumulation,
+    scan_accumulation: micro-batches as a scan or straight-line code, default the step's own choice) → the
+    variant's settings; keys starting with "xla_" are XLA compiler options for this compile alone."""
     variant = {"attention": args.attention, "scan_layers": SSD1B.scan_layers, "remat": args.remat,
-               "batch": args.batch, "accumulation": args.accumulation, "xla": {}}
+               "batch": args.batch, "accumulation": args.accumulation, "scan_accumulation": None, "xla": {}}
     for item in filter(None, text.split(",")):
         key, sep, value = item.partition("=")
         if not sep or (key not in VARIANT_KEYS and not key.startswith("xla_")):
@@ -167,7 +169,7 @@ def jax_step(teacher_spec, teacher, student_spec, student, kept, args, variant: 
     pairs = feature_pairs(teacher_spec, student_spec, "all", kept)
     teacher_model, student_model, teacher_params, layout = setup(teacher_spec, teacher, student_spec, args, variant)
     step = make_train_step(student_model, teacher_model, tx, lr_fn, alphas_cumprod(), pairs=pairs,
-                           accumulation=variant["accumulation"])
+                           accumulation=variant["accumulation"], scan_accumulation=variant["scan_accumulation"])
     frozen = {"teacher": teacher_params, "encoders": None}
     state = init_state(layout(student), tx, ema=False)
     batch = jax.device_put(batch_for(teacher_spec, variant["batch"], args.resolution // 8))
@@ -216,6 +218,8 @@ PROFILED_STEPS = 3
 def variant_name(variant: dict) -> str:
     parts = [variant["attention"], "scan" if variant["scan_layers"] else "unrolled", f"remat-{variant['remat']}",
              f"b{variant['batch']}", f"acc{variant['accumulation']}"]
+    if variant["scan_accumulation"] is not None:
+        parts.append("acc-scan" if variant["scan_accumulation"] else "acc-straight")
     return "_".join(parts + [f"{k}-{v}" for k, v in variant["xla"].items()])
 
 
@@ -367,8 +371,9 @@ def main() -> int:
                              "plain XLA path)")
     parser.add_argument("--variant", action="append", default=[], metavar="KEY=VALUE,...",
                         help="a variant of our step to compile and time, repeatable, in order (the first is the "
-                             "headline): overrides of attention, scan_layers, remat, batch, accumulation, and "
-                             "xla_* compiler options, e.g. 'scan_layers=false' or 'batch=4,remat=dots'")
+                             "headline): overrides of attention, scan_layers, remat, batch, accumulation, "
+                             "scan_accumulation, and xla_* compiler options, e.g. 'scan_layers=false' or "
+                             "'batch=4,remat=dots'")
     parser.add_argument("--iters", type=int, default=5)
     parser.add_argument("--accumulation", type=int, default=1, help="micro-batches per step (ours)")
     parser.add_argument("--torch-accumulation", type=int, help="micro-batches per step of the PyTorch reference "

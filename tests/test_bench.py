@@ -42,6 +42,8 @@ def test_distill_step_runs_its_variants_side_by_side(tmp_path):
 def test_bad_variant_is_refused_by_name():
     result = run_bench("--no-torch", "--variant", "scan_layers=maybe")
     assert result.returncode != 0 and "bad value for scan_layers" in result.stderr
+    result = run_bench("--no-torch", "--variant", "scan_accumulation=sometimes")
+    assert result.returncode != 0 and "bad value for scan_accumulation" in result.stderr
     result = run_bench("--no-torch", "--variant", "depth=3")
     assert result.returncode != 0 and "expected key=value pairs" in result.stderr
     result = run_bench("--no-torch", "--variant", "batch=3,accumulation=2")
