@@ -157,7 +157,7 @@ def make_train_step(student: UNet, teacher: UNet | None, tx: optax.GradientTrans
         if not (accumulation > 1 if scan_accumulation is None else scan_accumulation):
             # One micro-batch needs no loop (outside one XLA also drops the zero carry). Several are a loop:
             # one copy of the body, so the compile time does not grow with their number (on the CPU
-            # machine, 4 micro-batches: 58 s scanned, 328 s straight-line, for a 5 % slower step).
+            # machine, 4 micro-batches: 58 s scanned, 328 s straight-line; step times within its drift).
             for i in range(accumulation):
                 carry, _ = accumulate(carry, (jnp.int32(i), jax.tree.map(lambda x, i=i: x[i], micro)))
         else:

@@ -209,7 +209,7 @@ def test_clipping_scales_by_the_global_norm_only_above_the_limit():
 
 
 def test_accumulation_as_a_scan_equals_straight_line_code(models):
-    """Accelerators loop over micro-batches with `lax.scan`, CPUs unroll them: the same step either way."""
+    """Micro-batches as a `lax.scan` (the default for several) or as straight-line code: the same step."""
     teacher_spec, teacher_params, student_spec, students, _ = models
     pairs = feature_pairs(teacher_spec, student_spec, "all")
     inputs = random_inputs(student_spec, batch=4, size=8, seq_len=6, seed=11)
