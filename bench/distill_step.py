@@ -57,6 +57,13 @@ from jaxdistill.train import step_flops  # noqa: E402
 from jaxdistill.unet import UNet, flops, init_params  # noqa: E402
 
 SEQ_LEN = 77
+START = time.perf_counter()
+
+
+def progress(message: str) -> None:
+    """One line on stdout, at once, with the seconds since the start: a run cut short by its time limit
+    (a lent GPU's) still says how far it got and where the time went."""
+    print(f"[{time.perf_counter() - START:6.1f} s] {message}", flush=True)
 
 
 def load_config(path: Path):
@@ -163,8 +170,10 @@ def error_text(e: Exception) -> str:
     return f"{type(e).__name__}: {e}".splitlines()[0][:300]
 
 
-def jax_step(teacher_spec, teacher, student_spec, student, kept, args, variant: dict) -> dict:
-    """Compile and time our step in one variant (`parse_variant`); → figures."""
+def jax_step(teacher_spec, teacher, student_spec, student, kept, args, variant: dict, record) -> dict:
+    """Compile and time our step in one variant (`parse_variant`); → figures. `record(figures)` is called
+    with the figures so far after compiling and after timing (a run killed by its time limit keeps them)."""
+    name = variant_name(variant)
     tx, lr_fn = make_optimizer(1e-5)
     pairs = feature_pairs(teacher_spec, student_spec, "all", kept)
     teacher_model, student_model, teacher_params, layout = setup(teacher_spec, teacher, student_spec, args, variant)
@@ -183,6 +192,8 @@ def jax_step(teacher_spec, teacher, student_spec, student, kept, args, variant: 
     if memory is not None:
         peak_bytes = (memory.argument_size_in_bytes + memory.output_size_in_bytes - memory.alias_size_in_bytes
                       + memory.temp_size_in_bytes)
+    record({"compile_s": compile_s, "peak_memory_gb": (peak_bytes or 0) / 1e9})
+    progress(f"{name}: compiled in {compile_s:.1f} s, {(peak_bytes or 0) / 1e9:.1f} GB")
     state, metrics = compiled(state, frozen, batch, rng)  # warm-up
     jax.block_until_ready(metrics)
     times = []
@@ -195,6 +206,7 @@ def jax_step(teacher_spec, teacher, student_spec, student, kept, args, variant: 
     out = {"step_s": statistics.median(times), "compile_s": compile_s,
            "peak_memory_gb": (peak_bytes or 0) / 1e9, "loss": float(metrics["loss"]), "pairs": len(pairs),
            "measured_peak_memory_gb": stats.get("peak_bytes_in_use", 0) / 1e9 or None}
+    record(out)
     if args.profile:  # a failing profiler (no CUPTI, say) must not cost the figures above
         trace_dir = Path(args.profile) / variant_name(variant)
         try:
@@ -206,6 +218,7 @@ def jax_step(teacher_spec, teacher, student_spec, student, kept, args, variant: 
             # the share of the step's wall time that the busiest timeline spends in kernels (on a GPU the rest
             # is idle: launch gaps, host syncs)
             out["profile"]["busy"] = max(out["profile"]["by_line"].values(), default=0) / 1e3 / out["step_s"]
+            progress(f"{name}: profiled, GPU/CPU busy {out['profile']['busy']:.0%} of the step")
         except Exception as e:  # noqa: BLE001
             traceback.print_exc()
             out["profile"] = {"error": error_text(e)}
@@ -320,6 +333,7 @@ def torch_step(teacher_spec, teacher, student_spec, student, kept, batch, args) 
     t_model = diffusers_unet(teacher_spec, teacher, torch.bfloat16 if bf16 else torch.float32, device)
     s_model = diffusers_unet(student_spec, student, torch.float32, device)
     t_model.requires_grad_(False)
+    progress(f"PyTorch: models built on {device}")
     s_model.train()
     optimizer = torch.optim.AdamW(s_model.parameters(), lr=1e-5)
     pairs = feature_pairs(teacher_spec, student_spec, "all", kept)
@@ -342,6 +356,7 @@ def torch_step(teacher_spec, teacher, student_spec, student, kept, batch, args) 
         t0 = time.perf_counter()
         one()
         times.append(time.perf_counter() - t0)
+    progress(f"PyTorch: {statistics.median(times):.4f} s per step (median of {args.iters})")
     peak = (torch.cuda.max_memory_allocated() if device == "cuda"
             else (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) * 1024)
     return {"step_s": statistics.median(times), "peak_bytes": peak, "device": device,
@@ -393,6 +408,7 @@ def main() -> int:
     teacher_spec = presets.SDXL if args.full else reduced_sdxl(args.width)
     teacher = jax.tree.map(np.asarray, init_params(teacher_spec, jax.random.key(0)))
     student_spec, student, kept = prune(teacher_spec, teacher, "ssd1b")
+    progress(f"weights drawn: teacher {teacher_spec.block_out_channels}, student pruned")
     side = args.resolution // 8
     batch = batch_for(teacher_spec, args.batch, side)
     dtype = compute_dtype(args)
@@ -401,6 +417,7 @@ def main() -> int:
     teacher_flops = flops(teacher_spec, args.batch, side, SEQ_LEN)
     student_flops = flops(student_spec, args.batch, side, SEQ_LEN)
     model_flops = step_flops(teacher_spec, student_spec, batch, args.batch)  # the trainer's count, as it logs
+    progress(f"peak {peak / 1e12:.1f} TFLOP/s, {model_flops / 1e12:.2f} TFLOP per step")
     device = jax.devices()[0]
     out = {
         "device": f"{device.platform}: {getattr(device, 'device_kind', '')} "
@@ -440,14 +457,23 @@ def main() -> int:
 
     out["variants"] = []
     for variant in variants:
-        ours = attempt(jax_step, teacher_spec, teacher, student_spec, student, kept, args, variant)
-        if "step_s" in ours:  # model FLOPs scale with the batch
-            ours |= {"samples_per_s": variant["batch"] / ours["step_s"],
-                     "flop_utilisation": model_flops * variant["batch"] / args.batch / ours["step_s"] / peak}
-            if "torch_step_s" in out and variant["batch"] == args.batch:
-                ours["ratio_vs_torch"] = out["torch_step_s"] / ours["step_s"]
-        out["variants"].append({"name": variant_name(variant), **variant, **ours})
-        report()
+        entry = {"name": variant_name(variant), **variant}
+        out["variants"].append(entry)
+
+        def record(figures: dict, entry=entry, variant=variant) -> None:
+            timed = "step_s" in figures and "step_s" not in entry
+            entry.update(figures)
+            if timed:  # model FLOPs scale with the batch
+                entry.update(samples_per_s=variant["batch"] / figures["step_s"],
+                             flop_utilisation=model_flops * variant["batch"] / args.batch / figures["step_s"] / peak)
+                if "torch_step_s" in out and variant["batch"] == args.batch:
+                    entry["ratio_vs_torch"] = out["torch_step_s"] / figures["step_s"]
+                progress(f"{entry['name']}: {figures['step_s']:.4f} s per step (median of {args.iters}), "
+                         f"{entry['samples_per_s']:.2f} samples/s, {entry['flop_utilisation']:.1%} of peak"
+                         + (f", {entry['ratio_vs_torch']:.2f}× PyTorch" if "ratio_vs_torch" in entry else ""))
+            report()
+
+        record(attempt(jax_step, teacher_spec, teacher, student_spec, student, kept, args, variant, record))
         gc.collect()
     if args.breakdown:
         parts = attempt(breakdown, teacher_spec, teacher, student_spec, student, batch, args, variants[0])

@@ -9,14 +9,18 @@
 #   3. the same global batch as half the micro-batches of twice the size, with remat "dots" (matmul outputs
 #      kept, the rest recomputed in the backward): does remat buy a micro-batch that runs faster?
 #   4. bench/unet_forward.py SDXL / SSD-1B / Vega forward at 1024², bf16: student speed-ups, ours vs PyTorch;
-#   5. bench/attention.py    cuDNN's fused attention vs the XLA path: parity and kernel times;
-#   6. bench/distill_step.py with the XLA attention (the "before" of the fused kernel), no PyTorch.
-# Each step gets what is left of the budget; the scripts rewrite their JSON as they go, so a step cut short
-# keeps what it finished.
+#   5. bench/attention.py    cuDNN's fused attention vs the XLA path: parity and kernel times.
+# (The step with XLA's attention, the fused kernel's "before", was measured on the H200: bench/results/h200/.)
+# Each step gets what is left of the budget; the scripts print their progress and rewrite their JSON as they
+# go, so a step cut short keeps what it finished. At most 8 files land in OUT_DIR (a lease brings back 8).
 #
 #     bash bench/gpu.sh OUT_DIR [BUDGET_SECONDS]      # e.g. bash bench/gpu.sh bench/out/gpu 560
+# The device image lacks some of our dependencies: `bash bench/device_wheels.sh` here first, carry .whl, and
+# install them there as that script says.
 # Environment: BATCH (global, default 32), ACCUMULATION (ours, default 4), TORCH_ACCUMULATION (default 8),
-# PYTHON (default python3).
+# PYTHON (default python3), SKIP (step names to leave out, e.g. "forward attention"), AUTOTUNE (a .tgz of an
+# earlier run's XLA autotuning results to start from: the run packs its own into OUT_DIR/autotune.tgz; carried
+# to the next lease, it spares that run's compiles most of their autotuning).
 set -u
 out=${1:-bench/out/gpu}
 budget=${2:-560}
@@ -26,12 +30,18 @@ torch_acc=${TORCH_ACCUMULATION:-8}
 micro=$((batch / acc))
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" XLA_PYTHON_CLIENT_PREALLOCATE=false
+# XLA keeps each fusion's autotuning result here: later steps (and, carried, later leases) skip the search
+autotune=/tmp/jaxdistill_autotune
+mkdir -p "$autotune"
+if [[ -n "${AUTOTUNE:-}" ]]; then tar xzf "$AUTOTUNE" -C "$autotune" && echo "autotuning results from $AUTOTUNE"; fi
+export XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_per_fusion_autotune_cache_dir=$autotune"
 py=${PYTHON:-python3}
 left() { echo $((budget - SECONDS)); }
 step() {  # step NAME RESERVE_SECONDS COMMAND...: run with the budget left minus a reserve for later steps
     local name=$1 reserve=$2
     shift 2
     local limit=$(($(left) - reserve))
+    if [[ " ${SKIP:-} " == *" $name "* ]]; then echo "== $name: skipped (SKIP)" | tee -a "$out/log.txt"; return 1; fi
     if ((limit < 30)); then echo "== $name: skipped, ${limit}s left" | tee -a "$out/log.txt"; return 1; fi
     echo "== $name (limit ${limit}s, at ${SECONDS}s)" | tee -a "$out/log.txt"
     timeout "$limit" "$@" 2>&1 | tee -a "$out/log.txt"
@@ -44,10 +54,12 @@ step() {  # step NAME RESERVE_SECONDS COMMAND...: run with the budget left minus
 print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__, 'torch', torch.__version__,
       'diffusers', diffusers.__version__, jax.devices())"; } 2>&1 | tee "$out/log.txt"
 
-step distill 220 "$py" bench/distill_step.py --full --resolution 1024 --batch "$batch" --accumulation "$acc" \
+step distill 100 "$py" bench/distill_step.py --full --resolution 1024 --batch "$batch" --accumulation "$acc" \
     --torch-accumulation "$torch_acc" --dtype bf16 --iters 5 --profile /tmp/jaxdistill_trace --json "$out/distill.json"
-# micro-batch 8 out of memory: the same global batch as twice the micro-batches of half the size, instead
-if ! "$py" -c "import json, sys; sys.exit('step_s' not in json.load(open(sys.argv[1])))" "$out/distill.json"; then
+# micro-batch 8 out of memory (an error, not the time limit): the same global batch as twice the micro-batches
+# of half the size, instead
+if "$py" -c "import json, sys; sys.exit('error' not in json.load(open(sys.argv[1]))['variants'][0])" \
+        "$out/distill.json" 2>/dev/null; then
     acc=$((acc * 2)) micro=$((micro / 2))
     step distill_retry 200 "$py" bench/distill_step.py --full --resolution 1024 --batch "$batch" --accumulation "$acc" \
         --dtype bf16 --iters 5 --no-torch --profile /tmp/jaxdistill_trace --json "$out/distill_retry.json"
@@ -59,6 +71,5 @@ step distill_remat 0 "$py" bench/distill_step.py --full --resolution 1024 --batc
 step forward 0 "$py" bench/unet_forward.py --resolution 1024 --batch 2 --dtype bf16 --iters 10 \
     --json "$out/forward.json"
 step attention 0 "$py" bench/attention.py --iters 20 --json "$out/attention.json"
-step distill_xla 0 "$py" bench/distill_step.py --full --resolution 1024 --batch 2 --dtype bf16 \
-    --iters 10 --attention xla --no-torch --json "$out/distill_xla.json"
+tar czf "$out/autotune.tgz" -C "$autotune" . && ls -l "$out/autotune.tgz" | tee -a "$out/log.txt"
 exit 0

@@ -37,6 +37,13 @@ def test_distill_step_runs_its_variants_side_by_side(tmp_path):
     # PyTorch beside it, here over two micro-batches of one (its own accumulation, same global batch)
     assert figures["torch_accumulation"] == 2 and figures["torch_step_s"] > 0
     assert figures["ratio_vs_torch"] == figures["torch_step_s"] / plain["step_s"]
+    # progress as it goes (a run killed by a GPU lease's limit still says how far it got): one line per
+    # phase, in order, each variant timed once
+    lines = [line for line in result.stdout.splitlines() if line.startswith("[")]
+    phases = ["weights drawn", "TFLOP per step", "PyTorch: models built", "PyTorch: ",
+              f"{plain['name']}: compiled", f"{plain['name']}: ", f"{remat['name']}: compiled", f"{remat['name']}: "]
+    assert [p for p, line in zip(phases, lines, strict=True) if p in line] == phases, lines
+    assert sum("s per step" in line for line in lines) == 3, lines
 
 
 def test_bad_variant_is_refused_by_name():
