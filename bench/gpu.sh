@@ -18,7 +18,8 @@
 # The device image lacks some of our dependencies: `bash bench/device_wheels.sh` here first, carry .whl, and
 # install them there as that script says.
 # Environment: BATCH (global, default 32), ACCUMULATION (ours, default 4), TORCH_ACCUMULATION (default 8),
-# PYTHON (default python3), SKIP (step names to leave out, e.g. "forward attention"), AUTOTUNE (a .tgz of an
+# SIZE (the distillation steps' model and image, default "--full --resolution 1024"; a dry run of the script's
+# logic on a CPU before a lease: SIZE="--width 16 --resolution 64" SKIP="forward attention"), PYTHON (default python3), SKIP (step names to leave out, e.g. "forward attention"), AUTOTUNE (a .tgz of an
 # earlier run's XLA autotuning results to start from: the run packs its own into OUT_DIR/autotune.tgz; carried
 # to the next lease, it spares that run's compiles most of their autotuning).
 set -u
@@ -28,6 +29,7 @@ batch=${BATCH:-32}
 acc=${ACCUMULATION:-4}
 torch_acc=${TORCH_ACCUMULATION:-8}
 micro=$((batch / acc))
+size=${SIZE:---full --resolution 1024}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" XLA_PYTHON_CLIENT_PREALLOCATE=false
 # XLA keeps each fusion's autotuning result here: later steps (and, carried, later leases) skip the search
@@ -54,19 +56,19 @@ step() {  # step NAME RESERVE_SECONDS COMMAND...: run with the budget left minus
 print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__, 'torch', torch.__version__,
       'diffusers', diffusers.__version__, jax.devices())"; } 2>&1 | tee "$out/log.txt"
 
-step distill 100 "$py" bench/distill_step.py --full --resolution 1024 --batch "$batch" --accumulation "$acc" \
+step distill 100 "$py" bench/distill_step.py $size --batch "$batch" --accumulation "$acc" \
     --torch-accumulation "$torch_acc" --dtype bf16 --iters 5 --profile /tmp/jaxdistill_trace --json "$out/distill.json"
 # micro-batch 8 out of memory (an error, not the time limit): the same global batch as twice the micro-batches
 # of half the size, instead
 if "$py" -c "import json, sys; sys.exit('error' not in json.load(open(sys.argv[1]))['variants'][0])" \
         "$out/distill.json" 2>/dev/null; then
     acc=$((acc * 2)) micro=$((micro / 2))
-    step distill_retry 200 "$py" bench/distill_step.py --full --resolution 1024 --batch "$batch" --accumulation "$acc" \
+    step distill_retry 200 "$py" bench/distill_step.py $size --batch "$batch" --accumulation "$acc" \
         --dtype bf16 --iters 5 --no-torch --profile /tmp/jaxdistill_trace --json "$out/distill_retry.json"
 fi
-step distill_ops 0 "$py" bench/distill_step.py --full --resolution 1024 --batch "$micro" --dtype bf16 --iters 5 \
+step distill_ops 0 "$py" bench/distill_step.py $size --batch "$micro" --dtype bf16 --iters 5 \
     --no-torch --variant "xla_gpu_enable_command_buffer=" --profile /tmp/jaxdistill_trace --json "$out/distill_ops.json"
-step distill_remat 0 "$py" bench/distill_step.py --full --resolution 1024 --batch "$batch" \
+step distill_remat 0 "$py" bench/distill_step.py $size --batch "$batch" \
     --accumulation $((acc / 2)) --remat dots --dtype bf16 --iters 5 --no-torch --json "$out/distill_remat.json"
 step forward 0 "$py" bench/unet_forward.py --resolution 1024 --batch 2 --dtype bf16 --iters 10 \
     --json "$out/forward.json"
