@@ -241,7 +241,9 @@ def profile_summary(trace_dir: Path, hlo: str, steps: int, top: int = 25) -> dic
     an `hlo_op` stat, on the accelerator's planes, or the host's on a CPU) per step, summed by the JAX
     primitive that made it (the last part of the op's `op_name` metadata in the compiled HLO), by pass
     (backward: under `transpose(`; forward: the UNets' other ops, teacher and student; other: the
-    optimizer, the losses and ops without a name), and the `top` ops. Times in ms per step."""
+    optimizer, the losses and ops without a name), and the `top` ops; on a GPU also by kernel (an event's
+    name there is the kernel's, also inside XLA's command buffers, whose ops the profile cannot name) and
+    by kind of kernel (`kernel_kind`). Times in ms per step."""
     names = {}  # HLO instruction → its op_name metadata
     for m in re.finditer(r"%?([\w.\-]+) = [^\n]*?op_name=\"([^\"]*)\"", hlo):
         names[m.group(1)] = m.group(2)
@@ -249,6 +251,7 @@ def profile_summary(trace_dir: Path, hlo: str, steps: int, top: int = 25) -> dic
     planes = list(jax.profiler.ProfileData.from_file(str(path)).planes)
     devices = [p for p in planes if p.name.startswith("/device:")] or planes
     ops: dict[str, float] = {}
+    kernels: dict[str, float] = {}
     by_line: dict[str, float] = {}  # per timeline (a GPU stream, a CPU thread): overlapping lines sum to > the step
     for plane in devices:
         for line in plane.lines:
@@ -256,6 +259,7 @@ def profile_summary(trace_dir: Path, hlo: str, steps: int, top: int = 25) -> dic
                 op = dict(event.stats).get("hlo_op")
                 if op is not None:
                     ops[op] = ops.get(op, 0.0) + event.duration_ns / 1e6 / steps
+                    kernels[event.name] = kernels.get(event.name, 0.0) + event.duration_ns / 1e6 / steps
                     key = f"{plane.name}/{line.name}"
                     by_line[key] = by_line.get(key, 0.0) + event.duration_ns / 1e6 / steps
     by_primitive: dict[str, float] = {}
@@ -266,9 +270,35 @@ def profile_summary(trace_dir: Path, hlo: str, steps: int, top: int = 25) -> dic
         by_primitive[primitive] = by_primitive.get(primitive, 0.0) + ms
         by_pass["backward" if "transpose(" in op_name else "forward" if "(UNet)" in op_name else "other"] += ms
     ranked = sorted(ops.items(), key=lambda kv: -kv[1])[:top]
-    return {"ms_per_step": sum(ops.values()), "trace": str(path), "by_line": by_line,
-            "by_primitive": dict(sorted(by_primitive.items(), key=lambda kv: -kv[1])), "by_pass": by_pass,
-            "top_ops": [{"op": op, "ms": ms, "op_name": names.get(op, "")[-160:]} for op, ms in ranked]}
+    out = {"ms_per_step": sum(ops.values()), "trace": str(path), "by_line": by_line,
+           "by_primitive": dict(sorted(by_primitive.items(), key=lambda kv: -kv[1])), "by_pass": by_pass,
+           "top_ops": [{"op": op, "ms": ms, "op_name": names.get(op, "")[-160:]} for op, ms in ranked]}
+    if any(name not in ops for name in kernels):  # kernel names of their own (a GPU), not the ops' (a CPU)
+        by_kind: dict[str, float] = {}
+        for name, ms in kernels.items():
+            by_kind[kernel_kind(name)] = by_kind.get(kernel_kind(name), 0.0) + ms
+        out["by_kernel_kind"] = dict(sorted(by_kind.items(), key=lambda kv: -kv[1]))
+        ranked = sorted(kernels.items(), key=lambda kv: -kv[1])[:top]
+        out["top_kernels"] = [{"kernel": k[:200], "ms": ms, "kind": kernel_kind(k)} for k, ms in ranked]
+    return out
+
+
+# Kinds of GPU kernel by name, first match wins: attention (cuDNN's fused kernels, named fprop/bprop too), then
+# cuDNN's convolutions (fprop/dgrad/wgrad, implicit GEMM; cuDNN runs nothing else here) before the matmul
+# libraries (cuBLAS's xmma/nvjet, CUTLASS, XLA's Triton GEMM fusions), whose names they share parts of.
+# Not "conv": XLA names its dtype-conversion fusions "..._convert_...".
+KERNEL_KINDS = (("attention", ("sdpa", "fmha", "flash", "attention")),
+                ("convolution", ("fprop", "dgrad", "wgrad", "convolution", "convolve", "implicit_gemm", "cudnn")),
+                ("matmul", ("gemm", "nvjet", "cutlass", "xmma", "cublas", "__dot", "_dot_")),
+                ("reduction", ("reduce", "reduction")),
+                ("copy/transpose", ("transpose", "copy", "memcpy", "memset", "concatenate", "slice")),
+                ("elementwise fusion", ("fusion", "loop_", "wrapped_")))
+
+
+def kernel_kind(name: str) -> str:
+    """What a GPU kernel does, from its name (`KERNEL_KINDS`); "other" when no pattern matches."""
+    lower = name.lower()
+    return next((kind for kind, parts in KERNEL_KINDS if any(p in lower for p in parts)), "other")
 
 
 def timed_call(fn, *args, iters: int) -> tuple[float, float]:
@@ -498,7 +528,9 @@ def main() -> int:
             print(f"  profile: {p['ms_per_step']:.1f} ms of ops per step (busiest timeline {p['busy']:.0%} of it;",
                   {k: round(x, 1) for k, x in p["by_line"].items()}, "), by pass",
                   {k: round(x, 1) for k, x in p["by_pass"].items()}, "top primitives",
-                  {k: round(x, 1) for k, x in list(p["by_primitive"].items())[:8]})
+                  {k: round(x, 1) for k, x in list(p["by_primitive"].items())[:8]},
+                  *(("by kind of kernel", {k: round(x, 1) for k, x in p["by_kernel_kind"].items()})
+                    if "by_kernel_kind" in p else ()))
     return 0
 
 

@@ -57,3 +57,27 @@ def test_bad_variant_is_refused_by_name():
     assert result.returncode != 0 and "does not split into 2 micro-batches" in result.stderr
     result = run_bench("--torch-accumulation", "3")
     assert result.returncode != 0 and "--torch-accumulation 3 does not divide --batch 2" in result.stderr
+
+
+def test_gpu_kernels_are_sorted_into_kinds_by_name():
+    """The profile's GPU breakdown (kernels inside XLA's command buffers carry no op name, only their own):
+    names as cuDNN, cuBLAS and XLA give them; attention before convolution (both say fprop), convolution
+    before matmul (both say xmma/implicit_gemm), conversions are not convolutions."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    from distill_step import kernel_kind
+
+    kinds = {
+        "cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_3_64x128x128_4x1x1_kernel0_0": "attention",
+        "sm90_xmma_fprop_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc_nhwc_tilesize128x128x64_warpgroupsize1x1x1":
+            "convolution",
+        "sm90_xmma_wgrad_implicit_gemm_indexed_bf16bf16_bf16f32_f32_nhwckrsc_nhwc": "convolution",
+        "nvjet_hsh_256x128_64x4_2x1_v_bz_coopA_NNT": "matmul",
+        "sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x256x64_warpgroupsize2x1x1": "matmul",
+        "gemm_fusion_dot_1234": "matmul",
+        "input_reduce_fusion_12": "reduction",
+        "loop_convert_fusion_7": "elementwise fusion",
+        "loop_multiply_fusion": "elementwise fusion",
+        "transpose_fusion_3": "copy/transpose",
+        "cudaGraphLaunch": "other",
+    }
+    assert {name: kernel_kind(name) for name in kinds} == kinds
