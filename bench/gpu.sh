@@ -65,7 +65,7 @@ step distill 100 "$py" bench/distill_step.py $size --batch "$batch" --accumulati
 if "$py" -c "import json, sys; sys.exit('error' not in json.load(open(sys.argv[1]))['variants'][0])" \
         "$out/distill.json" 2>/dev/null; then
     acc=$((acc * 2)) micro=$((micro / 2))
-    step distill_retry 200 "$py" bench/distill_step.py $size --batch "$batch" --accumulation "$acc" \
+    step distill_retry 30 "$py" bench/distill_step.py $size --batch "$batch" --accumulation "$acc" \
         --dtype bf16 --iters 5 --no-torch --profile /tmp/jaxdistill_trace --json "$out/distill_retry.json"
 fi
 step distill_ops 0 "$py" bench/distill_step.py $size --batch "$micro" --dtype bf16 --iters 5 \
