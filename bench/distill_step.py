@@ -208,7 +208,7 @@ def jax_step(teacher_spec, teacher, student_spec, student, kept, args, variant: 
            "measured_peak_memory_gb": stats.get("peak_bytes_in_use", 0) / 1e9 or None}
     record(out)
     if args.profile:  # a failing profiler (no CUPTI, say) must not cost the figures above
-        trace_dir = Path(args.profile) / variant_name(variant)
+        trace_dir = Path(args.profile) / name
         try:
             with jax.profiler.trace(str(trace_dir)):
                 for _ in range(PROFILED_STEPS):
@@ -276,7 +276,8 @@ def profile_summary(trace_dir: Path, hlo: str, steps: int, top: int = 25) -> dic
     if any(name not in ops for name in kernels):  # kernel names of their own (a GPU), not the ops' (a CPU)
         by_kind: dict[str, float] = {}
         for name, ms in kernels.items():
-            by_kind[kernel_kind(name)] = by_kind.get(kernel_kind(name), 0.0) + ms
+            kind = kernel_kind(name)
+            by_kind[kind] = by_kind.get(kind, 0.0) + ms
         out["by_kernel_kind"] = dict(sorted(by_kind.items(), key=lambda kv: -kv[1]))
         ranked = sorted(kernels.items(), key=lambda kv: -kv[1])[:top]
         out["top_kernels"] = [{"kernel": k[:200], "ms": ms, "kind": kernel_kind(k)} for k, ms in ranked]
