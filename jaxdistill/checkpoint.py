@@ -4,7 +4,8 @@
 training state (float32 master weights, optimizer state, EMA weights when on) and a JSON `meta` item that
 carries the student's architecture (its diffusers config), the run's config, the teacher and the plan.
 `load_checkpoint` accepts the workdir, a stage folder or a step folder and returns the student as
-(UNetSpec, params) in the plain (unscanned) layout that `convert.save_unet` writes.
+(UNetSpec, params) in the plain (unscanned) layout that `convert.save_unet` writes. It reads only those
+weights, as host numpy arrays, so a checkpoint of a run on a pod or a GPU mesh loads on any machine.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ def resolve_checkpoint(path: str | os.PathLike, stage: str | None = None) -> tup
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"checkpoint {path} does not exist")
-    if path.name.isdigit() and path.parent.is_dir():
+    if path.name.isdigit() and not (path / "checkpoints").is_dir():  # a step, not a workdir named by a date
         stage_dir, step = path.parent, int(path.name)
         if step not in _finished_steps(stage_dir):
             raise CheckpointError(f"checkpoint {path} is incomplete (the run was stopped while writing it, or the "
@@ -59,26 +60,49 @@ def load_checkpoint(path: str | os.PathLike, *, ema: bool = False,
     """The student of a checkpoint → (spec, params as numpy float32 in the diffusers-mirroring layout, meta).
     `ema` takes the EMA weights (refused when the run kept none). meta gains "step" and "checkpoint"."""
     stage_dir, step = resolve_checkpoint(path, stage)
-    manager = ocp.CheckpointManager(stage_dir.absolute(), item_names=("state", "meta"))
+    folder = stage_dir / str(step)
+    key = "ema_params" if ema else "params"
+    # PyTreeCheckpointHandler reads the files StandardSave wrote and, unlike the Standard one, restores a part.
+    manager = ocp.CheckpointManager(stage_dir.absolute(), item_handlers={"state": ocp.PyTreeCheckpointHandler(),
+                                                                         "meta": ocp.JsonCheckpointHandler()})
     try:
-        restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(),
-                                                                 meta=ocp.args.JsonRestore()))
+        params, meta = _restore_weights(manager, step, key)
     except Exception as e:  # orbax raises many kinds for damaged folders; name the folder and the cause
-        raise CheckpointError(f"cannot read checkpoint {stage_dir / str(step)}: {type(e).__name__}: {e}") from e
+        raise CheckpointError(f"cannot read checkpoint {folder}: {type(e).__name__}: {e}") from e
     finally:
         manager.close()
-    meta = dict(restored.meta) | {"step": step, "checkpoint": str(stage_dir / str(step))}
-    state = restored.state
-    key = "ema_params" if ema else "params"
-    if state.get(key) is None:
-        raise CheckpointError(f"checkpoint {stage_dir / str(step)} has no EMA weights (the run had ema_decay=0); "
-                              "export the trained weights without --ema")
+    if params is None and ema:
+        raise CheckpointError(f"checkpoint {folder} has no EMA weights (the run had ema_decay=0); export the "
+                              "trained weights without --ema")
+    if params is None:
+        raise CheckpointError(f"checkpoint {folder} holds no student weights (`params`); is it a checkpoint of "
+                              "python -m jaxdistill.train?")
+    meta = meta | {"step": step, "checkpoint": str(folder)}
+    params = jax.tree.map(lambda x: np.asarray(x, np.float32), params)
     spec = UNetSpec.from_diffusers_config(meta["student_config"])
-    params = jax.tree.map(lambda x: np.asarray(x, np.float32), state[key])
     if meta.get("config", {}).get("scan_layers", False):
         params = jax.tree.map(np.asarray, unstack_layers(params))
     check_params(spec, params)
     return spec, params, meta
+
+
+def _restore_weights(manager: ocp.CheckpointManager, step: int, key: str) -> tuple[dict | None, dict]:
+    """(the state's `key` subtree as host numpy arrays, or None when the checkpoint has none; meta). Only that
+    subtree is read: the optimizer moments (twice the weights) stay on disk. Without a target orbax would
+    place every array as it was saved, on the training run's mesh, which fails on a machine with other
+    devices ("Topology mismatch"); numpy arrays fit any machine."""
+    metadata = manager.item_metadata(step).state
+    if metadata is None:
+        raise ValueError("the training state's metadata is missing (files deleted or partly copied?)")
+    saved = metadata.tree
+    if saved.get(key) is None:  # EMA off: the state saved ema_params=None
+        return None, {}
+    target = {key: jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), saved[key])}
+    as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), target)
+    restored = manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.PyTreeRestore(target, restore_args=as_numpy, partial_restore=True),
+        meta=ocp.args.JsonRestore()))
+    return restored.state[key], dict(restored.meta)
 
 
 def _finished_steps(stage_dir: Path) -> list[int]:

@@ -78,12 +78,41 @@ def base_config() -> ml_collections.ConfigDict:
 
 
 def validate(c: ml_collections.ConfigDict) -> None:
-    """Raises ValueError naming every invalid field."""
+    """Raises ValueError naming every invalid field, of the run and of each of its stages (a bad value in the
+    last stage is reported before the first one trains)."""
+    errors = [f"config.{e}" for e in _field_errors(c)]
+    if not c.stages:
+        if not (c.teacher or c.model):
+            errors.append(f"config.teacher={c.teacher!r}: expected a diffusers UNet/pipeline folder "
+                          "(--config.teacher=DIR)")
+    names = [stage.get("name") for stage in c.stages]
+    for i, stage in enumerate(c.stages):
+        unknown = set(stage) - set(c) - {"name", "lr"}
+        if unknown:
+            errors.append(f"config.stages[{i}] has unknown fields {sorted(unknown)}; a stage sets name, lr, or any "
+                          "top-level field (plan, teacher, steps, loss, optimizer, ...)")
+        if "name" not in stage:
+            errors.append(f"config.stages[{i}] needs a name (its results go to WORKDIR/stages/NAME)")
+        elif names.count(stage["name"]) > 1:
+            errors.append(f"config.stages[{i}] repeats the name {stage['name']!r}; each stage needs its own")
+    if not errors:
+        try:
+            for stage in stages_of(c):
+                errors += [f"config.stages[{stage.name}].{e}" for e in _field_errors(stage)
+                           if f"config.{e}" not in errors]
+        except ValueError as e:
+            errors.append(str(e))
+    if errors:
+        raise ValueError("invalid config:\n  " + "\n  ".join(errors))
+
+
+def _field_errors(c: ml_collections.ConfigDict) -> list[str]:
+    """"FIELD=VALUE: expected ..." for each bad field of one run or stage config."""
     errors = []
 
     def check(ok, field, expected):
         if not ok:
-            errors.append(f"config.{field}={_get(c, field)!r}: expected {expected}")
+            errors.append(f"{field}={_get(c, field)!r}: expected {expected}")
 
     check(c.steps >= 0, "steps", "≥ 0")
     check(c.batch_size >= 1, "batch_size", "≥ 1")
@@ -95,8 +124,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
     for name in ("task", "output", "feature"):
         check(c.loss[name] >= 0, f"loss.{name}", "≥ 0")
     check(c.loss.normalize in NORMALIZATIONS, "loss.normalize", f"one of {NORMALIZATIONS}")
-    check(isinstance(c.loss.taps, (list, tuple)) or c.loss.taps in ("all", "stages"), "loss.taps",
-          "'all', 'stages' or a list of feature names")
+    check(bool(tap_list(c.loss.taps)), "loss.taps", "'all', 'stages' or comma-separated feature names")
     check(c.schedule.prediction_type in PREDICTION_TYPES, "schedule.prediction_type", f"one of {PREDICTION_TYPES}")
     check(c.schedule.beta_schedule in ("scaled_linear", "linear"), "schedule.beta_schedule",
           "'scaled_linear' or 'linear'")
@@ -121,17 +149,51 @@ def validate(c: ml_collections.ConfigDict) -> None:
     check(c.eval.every >= 0, "eval.every", "≥ 0 (0: validate only before and after)")
     check(c.eval.scheduler in ("euler", "ddim"), "eval.scheduler", "'euler' or 'ddim'")
     check(c.checkpoint_every >= 1, "checkpoint_every", "≥ 1")
-    if not c.stages:
-        check(bool(c.teacher or c.model), "teacher", "a diffusers UNet/pipeline folder (--config.teacher=DIR)")
-    for i, stage in enumerate(c.stages):
-        unknown = set(stage) - set(c) - {"name", "lr"}
-        if unknown:
-            errors.append(f"config.stages[{i}] has unknown fields {sorted(unknown)}; a stage sets name, lr, or any "
-                          "top-level field (plan, teacher, steps, loss, optimizer, ...)")
-        if "name" not in stage:
-            errors.append(f"config.stages[{i}] needs a name (its results go to WORKDIR/stages/NAME)")
-    if errors:
-        raise ValueError("invalid config:\n  " + "\n  ".join(errors))
+    return errors
+
+
+def tap_list(taps: str) -> str | list[str]:
+    """config.loss.taps → what `prune.feature_pairs` takes: "all", "stages", or the comma-separated names as a
+    list (empty: none given)."""
+    if taps in ("all", "stages"):
+        return taps
+    return [t.strip() for t in str(taps).split(",") if t.strip()]
+
+
+def stages_of(config: ml_collections.ConfigDict) -> list[ml_collections.ConfigDict]:
+    """The run as a list of stage configs (a plain run is one stage named "main"). A stage that trains a
+    model from scratch (`model`) is skipped when `config.teacher` is given: that teacher takes its place."""
+    if not config.stages:
+        return [_stage(config, {"name": "main"})]
+    stages = [dict(s) for s in config.stages]
+    if config.teacher:
+        stages = [s for s in stages if not s.get("model")]
+        if stages and stages[0].get("teacher") == "previous":
+            stages[0]["teacher"] = config.teacher
+    return [_stage(config, s) for s in stages]
+
+
+def _stage(config: ml_collections.ConfigDict, overrides: dict) -> ml_collections.ConfigDict:
+    """`config` with one stage's overrides; a nested override (loss=dict(feature=0.0)) changes only the
+    fields it names, and must name existing ones with values of their type."""
+    c = ml_collections.ConfigDict(config.to_dict())
+    where = f"config.stages[{overrides.get('name')}]"
+    with c.unlocked():
+        c.stages = []
+        for key, value in overrides.items():
+            target, field = (c.optimizer, "lr") if key == "lr" else (c, key)
+            try:
+                if isinstance(value, dict):
+                    unknown = sorted(set(value) - set(c[key]))
+                    if unknown:
+                        raise ValueError(f"{where}.{key} has unknown fields {unknown}; {key} has "
+                                         f"{sorted(c[key])}")
+                    c[key].update(value)
+                else:
+                    target[field] = value
+            except TypeError as e:
+                raise ValueError(f"{where}.{key}={value!r}: {e}") from None
+    return c
 
 
 def _get(c, dotted):

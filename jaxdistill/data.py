@@ -104,6 +104,11 @@ class PreparedLatents:
         if not self.steps_per_epoch:
             raise ValueError(f"{path} has {len(shapes)} examples in {len(groups)} latent shapes: no shape has a "
                              f"full batch of {batch_size}; lower batch_size or prepare more data")
+        small = {k: len(v) for k, v in sorted(groups.items()) if len(v) < batch_size}
+        if small and process_index == 0:  # a batch holds one shape: these examples are never trained on
+            print(f"data: {sum(small.values())} of {len(shapes)} examples are in latent shapes with fewer examples "
+                  f"than a batch of {batch_size} and are never read: {small}. Prepare with fewer --buckets "
+                  "shapes or more data, or lower batch_size.")
         self._pool = concurrent.futures.ThreadPoolExecutor(1)
         self._ahead: tuple[int, concurrent.futures.Future] | None = None
         self._cached: tuple[int, list[np.ndarray]] = (-1, [])

@@ -34,6 +34,7 @@ import ml_dtypes
 import numpy as np
 
 from jaxdistill.checkpoint import CheckpointError, load_checkpoint
+from jaxdistill.config import stages_of
 from jaxdistill.convert import (
     CONFIG_NAME,
     load_unet,
@@ -44,7 +45,7 @@ from jaxdistill.convert import (
 )
 from jaxdistill.prune import PlanError, load_plan
 from jaxdistill.spec import CROSS_ATTN_MID, UNetSpec, UnsupportedConfigError
-from jaxdistill.train import STAGE_MARKER, stages_of
+from jaxdistill.train import STAGE_MARKER
 from jaxdistill.unet import count_params
 
 DTYPES = {"fp16": np.float16, "bf16": ml_dtypes.bfloat16, "fp32": np.float32}
@@ -90,7 +91,7 @@ def load_student(path: str | os.PathLike, *, ema: bool = False, stage: str | Non
             "workdir": str(checkpoint.parents[2])})  # WORKDIR/checkpoints/STAGE/STEP
     if stage is not None:
         raise ExportError(f"--stage picks a stage of a training workdir; {path} is a model folder (one model)")
-    provenance = _folder_provenance(path, folder)
+    provenance = folder_provenance(path, folder)
     if ema and not provenance.get("ema"):
         raise ExportError(f"--ema: {path} is a model folder with one set of weights, not known to be EMA weights; "
                           "--ema picks the EMA weights of a training checkpoint (WORKDIR/checkpoints/STAGE)")
@@ -122,7 +123,14 @@ def pipeline_files(pipeline_dir: str | os.PathLike) -> dict[str, list[Path]]:
         found = sorted(p for p in (root / component).rglob("*") if p.is_file() and not p.name.startswith("."))
         kept = [p for p in found if p.suffix in COPIED_SUFFIXES]
         pickled = [p.name for p in found if p.suffix in PICKLED_SUFFIXES]
-        if (pickled or component in WEIGHTED_COMPONENTS) and not any(p.suffix == ".safetensors" for p in kept):
+        safetensors = [p for p in kept if p.suffix == ".safetensors"]
+        if safetensors and not any("." not in p.stem for p in safetensors):  # model.fp16.safetensors and the like
+            raise ExportError(f"--pipeline-from {root}: {component}/ has only variant weights "
+                              f"({', '.join(p.name for p in safetensors)}), which diffusers loads only when asked "
+                              "for that variant; save the component once without a variant: "
+                              f"`from_pretrained('{root}', subfolder='{component}', variant=...).save_pretrained("
+                              f"'{root / component}')`")
+        if (pickled or component in WEIGHTED_COMPONENTS) and not safetensors:
             what = f"only pickled weights ({', '.join(pickled)})" if pickled else "no safetensors weights"
             raise ExportError(f"--pipeline-from {root}: {component}/ has {what}. jaxdistill copies safetensors only "
                               "(unpickling can run code from the file); convert the component once with "
@@ -321,7 +329,7 @@ def _unet_folder(path: Path) -> Path | None:
     return None
 
 
-def _folder_provenance(path: Path, folder: Path) -> dict[str, Any]:
+def folder_provenance(path: Path, folder: Path) -> dict[str, Any]:
     """What a model folder tells about its making: an earlier export's facts, a finished stage's marker
     (with the run's config.json two levels up), or a pruned student's plan."""
     prov: dict[str, Any] = {"source": str(path)}

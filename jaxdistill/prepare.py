@@ -9,8 +9,10 @@ Output: a TFDS data set in ArrayRecord files (`tfds.builder_from_directory(OUT)`
 `as_data_source`, no TensorFlow needed; `as_dataset` gives tf.data where TensorFlow is installed), one
 file per source shard, plus `jaxdistill_data.json` (how it was made, the latent shape of every example,
 what was skipped and why). Work is spread over hosts by source shard (each process its own), batches
-over the local devices; a finished shard has a progress file and is skipped when the command is run
-again, so an interrupted run resumes where it stopped.
+over the local devices; a finished shard has a progress file holding its input's fingerprint
+(`Source.fingerprint`) and is skipped when the command is run again while that input is unchanged, so an
+interrupted run resumes where it stopped and a shard whose input changed is redone. A resume with other
+settings (preprocessing, decode rules, seed, dtypes, pipeline, shard count) is refused.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -28,6 +31,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxdistill import sources as S
+from jaxdistill.convert import WeightsError
+from jaxdistill.sharding import initialize_distributed
 from jaxdistill.text import TextEncoders, load_text_encoders
 from jaxdistill.vae import VAESpec, encode_latents, load_vae
 
@@ -36,6 +41,13 @@ INFO_NAME = "jaxdistill_data.json"
 SPLIT = "train"
 _TEMPLATE = "{DATASET}-{SPLIT}.{FILEFORMAT}-{SHARD_X_OF_Y}"
 STORAGE_DTYPES = ("float16", "float32")
+_PIPELINE_PARTS = ("vae/config.json", "text_encoder/config.json", "text_encoder_2/config.json", "tokenizer",
+                   "tokenizer_2")
+
+
+class PrepareError(ValueError):
+    """An input or setting `prepare` cannot use (a resume with other settings, a pipeline folder without
+    its parts, ...): `main` reports it as a usage error, without a traceback."""
 
 
 @dataclasses.dataclass(eq=False)
@@ -99,33 +111,36 @@ def prepare(source: S.Source, pipeline: str | os.PathLike, out: str | os.PathLik
             batch_size: int = 16, seed: int = 0, storage_dtype: str = "float16", compute_dtype: str = "float32",
             process_index: int | None = None, process_count: int | None = None,
             progress: bool = True) -> dict[str, Any]:
-    """Encodes this process's shards of `source` into `out` (skipping shards already done) and, once every
-    shard of every process is done, writes the TFDS metadata. Returns the summary (also in INFO_NAME)."""
+    """Encodes this process's shards of `source` into `out` (skipping shards already done from the same
+    input) and, once every shard of every process is done, writes the TFDS metadata. Returns the summary
+    (also in INFO_NAME). A pipeline folder without its parts, or `out` holding shards made with other
+    settings, raises `PrepareError` before the models load."""
     import tensorflow_datasets as tfds
     from tqdm import tqdm
 
     prep, rules = prep or S.Preprocessing(), rules or S.DecodeRules()
     if storage_dtype not in STORAGE_DTYPES:
-        raise ValueError(f"storage dtype {storage_dtype!r}: expected one of {STORAGE_DTYPES}")
+        raise PrepareError(f"storage dtype {storage_dtype!r}: expected one of {STORAGE_DTYPES}")
+    _check_pipeline(pipeline)
+    local = jax.local_devices()
+    if batch_size % len(local):
+        raise PrepareError(f"batch size {batch_size} must be a multiple of the {len(local)} local devices")
     pi = jax.process_index() if process_index is None else process_index
     pc = jax.process_count() if process_count is None else process_count
     out = Path(out)
     (out / "progress").mkdir(parents=True, exist_ok=True)
-    encoders = load_encoders(pipeline, compute_dtype)
     all_shards = source.shards()
     if not all_shards:
-        raise ValueError(f"source {source.description} has no shards: nothing to prepare")
+        raise PrepareError(f"source {source.description} has no shards: nothing to prepare")
+    settings = {"pipeline": str(Path(pipeline).absolute()), "source": source.description,
+                "preprocessing": dataclasses.asdict(prep), "rules": dataclasses.asdict(rules), "seed": seed,
+                "storage_dtype": storage_dtype, "compute_dtype": compute_dtype, "num_shards": len(all_shards)}
+    _check_settings(out, settings, process_index=pi, process_count=pc)  # before the costly model load
+    fingerprints = {s.index: source.fingerprint(s) for s in all_shards}
+    encoders = load_encoders(pipeline, compute_dtype)
     feats = features(encoders.latent_channels, encoders.text.tokenizers[0].model_max_length,
                      sum(s.hidden_size for s in encoders.text.specs), encoders.text.specs[1].projection_dim,
                      storage_dtype)
-    settings = {"pipeline": str(Path(pipeline).absolute()), "source": source.description,
-                "preprocessing": dataclasses.asdict(prep), "seed": seed, "storage_dtype": storage_dtype,
-                "num_shards": len(all_shards)}
-    _check_settings(out, settings)
-
-    local = jax.local_devices()
-    if batch_size % len(local):
-        raise ValueError(f"--batch-size {batch_size} must be a multiple of the {len(local)} local devices")
     mesh = jax.sharding.Mesh(np.array(local), ("data",))
     data_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
@@ -135,14 +150,17 @@ def prepare(source: S.Source, pipeline: str | os.PathLike, out: str | os.PathLik
                      out_shardings=data_sharding)
 
     mine = S.shards_for_process(all_shards, pi, pc)
-    todo = [s for s in mine if not _progress_file(out, s).is_file()]
+    todo = [s for s in mine if done_record(out, s, fingerprints[s.index]) is None]
+    changed = sum(_progress_file(out, s).is_file() for s in todo)
     print(f"prepare: {source.description}: {len(all_shards)} shards, {len(mine)} for process {pi}/{pc}, "
-          f"{len(mine) - len(todo)} already done")
+          f"{len(mine) - len(todo)} already done"
+          + (f", {changed} redone because their input changed since they were written" if changed else ""))
     bar = tqdm(total=len(todo), unit="shard", disable=not progress, dynamic_ncols=True)
     kept_total, start = 0, time.perf_counter()
     for shard in todo:
-        kept_total += _prepare_shard(source, shard, len(all_shards), out, encoders, params, encode, feats, prep=prep,
-                                     rules=rules, batch_size=batch_size, seed=seed, storage_dtype=storage_dtype)
+        kept_total += _prepare_shard(source, shard, len(all_shards), out, encoders, params, encode, feats,
+                                     prep=prep, rules=rules, batch_size=batch_size, seed=seed,
+                                     storage_dtype=storage_dtype, fingerprint=fingerprints[shard.index])
         bar.update(1)
         bar.set_postfix(examples=kept_total, rate=f"{kept_total / (time.perf_counter() - start):.1f}/s")
     bar.close()
@@ -151,12 +169,11 @@ def prepare(source: S.Source, pipeline: str | os.PathLike, out: str | os.PathLik
         from jax.experimental import multihost_utils
 
         multihost_utils.sync_global_devices("jaxdistill.prepare: all shards written")
-    done = {s.index: _progress_file(out, s) for s in all_shards}
-    missing = [all_shards[i].name for i, p in done.items() if not p.is_file()]
+    records = [done_record(out, s, fingerprints[s.index]) for s in all_shards]
+    missing = [s.name for s, r in zip(all_shards, records, strict=True) if r is None]
     if missing:
         print(f"prepare: {len(missing)} shards not done yet ({', '.join(missing[:5])}...): run again to finish")
         return {"done": False, "missing": missing}
-    records = [json.loads(done[i].read_text()) for i in range(len(all_shards))]
     skips = S.Skips()
     for r in records:
         skips.merge(S.Skips.from_dict(r["skips"]))
@@ -172,19 +189,33 @@ def prepare(source: S.Source, pipeline: str | os.PathLike, out: str | os.PathLik
         tfds.folder_dataset.write_metadata(data_dir=out, features=feats, split_infos=[split],
                                            filename_template=template, check_data=False,
                                            description="SDXL training inputs prepared by jaxdistill.prepare")
-        _atomic_json(out / INFO_NAME, summary)
+        atomic_json(out / INFO_NAME, summary)
     print(f"prepare: {summary['num_examples']} examples in {out}; {skips.summary()}")
     return summary
+
+
+def done_record(out: str | os.PathLike, shard: S.Shard, fingerprint: str) -> dict | None:
+    """The progress record of a finished shard, or None when the shard is to be (re)done: no progress file,
+    or one written from other input than `fingerprint` (or with no fingerprint at all, by an older
+    version), whose ArrayRecord file would hold the wrong examples."""
+    path = _progress_file(Path(out), shard)
+    if not path.is_file():
+        return None
+    record = json.loads(path.read_text())
+    return record if record.get("fingerprint") == fingerprint else None
 
 
 # ---- helpers ------------------------------------------------------------------------------------
 
 def _prepare_shard(source, shard: S.Shard, num_shards: int, out: Path, encoders: Encoders, params, encode, feats, *,
-                   prep, rules, batch_size: int, seed: int, storage_dtype: str) -> int:
+                   prep, rules, batch_size: int, seed: int, storage_dtype: str, fingerprint: str) -> int:
     """Encodes one shard into its ArrayRecord file, then writes its progress file (the shard is done).
     Examples are batched by pixel shape (buckets); the latent noise is a function of (seed, shard, batch)."""
     from array_record.python.array_record_module import ArrayRecordWriter
 
+    # A stale progress file must not outlive the file it describes: input changed back to what it was
+    # would match it again while the ArrayRecord file holds the interrupted redo.
+    _progress_file(out, shard).unlink(missing_ok=True)
     skips = S.Skips()
     path = out / _shard_file(shard.index, num_shards)
     tmp = path.with_name(f".{path.name}.tmp")
@@ -222,8 +253,8 @@ def _prepare_shard(source, shard: S.Shard, num_shards: int, out: Path, encoders:
     writer.close()
     os.replace(tmp, path)
     count = sum(r[2] for r in runs)
-    _atomic_json(_progress_file(out, shard), {"shard": shard.name, "index": shard.index, "examples": count,
-                                              "bytes": path.stat().st_size, "shapes": runs,
+    atomic_json(_progress_file(out, shard), {"shard": shard.name, "index": shard.index, "fingerprint": fingerprint,
+                                              "examples": count, "bytes": path.stat().st_size, "shapes": runs,
                                               "skips": skips.to_dict()})
     return count
 
@@ -236,23 +267,56 @@ def _progress_file(out: Path, shard: S.Shard) -> Path:
     return out / "progress" / f"{shard.index:05d}.json"
 
 
-def _check_settings(out: Path, settings: Mapping[str, Any]):
-    """A resumed run must make the same data set: refuse to mix shards made with other settings."""
+def _check_pipeline(pipeline: str | os.PathLike):
+    """The parts `load_encoders` reads, checked before anything is written or loaded."""
+    folder = Path(pipeline)
+    missing = [part for part in _PIPELINE_PARTS if not (folder / part).exists()]
+    if missing:
+        what = "no " + ", ".join(missing) if folder.is_dir() else "no such folder"
+        raise PrepareError(f"pipeline {pipeline}: {what}; expected a diffusers SDXL pipeline folder (vae/, "
+                           "text_encoder/, text_encoder_2/, tokenizer/, tokenizer_2/)")
+
+
+def _check_settings(out: Path, settings: Mapping[str, Any], *, process_index: int = 0, process_count: int = 1):
+    """A resumed run must make the same data set: refuse to mix shards made with other settings. Process 0
+    writes the settings of a new data set; the others wait for it, then check like a resume."""
     path = out / "progress" / "settings.json"
-    if path.is_file():
-        before = json.loads(path.read_text())
-        changed = sorted(k for k in set(before) | set(settings) if before.get(k) != settings.get(k))
-        if changed:
-            raise ValueError(f"{out} holds shards prepared with other settings ({', '.join(changed)} changed); "
-                             "use a new --out, or rerun with the original settings to resume")
-    else:
-        _atomic_json(path, dict(settings))
+    settings = json.loads(json.dumps(settings))  # compare as stored: tuples (buckets) come back as lists
+    if process_index == 0 and not path.is_file():
+        atomic_json(path, settings)
+    if process_count > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("jaxdistill.prepare: settings written")
+    if not path.is_file():
+        raise PrepareError(f"{path} is missing after process 0 wrote it: is {out} on a file system all hosts "
+                           "share?")
+    changed = _changes(json.loads(path.read_text()), settings)
+    if changed:
+        raise PrepareError(f"{out} holds shards prepared with other settings ({'; '.join(changed)}); use a new "
+                           "--out, or rerun with the original settings to resume")
 
 
-def _atomic_json(path: Path, data: Any):
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, path)
+def _changes(before: Any, now: Any, name: str = "") -> list[str]:
+    """"name: old → new" for each differing leaf of two JSON trees, dicts compared key by key."""
+    if isinstance(before, dict) and isinstance(now, dict):
+        return [c for k in sorted(set(before) | set(now))
+                for c in _changes(before.get(k), now.get(k), f"{name}.{k}" if name else k)]
+    return [] if before == now else [f"{name}: {before!r} → {now!r}"]
+
+
+def atomic_json(path: Path, data: Any):
+    """Readers see the old file or the new one, never half of one; a unique temporary file per call, so
+    processes writing the same file at once do not write into each other's."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=1)
+        os.chmod(tmp, 0o644)  # mkstemp makes it owner-only; the data set is read by others too
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -265,7 +329,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--pipeline", required=True, help="diffusers SDXL pipeline folder (vae/, text_encoder*/, "
                                                           "tokenizer*/)")
     parser.add_argument("--out", required=True, help="the TFDS data set folder to write (resumable)")
-    parser.add_argument("--resolution", type=int, default=1024)
+    parser.add_argument("--resolution", type=int, default=1024,
+                        help="a multiple of 8 (the VAE's downscale); SDXL-shaped UNets halve the latents twice, "
+                             "so they need a multiple of 32 (the trainer checks)")
     parser.add_argument("--center-crop", action="store_true", help="centre crop (default: random crop)")
     parser.add_argument("--random-flip", action="store_true")
     parser.add_argument("--buckets", action="store_true", help="SDXL aspect-ratio buckets scaled to --resolution")
@@ -279,10 +345,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--text-key", default="text", help="TFDS sources: the caption feature (dotted if nested)")
     parser.add_argument("--data-dir", help="TFDS sources: tfds data_dir")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--distributed", action="store_true", help="jax.distributed.initialize() first "
-                                                                   "(multi-host; automatic on TPU VMs)")
+    parser.add_argument("--distributed", action="store_true",
+                        help="jax.distributed.initialize() even where no multi-host environment is detected "
+                             "(JAX_COORDINATOR_ADDRESS, SLURM and TPU VM slices are detected without it)")
     args = parser.parse_args(argv)
-    if args.distributed:
+    if args.resolution % 8:
+        parser.error(f"--resolution {args.resolution}: must be a multiple of 8 (the VAE's downscale)")
+    if not initialize_distributed() and args.distributed:  # as train does; the flag covers other clusters
         jax.distributed.initialize()
     kind = args.source.partition(":")[0]
     options = {}
@@ -298,10 +367,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     prep = S.Preprocessing(resolution=args.resolution, center_crop=args.center_crop, random_flip=args.random_flip,
                            buckets=S.sdxl_buckets(args.resolution) if args.buckets else None)
     rules = S.DecodeRules(max_pixels=args.max_pixels, min_size=args.min_size)
-    if args.resolution % 8:
-        parser.error(f"--resolution {args.resolution}: must be a multiple of 8 (the VAE's downscale)")
-    summary = prepare(source, args.pipeline, args.out, prep=prep, rules=rules, batch_size=args.batch_size,
-                      seed=args.seed, storage_dtype=args.storage_dtype, compute_dtype=args.compute_dtype)
+    try:
+        summary = prepare(source, args.pipeline, args.out, prep=prep, rules=rules, batch_size=args.batch_size,
+                          seed=args.seed, storage_dtype=args.storage_dtype, compute_dtype=args.compute_dtype)
+    except (PrepareError, FileNotFoundError, WeightsError) as e:  # bad settings or pipeline, not a bug
+        parser.error(str(e))
     return 0 if summary["done"] else 3
 
 

@@ -8,7 +8,9 @@ a caption) per good input and counts every input it skips, by reason.
 
 Work is cut into *shards* (one tar file, a chunk of a folder's files, a slice of a TFDS split) so that a
 long run can be spread over hosts and resumed: `shards_for_process(source.shards(), index, count)` takes
-this host's share, and `Shard.name` is stable for unchanged input, so finished shards can be marked done.
+this host's share, `Shard.name` is stable for unchanged input, so finished shards can be marked done, and
+`source.fingerprint(shard)` changes when the shard's input does (a file added, rewritten or re-downloaded),
+so a done-marker can tell that it is stale.
 
     source = open_source("tar:/data/laion/*.tar")           # or "folder:/imgs", "tfds:name[:split]", a path
     skips = Skips()
@@ -430,13 +432,16 @@ class Shard:
 
 
 class Source(Protocol):
-    """Anything with deterministic shards of records."""
+    """Anything with deterministic shards of records. `fingerprint(shard)` is a digest of what the shard's
+    records are read from: equal fingerprints mean the shard would read the same records again."""
 
     description: str
 
     def shards(self) -> list[Shard]: ...
 
     def read(self, shard: Shard) -> Iterator[Record]: ...
+
+    def fingerprint(self, shard: Shard) -> str: ...
 
 
 def shards_for_process(shards: Sequence[Shard], process_index: int, process_count: int) -> list[Shard]:
@@ -485,6 +490,18 @@ class FolderSource:
     def shards(self) -> list[Shard]:
         e, n = self.entries(), self.files_per_shard
         return [Shard(f"files-{i // n:06d}", i // n, len(e[i:i + n]), tuple(e[i:i + n])) for i in range(0, len(e), n)]
+
+    def fingerprint(self, shard: Shard) -> str:
+        """A digest of the shard's entries and of the size and mtime of each image (and of its .txt when the
+        caption comes from one). One file added before a shard shifts it, so its entries change too."""
+        parts = []
+        for e in shard.data:
+            files = [e.path] if e.path else []
+            if e.path and e.from_txt:
+                files.append(posixpath.splitext(e.path)[0] + ".txt")
+            parts.append([e.key, e.path, e.caption, e.error, e.from_txt,
+                          [_stat(os.path.join(self.root, f)) for f in files]])
+        return _digest(parts)
 
     def read(self, shard: Shard) -> Iterator[Record]:
         for entry in shard.data:
@@ -595,6 +612,12 @@ class TarSource:
         pairs = zip(self._names, self.paths, strict=True)
         return [Shard(name, i, None, (path,)) for i, (name, path) in enumerate(pairs)]
 
+    def fingerprint(self, shard: Shard) -> str:
+        """The tar's path (as the glob found it), size and mtime: a tar downloaded again (after a bad_tar) is
+        read again."""
+        (path,) = shard.data
+        return _digest([path, _stat(path)])
+
     def read(self, shard: Shard) -> Iterator[Record]:
         (path,) = shard.data
         seen: set[str] = set()
@@ -658,7 +681,18 @@ class TFDSSource:
         self.name, self.split, self.data_dir = name, split, data_dir
         self.image_key, self.text_key, self.examples_per_shard = image_key, text_key, examples_per_shard
         self.description = f"tfds:{name}:{split}"
-        self.builder = tfds.builder(name, data_dir=data_dir)
+        try:
+            self.builder = tfds.builder(name, data_dir=data_dir)
+        except tfds.core.registered.DatasetNotFoundError:  # its message lists every data set TFDS knows
+            raise FileNotFoundError(f"tfds source {name}: no such data set (data_dir {data_dir}); check the name, "
+                                    "or give the data_dir it was built in") from None
+        if not self.builder.is_prepared():
+            raise FileNotFoundError(f"tfds source {name}: not built in {self.builder.data_path}; build it first "
+                                    f"(tfds build {name}) or give the data_dir it was built in")
+        try:
+            tfds.core.ReadInstruction.from_spec(split).to_absolute(self.builder.info.splits)
+        except (ValueError, AssertionError) as e:
+            raise ValueError(f"tfds source {name}: bad split {split!r}: {e}") from None
         features = self.builder.info.features
         for k in (image_key, text_key):
             try:
@@ -678,6 +712,12 @@ class TFDSSource:
                 b = min(a + self.examples_per_shard, stop)
                 out.append(Shard(f"{ins.splitname}[{a}:{b}]", len(out), b - a, (ins.splitname, a, b)))
         return out
+
+    def fingerprint(self, shard: Shard) -> str:
+        """Which data set (name, version, folder), which examples and which features the shard reads."""
+        b = self.builder
+        return _digest([b.name, str(b.version), str(b.data_dir), self.split, shard.data, self.image_key,
+                        self.text_key])
 
     def read(self, shard: Shard) -> Iterator[Record]:
         import tensorflow_datasets as tfds
@@ -699,6 +739,20 @@ class TFDSSource:
             if isinstance(image, np.ndarray) and image.dtype == object:  # SkipDecoding bytes in a 0-d array
                 image = image.item()
             yield Record(key, image, text, {"split": splitname, "index": index})
+
+
+def _stat(path: str) -> list[int] | None:
+    """[size, mtime_ns], or None for a file that is not there."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return [st.st_size, st.st_mtime_ns]
+
+
+def _digest(parts: Any) -> str:
+    # json's ensure_ascii escapes the surrogates of undecodable caption bytes, which .encode() would refuse
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
 
 def _try(fn, *args) -> Any:

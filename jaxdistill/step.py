@@ -84,11 +84,6 @@ def init_state(params: Any, tx: optax.GradientTransformation, ema: bool) -> Trai
     return jax.jit(build, out_shardings=out)(params)
 
 
-def cast(params: Any, dtype) -> Any:
-    """`params` in `dtype`, as one jitted program."""
-    return jax.jit(lambda p: jax.tree.map(lambda x: x.astype(dtype), p))(params)
-
-
 def make_train_step(student: UNet, teacher: UNet | None, tx: optax.GradientTransformation, lr_fn: optax.Schedule,
                     alphas_cumprod: jax.Array, *, pairs: Sequence[tuple[str, str]] = (),
                     weights: Mapping[str, float] | None = None, normalize: str = "none",

@@ -28,11 +28,11 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
 from jaxdistill import presets
-from jaxdistill.config import validate
+from jaxdistill.config import stages_of, tap_list, validate
 from jaxdistill.convert import load_unet, resolve_unet_folder, save_unet
 from jaxdistill.data import make_data
 from jaxdistill.layers import stack_layers, unstack_layers
-from jaxdistill.prepare import load_encoders, make_encode
+from jaxdistill.prepare import atomic_json, load_encoders, make_encode
 from jaxdistill.prune import feature_pairs, load_plan, prune
 from jaxdistill.schedule import add_noise, alphas_cumprod
 from jaxdistill.sharding import (
@@ -44,7 +44,7 @@ from jaxdistill.sharding import (
     shard_params,
 )
 from jaxdistill.spec import UNetSpec
-from jaxdistill.step import TrainState, cast, init_state, make_optimizer, make_train_step
+from jaxdistill.step import TrainState, init_state, make_optimizer, make_train_step
 from jaxdistill.unet import UNet, count_params, flops, init_params
 
 STAGE_MARKER = "jaxdistill_stage.json"  # beside a finished stage's diffusers files: what made it
@@ -59,33 +59,6 @@ class NonFiniteLoss(RuntimeError):
 class Model:
     spec: UNetSpec
     params: Any
-
-
-def stages_of(config: ml_collections.ConfigDict) -> list[ml_collections.ConfigDict]:
-    """The run as a list of stage configs (a plain run is one stage named "main"). A stage that trains a
-    model from scratch (`model`) is skipped when `config.teacher` is given: that teacher takes its place."""
-    if not config.stages:
-        return [_stage(config, {"name": "main"})]
-    stages = [dict(s) for s in config.stages]
-    if config.teacher:
-        stages = [s for s in stages if not s.get("model")]
-        if stages and stages[0].get("teacher") == "previous":
-            stages[0]["teacher"] = config.teacher
-    return [_stage(config, s) for s in stages]
-
-
-def _stage(config, overrides: dict) -> ml_collections.ConfigDict:
-    c = ml_collections.ConfigDict(config.to_dict())
-    with c.unlocked():
-        c.stages = []
-        for key, value in overrides.items():
-            if key == "lr":
-                c.optimizer.lr = value
-            elif isinstance(value, dict):
-                c[key].update(value)  # e.g. loss=dict(feature=0.0) changes one weight
-            else:
-                c[key] = value
-    return c
 
 
 def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any]:
@@ -118,11 +91,16 @@ def build_models(c: ml_collections.ConfigDict, previous: Model | None) -> tuple[
         teacher = Model(*load_unet(c.teacher))
     kept = None
     if c.student:
+        from jaxdistill.export import folder_provenance  # here: export imports this module
+
         student = Model(*load_unet(c.student))
-        plan_file = resolve_unet_folder(c.student) / "prune_plan.json"  # written by `python -m jaxdistill.prune`
-        kept = load_plan(plan_file).applied() if plan_file.is_file() else None
+        # which teacher layers the student kept: its prune plan, stage marker or export facts say
+        kept = folder_provenance(Path(c.student), resolve_unet_folder(c.student)).get("kept_layers") or None
+        if kept is None and student.spec != getattr(teacher, "spec", student.spec):
+            print(f"stage {c.name}: {c.student} does not say which teacher layers it kept (no prune_plan.json, "
+                  "stage marker or export facts): resnet taps pair by position")
     elif teacher is not None and c.plan:
-        spec, params, kept = prune(teacher.spec, teacher.params, load_plan(c.plan))
+        spec, params, kept = prune(teacher.spec, teacher.params, load_plan(c.plan), sensitivity=_damage(c))
         student = Model(spec, params)
     elif teacher is not None:
         student = Model(teacher.spec, teacher.params)  # fine-tune / distil into a copy of the teacher
@@ -135,9 +113,23 @@ def build_models(c: ml_collections.ConfigDict, previous: Model | None) -> tuple[
     else:
         raise ValueError(f"stage {c.name}: nothing to train — give config.teacher (a folder), config.student, "
                          "or config.model for training from scratch")
-    if teacher is not None:
-        teacher = Model(teacher.spec, cast(teacher.params, c.precision.teacher))
+    if teacher is not None:  # in host memory: the run places it on the mesh, never whole on one device
+        teacher = Model(teacher.spec, jax.tree.map(lambda x: np.asarray(x, jnp.dtype(c.precision.teacher)),
+                                                     teacher.params))
     return teacher, student, kept
+
+
+def _damage(c: ml_collections.ConfigDict) -> dict[str, list[float]] | None:
+    """The layer damage of `config.sensitivity` (a `python -m jaxdistill.prune --sensitivity` report folder),
+    for plans of strategy "sensitivity"."""
+    if not c.sensitivity:
+        return None
+    from jaxdistill import sensitivity
+
+    if not (Path(c.sensitivity) / "sensitivity.json").is_file():
+        raise ValueError(f"config.sensitivity={c.sensitivity!r} holds no sensitivity.json: measure one with "
+                         f"python -m jaxdistill.prune --teacher TEACHER --sensitivity {c.sensitivity}")
+    return sensitivity.layer_damage(sensitivity.read_report(c.sensitivity))
 
 
 def run_stage(c: ml_collections.ConfigDict, workdir: Path, previous: Model | None) -> tuple[Model, dict]:
@@ -147,7 +139,7 @@ def run_stage(c: ml_collections.ConfigDict, workdir: Path, previous: Model | Non
         raise ValueError(f"stage {c.name}: loss.output={c.loss.output} / loss.feature={c.loss.feature} distil from "
                          "a teacher, but there is none: give config.teacher, or set both to 0 for plain "
                          "diffusion training")
-    pairs = feature_pairs(teacher.spec, student.spec, c.loss.taps, kept) if distil else []
+    pairs = feature_pairs(teacher.spec, student.spec, tap_list(c.loss.taps), kept) if distil else []
     tx, lr_fn = make_optimizer(c.optimizer.lr, c.optimizer.warmup_steps, c.optimizer.weight_decay,
                                c.optimizer.b1, c.optimizer.b2, c.optimizer.eps, c.optimizer.grad_clip,
                                c.optimizer.schedule, c.steps)
@@ -164,6 +156,11 @@ def run_stage(c: ml_collections.ConfigDict, workdir: Path, previous: Model | Non
     # optimizer state inherits the parameters' placement from `init_state`.
     mesh = make_mesh(dict(c.mesh.sizes), dcn=dict(c.mesh.dcn))
     rules = [tuple(r) for r in c.mesh.rules]
+    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    if c.batch_size % (shards * c.optimizer.accumulation):
+        print(f"stage {c.name}: batch_size {c.batch_size} is not a multiple of {shards} batch shards (data × fsdp) × "
+              f"{c.optimizer.accumulation} micro-batches: every micro-batch is gathered across devices each step. "
+              "It trains the same; make batch_size a multiple of both for speed.")
     encode, encoder_params = None, None
     if c.data.source == "images":  # encode inside the step with the frozen VAE and text encoders
         encoders = load_encoders(c.data.pipeline, c.precision.encoders)
@@ -196,7 +193,8 @@ def run_stage(c: ml_collections.ConfigDict, workdir: Path, previous: Model | Non
              ", plain diffusion training (no teacher)"))
 
     rng = jax.random.key(c.seed)
-    agreement = _agreement_fn(student_model, teacher_model, acp, data, c, encode, encoder_params) if distil else None
+    agreement = (_agreement_fn(student_model, teacher_model, acp, data, c, mesh, encode, encoder_params) if distil
+                 else None)
     before = agreement(state.params, teacher_params) if distil and start == 0 else None
     logger = _Logger(workdir, c.name, c.steps, start, c.batch_size)
     validation = _validation(c, teacher, workdir) if distil else None
@@ -228,21 +226,24 @@ def run_stage(c: ml_collections.ConfigDict, workdir: Path, previous: Model | Non
                 profiler.after(step)  # after the metrics came back: the step has finished on the device
                 bad = [k for k, v in values.items() if not math.isfinite(v) and k not in ("lr",)]
                 if bad:
+                    kept_at = (f"the last good checkpoint is step {last_good} in {manager.directory}" if last_good
+                               else "no checkpoint was written before it")
                     raise NonFiniteLoss(
                         f"stage {c.name}, step {step}: non-finite {', '.join(f'{k}={values[k]}' for k in bad)}. "
-                        f"The run stopped; the last good checkpoint is step {last_good} in {manager.directory}. "
-                        "Lower optimizer.lr, enable grad clipping, or check the data.")
+                        f"The run stopped; {kept_at}. Lower optimizer.lr, enable grad clipping, or check the data.")
                 logger.step(step, values, log=step % c.log_every == 0 or step == c.steps, flop=flop)
-                if distil and c.eval.every and (step % c.eval.every == 0 or step == c.steps):
-                    validate_now(step)
-                if step % c.checkpoint_every == 0 or step == c.steps or stop.requested:
+                stopping = _any_process(stop.requested is not None)  # all hosts save the same step together
+                if step % c.checkpoint_every == 0 or step == c.steps or stopping:
                     manager.save(step, args=_save_args(state, meta | {"data_position": step}))
                     last_good = step
-                if stop.requested:
+                if stopping:
                     manager.wait_until_finished()
-                    print(f"\nstage {c.name}: stopped by {stop.requested} at step {step}; checkpoint saved. "
-                          "Run the same command to resume.")
+                    print(f"\nstage {c.name}: stopped by {stop.requested or 'a signal to another process'} at step "
+                          f"{step}; checkpoint saved. Run the same command to resume.")
                     raise SystemExit(0)
+                # after the checkpoint: a failing validation costs no training
+                if distil and c.eval.every and (step % c.eval.every == 0 or step == c.steps):
+                    validate_now(step)
     finally:
         profiler.close()
         manager.wait_until_finished()
@@ -261,10 +262,9 @@ def run_stage(c: ml_collections.ConfigDict, workdir: Path, previous: Model | Non
         summary |= {"agreement_before": before, "agreement_after": after}
         print(f"stage {c.name}: student vs teacher, relative MSE of the noise prediction on a fixed validation "
               f"batch: before {before if before is None else f'{before:.4f}'} → after {after:.4f}")
-    if jax.process_index() == 0:
-        (out / STAGE_MARKER).write_text(json.dumps(summary | {"stage": c.name, "plan": c.plan,
-                                                              "teacher": c.teacher,
-                                                              "kept_layers": meta["kept_layers"]}, indent=2))
+    if jax.process_index() == 0:  # the marker says the stage is finished: written whole or not at all
+        atomic_json(out / STAGE_MARKER, summary | {"stage": c.name, "plan": c.plan, "teacher": c.teacher,
+                                                   "kept_layers": meta["kept_layers"]})
     print(f"stage {c.name}: student written to {out}")
     return result, summary
 
@@ -309,8 +309,13 @@ def _save_args(state: TrainState, meta: dict) -> ocp.args.Composite:
 def _restore(manager: ocp.CheckpointManager, state: TrainState, spec: UNetSpec) -> tuple[TrainState, int]:
     step = manager.latest_step()
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
-    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
-                                                             meta=ocp.args.JsonRestore()))
+    try:
+        restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
+                                                                 meta=ocp.args.JsonRestore()))
+    except (ValueError, KeyError, TypeError) as e:  # orbax's tree or shape mismatch
+        raise ValueError(f"the checkpoint {manager.directory / str(step)} holds a training state of another layout "
+                         "than this config builds (ema_decay, scan_layers, the plan or the optimizer changed?): "
+                         f"{type(e).__name__}: {str(e)[:300]}. Use a new --workdir, or restore the old config.") from e
     saved = UNetSpec.from_diffusers_config(restored.meta["student_config"])
     if saved != spec:
         raise ValueError(f"the checkpoint in {manager.directory} holds a different student architecture than this "
@@ -318,9 +323,19 @@ def _restore(manager: ocp.CheckpointManager, state: TrainState, spec: UNetSpec) 
     return restored.state, int(restored.meta["data_position"])
 
 
-def _agreement_fn(student: UNet, teacher: UNet, acp, data, c, encode=None, encoder_params=None):
-    """Relative MSE between student and teacher predictions on a fixed validation batch spread over timesteps."""
-    batch = data.validation_batch()  # fixed for the whole run, at fixed noise
+def _any_process(flag: bool) -> bool:
+    """Whether `flag` is set on any process (the same answer on all of them)."""
+    if jax.process_count() == 1:
+        return flag
+    return bool(multihost_utils.process_allgather(np.int32(flag)).any())
+
+
+def _agreement_fn(student: UNet, teacher: UNet, acp, data, c, mesh, encode=None, encoder_params=None):
+    """Relative MSE between student and teacher predictions on a fixed validation batch spread over timesteps:
+    one micro-batch of the global batch (what a training step holds at once), split over the mesh as in
+    training."""
+    micro = c.batch_size // c.optimizer.accumulation
+    batch = {k: v[:micro] for k, v in data.validation_batch().items()}  # fixed for the whole run, at fixed noise
     if encode is not None:  # on-the-fly data: pixels and token ids → latents (the mean) and embeddings
         batch = dict(jax.jit(encode)(encoder_params, batch["pixels"], batch["input_ids"], batch["input_ids_2"])) | {
             "time_ids": batch["time_ids"]}
@@ -329,15 +344,20 @@ def _agreement_fn(student: UNet, teacher: UNet, acp, data, c, encode=None, encod
     timesteps = np.linspace(0, c.schedule.num_train_timesteps - 1, n).astype(np.int32)
     noisy = add_noise(jnp.asarray(acp), batch["latents"], rng.standard_normal(batch["latents"].shape, np.float32),
                       timesteps)
-    cond = {k: v for k, v in batch.items() if k != "latents"}
+    inputs = {k: v for k, v in batch.items() if k != "latents"} | {"sample": noisy, "timesteps": timesteps}
+    # every host holds the whole batch: each device takes its rows (all of them where n does not split)
+    split = n % (mesh.shape["data"] * mesh.shape["fsdp"]) == 0
+    sharding = batch_sharding(mesh) if split else replicated(mesh)
+    inputs = {k: jax.make_array_from_callback(np.shape(v), sharding, lambda i, v=v: np.asarray(v)[i])
+              for k, v in inputs.items()}
 
     @jax.jit
-    def agreement(params, teacher_params):
-        s = student.apply({"params": params}, noisy, timesteps, **cond).sample.astype(jnp.float32)
-        t = teacher.apply({"params": teacher_params}, noisy, timesteps, **cond).sample.astype(jnp.float32)
+    def agreement(params, teacher_params, inputs):
+        s = student.apply({"params": params}, **inputs).sample.astype(jnp.float32)
+        t = teacher.apply({"params": teacher_params}, **inputs).sample.astype(jnp.float32)
         return jnp.mean(jnp.square(s - t)) / jnp.mean(jnp.square(t))
 
-    return lambda p, tp: float(agreement(p, tp))
+    return lambda p, tp: float(agreement(p, tp, inputs))
 
 
 class _StopFlag:
@@ -395,7 +415,15 @@ class _Logger:
         self.batch_size, self.stage, self.workdir = batch_size, stage, workdir
         self.bar = tqdm(total=total, initial=start, desc=f"{stage}", unit="step", dynamic_ncols=True,
                         disable=not self.primary)
-        self.writer = SummaryWriter(str(workdir / "tensorboard" / stage)) if self.primary else None
+        # a resumed run logs again what came after its checkpoint: drop those records of the killed run
+        purge = start + 1 if start else None
+        self.writer = SummaryWriter(str(workdir / "tensorboard" / stage), purge_step=purge) if self.primary else None
+        if self.primary and purge and (workdir / "metrics.jsonl").is_file():
+            lines = (workdir / "metrics.jsonl").read_text().splitlines(keepends=True)
+            kept = [line for line in lines if not _after(line, stage, start)]
+            if len(kept) < len(lines):
+                (workdir / "metrics.tmp").write_text("".join(kept))
+                os.replace(workdir / "metrics.tmp", workdir / "metrics.jsonl")
         self.jsonl = open(workdir / "metrics.jsonl", "a") if self.primary else None  # noqa: SIM115
         self.t0, self.s0, self.timing, self.flop = time.perf_counter(), start, False, 0.0
 
@@ -441,6 +469,15 @@ class _Logger:
         if self.primary:
             self.writer.close()
             self.jsonl.close()
+
+
+def _after(line: str, stage: str, step: int) -> bool:
+    """Whether a metrics.jsonl line is a record of `stage` after `step` (a torn last line counts as one)."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError:
+        return True
+    return record.get("stage") == stage and record.get("step", 0) > step
 
 
 def enable_compilation_cache(setting: str, workdir: str | Path) -> None:

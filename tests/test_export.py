@@ -187,6 +187,7 @@ def test_refusals_leave_everything_as_it_was(workdir, tmp_path):
     ("pooled narrower", "projection_class_embeddings_input_dim is 88, .* pooled 24"),
     ("no tokenizer_2", "lacks tokenizer_2/"),
     ("pickled text encoder", "only pickled weights \\(pytorch_model.bin\\)"),
+    ("fp16 variant only", "text_encoder/ has only variant weights \\(model.fp16.safetensors\\)"),
 ])
 def test_a_pipeline_that_does_not_fit_is_refused(workdir, pipeline, tmp_path, damage, message):
     broken = shutil.copytree(pipeline, tmp_path / "broken")
@@ -198,7 +199,8 @@ def test_a_pipeline_that_does_not_fit_is_refused(workdir, pipeline, tmp_path, da
     elif damage == "no tokenizer_2":
         shutil.rmtree(broken / "tokenizer_2")
     else:
-        (broken / "text_encoder" / "model.safetensors").rename(broken / "text_encoder" / "pytorch_model.bin")
+        name = "pytorch_model.bin" if damage == "pickled text encoder" else "model.fp16.safetensors"
+        (broken / "text_encoder" / "model.safetensors").rename(broken / "text_encoder" / name)
     with pytest.raises(ExportError, match=message):
         export(workdir, tmp_path / "out", pipeline_from=broken)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["broken"]

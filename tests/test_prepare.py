@@ -1,6 +1,7 @@
 """prepare: a generated folder of ~25 images (broken ones included) → a TFDS data set of latents,
 embeddings and time ids through the real VAE and text encoders; resume; the trainer's reader."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -10,8 +11,9 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 from conftest import TINY
-from test_sources import RULES, _bad_files, _good_files, write_image_folder
+from test_sources import RULES, _bad_files, _encode, _good_files, _noise, _write, write_image_folder
 
+from jaxdistill import prepare as P
 from jaxdistill import sources as S
 from jaxdistill.data import PreparedLatents, check_fits
 from jaxdistill.prepare import load_encoders, prepare
@@ -104,6 +106,95 @@ def test_same_seed_same_data_and_an_interrupted_run_resumes(prepared, images, pi
         _prepare(images, pipeline, out, seed=1)
 
 
+def test_a_resume_redoes_the_shards_whose_input_changed(pipeline, tmp_path, capsys):
+    """10 images, 8 a shard, the first shard done; then "a00" is added: every shard's files shift while
+    their names and count stay. Trusting the progress file alone would write b07 twice and a00 never."""
+    for i in range(10):
+        _write(tmp_path / "images", f"b{i:02d}.png", _encode(_noise(40, 40, i), "PNG"))
+        _write(tmp_path / "images", f"b{i:02d}.txt", f"picture {i}".encode())
+    out = tmp_path / "out"
+    _prepare(tmp_path / "images", pipeline, out)
+    (out / "progress" / "00001.json").unlink()
+    (out / P.INFO_NAME).unlink()
+    _write(tmp_path / "images", "a00.png", _encode(_noise(40, 40, 10), "PNG"))
+    _write(tmp_path / "images", "a00.txt", b"the new picture")
+    capsys.readouterr()
+    _, summary = _prepare(tmp_path / "images", pipeline, out)
+    data = tfds.builder_from_directory(str(out)).as_data_source(split="train")
+    keys = sorted(data[i]["key"].decode() for i in range(len(data)))
+    assert summary["done"] and keys == ["a00"] + [f"b{i:02d}" for i in range(10)]
+    assert "1 redone because their input changed" in capsys.readouterr().out
+
+
+def test_a_shard_is_done_only_with_a_progress_file_of_the_same_input(tmp_path):
+    shard = S.Shard("files-000000", 0, 8)
+    assert P.done_record(tmp_path, shard, "abc") is None  # never finished
+    (tmp_path / "progress").mkdir()
+    progress = tmp_path / "progress" / "00000.json"
+    progress.write_text(json.dumps({"examples": 8}))  # written before progress files held fingerprints
+    assert P.done_record(tmp_path, shard, "abc") is None
+    progress.write_text(json.dumps({"examples": 8, "fingerprint": "abd"}))
+    assert P.done_record(tmp_path, shard, "abc") is None
+    progress.write_text(json.dumps({"examples": 8, "fingerprint": "abc"}))
+    assert P.done_record(tmp_path, shard, "abc") == {"examples": 8, "fingerprint": "abc"}
+
+
+def test_other_settings_are_refused_before_the_models_load(prepared, images, pipeline, monkeypatch):
+    _, _, out = prepared
+
+    def load_encoders(*args):
+        raise AssertionError("the models were loaded before the settings were checked")
+
+    monkeypatch.setattr(P, "load_encoders", load_encoders)
+    with pytest.raises(ValueError, match=r"\(rules\.min_size: 16 → 0\); use a new --out"):
+        _prepare(images, pipeline, out, rules=S.DecodeRules(max_pixels=RULES.max_pixels))
+    with pytest.raises(ValueError, match="compute_dtype: 'float32' → 'bfloat16'"):
+        _prepare(images, pipeline, out, compute_dtype="bfloat16")
+
+
+def test_process_0_writes_the_settings_and_buckets_compare_as_stored(tmp_path):
+    (tmp_path / "progress").mkdir()
+    settings = {"preprocessing": dataclasses.asdict(S.Preprocessing(buckets=((32, 32), (24, 40))))}
+    with pytest.raises(ValueError, match="all hosts share"):  # process 1 never writes it
+        P._check_settings(tmp_path, settings, process_index=1, process_count=2)
+    P._check_settings(tmp_path, settings)
+    P._check_settings(tmp_path, settings, process_index=1, process_count=2)  # tuples read back as lists
+
+
+def test_atomic_json_leaves_another_writers_temporary_file_alone(tmp_path):
+    other = tmp_path / ".settings.json.tmp"  # what a fixed temporary name would be
+    other.write_text("another process, half-way")
+    P.atomic_json(tmp_path / "settings.json", {"seed": 0})
+    assert json.loads((tmp_path / "settings.json").read_text()) == {"seed": 0}
+    assert other.read_text() == "another process, half-way"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".settings.json.tmp", "settings.json"]
+
+
+def test_prepare_command_ends_bad_input_with_a_usage_error(prepared, images, pipeline, tmp_path, monkeypatch,
+                                                           capsys):
+    _, _, done = prepared
+    started = []
+    monkeypatch.setattr(P, "initialize_distributed", lambda: started.append(True) or False)
+    (tmp_path / "half" / "vae").mkdir(parents=True)
+    (tmp_path / "half" / "vae" / "config.json").write_text("{}")
+
+    def usage_error(*args):
+        with pytest.raises(SystemExit) as exit_:
+            P.main(["--source", images, "--pipeline", pipeline, "--out", str(tmp_path / "out"), "--resolution",
+                    str(RES), *args])
+        assert exit_.value.code == 2
+        return capsys.readouterr().err
+
+    assert "multiple of 8" in usage_error("--resolution", "36")
+    assert not started  # checked first
+    assert "no such folder" in usage_error("--pipeline", str(tmp_path / "nowhere"))
+    assert "no text_encoder/config.json" in usage_error("--pipeline", str(tmp_path / "half"))
+    assert "no such data set" in usage_error("--source", "tfds:no_such_captions", "--data-dir", str(tmp_path))
+    assert "storage_dtype: 'float32' → 'float16'" in usage_error("--out", str(done))
+    assert len(started) == 4  # the multi-host runtime is started as train starts it
+    assert not (tmp_path / "out").exists()
+
+
 def test_reader_batches_are_deterministic_and_split_across_hosts(prepared):
     _, summary, out = prepared
     data = PreparedLatents(out, batch_size=4, seed=3)
@@ -124,7 +215,7 @@ def test_reader_batches_are_deterministic_and_split_across_hosts(prepared):
         np.testing.assert_array_equal(np.concatenate([h.batch(7)[k] for h in hosts]), data.batch(7)[k])
 
 
-def test_buckets_give_batches_of_one_shape(images, pipeline, tmp_path):
+def test_buckets_give_batches_of_one_shape(images, pipeline, tmp_path, capsys):
     prep = S.Preprocessing(resolution=RES, buckets=((32, 32), (24, 40), (40, 24)))
     _, summary = _prepare(images, pipeline, tmp_path / "buckets", prep=prep, batch_size=2)
     shapes = {tuple(run[:2]) for shard in summary["shapes"] for run in shard}
@@ -136,6 +227,13 @@ def test_buckets_give_batches_of_one_shape(images, pipeline, tmp_path):
         seen.add(batch["latents"].shape[1:3])
         assert np.all(batch["time_ids"][:, 4:] == np.array(batch["latents"].shape[1:3]) * 2)
     assert len(seen) >= 2
+    # a batch holds one shape: a shape with fewer examples than a batch is never read, and the reader says so
+    counts = sorted(sum(run[2] for shard in summary["shapes"] for run in shard if tuple(run[:2]) == shape)
+                    for shape in shapes)
+    capsys.readouterr()
+    PreparedLatents(tmp_path / "buckets", batch_size=counts[-1])
+    unread = sum(c for c in counts if c < counts[-1])
+    assert unread and f"data: {unread} of {sum(counts)} examples are in latent shapes" in capsys.readouterr().out
 
 
 def test_the_trainer_reads_a_prepared_set(prepared, tmp_path):

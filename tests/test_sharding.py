@@ -4,8 +4,11 @@ devices, fsdp=8 and data=2 × fsdp=4), per-device memory falling with fsdp, and 
 
 import json
 import os
+import signal
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import jax
@@ -153,6 +156,39 @@ def test_two_processes_train_and_one_process_continues(runs, unet_folders, tmp_p
     assert "resumed from step 2" in result.stdout
     steps = [json.loads(line)["step"] for line in open(workdir / "metrics.jsonl") if '"loss"' in line]
     assert steps == [1, 2, 3, 4]
+
+
+def test_sigterm_to_one_of_two_processes_checkpoints_both(unet_folders, tmp_path):
+    """A preemption signal reaches hosts at different times: the processes agree to stop after the same step,
+    save that checkpoint together and exit cleanly (alone, the signalled one would wait in the save while
+    the other waits in the next step's collectives)."""
+    plan = tmp_path / "plan.json"
+    PrunePlan(name="test", attentions={"up_blocks.0.attentions.0": [1]}).save(plan)
+    c = small_config(unet_folders["micro"], str(plan), batch_size=8, steps=10_000, checkpoint_every=10_000)
+    config = write_config_file(tmp_path / "long.py", c)
+    workdir = tmp_path / "run"
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    procs = [subprocess.Popen([sys.executable, "-m", "jaxdistill.train", "--config", config, "--workdir",
+                               str(workdir)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              env=ONE | {"JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}", "JAX_NUM_PROCESSES": "2",
+                                         "JAX_PROCESS_ID": str(i)}) for i in range(2)]
+    deadline = time.time() + 300
+    while time.time() < deadline and all(p.poll() is None for p in procs) and len(_losses_if_any(workdir)) < 3:
+        time.sleep(0.5)
+    assert all(p.poll() is None for p in procs), procs[0].communicate()[0][-3000:]
+    procs[1].send_signal(signal.SIGTERM)
+    logs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], "\n----\n".join(log[-3000:] for log in logs)
+    assert "stopped by a signal to another process at step" in logs[0], logs[0][-2000:]
+    stopped = int(logs[1].split("stopped by SIGTERM at step ")[1].split(";")[0])
+    assert f"at step {stopped};" in logs[0]
+    assert (workdir / "checkpoints" / "main" / str(stopped)).is_dir()
+
+
+def _losses_if_any(workdir) -> list:
+    return list(_losses(workdir)) if (Path(workdir) / "metrics.jsonl").is_file() else []
 
 
 def test_splash_attention_runs_per_device_under_the_mesh():

@@ -357,6 +357,60 @@ def test_tfds_source(tmp_path):
     with pytest.raises(ValueError, match="no feature"):
         open_source("tfds:tiny_captions", data_dir=str(tmp_path), text_key="meta.nope", image_key="photo")
 
+    # fingerprints: one per slice, the same when opened again, another for another feature
+    prints = [source.fingerprint(s) for s in source.shards()]
+    again = open_source("tfds:tiny_captions:1.0.0:train[1:]", data_dir=str(tmp_path), image_key="photo",
+                        text_key="meta.caption", examples_per_shard=4)
+    assert len(set(prints)) == 2 and prints == [again.fingerprint(s) for s in again.shards()]
+    other = open_source("tfds:tiny_captions:1.0.0:train[1:]", data_dir=str(tmp_path), image_key="photo",
+                        text_key="photo", examples_per_shard=4)
+    assert not set(prints) & {other.fingerprint(s) for s in other.shards()}
+    # what cannot be read is an error that says so (not TFDS's list of every data set it knows)
+    with pytest.raises(FileNotFoundError, match="no such data set"):
+        open_source("tfds:no_such_captions", data_dir=str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="not built in"):
+        open_source("tfds:mnist", data_dir=str(tmp_path / "empty"))
+    with pytest.raises(ValueError, match="bad split 'test'"):
+        open_source("tfds:tiny_captions:test", data_dir=str(tmp_path), image_key="photo", text_key="meta.caption")
+
+
+def test_fingerprints_change_when_a_shards_input_does(tmp_path):
+    """What a resumed `prepare` relies on to redo a finished shard whose input changed."""
+    def caption(key, text, mtime_ns=None):
+        _write(tmp_path / "f", f"{key}.txt", text.encode())
+        if mtime_ns:
+            os.utime(tmp_path / "f" / f"{key}.txt", ns=(mtime_ns, mtime_ns))
+
+    for i in range(10):
+        _write(tmp_path / "f", f"b{i:02d}.png", _encode(_noise(8, 8, i), "PNG"))
+        caption(f"b{i:02d}", f"caption {i}")
+
+    def prints():
+        source = open_source(f"folder:{tmp_path / 'f'}", files_per_shard=4)
+        return [source.fingerprint(s) for s in source.shards()]
+
+    first = prints()
+    assert len(set(first)) == 3 and prints() == first  # stable while the folder is
+    caption("b05", "caption 5", mtime_ns=10**18)  # the same bytes, written again: shard 1 only
+    second = prints()
+    assert [a == b for a, b in zip(first, second, strict=True)] == [True, False, True]
+    caption("b09", "caption nine")  # another caption (another size, whatever the mtime's resolution)
+    assert [a == b for a, b in zip(second, prints(), strict=True)] == [True, True, False]
+    # one image added in front shifts every shard: same names and count, other files in each
+    _write(tmp_path / "f", "a00.png", _encode(_noise(8, 8), "PNG"))
+    assert not set(prints()) & set(second)
+
+    tar = tmp_path / "t" / "00000.tar"
+    _write(tar.parent, tar.name, bytes(100))  # an interrupted download: a bad_tar
+    source = open_source(str(tar.parent))
+    before = source.fingerprint(source.shards()[0])
+    assert open_source(str(tar.parent)).fingerprint(source.shards()[0]) == before
+    with tarfile.open(tar, "w") as t:  # downloaded again, now whole
+        info = tarfile.TarInfo("a.txt")
+        info.size = 1
+        t.addfile(info, io.BytesIO(b"x"))
+    assert source.fingerprint(source.shards()[0]) != before
+
 
 def test_shards_split_disjointly_across_processes(folder):
     source = open_source(folder, files_per_shard=3)

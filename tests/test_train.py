@@ -16,7 +16,7 @@ from diffusers import DDPMScheduler
 from flax.traverse_util import flatten_dict
 
 from jaxdistill import load_unet
-from jaxdistill.config import base_config, validate
+from jaxdistill.config import base_config, tap_list, validate
 from jaxdistill.data import SyntheticLatents
 from jaxdistill.losses import distill_loss
 from jaxdistill.prune import PrunePlan
@@ -113,6 +113,8 @@ def test_resume_continues_exactly(unet_folders, plan_file, tmp_path):
     planes = jax.profiler.ProfileData.from_file(str(traces[0])).planes
     assert any(dict(e.stats).get("hlo_op") for p in planes for line in p.lines for e in line.events)
     run(small_config(teacher, plan_file, ema_decay=0.9, steps=3), tmp_path / "resumed")  # checkpoint at 3, stop
+    with open(tmp_path / "resumed" / "metrics.jsonl", "a") as f:  # what a killed run logged after its checkpoint
+        f.write(json.dumps({"stage": "main", "step": 4, "loss": 123.0}) + '\n{"stage": "ma')
     run(small_config(teacher, plan_file, ema_decay=0.9), tmp_path / "resumed")  # new run: resumes at 3, trains 4..6
     _, straight = load_unet(tmp_path / "straight" / "stages" / "main")
     _, resumed = load_unet(tmp_path / "resumed" / "stages" / "main")
@@ -123,6 +125,9 @@ def test_resume_continues_exactly(unet_folders, plan_file, tmp_path):
     assert {"task", "output_kd", "feature_kd", "grad_norm", "lr"} <= set(a[-1])
     assert any(k.startswith("feature/") for k in a[-1])
     assert os.listdir(tmp_path / "straight" / "tensorboard" / "main")
+    # a config whose training state differs from the checkpoint's (EMA off now) is refused, naming the cause
+    with pytest.raises(ValueError, match="another layout than this config builds .*ema_decay"):
+        run(small_config(teacher, plan_file, ema_decay=0.0, steps=8), tmp_path / "resumed")
 
 
 def test_sigterm_checkpoints_and_the_command_resumes(unet_folders, plan_file, tmp_path):
@@ -212,6 +217,13 @@ def test_student_loss_falls_over_30_steps_and_progressive_stages(unet_folders, p
     (dict(attention="flash", remat="some"), ["config.attention='flash'", "config.remat='some'"]),
     ({"profile.first": 0, "compilation_cache": None}, ["config.profile.first=0", "config.compilation_cache=None"]),
     (dict(stages=[dict(name="a", learning_rate=1.0)]), ["config.stages[0]", "learning_rate"]),
+    # a stage's values are checked before the first stage trains, nested typos included
+    (dict(stages=[dict(name="a", steps=10), dict(name="b", steps=-5, lr=-1.0)]),
+     ["config.stages[b].steps=-5", "config.stages[b].optimizer.lr=-1.0"]),
+    (dict(stages=[dict(name="a", loss=dict(fetaure=0.0))]), ["config.stages[a].loss", "['fetaure']"]),
+    (dict(stages=[dict(name="a", steps="ten")]), ["config.stages[a].steps='ten'"]),
+    (dict(stages=[dict(name="a"), dict(name="a")]), ["config.stages[1] repeats the name 'a'"]),
+    ({"loss.taps": " , "}, ["config.loss.taps"]),
 ])
 def test_bad_config_values_are_named(changes, fields):
     config = small_config("some/teacher", "ssd1b")
@@ -270,3 +282,29 @@ def test_tiny_config_with_a_given_teacher_distils_that_teacher():
                                                                         ("ssd1b", "previous", "ssd1b")]
     config.teacher = "/some/sdxl-pipeline"
     assert [(s.name, s.teacher, s.plan) for s in stages_of(config)] == [("ssd1b", "/some/sdxl-pipeline", "ssd1b")]
+
+
+def test_taps_and_sensitivity_settings_reach_the_run(unet_folders, plan_file, tmp_path):
+    assert tap_list("all") == "all" and tap_list("stages") == "stages"
+    assert tap_list("down_blocks.0.resnets.0, mid_block") == ["down_blocks.0.resnets.0", "mid_block"]
+    config = small_config(unet_folders["micro"], plan_file, steps=0)
+    config.loss.taps = "mid_block,no_such_tap"
+    with pytest.raises(ValueError, match=r"feature taps \['no_such_tap'\] do not exist"):
+        run(config, tmp_path / "taps")
+    config = small_config(unet_folders["micro"], plan_file, steps=0, sensitivity=str(tmp_path))
+    with pytest.raises(ValueError, match="holds no sensitivity.json"):
+        run(config, tmp_path / "sensitivity")
+
+
+def test_a_student_folder_says_which_teacher_layers_it_kept(unet_folders, tmp_path):
+    """A finished stage (or an export) as config.student: its marker's kept layers pair the resnet taps."""
+    import shutil
+
+    from jaxdistill.config import stages_of
+    from jaxdistill.train import STAGE_MARKER, build_models
+
+    folder = shutil.copytree(unet_folders["micro"], tmp_path / "stages" / "first")
+    kept = {"down_blocks.1.resnets": [1]}
+    (folder / STAGE_MARKER).write_text(json.dumps({"stage": "first", "steps": 3, "kept_layers": kept}))
+    stage = stages_of(small_config(unet_folders["micro"], "", student=str(folder)))[0]
+    assert build_models(stage, None)[2] == kept
