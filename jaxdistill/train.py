@@ -119,6 +119,17 @@ def build_models(c: ml_collections.ConfigDict, previous: Model | None) -> tuple[
     return teacher, student, kept
 
 
+def _stack_on_host(params: Any) -> Any:
+    """`stack_layers` on the host's CPU device, where there is one: a whole model in float32 never passes
+    through one accelerator on its way to the mesh."""
+    try:
+        host = jax.local_devices(backend="cpu")[0]
+    except RuntimeError:  # JAX_PLATFORMS without cpu
+        return jax.jit(stack_layers)(params)
+    with jax.default_device(host):
+        return jax.jit(stack_layers)(params)
+
+
 def _damage(c: ml_collections.ConfigDict) -> dict[str, list[float]] | None:
     """The layer damage of `config.sensitivity` (a `python -m jaxdistill.prune --sensitivity` report folder),
     for plans of strategy "sensitivity"."""
@@ -147,7 +158,7 @@ def run_stage(c: ml_collections.ConfigDict, workdir: Path, previous: Model | Non
                          c.schedule.beta_schedule)
     # With scan_layers, training runs on the stacked layout (one compiled body per attention module);
     # saving converts back.
-    layout = jax.jit(stack_layers) if c.scan_layers else (lambda p: p)
+    layout = _stack_on_host if c.scan_layers else (lambda p: p)
     student_model = UNet(student.spec, dtype=c.precision.student_compute, remat=c.remat, scan_layers=c.scan_layers,
                          attention=c.attention)
     teacher_model = (UNet(teacher.spec, dtype=c.precision.teacher, scan_layers=c.scan_layers, attention=c.attention)
