@@ -65,10 +65,19 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any
     """Runs (or resumes) every stage; returns a summary per stage."""
     validate(config)
     workdir = Path(workdir)
+    stages = stages_of(config)
+    for stage in stages:  # a finished stage is skipped: only if it was made as this config would make it
+        marker = workdir / "stages" / stage.name / STAGE_MARKER
+        made = json.loads(marker.read_text()) if marker.is_file() else {}
+        changed = [f"{k}: {made[k]!r} → {stage[k]!r}" for k in ("plan", "teacher") if made.get(k, stage[k]) != stage[k]]
+        if changed:
+            raise ValueError(f"stage {stage.name} in {workdir} was finished with other settings "
+                             f"({'; '.join(changed)}); use a new --workdir, or delete {marker.parent} to train "
+                             "that stage again")
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
     previous, summary = None, {}
-    for stage in stages_of(config):
+    for stage in stages:
         done = workdir / "stages" / stage.name
         marker = done / STAGE_MARKER
         if marker.is_file() and json.loads(marker.read_text())["steps"] >= stage.steps:

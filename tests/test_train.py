@@ -205,6 +205,12 @@ def test_student_loss_falls_over_30_steps_and_progressive_stages(unet_folders, p
             assert expected > 0 and r["tflop_per_s_per_device"] == pytest.approx(expected, rel=1e-9), r
     # the whole sequence resumes like a single run: finished stages are not trained again
     assert run(config, tmp_path) == {}
+    # a finished stage made with another plan is not silently taken as this config's; the run's config stays
+    saved = (tmp_path / "config.json").read_text()
+    config.stages[1]["plan"] = "vega"
+    with pytest.raises(ValueError, match=r"stage student in .* was finished with other settings \(plan: "):
+        run(config, tmp_path)
+    assert (tmp_path / "config.json").read_text() == saved
 
 
 @pytest.mark.parametrize("changes, fields", [
