@@ -714,10 +714,10 @@ class TFDSSource:
         return out
 
     def fingerprint(self, shard: Shard) -> str:
-        """Which data set (name, version, folder), which examples and which features the shard reads."""
+        """Which data set (name, version, folder), which examples (split name and range) and which features
+        the shard reads."""
         b = self.builder
-        return _digest([b.name, str(b.version), str(b.data_dir), self.split, shard.data, self.image_key,
-                        self.text_key])
+        return _digest([b.name, str(b.version), str(b.data_dir), shard.data, self.image_key, self.text_key])
 
     def read(self, shard: Shard) -> Iterator[Record]:
         import tensorflow_datasets as tfds
