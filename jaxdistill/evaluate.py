@@ -39,6 +39,9 @@ def ssim(a: np.ndarray, b: np.ndarray, data_range: float = 255.0, sigma: float =
     σ = 1.5), averaged over the valid (unpadded) pixels and the channels."""
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     radius = int(3.5 * sigma + 0.5)  # scikit-image's truncate=3.5 → an 11-tap window at σ = 1.5
+    if min(a.shape[:2]) < 2 * radius + 1:  # np.convolve would swap its operands and return nonsense
+        raise ValueError(f"ssim: images of {a.shape[0]}×{a.shape[1]} pixels are smaller than the "
+                         f"{2 * radius + 1}×{2 * radius + 1} window (as scikit-image, which refuses them too)")
     x = np.arange(-radius, radius + 1)
     g = np.exp(-x ** 2 / (2 * sigma ** 2))
     g /= g.sum()
@@ -55,24 +58,31 @@ def ssim(a: np.ndarray, b: np.ndarray, data_range: float = 255.0, sigma: float =
     return float(s.mean())
 
 
-def clip_score(images: np.ndarray, prompts: Sequence[str], clip_dir: str | os.PathLike) -> np.ndarray:
-    """CLIP score of each image [N, H, W, 3] uint8 against its prompt: 100 · max(cos(image, text), 0), with
-    a transformers `CLIPModel` folder (weights in safetensors; its processor config beside them)."""
-    try:
+class ClipScore:
+    """CLIP score of images against their prompts: 100 · max(cos(image, text), 0) per image, with a
+    transformers `CLIPModel` folder (weights in safetensors; its processor config beside them). Loads in
+    the constructor, so a bad folder is found before any sampling."""
+
+    def __init__(self, clip_dir: str | os.PathLike):
+        try:
+            from transformers import CLIPModel, CLIPProcessor
+        except ImportError as e:
+            raise RuntimeError("CLIP score needs PyTorch and transformers: pip install 'jaxdistill[torch]'") from e
+        self.model = CLIPModel.from_pretrained(str(clip_dir), use_safetensors=True).eval()
+        self.processor = CLIPProcessor.from_pretrained(str(clip_dir))
+
+    def __call__(self, images: np.ndarray, prompts: Sequence[str]) -> np.ndarray:
+        """images [N, H, W, 3] uint8, one prompt each → [N] scores."""
         import torch
-        from transformers import CLIPModel, CLIPProcessor
-    except ImportError as e:
-        raise RuntimeError("CLIP score needs PyTorch and transformers: pip install 'jaxdistill[torch]'") from e
-    model = CLIPModel.from_pretrained(str(clip_dir), use_safetensors=True).eval()
-    processor = CLIPProcessor.from_pretrained(str(clip_dir))
-    inputs = processor(text=list(prompts), images=list(np.asarray(images)), return_tensors="pt", padding=True,
-                       truncation=True)
-    with torch.no_grad():
-        image = model.get_image_features(pixel_values=inputs["pixel_values"])
-        text = model.get_text_features(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
-    image = torch.nn.functional.normalize(getattr(image, "pooler_output", image), dim=-1)
-    text = torch.nn.functional.normalize(getattr(text, "pooler_output", text), dim=-1)
-    return (100 * torch.clamp((image * text).sum(-1), min=0)).numpy()
+
+        inputs = self.processor(text=list(prompts), images=list(np.asarray(images)), return_tensors="pt",
+                                padding=True, truncation=True)
+        with torch.no_grad():
+            image = self.model.get_image_features(pixel_values=inputs["pixel_values"])
+            text = self.model.get_text_features(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
+        image = torch.nn.functional.normalize(getattr(image, "pooler_output", image), dim=-1)
+        text = torch.nn.functional.normalize(getattr(text, "pooler_output", text), dim=-1)
+        return (100 * torch.clamp((image * text).sum(-1), min=0)).numpy()
 
 
 @dataclasses.dataclass
@@ -88,26 +98,31 @@ class Evaluation:
         return {k: float(np.mean([r[k] for r in self.rows])) for k in keys}
 
 
-def compare(teacher, student, prompts: Sequence[str], seeds: Sequence[int], *, clip_dir: str | None = None,
-            teacher_output=None, **sample_kwargs) -> Evaluation:
-    """Teacher and student (`sample.Pipeline`s) from the same noise for every prompt × seed. `sample_kwargs`
-    go to `sample.generate` (steps, guidance, scheduler, height, width). `teacher_output`: the teacher's
-    `SampleOutput` for these prompts and seeds when already computed (training reuses it)."""
+def compare(teacher, student, prompts: Sequence[str], seeds: Sequence[int], *, clip: ClipScore | None = None,
+            teacher_output=None, height: int | None = None, width: int | None = None,
+            **sample_kwargs) -> Evaluation:
+    """Teacher and student (`sample.Pipeline`s) from the same noise for every prompt × seed, at one size
+    (default: the teacher's). `sample_kwargs` go to `sample.generate` (steps, guidance, scheduler,
+    batch_size). `teacher_output`: the teacher's `SampleOutput` for these prompts and seeds when already
+    computed (training reuses it)."""
     from jaxdistill import sample
 
+    height, width = teacher.check_size(height, width)
+    student.check_size(height, width)
     cases = [(p, s) for p in prompts for s in seeds]
     case_prompts, case_seeds = [p for p, _ in cases], [s for _, s in cases]
-    t = teacher_output or sample.generate(teacher, case_prompts, seeds=case_seeds, **sample_kwargs)
-    s = sample.generate(student, case_prompts, seeds=case_seeds, **sample_kwargs)
+    kwargs = dict(sample_kwargs, height=height, width=width)
+    t = teacher_output or sample.generate(teacher, case_prompts, seeds=case_seeds, **kwargs)
+    s = sample.generate(student, case_prompts, seeds=case_seeds, **kwargs)
     rows = []
     for i, (prompt, seed) in enumerate(cases):
         tl, sl = np.asarray(t.latents[i], np.float64), np.asarray(s.latents[i], np.float64)
         mse = float(np.mean((sl - tl) ** 2))
         rows.append({"prompt": prompt, "seed": seed, "latent_mse": mse, "latent_rel_mse": mse / float(np.mean(tl ** 2)),
                      "psnr": psnr(s.images[i], t.images[i]), "ssim": ssim(s.images[i], t.images[i])})
-    if clip_dir:
+    if clip is not None:
         for name, images in (("clip_teacher", t.images), ("clip_student", s.images)):
-            for row, score in zip(rows, clip_score(images, case_prompts, clip_dir), strict=True):
+            for row, score in zip(rows, clip(images, case_prompts), strict=True):
                 row[name] = float(score)
     return Evaluation(rows, np.asarray(t.images), np.asarray(s.images))
 
@@ -128,9 +143,8 @@ class Validation:
                  seeds: Sequence[int], **sample_kwargs):
         from jaxdistill import sample
 
-        self.base = sample.load_pipeline(pipeline_dir)  # its VAE, text encoders and scheduler
-        self.teacher = dataclasses.replace(self.base, unet_spec=teacher_spec, unet_params=teacher_params,
-                                           name="teacher")
+        self.parts = sample.load_parts(pipeline_dir)  # its VAE, text encoders and scheduler, not its UNet
+        self.teacher = sample.with_unet(self.parts, teacher_spec, teacher_params, "teacher")
         self.prompts, self.seeds, self.kwargs = list(prompts), list(seeds), sample_kwargs
         self._teacher_output = None
 
@@ -142,7 +156,7 @@ class Validation:
             cases = [(p, s) for p in self.prompts for s in self.seeds]
             self._teacher_output = sample.generate(self.teacher, [p for p, _ in cases], seeds=[s for _, s in cases],
                                                    **self.kwargs)
-        student = dataclasses.replace(self.base, unet_spec=student_spec, unet_params=student_params, name="student")
+        student = sample.with_unet(self.parts, student_spec, student_params, "student")
         evaluation = compare(self.teacher, student, self.prompts, self.seeds, teacher_output=self._teacher_output,
                              **self.kwargs)
         return evaluation.means(), comparison_grid(evaluation)
@@ -166,8 +180,11 @@ def write_report(evaluation: Evaluation, out: str | os.PathLike, info: dict[str,
     if info:
         header += [f"- {k}: {v}" for k, v in info.items()] + [""]
     (out / "metrics.md").write_text("\n".join(header + lines) + "\n")
-    (out / "summary.json").write_text(json.dumps({"means": means, "rows": evaluation.rows} | (info or {}),
-                                                 indent=2))
+    # Strict JSON: a non-finite figure (PSNR of identical images is inf) is written as null.
+    finite = lambda v: v if not isinstance(v, float) or np.isfinite(v) else None  # noqa: E731
+    summary = {"means": {k: finite(v) for k, v in means.items()},
+               "rows": [{k: finite(v) for k, v in row.items()} for row in evaluation.rows]} | (info or {})
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, allow_nan=False))
     comparison_grid(evaluation).save(out / "grid.png")
     return out
 
@@ -190,20 +207,33 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--scheduler", choices=("euler", "ddim"), default="euler")
     parser.add_argument("--height", type=int)
     parser.add_argument("--width", type=int)
+    parser.add_argument("--batch-size", type=int, default=4, help="images denoised and decoded together")
     parser.add_argument("--clip", help="transformers CLIPModel folder (safetensors) for CLIP scores")
     parser.add_argument("--ema", action="store_true", help="the student checkpoint's EMA weights")
     parser.add_argument("--out", required=True)
     args = parser.parse_args(argv)
     try:
         prompts = sample.read_prompts(args.prompts)
-        seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+        seeds = sample.check_seeds(s for s in args.seeds.split(",") if s.strip())
     except (OSError, ValueError) as e:
         parser.error(str(e))
+    if not seeds:
+        parser.error(f"--seeds {args.seeds!r}: no seeds (comma-separated integers, e.g. 0,1)")
+    for name in ("steps", "batch_size"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be ≥ 1")
     pipeline = args.pipeline or args.teacher
-    teacher = sample.load_pipeline(args.teacher, pipeline)
-    student = sample.load_pipeline(args.student, pipeline, ema=args.ema)
-    evaluation = compare(teacher, student, prompts, seeds, clip_dir=args.clip, steps=args.steps,
-                         guidance=args.guidance, scheduler=args.scheduler, height=args.height, width=args.width)
+    try:  # everything that can fail before hours of sampling: folders, fit, sizes, scheduler, CLIP weights
+        teacher = sample.load_pipeline(args.teacher, pipeline)
+        student = sample.load_pipeline(args.student, ema=args.ema, parts=teacher)  # one VAE and encoder copy
+        height, width = teacher.check_size(args.height, args.width)
+        student.check_size(height, width)
+        sample.make_scheduler(args.scheduler, teacher.scheduler_config)
+        clip = ClipScore(args.clip) if args.clip else None
+    except (OSError, ValueError) as e:
+        parser.error(str(e))
+    evaluation = compare(teacher, student, prompts, seeds, clip=clip, steps=args.steps, guidance=args.guidance,
+                         scheduler=args.scheduler, height=height, width=width, batch_size=args.batch_size)
     info = {"student": args.student, "teacher": args.teacher, "steps": args.steps, "guidance": args.guidance,
             "scheduler": args.scheduler}
     out = write_report(evaluation, args.out, info)

@@ -279,8 +279,8 @@ class Pipeline:
     when that is float16 and its config says `force_upcast`, as diffusers upcasts it); the text encoders
     always compute in float32 (they run once per batch)."""
 
-    unet_spec: UNetSpec
-    unet_params: dict
+    unet_spec: UNetSpec | None  # None: the parts only (`load_parts`)
+    unet_params: dict | None
     text_encoders: TextEncoders
     vae_spec: VAESpec
     vae_params: dict
@@ -318,15 +318,16 @@ class Pipeline:
 
 
 def load_pipeline(model: str | os.PathLike, pipeline: str | os.PathLike | None = None, *, ema: bool = False,
-                  dtype: str | Any = "float32") -> Pipeline:
+                  dtype: str | Any = "float32", parts: Pipeline | None = None) -> Pipeline:
     """A `Pipeline` whose UNet is `model` and whose VAE, text encoders and scheduler come from `pipeline`.
 
     `model`: a diffusers pipeline folder (its unet/), a diffusers UNet folder, or a training checkpoint of
     `python -m jaxdistill.train` (workdir, stage or step folder; `ema` takes its EMA weights). `pipeline`:
     a diffusers SDXL pipeline folder; default `model` itself when it is a pipeline folder, or for a
-    checkpoint the run's `data.pipeline` / pipeline-folder teacher. `dtype`: the UNet's parameters are cast
-    to it and it computes in it ("float32", "bfloat16"; "float16" on GPUs). Raises FileNotFoundError /
-    ValueError with the reason when something is missing or does not fit together."""
+    checkpoint the run's `data.pipeline` / pipeline-folder teacher. `parts`: another `Pipeline` whose VAE,
+    text encoders and scheduler to share instead (a teacher and a student on one copy of them). `dtype`:
+    the UNet's parameters are cast to it and it computes in it ("float32", "bfloat16"; "float16" on GPUs).
+    Raises FileNotFoundError / ValueError with the reason when something is missing or does not fit."""
     model = Path(model)
     dtype = jnp.dtype(dtype)
     if dtype == jnp.float16 and jax.default_backend() == "cpu":
@@ -352,25 +353,40 @@ def load_pipeline(model: str | os.PathLike, pipeline: str | os.PathLike | None =
             pipeline = next((c for c in candidates if c and is_pipeline(Path(c))), None)
     else:
         raise FileNotFoundError(f"model {model} does not exist")
-    if pipeline is None:
-        raise FileNotFoundError(f"{model} is a UNet, not a whole pipeline: give the SDXL pipeline folder whose VAE, "
-                                "text encoders and scheduler to use (--pipeline DIR / pipeline=)")
+    if parts is None:
+        if pipeline is None:
+            raise FileNotFoundError(f"{model} is a UNet, not a whole pipeline: give the SDXL pipeline folder whose "
+                                    "VAE, text encoders and scheduler to use (--pipeline DIR / pipeline=)")
+        parts = load_parts(pipeline, dtype)
+    elif parts.dtype != dtype:
+        raise ValueError(f"the shared pipeline parts compute in {parts.dtype}, the model in {dtype}")
+    return with_unet(parts, spec, params, str(model))
+
+
+def load_parts(pipeline: str | os.PathLike, dtype: str | Any = "float32") -> Pipeline:
+    """The VAE, text encoders and scheduler of a diffusers SDXL pipeline folder, as a `Pipeline` without a
+    UNet (its own unet/ is not read): `with_unet` gives it one."""
     pipeline = Path(pipeline)
     missing = [d for d in PIPELINE_PARTS if not (pipeline / d).is_dir()]
     if missing:
         raise FileNotFoundError(f"{pipeline} is not a diffusers SDXL pipeline folder: it lacks {', '.join(missing)}")
-
     vae_spec, vae_params = load_vae(pipeline)
     encoders = load_text_encoders(pipeline, dtype=jnp.float32)  # once per batch: float32 costs nothing
     scheduler_file = pipeline / "scheduler" / "scheduler_config.json"
     scheduler_config = (json.loads(scheduler_file.read_text()) if scheduler_file.is_file()
                         else dict(SDXL_SCHEDULER_CONFIG))
+    make_scheduler("euler", scheduler_config)  # refuse an unsupported scheduler config now, not at generate
     index_file = pipeline / "model_index.json"
     index = json.loads(index_file.read_text()) if index_file.is_file() else {}
-    pipe = Pipeline(spec, params, encoders, vae_spec, vae_params, scheduler_config,
-                    bool(index.get("force_zeros_for_empty_prompt", True)), dtype, str(model), str(pipeline))
+    return Pipeline(None, None, encoders, vae_spec, vae_params, scheduler_config,
+                    bool(index.get("force_zeros_for_empty_prompt", True)), jnp.dtype(dtype), "", str(pipeline))
+
+
+def with_unet(parts: Pipeline, spec: UNetSpec, params: dict, name: str) -> Pipeline:
+    """`parts`' VAE, text encoders and scheduler (shared, not copied) with this UNet; ValueError when the
+    UNet does not fit them."""
+    pipe = dataclasses.replace(parts, unet_spec=spec, unet_params=params, name=name)
     _check_compatible(pipe)
-    make_scheduler("euler", scheduler_config)  # refuse an unsupported scheduler config now, not at generate
     return pipe
 
 
@@ -418,6 +434,15 @@ def initial_latents(seed: int, height: int, width: int, channels: int = 4, *, va
     return np.asarray(jax.random.normal(jax.random.key(seed), shape, jnp.float32))
 
 
+def check_seeds(seeds: Sequence[int]) -> list[int]:
+    """The seeds as ints; ValueError for one outside 0 … 2**63 − 1 (what `jax.random.key` takes)."""
+    seeds = [int(s) for s in seeds]
+    bad = [s for s in seeds if not 0 <= s < 2 ** 63]
+    if bad:
+        raise ValueError(f"seed {bad[0]}: seeds are integers in 0 … 2**63 − 1")
+    return seeds
+
+
 def generate(pipe: Pipeline, prompts: Sequence[str], *, seeds: Sequence[int] | None = None,
              latents: np.ndarray | None = None, steps: int = 25, guidance: float = 5.0, scheduler: str = "euler",
              height: int | None = None, width: int | None = None, negative_prompt: str | Sequence[str] = "",
@@ -431,7 +456,7 @@ def generate(pipe: Pipeline, prompts: Sequence[str], *, seeds: Sequence[int] | N
     is set (diffusers' negative_prompt=None), else it is encoded (one string, or one per prompt).
     height/width in pixels (default: the UNet's sample size × the VAE's factor). `batch_size` runs the
     prompts in chunks of that many (the last chunk padded, so one compilation serves all)."""
-    prompts = list(prompts)
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     n = len(prompts)
     if not n:
         raise ValueError("no prompts")
@@ -439,7 +464,7 @@ def generate(pipe: Pipeline, prompts: Sequence[str], *, seeds: Sequence[int] | N
     f, channels = pipe.vae_scale_factor, pipe.unet_spec.in_channels
     shape = (n, height // f, width // f, channels)
     if latents is None:
-        seeds = list(range(n)) if seeds is None else [int(s) for s in seeds]
+        seeds = list(range(n)) if seeds is None else check_seeds(seeds)
         if len(seeds) != n:
             raise ValueError(f"{len(seeds)} seeds for {n} prompts: give one seed per prompt")
         latents = np.concatenate([initial_latents(s, height, width, channels, vae_scale_factor=f) for s in seeds])
@@ -460,10 +485,13 @@ def generate(pipe: Pipeline, prompts: Sequence[str], *, seeds: Sequence[int] | N
         idx = [min(i, n - 1) for i in range(start, start + chunk)]  # pad the last chunk with its last item
         out = _generate_batch(pipe, [prompts[i] for i in idx], [negatives[i] for i in idx], latents[idx], sched,
                               schedule, guidance, guidance_rescale, height, width)
-        outputs.append(out[: min(chunk, n - start)])
-    final = np.concatenate(outputs)
+        # The VAE decodes chunk by chunk too: SDXL's decoder needs ~3.5 GB of activations per 1024² image.
+        keep = min(chunk, n - start)
+        outputs.append((out[:keep], _decode(pipe, out)[:keep]))
+    final = np.concatenate([chunk_latents for chunk_latents, _ in outputs])
     # diffusers' VaeImageProcessor.postprocess: denormalize, then ×255 and round for PIL.
-    pixels = np.clip(_decode(pipe, final) * np.float32(0.5) + np.float32(0.5), 0, 1)
+    decoded = np.concatenate([chunk_images for _, chunk_images in outputs])
+    pixels = np.clip(decoded * np.float32(0.5) + np.float32(0.5), 0, 1)
     return SampleOutput(images=(pixels * 255).round().astype(np.uint8), latents=final, pixels=pixels)
 
 
@@ -669,9 +697,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be ≥ 1")
     try:
+        check_seeds([args.seed, args.seed + args.num_images - 1])
         student = load_pipeline(args.model, args.pipeline, ema=args.ema, dtype=args.dtype)
         # The teacher gets the student's VAE, text encoders and scheduler: only the UNets differ.
-        teacher = load_pipeline(args.teacher, student.pipeline_dir, dtype=args.dtype) if args.teacher else None
+        teacher = load_pipeline(args.teacher, parts=student, dtype=args.dtype) if args.teacher else None
         height, width = student.check_size(args.height, args.width)
         make_scheduler(args.scheduler, student.scheduler_config)
     except (OSError, ValueError) as e:  # missing folders, incompatible parts, bad sizes, scheduler configs

@@ -3,11 +3,17 @@ pure functions: noising, prediction targets. Samplers live in `sample.py`."""
 
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 PREDICTION_TYPES = ("epsilon", "v_prediction")
+# The fields of config.schedule, named as in diffusers' scheduler configs.
+SCHEDULE_FIELDS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "prediction_type")
 
 
 def alphas_cumprod(num_train_timesteps: int = 1000, beta_start: float = 0.00085, beta_end: float = 0.012,
@@ -51,3 +57,24 @@ def prediction_target(acp: jax.Array, x0: jax.Array, noise: jax.Array, timesteps
         signal, sigma = _coefficients(acp, timesteps, x0.ndim)
         return signal * noise - sigma * x0
     raise ValueError(f"prediction_type={prediction_type!r}: expected one of {PREDICTION_TYPES}.")
+
+
+def schedule_mismatches(schedule: Mapping[str, Any], scheduler_config: Mapping[str, Any]) -> list[str]:
+    """How a diffusers scheduler config (a pipeline's `scheduler/scheduler_config.json`) describes another
+    training schedule than `schedule` (config.schedule): one line per differing field the file sets, and
+    settings this module does not implement (trained_betas, rescale_betas_zero_snr). Empty: they agree."""
+    problems = []
+    for field in SCHEDULE_FIELDS:
+        if field not in scheduler_config:
+            continue
+        ours, theirs = schedule[field], scheduler_config[field]
+        same = (math.isclose(float(ours), float(theirs), rel_tol=1e-9) if isinstance(ours, float)
+                else ours == theirs)
+        if not same:
+            problems.append(f"{field}: the config has {ours!r}, the pipeline {theirs!r}")
+    if scheduler_config.get("trained_betas") is not None:
+        problems.append("trained_betas: the pipeline lists its own betas, which training does not implement")
+    if scheduler_config.get("rescale_betas_zero_snr"):
+        problems.append("rescale_betas_zero_snr: the pipeline rescales its betas to zero terminal SNR, which "
+                        "training does not implement")
+    return problems

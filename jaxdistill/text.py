@@ -59,18 +59,19 @@ class TextEncoderSpec:
     largest id", anything else "the first position holding eos_token_id".
     """
 
-    vocab_size: int
-    hidden_size: int
-    intermediate_size: int
-    num_hidden_layers: int
-    num_attention_heads: int
+    # Defaults: transformers' CLIPTextConfig, so that a config.json missing a field means what it means there.
+    vocab_size: int = 49408
+    hidden_size: int = 512
+    intermediate_size: int = 2048
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 8
     max_position_embeddings: int = 77
     hidden_act: str = "quick_gelu"
     layer_norm_eps: float = 1e-5
     projection_dim: int | None = None
-    eos_token_id: int = 2
+    eos_token_id: int = 49407
     pad_token_id: int | None = 1
-    bos_token_id: int | None = 0
+    bos_token_id: int | None = 49406
 
     def __post_init__(self):
         if self.hidden_act not in ACTIVATIONS:
@@ -313,7 +314,7 @@ class TextEncoders:
     def models(self) -> tuple[CLIPTextModel, CLIPTextModel]:
         return tuple(CLIPTextModel(spec=s, dtype=self.dtype) for s in self.specs)
 
-    def tokenize(self, captions: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    def tokenize(self, captions: str | Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
         """captions → (ids for text_encoder, ids for text_encoder_2), int32 [B, 77] each (`tokenize`)."""
         return tokenize(self.tokenizers, captions)
 
@@ -353,9 +354,10 @@ def load_tokenizers(pipeline_dir: str | os.PathLike) -> tuple[Any, Any]:
     return tuple(CLIPTokenizer.from_pretrained(str(Path(pipeline_dir) / tokenizer)) for _, tokenizer, _ in ENCODERS)
 
 
-def tokenize(tokenizers: Sequence[Any], captions: Sequence[str]) -> tuple[np.ndarray, ...]:
-    """captions → one int32 [B, model_max_length (77)] id array per tokenizer: padded to max length and
-    truncated, exactly as diffusers' encode_prompt calls the tokenizers."""
-    return tuple(np.asarray(t(list(captions), padding="max_length", max_length=t.model_max_length,
+def tokenize(tokenizers: Sequence[Any], captions: str | Sequence[str]) -> tuple[np.ndarray, ...]:
+    """captions (one string: a batch of one) → one int32 [B, model_max_length (77)] id array per tokenizer:
+    padded to max length and truncated, exactly as diffusers' encode_prompt calls the tokenizers."""
+    captions = [captions] if isinstance(captions, str) else list(captions)
+    return tuple(np.asarray(t(captions, padding="max_length", max_length=t.model_max_length,
                               truncation=True, return_tensors="np").input_ids, np.int32) for t in tokenizers)
 

@@ -34,7 +34,7 @@ from jaxdistill.data import make_data
 from jaxdistill.layers import stack_layers, unstack_layers
 from jaxdistill.prepare import atomic_json, load_encoders, make_encode
 from jaxdistill.prune import feature_pairs, load_plan, prune
-from jaxdistill.schedule import add_noise, alphas_cumprod
+from jaxdistill.schedule import add_noise, alphas_cumprod, schedule_mismatches
 from jaxdistill.sharding import (
     batch_sharding,
     global_batch,
@@ -74,6 +74,8 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any
             raise ValueError(f"stage {stage.name} in {workdir} was finished with other settings "
                              f"({'; '.join(changed)}); use a new --workdir, or delete {marker.parent} to train "
                              "that stage again")
+    for stage in stages:
+        _check_schedule(stage)
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
     previous, summary = None, {}
@@ -86,6 +88,24 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any
             continue
         previous, summary[stage.name] = run_stage(stage, workdir, previous)
     return summary
+
+
+def _check_schedule(c: ml_collections.ConfigDict):
+    """config.schedule against the scheduler config of every SDXL pipeline folder the stage names (teacher,
+    data.pipeline, eval.pipeline): a teacher trained for v-prediction or other betas would otherwise be
+    distilled with epsilon targets on the wrong noise levels, silently."""
+    from jaxdistill.sample import is_pipeline
+
+    folders = {str(f) for f in (c.teacher, c.data.pipeline, c.eval.pipeline) if f and f != "previous"}
+    for folder in sorted(folders):
+        file = Path(folder) / "scheduler" / "scheduler_config.json"
+        if not (is_pipeline(folder) and file.is_file()):
+            continue
+        problems = schedule_mismatches(c.schedule, json.loads(file.read_text()))
+        if problems:
+            raise ValueError(f"stage {c.name}: config.schedule does not match {file} ({'; '.join(problems)}). "
+                             "Set the config's fields to the pipeline's (--config.schedule.FIELD=VALUE) to train "
+                             "as that model was trained")
 
 
 def build_models(c: ml_collections.ConfigDict, previous: Model | None) -> tuple[Model | None, Model, Any]:
@@ -408,7 +428,8 @@ def _validation(c, teacher: Model, workdir: Path):
         return None
     size = {k: c.eval[k] for k in ("height", "width") if c.eval[k]}
     return Validation(pipeline, teacher.spec, teacher.params, prompts=list(c.eval.prompts), seeds=list(c.eval.seeds),
-                      steps=c.eval.steps, guidance=c.eval.guidance, scheduler=c.eval.scheduler, **size)
+                      steps=c.eval.steps, guidance=c.eval.guidance, scheduler=c.eval.scheduler,
+                      batch_size=c.eval.batch_size, **size)
 
 
 def step_flops(teacher: UNetSpec | None, student: UNetSpec, batch: dict[str, np.ndarray], batch_size: int) -> float:

@@ -9,6 +9,7 @@ import sys
 
 import numpy as np
 import pytest
+from PIL import Image
 from skimage.metrics import structural_similarity
 
 from jaxdistill.evaluate import Evaluation, psnr, ssim, write_report
@@ -30,6 +31,8 @@ def test_ssim_equals_scikit_image(noise):
                                       data_range=255, channel_axis=-1)
     assert abs(ssim(a, b) - reference) < 1e-12
     assert ssim(a, a) == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="window"):  # scikit-image refuses these too
+        ssim(a[:10], b[:10])
 
 
 def test_psnr_by_hand():
@@ -70,28 +73,59 @@ def pipeline(tmp_path_factory):
     return write_random_pipeline(tmp_path_factory.mktemp("pipeline") / "sdxl")
 
 
+def _strict_json(path):
+    def refuse(constant):
+        raise AssertionError(f"{path}: {constant} is not JSON")
+    return json.loads(path.read_text(), parse_constant=refuse)
+
+
 def test_evaluate_command_compares_a_student_with_its_teacher(pipeline, tmp_path):
-    """The teacher against itself is perfect (latent MSE 0, SSIM 1); a perturbed student is not."""
+    """The teacher against itself is perfect (latent MSE 0, SSIM 1, PSNR inf: null in strict JSON); a
+    perturbed student is not. The student's config names another sample size: both sample at the
+    teacher's. Chunks of 3 for 4 image pairs (the last chunk padded)."""
+    import dataclasses
+
     from jaxdistill import load_unet, save_unet
 
     spec, params = load_unet(pipeline)
     noisy = {k: v for k, v in params.items()}
     noisy["conv_out"] = {k: v + 0.05 for k, v in params["conv_out"].items()}
-    student = save_unet(tmp_path / "student", spec, noisy)
+    student = save_unet(tmp_path / "student", dataclasses.replace(spec, sample_size=spec.sample_size // 2), noisy)
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red square\na blue circle\n")
-    common = ["--teacher", str(pipeline), "--prompts", str(prompts), "--seeds", "0,3", "--steps", "3", "--height",
-              "32", "--width", "48"]
-    for name, model in (("self", str(pipeline)), ("student", str(student))):
-        result = subprocess.run([sys.executable, "-m", "jaxdistill.evaluate", "--student", model, *common, "--out",
-                                 str(tmp_path / name)], capture_output=True, text=True, env=ENV)
+    common = ["--teacher", str(pipeline), "--prompts", str(prompts), "--seeds", "0,3", "--steps", "3",
+              "--batch-size", "3"]
+    for name, model, size in (("self", str(pipeline), ["--height", "32", "--width", "48"]),
+                              ("student", str(student), [])):
+        result = subprocess.run([sys.executable, "-m", "jaxdistill.evaluate", "--student", model, *common, *size,
+                                 "--out", str(tmp_path / name)], capture_output=True, text=True, env=ENV)
         assert result.returncode == 0, result.stderr[-2000:]
-    same = json.loads((tmp_path / "self" / "summary.json").read_text())
-    different = json.loads((tmp_path / "student" / "summary.json").read_text())
+    same = _strict_json(tmp_path / "self" / "summary.json")
+    different = _strict_json(tmp_path / "student" / "summary.json")
     assert len(same["rows"]) == 4 and {r["seed"] for r in same["rows"]} == {0, 3}
     assert same["means"]["latent_mse"] == 0 and same["means"]["ssim"] == pytest.approx(1.0)
+    assert same["means"]["psnr"] is None and same["rows"][0]["psnr"] is None
     assert different["means"]["latent_rel_mse"] > 1e-4 and different["means"]["ssim"] < 1.0
     assert (tmp_path / "student" / "grid.png").is_file()
+    teacher_size = spec.sample_size * 2  # the tiny VAE's factor
+    assert Image.open(tmp_path / "student" / "grid.png").size[1] > 4 * teacher_size
+
+
+def test_evaluate_command_refuses_bad_input_before_sampling(pipeline, tmp_path, capsys):
+    """Argparse errors (exit 2) that name the problem, and nothing written."""
+    from jaxdistill.evaluate import main
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a cat\n")
+    common = ["--student", str(pipeline), "--teacher", str(pipeline), "--prompts", str(prompts)]
+    for args, reason in [(["--seeds", ","], "no seeds"), (["--seeds", str(2 ** 64)], "seeds are integers"),
+                         (["--steps", "0"], "--steps must be"), (["--height", "30"], "multiple of 4"),
+                         (["--teacher", str(tmp_path / "nothing")], "does not exist"),
+                         (["--clip", str(tmp_path / "no-clip")], "no-clip")]:
+        with pytest.raises(SystemExit) as info:
+            main([*common, *args, "--out", str(tmp_path / "out")])
+        assert info.value.code == 2 and reason in capsys.readouterr().err, args
+    assert not (tmp_path / "out").exists()
 
 
 def test_training_writes_a_validation_grid_and_agreement(pipeline, tmp_path):
@@ -123,7 +157,7 @@ def test_clip_score_from_a_clip_folder(tmp_path):
     import torch
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
 
-    from jaxdistill.evaluate import clip_score
+    from jaxdistill.evaluate import ClipScore
     from jaxdistill.reference import write_tiny_clip_tokenizer
 
     tokenizer = write_tiny_clip_tokenizer(tmp_path / "tok")
@@ -140,7 +174,7 @@ def test_clip_score_from_a_clip_folder(tmp_path):
     processor.save_pretrained(tmp_path / "clip")
     images = np.random.default_rng(0).integers(0, 256, (3, 40, 48, 3)).astype(np.uint8)
     prompts = ["a cat", "a dog on a hill", "two red cars"]
-    scores = clip_score(images, prompts, tmp_path / "clip")
+    scores = ClipScore(tmp_path / "clip")(images, prompts)
     model = CLIPModel.from_pretrained(tmp_path / "clip")
     inputs = processor(text=prompts, images=list(images), return_tensors="pt", padding=True)
     with torch.no_grad():

@@ -197,6 +197,12 @@ def test_seeds_chunks_and_bad_arguments(pipe, noise):
     chunked = generate(pipe, PROMPTS + PROMPTS[:1], seeds=[0, 1, 0], batch_size=2, **kwargs)
     np.testing.assert_array_equal(chunked.latents[:2], whole.latents)
     np.testing.assert_allclose(chunked.latents[2], whole.latents[0], rtol=0, atol=1e-5)
+    np.testing.assert_array_equal(chunked.images[:2], whole.images)  # the VAE decodes chunk by chunk too
+    one = generate(pipe, PROMPTS[0], seeds=[0], **kwargs)  # one string is one prompt
+    assert one.latents.shape[0] == 1  # another batch size: XLA may order sums otherwise
+    np.testing.assert_allclose(one.latents, chunked.latents[:1], rtol=0, atol=1e-4)
+    with pytest.raises(ValueError, match="seeds are integers"):
+        generate(pipe, PROMPTS, seeds=[0, 2 ** 64], **kwargs)
     with pytest.raises(ValueError, match="multiple of 4"):  # VAE 2× × UNet 2×
         generate(pipe, PROMPTS, seeds=[0, 1], height=30, width=WIDTH)
     with pytest.raises(ValueError, match="one seed per prompt"):
@@ -275,3 +281,7 @@ def test_unet_folders_and_checkpoints_as_models(pipeline_dir, pipe, noise, tmp_p
     index = json.loads((pipeline_dir / "model_index.json").read_text())
     assert from_unet.unet_spec == pipe.unet_spec
     assert from_unet.force_zeros_for_empty_prompt is index["force_zeros_for_empty_prompt"] is True
+    # a second UNet on the same VAE, text encoders and scheduler: shared, not loaded again
+    shared = load_pipeline(pipeline_dir / "unet", parts=from_unet)
+    assert shared.text_encoders is from_unet.text_encoders and shared.vae_params is from_unet.vae_params
+    assert shared.unet_params is not from_unet.unet_params and shared.name == str(pipeline_dir / "unet")

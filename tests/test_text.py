@@ -222,6 +222,19 @@ def test_spec_from_config(pipeline_dir):
         text.TextEncoderSpec.from_transformers_config(config | {"hidden_act": "silu"})
 
 
+def test_spec_defaults_are_transformers_defaults(encoders):
+    """A config.json that leaves a field out means CLIPTextConfig's default (eos 49407: first-EOS pooling)."""
+    defaults = transformers.CLIPTextConfig()
+    spec = text.TextEncoderSpec()
+    for field in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                  "max_position_embeddings", "hidden_act", "layer_norm_eps", "eos_token_id", "pad_token_id",
+                  "bos_token_id"):
+        assert getattr(spec, field) == getattr(defaults, field), field
+    # one string is one caption, as in diffusers' encode_prompt
+    assert [ids.shape for ids in encoders.tokenize("a cat")] == [(1, 77), (1, 77)]
+    np.testing.assert_array_equal(encoders.tokenize("a cat")[1], encoders.tokenize(["a cat"])[1])
+
+
 def test_activations_match_transformers():
     x = np.linspace(-6, 6, 1001, dtype=np.float32)
     for name, fn in text.ACTIVATIONS.items():

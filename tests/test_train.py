@@ -262,6 +262,24 @@ def test_distillation_without_a_teacher_is_refused(tmp_path):
     jax.clear_caches()
 
 
+def test_a_pipeline_trained_on_another_noise_schedule_is_refused(tmp_path):
+    """A v-prediction teacher (its scheduler config says so) is not distilled with epsilon targets."""
+    from jaxdistill.reference import write_random_pipeline
+    from jaxdistill.schedule import schedule_mismatches
+
+    pipeline = write_random_pipeline(tmp_path / "sdxl")
+    scheduler = pipeline / "scheduler" / "scheduler_config.json"
+    config = json.loads(scheduler.read_text())
+    assert schedule_mismatches(base_config().schedule, config) == []  # SDXL's own: agrees
+    scheduler.write_text(json.dumps(config | {"prediction_type": "v_prediction", "beta_end": 0.02}))
+    with pytest.raises(ValueError, match="prediction_type: the config has 'epsilon', the pipeline 'v_prediction'"):
+        run(small_config(str(pipeline), "", steps=2), tmp_path / "run")
+    assert not (tmp_path / "run").exists()  # refused before anything is written
+    fixed = small_config(str(pipeline), "", **{"schedule.prediction_type": "v_prediction", "schedule.beta_end": 0.02})
+    assert schedule_mismatches(fixed.schedule, json.loads(scheduler.read_text())) == []
+    assert "rescale_betas_zero_snr" in schedule_mismatches(fixed.schedule, {"rescale_betas_zero_snr": True})[0]
+
+
 def test_synthetic_data_is_deterministic_per_step():
     from jaxdistill import presets
 
