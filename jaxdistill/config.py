@@ -12,7 +12,7 @@ import ml_collections
 from jaxdistill.layers import ATTENTION
 from jaxdistill.losses import NORMALIZATIONS
 from jaxdistill.schedule import PREDICTION_TYPES
-from jaxdistill.sharding import AXES, DEFAULT_RULES
+from jaxdistill.sharding import AXES, DEFAULT_RULES, rule_errors
 
 DTYPES = ("float32", "bfloat16")
 REMAT = ("none", "full", "dots")
@@ -147,6 +147,7 @@ def _field_errors(c: ml_collections.ConfigDict) -> list[str]:
     check(c.profile.steps >= 0, "profile.steps", "≥ 0 (0: no trace)")
     check(set(c.mesh.sizes) == set(AXES) and set(c.mesh.dcn) == set(AXES), "mesh.sizes",
           f"sizes and dcn for each of {AXES}")
+    errors += [f"mesh.rules: {problem}" for problem in rule_errors(c.mesh.rules)]
     check(c.eval.every >= 0, "eval.every", "≥ 0 (0: validate only before and after)")
     check(c.eval.scheduler in ("euler", "ddim"), "eval.scheduler", "'euler' or 'ddim'")
     check(c.eval.batch_size >= 1, "eval.batch_size", "≥ 1 (images denoised and decoded together)")

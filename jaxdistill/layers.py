@@ -31,7 +31,9 @@ def conv2d(x: jax.Array, w: jax.Array, strides: tuple[int, int], padding: tuple[
     a batch-as-feature weight gradient; XLA:CPU's `ConvCanonicalization` rewrites those only at a program's
     top level, so inside any loop (a `lax.scan` over micro-batches) they miss its YNNPACK kernels: 9x the
     convolution time on the CPU machine (bench/NOTES.md). Here they are written in the canonical form directly,
-    with the kernel flip and the transposes XLA would insert."""
+    with the kernel flip and the transposes XLA would insert. Reverse mode only: a `custom_vjp` has no
+    forward-mode rule, so `jax.jvp` / `jacfwd` through the UNet fail on a CPU (where the UNet's convolutions
+    take this path); accelerators use `lax.conv_general_dilated` and support both modes."""
     return jax.lax.conv_general_dilated(x, w, strides, padding, dimension_numbers=NHWC)
 
 

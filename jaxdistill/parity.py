@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxdistill import presets
-from jaxdistill.convert import load_unet, resolve_unet_folder
+from jaxdistill.convert import WEIGHTS_NAME, load_unet, resolve_unet_folder
 from jaxdistill.reference import TOLERANCE, random_inputs, relative_errors, torch_forward, write_random_unet
 from jaxdistill.unet import UNet, count_params
 
@@ -27,7 +27,11 @@ def check_folder(folder, batch: int = 2, size: int = 16, seq_len: int = 8, seed:
     from diffusers import UNet2DConditionModel
 
     spec, params = load_unet(folder, dtype=jnp.float32)
-    reference = UNet2DConditionModel.from_pretrained(str(resolve_unet_folder(folder)), low_cpu_mem_usage=False)
+    # The weights load_unet read: the plain file or index, else the fp16 variant (as `read_safetensors`).
+    unet_dir = resolve_unet_folder(folder)
+    plain = any((unet_dir / name).is_file() for name in (WEIGHTS_NAME, WEIGHTS_NAME + ".index.json"))
+    reference = UNet2DConditionModel.from_pretrained(str(unet_dir), variant=None if plain else "fp16",
+                                                     low_cpu_mem_usage=False)
     reference = reference.float().eval()
     inputs = random_inputs(spec, batch, size, seq_len, seed)
     ours = jax.jit(lambda p, x: UNet(spec).apply({"params": p}, **x))(params, inputs)

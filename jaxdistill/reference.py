@@ -133,7 +133,8 @@ def torch_forward(model, inputs: Mapping[str, np.ndarray]) -> tuple[np.ndarray, 
 
 
 def relative_errors(ours: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray]) -> dict[str, float]:
-    """max |ours − reference| / max |reference| for every name in `reference` (shapes must agree)."""
+    """max |ours − reference| / max |reference| for every name in `reference` (shapes must agree); inf where
+    ours is not finite (NaN would compare false against any tolerance and pass)."""
     errors = {}
     for name, ref in reference.items():
         if name not in ours:
@@ -141,7 +142,8 @@ def relative_errors(ours: Mapping[str, np.ndarray], reference: Mapping[str, np.n
         mine = np.asarray(ours[name], np.float32)
         if mine.shape != ref.shape:
             raise ValueError(f"{name}: our shape {mine.shape} ≠ diffusers' {ref.shape}")
-        errors[name] = float(np.max(np.abs(mine - ref)) / max(np.max(np.abs(ref)), 1e-30))
+        error = float(np.max(np.abs(mine - ref)) / max(np.max(np.abs(ref)), 1e-30))
+        errors[name] = error if np.isfinite(mine).all() and np.isfinite(error) else float("inf")
     return errors
 
 

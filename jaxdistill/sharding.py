@@ -32,10 +32,46 @@ BATCH = ("data", "fsdp")  # the batch dimension is split over both: FSDP is data
 # of conv kernels; tensor parallelism: the output side of linear kernels (and their biases).
 DEFAULT_RULES = (("embed", "fsdp"), ("mlp", "tensor"), ("conv_out", "fsdp"), ("conv_in", None), ("norm", None),
                  ("vocab", "tensor"), ("layers", None), ("kernel_h", None), ("kernel_w", None))
+# The logical names one parameter can carry together (`_leaf_axes`): two of them on one mesh axis would
+# shard one array twice over the same devices.
+_TOGETHER = (("layers", "embed", "mlp"), ("layers", "kernel_h", "kernel_w", "conv_in", "conv_out"),
+             ("layers", "vocab", "embed"), ("layers", "norm"))
+LOGICAL = tuple(dict.fromkeys(name for group in _TOGETHER for name in group))
+
+
+def rule_errors(rules: Sequence[Sequence[Any]]) -> list[str]:
+    """What is wrong with a rule table (config.mesh.rules): each rule a pair [logical name, mesh axis or
+    None], names from `LOGICAL`, axes from `AXES`, each logical name once, and no two names one parameter
+    carries on the same mesh axis. Empty: usable."""
+    problems, table = [], {}
+    for rule in rules:
+        if not (isinstance(rule, (list, tuple)) and len(rule) == 2):
+            problems.append(f"rule {rule!r}: expected a pair [logical name, mesh axis or None]")
+            continue
+        name, axis = rule
+        if name not in LOGICAL:
+            problems.append(f"rule {list(rule)!r}: unknown logical name {name!r} (one of {LOGICAL})")
+        elif axis is not None and axis not in AXES:
+            problems.append(f"rule {list(rule)!r}: unknown mesh axis {axis!r} (one of {AXES}, or None)")
+        elif name in table:
+            problems.append(f"rule {list(rule)!r}: {name!r} has a rule already")
+        else:
+            table[name] = axis
+    for group in _TOGETHER:
+        on = {}
+        for name in group:
+            if table.get(name) is not None:
+                on.setdefault(table[name], []).append(name)
+        problems += [f"rules {names} all map to mesh axis {axis!r}, but one parameter carries them together"
+                     for axis, names in on.items() if len(names) > 1]
+    return list(dict.fromkeys(problems))
 
 
 def mesh_shape(sizes: Mapping[str, int], num_devices: int) -> tuple[int, ...]:
     """(data, fsdp, tensor) from the config's sizes; one of them may be -1: the devices left over."""
+    unknown = sorted(set(sizes) - set(AXES))
+    if unknown:
+        raise ValueError(f"mesh sizes name unknown axes {unknown}: the axes are {AXES}")
     shape = [int(sizes.get(a, 1)) for a in AXES]
     free = [i for i, s in enumerate(shape) if s == -1]
     if len(free) > 1 or any(s == 0 or s < -1 for s in shape):
@@ -87,6 +123,9 @@ def logical_axes(params: Mapping) -> dict:
 
 def param_shardings(params: Mapping, mesh: Mesh, rules: Sequence[tuple[str, str | None]] = DEFAULT_RULES) -> dict:
     """NamedSharding for every parameter of `params` (arrays or ShapeDtypeStructs) under `rules`."""
+    problems = rule_errors(rules)
+    if problems:
+        raise ValueError("mesh rules: " + "; ".join(problems))
     table = dict(rules)
     out = {}
     for path, leaf in flatten_dict(dict(params)).items():

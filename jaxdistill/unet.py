@@ -131,6 +131,11 @@ class UNet(_Ops):
         s = self.spec
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, remat=self.remat, attention=self.attention)
         batch = sample.shape[0]
+        factor = 2 ** (s.num_blocks - 1)
+        if sample.shape[1] % factor or sample.shape[2] % factor:  # shapes are static: checked at trace time
+            raise ValueError(f"sample of {sample.shape[1]}×{sample.shape[2]} latents: this UNet downsamples "
+                             f"{factor}×, so both sides must be multiples of {factor} (images: of {8 * factor} "
+                             "pixels with SDXL's VAE)")
         timesteps = jnp.broadcast_to(jnp.asarray(timesteps), (batch,))
 
         t_emb = timestep_embedding(timesteps, s.block_out_channels[0], s.flip_sin_to_cos, s.freq_shift)
@@ -139,8 +144,15 @@ class UNet(_Ops):
             if text_embeds is None or time_ids is None:
                 raise ValueError("this UNet has SDXL's text_time conditioning: pass text_embeds [B, P] and "
                                  "time_ids [B, N] (SDXL: pooled text embedding and 6 size/crop ids).")
+            width = text_embeds.shape[-1] + time_ids.shape[-1] * s.addition_time_embed_dim
+            if width != s.projection_class_embeddings_input_dim:
+                raise ValueError(f"text_embeds [.., {text_embeds.shape[-1]}] and time_ids [.., {time_ids.shape[-1]}] "
+                                 f"give {width} add-embedding inputs; this UNet takes "
+                                 f"{s.projection_class_embeddings_input_dim} (pooled width + time ids × "
+                                 f"{s.addition_time_embed_dim})")
+            # per row of text_embeds, as diffusers: a batch of one conditions every sample
             time_embeds = timestep_embedding(time_ids.reshape(-1), s.addition_time_embed_dim,
-                                             s.flip_sin_to_cos, s.freq_shift).reshape(batch, -1)
+                                             s.flip_sin_to_cos, s.freq_shift).reshape(text_embeds.shape[0], -1)
             add = jnp.concatenate([text_embeds.astype(jnp.float32), time_embeds], axis=-1)
             emb = emb + TimestepEmbedding(s.time_embed_dim, **kw, name="add_embedding")(add.astype(self.dtype))
 

@@ -39,6 +39,25 @@ def test_mesh_sizes():
         mesh_shape({"data": -1, "fsdp": -1, "tensor": 1}, 8)
     with pytest.raises(ValueError, match="not a multiple"):
         mesh_shape({"data": 3, "fsdp": -1, "tensor": 1}, 8)
+    with pytest.raises(ValueError, match="unknown axes"):
+        mesh_shape({"data": -1, "tensr": 2}, 8)
+
+
+def test_bad_mesh_rules_are_named_before_anything_runs():
+    from jaxdistill.config import base_config, validate
+    from jaxdistill.sharding import DEFAULT_RULES, rule_errors
+
+    assert rule_errors(DEFAULT_RULES) == []
+    assert rule_errors([("embed", "fdsp")]) == [
+        "rule ['embed', 'fdsp']: unknown mesh axis 'fdsp' (one of ('data', 'fsdp', 'tensor'), or None)"]
+    assert "'embed', 'mlp'" in rule_errors([("embed", "fsdp"), ("mlp", "fsdp")])[0]  # one kernel, sharded twice
+    assert rule_errors([("vocab", "tensor"), ("mlp", "tensor")]) == []  # never in one parameter
+    assert "unknown logical name" in rule_errors([("emb", "fsdp")])[0]
+    assert "has a rule already" in rule_errors([("embed", "fsdp"), ("embed", None)])[0]
+    c = base_config()
+    c.mesh.rules = [["embed", "fdsp"], ["mlp", "tensor"]]
+    with pytest.raises(ValueError, match="mesh.rules: rule .'embed', 'fdsp'.: unknown mesh axis"):
+        validate(c)
 
 
 def test_every_parameter_has_logical_axes():

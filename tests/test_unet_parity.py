@@ -36,6 +36,12 @@ def test_forward_and_every_feature_match_diffusers(name, unet_folders):
     assert not bad, f"beyond {TOLERANCE:g} relative: {bad}"
 
 
+def test_a_non_finite_output_fails_the_parity_check():
+    errors = relative_errors({"a": np.array([np.nan, 1.0]), "b": np.array([1.0, 2.0])},
+                             {"a": np.array([1.0, 1.0]), "b": np.array([1.0, 2.0])})
+    assert errors == {"a": float("inf"), "b": 0.0}  # NaN > tolerance is False: it must not read as a pass
+
+
 def test_compute_dtype_is_separate_from_parameter_dtype(unet_folders):
     spec, params = load_unet(unet_folders["ssd1b"])
     inputs = random_inputs(spec, batch=1, size=8, seed=3)
@@ -58,6 +64,34 @@ def test_missing_sdxl_conditioning_is_a_clear_error(unet_folders):
     inputs = random_inputs(spec, batch=1, size=8)
     with pytest.raises(ValueError, match="text_embeds"):
         UNet(spec).apply({"params": params}, inputs["sample"], inputs["timesteps"], inputs["encoder_hidden_states"])
+    model = UNet(spec)
+    with pytest.raises(ValueError, match="add-embedding inputs"):  # 3 time ids, not 6
+        model.apply({"params": params}, **inputs | {"time_ids": inputs["time_ids"][:, :3]})
+    factor = 2 ** (spec.num_blocks - 1)
+    with pytest.raises(ValueError, match=f"multiples of {factor}"):
+        model.apply({"params": params}, **inputs | {"sample": jnp.zeros((1, factor + 1, factor, spec.in_channels))})
+
+
+def test_one_row_of_sdxl_conditioning_serves_the_batch(unet_folders):
+    """diffusers broadcasts text_embeds / time_ids of batch 1 over the samples; so do we."""
+    spec, params = load_unet(unet_folders["micro"])
+    inputs = random_inputs(spec, batch=2, size=2 ** (spec.num_blocks - 1), seq_len=4)
+    one = {k: inputs[k][:1] for k in ("text_embeds", "time_ids")}
+    tiled = {k: np.repeat(v, 2, axis=0) for k, v in one.items()}
+    apply = UNet(spec).apply
+    np.testing.assert_allclose(apply({"params": params}, **inputs | one).sample,
+                               apply({"params": params}, **inputs | tiled).sample, rtol=0, atol=1e-6)
+
+
+def test_parity_command_reads_an_fp16_only_folder(unet_folders, tmp_path):
+    from jaxdistill import save_unet
+    from jaxdistill.parity import check_folder
+
+    spec, params = load_unet(unet_folders["micro"])
+    folder = save_unet(tmp_path / "fp16", spec, params, dtype=jnp.float16, variant="fp16")
+    assert [p.name for p in folder.glob("*.safetensors")] == ["diffusion_pytorch_model.fp16.safetensors"]
+    errors = check_folder(folder, batch=1, size=2 ** (spec.num_blocks - 1))
+    assert max(errors.values()) <= TOLERANCE
 
 
 def test_scanned_layers_and_remat_compute_the_same_function():
