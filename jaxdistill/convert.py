@@ -10,10 +10,12 @@ form. Pickled `.bin` weights are refused: unpickling runs code from the file.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 import jax
@@ -36,6 +38,10 @@ MODULE_LISTS = frozenset({"down_blocks", "up_blocks", "resnets", "attentions", "
 
 class WeightsError(ValueError):
     """Weights that do not fit the architecture, or that we will not read."""
+
+
+class OutFolderError(ValueError):
+    """An output folder that would replace something it should not (see `check_out`)."""
 
 
 def load_unet(path: str | os.PathLike, dtype: jnp.dtype | type | None = None,
@@ -112,7 +118,11 @@ def read_safetensors(folder: Path, variant: str | None = None, name: str = WEIGH
 
 def write_safetensors(folder: Path, state: Mapping[str, np.ndarray], variant: str | None = None,
                       max_shard_size: int | None = None):
-    """Writes `state` in diffusers' file layout; each file appears atomically (written, then renamed)."""
+    """Writes `state` in diffusers' file layout; each file appears atomically (written, then renamed). The
+    variant's weight files of an earlier write that the new layout does not reuse (a single file, or an
+    index and its shards) are removed afterwards: readers take an index before a single file, so a stale
+    one would shadow the new weights."""
+    stale = _weight_files(folder, variant)
     sizes = {k: v.nbytes for k, v in state.items()}
     shards: list[dict[str, np.ndarray]] = [{}]
     for key in sorted(state):
@@ -121,16 +131,31 @@ def write_safetensors(folder: Path, state: Mapping[str, np.ndarray], variant: st
         shards[-1][key] = np.ascontiguousarray(state[key])
     metadata = {"format": "pt"}
     if len(shards) == 1:
+        written = {_variant(WEIGHTS_NAME, variant)}
         _atomic_write(folder / _variant(WEIGHTS_NAME, variant), lambda f: save_file(shards[0], f, metadata))
-        return
-    pattern = _variant(WEIGHTS_NAME, variant).replace(".safetensors", "-{:05d}-of-{:05d}.safetensors")
-    weight_map = {}
-    for i, shard in enumerate(shards):
-        name = pattern.format(i + 1, len(shards))
-        _atomic_write(folder / name, lambda f, shard=shard: save_file(shard, f, metadata))
-        weight_map |= dict.fromkeys(shard, name)
-    index = {"metadata": {"total_size": sum(sizes.values())}, "weight_map": weight_map}
-    _atomic_write(folder / _variant(INDEX_NAME, variant), lambda f: Path(f).write_text(json.dumps(index, indent=2)))
+    else:
+        weight_map = {}
+        for i, shard in enumerate(shards):
+            name = _shard_name(variant).format(i + 1, len(shards))
+            _atomic_write(folder / name, lambda f, shard=shard: save_file(shard, f, metadata))
+            weight_map |= dict.fromkeys(shard, name)
+        index = {"metadata": {"total_size": sum(sizes.values())}, "weight_map": weight_map}
+        written = {*weight_map.values(), _variant(INDEX_NAME, variant)}
+        _atomic_write(folder / _variant(INDEX_NAME, variant), lambda f: Path(f).write_text(json.dumps(index, indent=2)))
+    for name in stale - written:
+        (folder / name).unlink(missing_ok=True)
+
+
+def _shard_name(variant: str | None) -> str:
+    """diffusers' shard file name, to be filled with (shard, shard count)."""
+    return _variant(WEIGHTS_NAME, variant).replace(".safetensors", "-{:05d}-of-{:05d}.safetensors")
+
+
+def _weight_files(folder: Path, variant: str | None) -> set[str]:
+    """The names of `folder`'s diffusers weight files of `variant` (not of other variants): single, index, shards."""
+    names = {p.name for p in folder.glob(_shard_name(variant).replace("{:05d}", "[0-9]" * 5))}
+    return names | {n for n in (_variant(WEIGHTS_NAME, variant), _variant(INDEX_NAME, variant))
+                    if (folder / n).exists()}
 
 
 def from_diffusers_state_dict(state: Mapping[str, np.ndarray], spec: UNetSpec) -> dict:
@@ -247,6 +272,64 @@ def _variant(name: str, variant: str | None) -> str:
     return f"{head}.{variant}.{tail}"
 
 
+def check_out(out: str | os.PathLike, overwrite: bool, sources: Sequence[str | os.PathLike | None] = ()):
+    """Raises `OutFolderError` unless `out` may become a new folder: not a file, empty unless `overwrite`,
+    and not holding any of `sources` (replacing `out` must never delete what it is made from)."""
+    out = Path(out)
+    for source in filter(None, sources):
+        if out.resolve() in (Path(source).resolve(), *Path(source).resolve().parents):
+            raise OutFolderError(f"--out {out} holds {source}, which is read to make it; choose another folder")
+    if out.exists() and not out.is_dir():
+        raise OutFolderError(f"--out {out} is a file; give a folder")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise OutFolderError(f"--out {out} exists and is not empty; choose another folder or add --overwrite "
+                             "(the old content is replaced only once the new folder is complete)")
+
+
+@contextlib.contextmanager
+def whole_folder(out: str | os.PathLike, overwrite: bool) -> Iterator[Path]:
+    """Yields a hidden sibling folder of `out` to write into. When the block finishes, the sibling is renamed
+    to `out` (checked again by `check_out`; an old `out` is moved aside first and deleted only afterwards),
+    so `out` appears as a whole or not at all; on an error the sibling is deleted and `out` left as it was."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".partial"))
+    try:
+        yield tmp
+        _default_permissions(tmp)
+        _move_into_place(tmp, out, overwrite)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+
+
+def _default_permissions(folder: Path):
+    """Files and folders as a plain write would make them: mkdtemp / mkstemp (atomic writes) give 0700 / 0600."""
+    mask = umask()
+    for path in (folder, *folder.rglob("*")):
+        os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~mask)
+
+
+def _move_into_place(tmp: Path, out: Path, overwrite: bool):
+    """Renames the finished `tmp` to `out`; an old `out` is moved aside first and deleted only afterwards."""
+    check_out(out, overwrite)  # again: something may have appeared while we wrote
+    if out.is_dir() and not any(out.iterdir()):
+        out.rmdir()
+    if not out.exists():
+        os.rename(tmp, out)
+        return
+    old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".old"))
+    os.rename(out, old / out.name)
+    try:
+        os.rename(tmp, out)
+    except OSError:
+        os.rename(old / out.name, out)  # put the old one back
+        raise
+    finally:
+        if out.exists():
+            shutil.rmtree(old)
+
+
 def _atomic_write(path: Path, write):
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
@@ -257,7 +340,6 @@ def _atomic_write(path: Path, write):
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
-
 
 
 def umask() -> int:

@@ -23,7 +23,6 @@ import os
 import re
 import shutil
 import sys
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -37,11 +36,13 @@ from jaxdistill.checkpoint import CheckpointError, load_checkpoint
 from jaxdistill.config import stages_of
 from jaxdistill.convert import (
     CONFIG_NAME,
+    OutFolderError,
+    check_out,
     load_unet,
     resolve_unet_folder,
     save_unet,
     to_diffusers_state_dict,
-    umask,
+    whole_folder,
 )
 from jaxdistill.prune import PlanError, load_plan
 from jaxdistill.spec import CROSS_ATTN_MID, UNetSpec, UnsupportedConfigError
@@ -182,7 +183,7 @@ def export(checkpoint: str | os.PathLike, out: str | os.PathLike, *, ema: bool =
     out = Path(out)
     if dtype not in DTYPES:
         raise ExportError(f"--dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
-    _check_out(out, overwrite, (checkpoint, pipeline_from))  # before the slow part: a refusal costs nothing
+    check_out(out, overwrite, (checkpoint, pipeline_from))  # before the slow part: a refusal costs nothing
     files = pipeline_files(pipeline_from) if pipeline_from else None  # before the weights: they can be large
     student = load_student(checkpoint, ema=ema, stage=stage)
     if pipeline_from:
@@ -190,9 +191,7 @@ def export(checkpoint: str | os.PathLike, out: str | os.PathLike, *, ema: bool =
     _check_weights(student.params, dtype)
     facts = describe(student, dtype, pipeline_from, files, base_model)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".partial"))
-    try:
+    with whole_folder(out, overwrite) as tmp:
         save_unet(tmp / "unet" if files else tmp, student.spec, student.params, dtype=DTYPES[dtype])
         if files:
             src = Path(pipeline_from)
@@ -205,11 +204,6 @@ def export(checkpoint: str | os.PathLike, out: str | os.PathLike, *, ema: bool =
             (tmp / "model_index.json").write_text(json.dumps(index, indent=2))
         (tmp / FACTS_NAME).write_text(json.dumps(facts, indent=2))
         (tmp / CARD_NAME).write_text(model_card(facts, out.name))
-        _default_permissions(tmp)
-        _move_into_place(tmp, out, overwrite)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
     return out
 
 
@@ -405,44 +399,6 @@ def _check_weights(params: dict, dtype: str):
                           + (f" (and {len(bad) - 10} more)" if len(bad) > 10 else "") + hint)
 
 
-def _check_out(out: Path, overwrite: bool, sources: Sequence[str | os.PathLike | None] = ()):
-    for source in filter(None, sources):  # replacing --out must never delete what it is made from
-        if out.resolve() in (Path(source).resolve(), *Path(source).resolve().parents):
-            raise ExportError(f"--out {out} holds {source}, which the export reads; choose another folder")
-    if out.exists() and not out.is_dir():
-        raise ExportError(f"--out {out} is a file; give a folder")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise ExportError(f"--out {out} exists and is not empty; choose another folder or add --overwrite "
-                          "(the old content is replaced only once the new export is complete)")
-
-
-def _default_permissions(folder: Path):
-    """Files and folders as a plain write would make them: mkdtemp / mkstemp (atomic writes) give 0700 / 0600."""
-    mask = umask()
-    for path in (folder, *folder.rglob("*")):
-        os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~mask)
-
-
-def _move_into_place(tmp: Path, out: Path, overwrite: bool):
-    """Renames the finished `tmp` to `out`; an old `out` is moved aside first and deleted only afterwards."""
-    _check_out(out, overwrite)  # again: something may have appeared while we wrote
-    if out.is_dir() and not any(out.iterdir()):
-        out.rmdir()
-    if not out.exists():
-        os.rename(tmp, out)
-        return
-    old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".old"))
-    os.rename(out, old / out.name)
-    try:
-        os.rename(tmp, out)
-    except OSError:
-        os.rename(old / out.name, out)  # put the old one back
-        raise
-    finally:
-        if out.exists():
-            shutil.rmtree(old)
-
-
 def _architecture(spec: UNetSpec) -> dict[str, Any]:
     return {
         "block_out_channels": list(spec.block_out_channels),
@@ -518,7 +474,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         out = export(args.checkpoint, args.out, ema=args.ema, dtype=args.dtype, pipeline_from=args.pipeline_from,
                      stage=args.stage, overwrite=args.overwrite, base_model=args.base_model)
-    except (CheckpointError, ExportError, UnsupportedConfigError) as e:
+    except (CheckpointError, ExportError, OutFolderError, UnsupportedConfigError) as e:
         print(f"error: {e}", flush=True, file=sys.stderr)
         return 2
     facts = json.loads((out / FACTS_NAME).read_text())

@@ -24,7 +24,6 @@ SSD_1B = SDXL.replace(
     down_depths=((0, 0), (2, 2), (4, 4)),
     up_depths=((4, 4, 10), (2, 1, 1), (0, 0, 0)),
     mid_block_type=RESNET_MID,
-    mid_depth=0,
 )
 
 # Segmind-Vega: every attention block halved again, mid block one resnet.
@@ -32,7 +31,6 @@ VEGA = SDXL.replace(
     down_depths=((0, 0), (1, 1), (2, 2)),
     up_depths=((2, 2, 2), (1, 1, 1), (0, 0, 0)),
     mid_block_type=RESNET_MID,
-    mid_depth=0,
 )
 
 PRESETS = {"sdxl": SDXL, "ssd1b": SSD_1B, "vega": VEGA}

@@ -14,16 +14,21 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import numbers
 import os
+import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 
-from jaxdistill.convert import check_params, flax_path
+from jaxdistill.convert import OutFolderError, check_params, flax_path
 from jaxdistill.spec import CROSS_ATTN_MID, RESNET_MID, UNetSpec, UnsupportedConfigError
+
+if TYPE_CHECKING:
+    from jaxdistill.sensitivity import Report
 
 KEEP = "keep"
 STRATEGIES = ("first", "even", "sensitivity")
@@ -49,9 +54,11 @@ class PrunePlan:
     note: str = ""
 
     def __post_init__(self):
-        attentions = {k: v if isinstance(v, int) else tuple(int(i) for i in v) for k, v in self.attentions.items()}
-        object.__setattr__(self, "attentions", attentions)
-        object.__setattr__(self, "resnets", {k: tuple(int(i) for i in v) for k, v in self.resnets.items()})
+        for field in ("name", "note", "strategy"):
+            if not isinstance(getattr(self, field), str):
+                raise PlanError(f"plan field {field}={getattr(self, field)!r}: expected a string.")
+        object.__setattr__(self, "attentions", _entries(self.attentions, "attentions", self.name))
+        object.__setattr__(self, "resnets", _entries(self.resnets, "resnets", self.name))
         if self.strategy not in STRATEGIES:
             raise PlanError(f"plan {self.name}: strategy={self.strategy!r}; expected one of {STRATEGIES}.")
         if self.mid_block_type not in (KEEP, RESNET_MID, None):
@@ -65,6 +72,9 @@ class PrunePlan:
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> PrunePlan:
+        if not isinstance(data, Mapping):
+            raise PlanError(f"a prune plan is a JSON object (name, note, strategy, mid_block_type, attentions, "
+                            f"resnets), not {type(data).__name__}.")
         unknown = set(data) - {"name", "note", "strategy", "mid_block_type", "attentions", "resnets"}
         if unknown:
             raise PlanError(f"prune plan has unknown fields {sorted(unknown)}; expected name, note, strategy, "
@@ -80,6 +90,32 @@ class PrunePlan:
 
     def save(self, path: str | os.PathLike):
         Path(path).write_text(json.dumps(self.to_json(), indent=2) + "\n")
+
+
+def _entries(entries: Any, field: str, plan: str) -> dict[str, int | tuple[int, ...]]:
+    """A plan's `attentions` (name → layer count or indices) or `resnets` (name → indices), normalised;
+    anything else is refused by name: JSON's true is not a count, "10" is not the indices (1, 0)."""
+    def is_int(v):
+        return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+    example = "down_blocks.2.attentions.0" if field == "attentions" else "down_blocks.2"
+    if not isinstance(entries, Mapping):
+        raise PlanError(f"plan {plan}: {field}={entries!r}; expected an object of names ({example}) to values.")
+    out, bad = {}, []
+    for name, v in entries.items():
+        if field == "attentions" and is_int(v):
+            out[name] = int(v)
+        elif isinstance(v, (list, tuple)) and all(is_int(i) for i in v):
+            out[name] = tuple(int(i) for i in v)
+        else:
+            bad.append(f"{name}: {v!r}")
+        if not isinstance(name, str):
+            bad.append(f"{name!r}: not a name like {example}")
+    if bad:
+        expected = "a layer count or a list of layer indices" if field == "attentions" else "a list of resnet indices"
+        raise PlanError(f"plan {plan}: {field} needs {expected} (whole numbers) for each entry; got "
+                        + "; ".join(bad))
+    return out
 
 
 # Segmind never published which layers SSD-1B kept; a third party estimated it by comparing SSD-1B's
@@ -181,6 +217,9 @@ def resolve_plan(spec: UNetSpec, plan: PrunePlan,
     if plan.mid_block_type != KEEP and "mid_block.attentions.0" in plan.attentions:
         problems.append("mid_block.attentions.0: the plan also removes the mid block's attention "
                         f"(mid_block_type={plan.mid_block_type!r})")
+    if plan.mid_block_type == RESNET_MID and spec.mid_block_type is None:
+        problems.append(f"mid_block: the plan keeps a {RESNET_MID} (one resnet), but the teacher has no mid block "
+                        "to take it from; use mid_block_type 'keep' or null")
     problems += _resolve_resnets(spec, plan, kept)
     if problems:
         raise PlanError(f"prune plan {plan.name!r} does not fit the teacher:\n  " + "\n  ".join(problems))
@@ -216,6 +255,16 @@ def _resolve_resnets(spec: UNetSpec, plan: PrunePlan, kept: dict[str, tuple[int,
                             f"layers_per_block): keep {counts[down] + 1} in {up}")
     if problems:
         return problems
+    # A block's first resnet takes the previous block's output: a kept resnet moved to the front must have
+    # been built for that width.
+    width = spec.block_out_channels
+    for kind, widths in (("down_blocks", width), ("up_blocks", width[::-1])):
+        for i in range(n):
+            j = kept.get(f"{kind}.{i}.resnets", (0,))[0]
+            if j and i and widths[i - 1] != widths[i]:
+                problems.append(f"resnets of {kind}.{i}: teacher resnet {j} takes {widths[i]} channels from the "
+                                f"previous resnet, but at the student's position 0 it would get the {widths[i - 1]}-"
+                                f"channel output of {kind}.{i - 1}; keep resnet 0")
     # Each up resnet concatenates a skip connection: a kept resnet must see a skip of the width it was built for.
     teacher_skips = _skip_widths(spec, {b: range(m) for b, m in blocks.items()})
     student_skips = _skip_widths(spec, {b: range(c) for b, c in counts.items()})
@@ -349,23 +398,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     sensitivity; choose a plan for a parameter or FLOP budget."""
     import argparse
 
-    from jaxdistill import sensitivity as sens
-    from jaxdistill.convert import load_unet, save_unet
-    from jaxdistill.unet import count_params
-
     parser = argparse.ArgumentParser(prog="python -m jaxdistill.prune", description=main.__doc__)
     parser.add_argument("--teacher", required=True, help="diffusers UNet folder, or a pipeline folder with unet/")
     parser.add_argument("--plan", help=f"a preset ({', '.join(PLANS)}) or a plan JSON file")
-    parser.add_argument("--out", help="where to write the student (a diffusers UNet folder)")
+    parser.add_argument("--out", help="where to write the student (a diffusers UNet folder; refused if not empty, "
+                                      "see --overwrite)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace a non-empty --out once the student is written")
     parser.add_argument("--sensitivity", metavar="REPORT_DIR",
-                        help="measure each removable unit's damage and write the report here (reused if present)")
+                        help="measure each removable unit's damage and write the report here; a folder holding "
+                             "sensitivity.json (or that file) is reused")
     budget = parser.add_mutually_exclusive_group()
     budget.add_argument("--budget-params", type=float, help="automatic plan: student parameters ≤ N")
     budget.add_argument("--budget-flops", type=float, help="automatic plan: student forward FLOPs ≤ N (batch 1)")
-    parser.add_argument("--resolution", type=int, default=1024, help="image side for FLOPs (latents: /8)")
-    parser.add_argument("--calibration-batch", type=int, default=8, help="calibration samples across timesteps")
-    parser.add_argument("--calibration-size", type=int, default=32, help="latent side of the calibration batch")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--resolution", type=int, default=1024,
+                        help="image side for FLOPs (latents: /8); for --budget-flops a reused report is re-priced")
+    # None: the defaults below when measuring, whatever a reused report was measured with otherwise.
+    parser.add_argument("--calibration-batch", type=int, help="calibration samples across timesteps (default 8)")
+    parser.add_argument("--calibration-size", type=int, help="latent side of the calibration batch (default 32)")
+    parser.add_argument("--seed", type=int, help="calibration batch seed (default 0)")
     args = parser.parse_args(argv)
 
     auto = args.budget_params is not None or args.budget_flops is not None
@@ -377,47 +428,107 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("nothing to do: give --plan, --sensitivity, or a budget")
     if args.plan and not args.out:
         parser.error("--plan needs --out DIR for the student")
+    if args.out and not (args.plan or auto):
+        parser.error("--out needs a plan: give --plan, or a budget (--budget-params / --budget-flops)")
+    if args.overwrite and not args.out:
+        parser.error("--overwrite needs --out")
+    if args.resolution < 8 or args.resolution % 8:
+        parser.error(f"--resolution {args.resolution}: expected a positive multiple of 8 (the VAE's factor)")
+    for flag in ("calibration_batch", "calibration_size"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            parser.error(f"--{flag.replace('_', '-')} must be ≥ 1")
     try:
-        plan = load_plan(args.plan) if args.plan else None
-    except PlanError as e:
-        parser.error(str(e))
+        _run(args, auto)
+    except (OSError, ValueError) as e:  # missing folders, refused plans, weights or reports that do not fit
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 2
+    return 0
+
+
+def _run(args, auto: bool):
+    """`main` after the arguments are checked: every refusal comes before the weights are read or measured."""
+    from jaxdistill import sensitivity as sens
+    from jaxdistill.convert import CONFIG_NAME, check_out, load_unet, resolve_unet_folder, save_unet, whole_folder
+    from jaxdistill.unet import count_params
+
+    spec = UNetSpec.from_diffusers_config(resolve_unet_folder(args.teacher) / CONFIG_NAME)
+    plan = load_plan(args.plan) if args.plan else None
+    if args.out:
+        if Path(args.teacher).resolve() in Path(args.out).resolve().parents:
+            raise OutFolderError(f"--out {args.out} is inside the teacher folder {args.teacher}; choose another folder")
+        check_out(args.out, args.overwrite, (args.teacher, args.sensitivity))
+    report, report_dir, flops_size = None, None, (args.resolution // 8,) * 2
+    if args.sensitivity:
+        report, report_dir = _reused_report(Path(args.sensitivity), spec, args)
+        if report is not None:
+            print(f"sensitivity: reusing {args.sensitivity}")
+            if args.budget_flops is not None and report.flops_size != flops_size:
+                print(f"sensitivity: FLOPs re-priced at {args.resolution} px (the report counts them at "
+                      f"{8 * report.flops_size[0]}×{8 * report.flops_size[1]} px); damages as measured")
+                report = sens.repriced(report, flops_size)
+    if plan is not None:  # its refusals before the weights are read; placeholder damages when still to measure
+        pending = {m: [0.0] * d for m, d in attention_modules(spec).items()} if args.sensitivity else None
+        student_spec(spec, plan, resolve_plan(spec, plan, sens.layer_damage(report) if report else pending))
+    prices = None
+    if auto:  # a reused report's prices, or the prices alone: an unreachable budget is refused before measuring
+        prices = report or sens.priced(spec, flops_size)
+        sens.check_budget(prices, budget_params=args.budget_params, budget_flops=args.budget_flops)
 
     spec, params = load_unet(args.teacher)
     print(f"teacher: {args.teacher} ({count_params(spec):,} parameters)")
-    report = None
-    if args.sensitivity:
-        report_dir = Path(args.sensitivity)
-        if (report_dir / "sensitivity.json").is_file():
-            report = sens.read_report(report_dir)
-            print(f"sensitivity: reusing {report_dir / 'sensitivity.json'}")
-        else:
-            report = sens.sensitivity_report(spec, params, batch=args.calibration_batch, size=args.calibration_size,
-                                             flops_size=args.resolution // 8, seed=args.seed)
-            sens.write_report(report, report_dir)
-            print(f"sensitivity: {len(report.rows)} units measured → {report_dir}/sensitivity.{{csv,md,png,json}}")
+    if args.sensitivity and report is None:
+        report = sens.sensitivity_report(
+            spec, params, batch=args.calibration_batch or 8, size=args.calibration_size or 32, seed=args.seed or 0,
+            flops_size=flops_size, teacher_flops=prices.teacher_flops if prices else None)
+        sens.write_report(report, report_dir)
+        print(f"sensitivity: {len(report.rows)} units measured → {report_dir}/sensitivity.{{csv,md,png,json}}")
     if auto:
         plan = sens.auto_plan(spec, report, budget_params=args.budget_params, budget_flops=args.budget_flops)
-        plan.save(Path(args.sensitivity) / "plan.json")
-        print(f"automatic plan → {Path(args.sensitivity) / 'plan.json'}: {plan.note}")
-    if plan is None or not args.out:
-        return 0
+        plan.save(report_dir / "plan.json")
+        print(f"automatic plan → {report_dir / 'plan.json'}: {plan.note}")
+    if not args.out:
+        return
 
     damage = sens.layer_damage(report) if report is not None else None
-    try:
-        student, student_params, kept = prune(spec, params, plan, sensitivity=damage)
-    except PlanError as e:
-        print(f"error: {e}")
-        return 2
-    out = save_unet(args.out, student, student_params)
+    student, student_params, kept = prune(spec, params, plan, sensitivity=damage)
     resolved = dataclasses.replace(
         plan, attentions={k: v for k, v in kept.items() if not k.endswith(".resnets")},
         resnets={k.removesuffix(".resnets"): v for k, v in kept.items() if k.endswith(".resnets")},
         note=(plan.note + " Indices as applied.").strip())
-    resolved.save(out / "prune_plan.json")
-    print(f"student: {count_params(student):,} parameters → {out} (plan {plan.name}; kept layers in prune_plan.json)")
+    with whole_folder(args.out, args.overwrite) as tmp:
+        save_unet(tmp, student, student_params)
+        resolved.save(tmp / "prune_plan.json")
+    print(f"student: {count_params(student):,} parameters → {args.out} (plan {plan.name}; kept layers in "
+          "prune_plan.json)")
     for name, indices in kept.items():
         print(f"  {name}: {'kept' if name.endswith('.resnets') else 'layers'} {list(indices)}")
-    return 0
+
+
+def _reused_report(path: Path, spec: UNetSpec, args) -> tuple[Report | None, Path]:
+    """(the report at `path` — a folder holding sensitivity.json, or that file — or None when the folder has
+    none yet; the report's folder). A report of another teacher or calibration is refused, not reused."""
+    from jaxdistill import sensitivity as sens
+
+    if path.is_file() or (path / "sensitivity.json").is_file():
+        report = sens.read_report(path)
+    elif path.exists() and not path.is_dir() or path.suffix == ".json":
+        raise FileNotFoundError(f"--sensitivity {path}: no sensitivity report there; give a folder to measure into")
+    else:
+        return None, path
+    if report.spec != spec:
+        fields = [f.name for f in dataclasses.fields(spec) if getattr(spec, f.name) != getattr(report.spec, f.name)]
+        raise PlanError(f"the sensitivity report {path} was measured on another teacher architecture (it differs "
+                        f"in {', '.join(fields)}); give another --sensitivity folder to measure this teacher")
+    cal = report.calibration
+    asked = [("--calibration-batch", args.calibration_batch, args.calibration_batch, cal.get("batch")),
+             ("--calibration-size", args.calibration_size, [args.calibration_size] * 2, cal.get("size")),
+             ("--seed", args.seed, args.seed, cal.get("seed"))]
+    differ = [f"{flag} {given} (the report's: {had})" for flag, given, value, had in asked
+              if given is not None and value != had]
+    if differ:
+        raise ValueError(f"the sensitivity report {path} was measured with another calibration: {', '.join(differ)}; "
+                         "drop the flags to reuse it, or give another --sensitivity folder to measure again")
+    return report, path.parent if path.is_file() else path
 
 
 if __name__ == "__main__":

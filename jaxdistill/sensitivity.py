@@ -14,6 +14,7 @@ shape). `auto_plan` turns a `Report` into a `PrunePlan` meeting a parameter or F
 removing what costs least damage per unit saved (LAPTOP-Diff style: damages are treated as additive).
 
     units = removable_units(spec)
+    check_budget(priced(spec), budget_params=1e9)      # prices only: is the budget reachable at all?
     report = sensitivity_report(spec, params)          # measure + prices + teacher totals
     write_report(report, "out/sens")                   # .csv .md .png .json
     plan = auto_plan(spec, read_report("out/sens"), budget_params=1_300_000_000)
@@ -348,17 +349,29 @@ class Report:
                    mid_block_damage=data["mid_block_damage"])
 
 
+def priced(spec: UNetSpec, flops_size: int | tuple[int, int] | None = None, flops_seq_len: int = 77,
+           teacher_flops: float | None = None) -> Report:
+    """A report with every removable unit priced and nothing measured yet (damages NaN, no calibration):
+    enough for `check_budget`, so that an unreachable budget is refused before `measure` spends its time.
+    FLOPs are counted for the deployment shape: latent side `flops_size` (default `spec.sample_size`, else
+    128) and a `flops_seq_len`-token context. `teacher_flops`: the teacher's forward FLOPs at that shape if
+    already known (else `unet.flops` lowers the whole forward to count them)."""
+    flops_hw = _hw(flops_size or spec.sample_size or 128)
+    units = removable_units(spec, flops_hw, flops_seq_len)
+    if teacher_flops is None:
+        teacher_flops = flops(spec, 1, flops_hw, flops_seq_len)
+    return Report(spec=spec, rows=tuple(Row(u, math.nan) for u in units), teacher_params=_param_count(spec),
+                  teacher_flops=float(teacher_flops), flops_size=flops_hw, seq_len=flops_seq_len, calibration={})
+
+
 def sensitivity_report(spec: UNetSpec, params: Mapping, *, batch: int = 4, size: int = 32, seq_len: int = 77,
                        seed: int = 0, inputs: Mapping[str, Any] | None = None,
                        flops_size: int | tuple[int, int] | None = None, flops_seq_len: int = 77,
                        teacher_flops: float | None = None, progress: bool = True) -> Report:
-    """Prices every removable unit and measures its damage (see `measure`). FLOPs are counted for the
-    deployment shape, not the calibration one: latent side `flops_size` (default `spec.sample_size`, else
-    128) and a `flops_seq_len`-token context. `teacher_flops`: the teacher's forward FLOPs at that shape if
-    already known (else `unet.flops` compiles the whole forward to count them)."""
-    flops_hw = _hw(flops_size or spec.sample_size or 128)
-    units = removable_units(spec, flops_hw, flops_seq_len)
-    damage = measure(spec, params, units, batch=batch, size=size, seq_len=seq_len, seed=seed, inputs=inputs,
+    """Prices every removable unit (see `priced`, which takes `flops_size`, `flops_seq_len`, `teacher_flops`)
+    and measures its damage (see `measure`)."""
+    prices = priced(spec, flops_size, flops_seq_len, teacher_flops)
+    damage = measure(spec, params, prices.units, batch=batch, size=size, seq_len=seq_len, seed=seed, inputs=inputs,
                      progress=progress)
     if inputs is not None:
         sample, t = np.asarray(inputs["sample"]), np.asarray(inputs["timesteps"])
@@ -369,12 +382,22 @@ def sensitivity_report(spec: UNetSpec, params: Mapping, *, batch: int = 4, size:
         calibration = {"inputs": "random normal latents/context/pooled, SDXL-like time ids", "batch": batch,
                        "size": [size, size], "seq_len": seq_len, "seed": seed,
                        "timesteps": _timesteps(batch).astype(float).round(3).tolist()}
-    if teacher_flops is None:
-        teacher_flops = flops(spec, 1, flops_hw, flops_seq_len)
-    rows = tuple(Row(u, damage[u.name]) for u in units)
-    return Report(spec=spec, rows=rows, teacher_params=_param_count(spec), teacher_flops=float(teacher_flops),
-                  flops_size=flops_hw, seq_len=flops_seq_len, calibration=calibration,
-                  mid_block_damage=damage.get(MID_BLOCK))
+    return _with_damage(prices, damage, calibration, damage.get(MID_BLOCK))
+
+
+def repriced(report: Report, flops_size: int | tuple[int, int]) -> Report:
+    """`report` with its units' FLOPs and the teacher's counted at latent side `flops_size` instead; the
+    measured damages stay (they do not depend on the deployment resolution)."""
+    if _hw(flops_size) == report.flops_size:
+        return report
+    return _with_damage(priced(report.spec, flops_size, report.seq_len), report.damage, report.calibration,
+                        report.mid_block_damage)
+
+
+def _with_damage(prices: Report, damage: Mapping[str, float], calibration: Mapping[str, Any],
+                 mid_block_damage: float | None) -> Report:
+    rows = tuple(Row(u, damage[u.name]) for u in prices.units)
+    return dataclasses.replace(prices, rows=rows, calibration=calibration, mid_block_damage=mid_block_damage)
 
 
 def layer_damage(report: Report) -> dict[str, list[float]]:
@@ -583,6 +606,25 @@ class _Planner:
         return self.fix(_State({m: frozenset({0}) for m in self.modules}, False))
 
 
+def check_budget(report: Report, *, budget_params: float | None = None,
+                 budget_flops: float | None = None) -> tuple[str, float]:
+    """("params" or "flops", the budget) for exactly one budget; `PlanError` when even the smallest student
+    `auto_plan` can reach (every attention module at 1 layer, the mid block one resnet) exceeds it. Reads
+    only the report's prices: a `priced` report checks a budget before measuring."""
+    if (budget_params is None) == (budget_flops is None):
+        raise PlanError("auto_plan needs exactly one budget: budget_params= or budget_flops=")
+    metric, budget = ("params", float(budget_params)) if budget_params is not None else ("flops", float(budget_flops))
+    planner = _Planner(report.spec, report, metric)
+    smallest = planner.size(planner.minimum())
+    if smallest > budget:
+        h, w = report.flops_size
+        at = f" at {h}×{w} latents" if metric == "flops" else ""
+        raise PlanError(f"budget {_human(budget)} {metric} cannot be met: the smallest reachable student (every "
+                        f"attention module at 1 layer, mid block of one resnet) has {_human(smallest)} "
+                        f"({smallest:,.0f}) {metric}{at}; the teacher has {_human(planner.total)}.")
+    return metric, budget
+
+
 def auto_plan(spec: UNetSpec, report: Report, *, budget_params: int | None = None,
               budget_flops: float | None = None) -> PrunePlan:
     """A plan whose student has at most `budget_params` parameters or `budget_flops` forward FLOPs (at the
@@ -592,18 +634,11 @@ def auto_plan(spec: UNetSpec, report: Report, *, budget_params: int | None = Non
     unnecessary, most damaging first. Every attention module keeps ≥ 1 layer. While the mid block keeps its
     attention, diffusers ties that attention's depth to the last down block's first attention: changing
     one changes the other (the mid attention keeps its most damaging layers), costs and damage included."""
-    if (budget_params is None) == (budget_flops is None):
-        raise PlanError("auto_plan needs exactly one budget: budget_params= or budget_flops=")
     if report.spec != spec:
         raise PlanError("the sensitivity report was measured on a different teacher architecture")
-    metric, budget = ("params", float(budget_params)) if budget_params is not None else ("flops", float(budget_flops))
+    metric, budget = check_budget(report, budget_params=budget_params, budget_flops=budget_flops)
     planner = _Planner(spec, report, metric)
     state = planner.teacher()
-    smallest = planner.size(planner.minimum())
-    if smallest > budget:
-        raise PlanError(f"budget {_human(budget)} {metric} cannot be met: the smallest reachable student (every "
-                        f"attention module at 1 layer, mid block of one resnet) has {_human(smallest)} "
-                        f"({smallest:,.0f}) {metric}; the teacher has {_human(planner.total)}.")
 
     def ratio(new: _State, old: _State) -> float:
         saved = planner.size(old) - planner.size(new)

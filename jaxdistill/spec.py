@@ -30,7 +30,7 @@ class UNetSpec:
     `down_depths[i][j]` is the transformer depth after resnet `j` of down block `i` (0: no attention);
     `up_depths` likewise for the up blocks, which have one resnet more than their mirrored down block.
     A block with attention is diffusers' `CrossAttn{Down,Up}Block2D`, one without is `{Down,Up}Block2D`.
-    `mid_depth` is the depth of the mid block's attention (only for `UNetMidBlock2DCrossAttn`).
+    `mid_depth` is the depth of the mid block's attention (only for `UNetMidBlock2DCrossAttn`; 0 otherwise).
     `num_attention_heads[i]` is the head count of block `i` (diffusers' config calls it
     `attention_head_dim`); the head size is the block's width divided by it.
     """
@@ -55,7 +55,7 @@ class UNetSpec:
     conv_in_kernel: int = 3
     conv_out_kernel: int = 3
     upcast_attention: bool = False
-    sample_size: int | None = 128
+    sample_size: int | tuple[int, int] | None = 128
 
     def __post_init__(self):
         # Normalise lists (from JSON or user code) to tuples so the spec stays hashable.
@@ -63,6 +63,10 @@ class UNetSpec:
             object.__setattr__(self, name, tuple(int(v) for v in getattr(self, name)))
         for name in ("down_depths", "up_depths"):
             object.__setattr__(self, name, tuple(tuple(int(d) for d in b) for b in getattr(self, name)))
+        if isinstance(self.sample_size, (list, tuple)):  # diffusers accepts [height, width]
+            object.__setattr__(self, "sample_size", tuple(int(v) for v in self.sample_size))
+        if self.mid_block_type != CROSS_ATTN_MID:  # no mid attention: one architecture, one spec
+            object.__setattr__(self, "mid_depth", 0)
         self._validate()
 
     # ---- derived facts --------------------------------------------------------------------------
@@ -306,8 +310,6 @@ def _depth_entry(depths: Sequence[int]) -> int | list[int]:
 def _config_from_spec(spec: UNetSpec) -> dict[str, Any]:
     down = [_depth_entry(d) for d in spec.down_depths]
     up = [_depth_entry(d) for d in spec.up_depths]
-    mirrored = all(isinstance(e, int) for e in down) and all(
-        not any(u) or set(u) == {down[::-1][i]} for i, u in enumerate(spec.up_depths))
     if spec.mid_block_type == CROSS_ATTN_MID:
         last = down[-1] if isinstance(down[-1], int) else down[-1][0]
         if not any(spec.down_depths[-1]):
@@ -316,6 +318,10 @@ def _config_from_spec(spec: UNetSpec) -> dict[str, Any]:
             raise UnsupportedConfigError(
                 f"UNetSpec.mid_depth={spec.mid_depth} cannot be written as a diffusers config: diffusers "
                 f"takes the mid block's depth from the last down block's ({last}).")
+    # After the mid block's entry: without reverse_transformer_layers_per_block diffusers reads up block 0's
+    # depth from it too.
+    mirrored = all(isinstance(e, int) for e in down) and all(
+        not any(u) or set(u) == {down[::-1][i]} for i, u in enumerate(spec.up_depths))
     layers = spec.layers_per_block
     return {
         "_class_name": "UNet2DConditionModel",
@@ -357,7 +363,7 @@ def _config_from_spec(spec: UNetSpec) -> dict[str, Any]:
         "resnet_skip_time_act": False,
         "resnet_time_scale_shift": "default",
         "reverse_transformer_layers_per_block": None if mirrored else up,
-        "sample_size": spec.sample_size,
+        "sample_size": list(spec.sample_size) if isinstance(spec.sample_size, tuple) else spec.sample_size,
         "time_cond_proj_dim": None,
         "time_embedding_act_fn": None,
         "time_embedding_dim": None,

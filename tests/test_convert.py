@@ -150,3 +150,23 @@ def test_loading_and_saving_need_no_pytorch(unet_folders, tmp_path):
               f"jaxdistill.save_unet({str(tmp_path / 'out')!r}, s, p); "
               "assert 'torch' not in sys.modules and 'diffusers' not in sys.modules, 'torch imported'")
     subprocess.run([sys.executable, "-c", script], check=True, env=os.environ | {"JAX_PLATFORMS": "cpu"})
+
+
+def test_a_folder_holds_one_set_of_weights(unet_folders, tmp_path):
+    """Rewriting a folder in the other layout removes the old one's files (readers take an index first, so
+    a stale one would shadow the new weights); other variants are left alone."""
+    spec, params = load_unet(unet_folders["micro"])
+    other = jax.tree.map(lambda x: x + 1, params)
+    out = tmp_path / "unet"
+    save_unet(out, spec, params, variant="fp16")
+    save_unet(out, spec, params, max_shard_size=100_000)
+    assert len(list(out.glob("diffusion_pytorch_model-*-of-*.safetensors"))) > 1
+    save_unet(out, spec, other)
+    assert sorted(p.name for p in out.iterdir()) == [
+        "config.json", "diffusion_pytorch_model.fp16.safetensors", "diffusion_pytorch_model.safetensors"]
+    assert_bit_exact(load_unet(out)[1], other)
+    save_unet(out, spec, params, max_shard_size=200_000)
+    index = json.loads((out / "diffusion_pytorch_model.safetensors.index.json").read_text())
+    assert {p.name for p in out.glob("diffusion_pytorch_model*.safetensors")} == {
+        *index["weight_map"].values(), "diffusion_pytorch_model.fp16.safetensors"}
+    assert_bit_exact(load_unet(out)[1], params)

@@ -20,7 +20,7 @@ from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
 from jaxdistill import abstract_params, count_params, presets, save_unet
 from jaxdistill.checkpoint import CheckpointError, load_checkpoint
 from jaxdistill.config import base_config
-from jaxdistill.convert import read_safetensors, to_diffusers_state_dict
+from jaxdistill.convert import OutFolderError, read_safetensors, to_diffusers_state_dict
 from jaxdistill.export import ExportError, export, main
 from jaxdistill.prune import PrunePlan
 from jaxdistill.reference import PIPELINE_UNET, write_random_pipeline
@@ -168,14 +168,14 @@ def test_refusals_leave_everything_as_it_was(workdir, tmp_path):
 
     out.mkdir()
     (out / "mine.txt").write_text("keep me")
-    with pytest.raises(ExportError, match="not empty.*--overwrite"):
+    with pytest.raises(OutFolderError, match="not empty.*--overwrite"):
         export(workdir, out)
     with pytest.raises(CheckpointError):
         export(tmp_path / "nowhere", out, overwrite=True)
     assert [p.name for p in out.iterdir()] == ["mine.txt"] and (out / "mine.txt").read_text() == "keep me"
     assert main(["--checkpoint", str(workdir), "--out", str(out)]) == 2
     for source, target in ((workdir, workdir), (workdir / "stages" / "main", workdir / "stages")):
-        with pytest.raises(ExportError, match="which the export reads"):  # --overwrite would delete the source
+        with pytest.raises(OutFolderError, match="which is read to make it"):  # --overwrite would delete the source
             export(source, target, overwrite=True)
     export(workdir, out, overwrite=True)
     assert not (out / "mine.txt").exists() and (out / "config.json").is_file()

@@ -3,11 +3,13 @@ loads in diffusers and matches our forward, feature pairing, refused plans."""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
 import numpy as np
 import pytest
+import torch
 from conftest import TINY
 from diffusers import UNet2DConditionModel
 from flax.traverse_util import flatten_dict
@@ -21,11 +23,14 @@ from jaxdistill.prune import (
     choose_layers,
     feature_pairs,
     load_plan,
+    main,
     prune,
     resolve_plan,
     student_spec,
 )
 from jaxdistill.reference import TOLERANCE
+from jaxdistill.sensitivity import read_report
+from jaxdistill.unet import flops
 
 
 @pytest.mark.parametrize("plan, preset, count", [("ssd1b", presets.SSD_1B, 1_331_334_404),
@@ -137,6 +142,70 @@ def test_plan_files(tmp_path):
         PrunePlan(strategy="random")
 
 
+@pytest.mark.parametrize("data, message", [
+    ([1, 2], "a prune plan is a JSON object"),
+    ({"attentions": ["down_blocks.2.attentions.0"]}, "attentions=.*expected an object"),
+    ({"attentions": None}, "attentions=None"),
+    ({"attentions": {"down_blocks.2.attentions.0": 4.0}}, "whole numbers.*4.0"),
+    ({"attentions": {"down_blocks.2.attentions.0": "4"}}, "whole numbers.*'4'"),  # not the indices (4,)
+    ({"attentions": {"down_blocks.2.attentions.0": True}}, "whole numbers.*True"),
+    ({"resnets": {"down_blocks.1": 0}}, "resnets needs a list of resnet indices"),
+    ({"resnets": {"down_blocks.1": [0.0]}}, "resnets needs a list"),
+    ({"name": 3}, "name=3: expected a string"),
+])
+def test_plan_files_of_the_wrong_types_are_refused(data, message):
+    with pytest.raises(PlanError, match=message):
+        PrunePlan.from_json(data)
+
+
+def test_a_mid_block_the_teacher_lacks_is_refused():
+    teacher = presets.SDXL.replace(mid_block_type=None)
+    plan = PrunePlan(mid_block_type="UNetMidBlock2D")
+    with pytest.raises(PlanError, match="the teacher has no mid block"):
+        resolve_plan(teacher, plan)
+    assert student_spec(teacher, PrunePlan(mid_block_type=None), {}) == teacher
+
+
+def test_prune_command_out_folder_rules(unet_folders, tmp_path, capsys):
+    """Like export: the teacher and a non-empty --out (without --overwrite) are never written over, and the
+    refusal comes before anything is read; the student appears whole."""
+    teacher = shutil.copytree(unet_folders["micro"], tmp_path / "teacher")
+    before = sorted((p.name, p.stat().st_mtime_ns) for p in teacher.iterdir())
+    plan = tmp_path / "plan.json"
+    PrunePlan(attentions={"up_blocks.0.attentions.0": [1]}).save(plan)
+    args = ["--teacher", str(teacher), "--plan", str(plan)]
+    assert main(args + ["--out", str(teacher), "--overwrite"]) == 2
+    assert "holds" in capsys.readouterr().err
+    assert main(args + ["--out", str(teacher / "student")]) == 2
+    assert "inside the teacher folder" in capsys.readouterr().err
+    assert sorted((p.name, p.stat().st_mtime_ns) for p in teacher.iterdir()) == before
+
+    out = tmp_path / "student"
+    out.mkdir()
+    (out / "mine.txt").write_text("keep me")
+    assert main(args + ["--out", str(out)]) == 2
+    assert "not empty" in capsys.readouterr().err and [p.name for p in out.iterdir()] == ["mine.txt"]
+    assert main(args + ["--out", str(out), "--overwrite"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "diffusion_pytorch_model.safetensors",
+                                                     "prune_plan.json"]
+    assert load_unet(out)[0].up_depths[0] == (1, 2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["plan.json", "student", "teacher"]  # nothing left beside
+
+
+def test_prune_command_refuses_bad_input_before_the_slow_part(unet_folders, tmp_path, capsys):
+    teacher, report = unet_folders["micro"], tmp_path / "report"
+    assert main(["--teacher", str(tmp_path / "missing"), "--plan", "vega", "--out", str(tmp_path / "s")]) == 2
+    assert "not a diffusers UNet folder" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="2"):  # --out with nothing to write
+        main(["--teacher", teacher, "--sensitivity", str(report), "--out", str(tmp_path / "s")])
+    assert "--out needs a plan" in capsys.readouterr().err
+    # an unreachable budget is known from the prices alone: nothing is measured
+    assert main(["--teacher", teacher, "--sensitivity", str(report), "--budget-params", "0", "--resolution", "64"]) == 2
+    assert "cannot be met" in capsys.readouterr().err and not report.exists()
+    assert main(["--teacher", teacher, "--sensitivity", str(tmp_path / "none.json"), "--budget-params", "1"]) == 2
+    assert "no sensitivity report" in capsys.readouterr().err
+
+
 def test_prune_command_refuses_a_bad_plan_clearly(unet_folders, tmp_path):
     plan = tmp_path / "plan.json"
     PrunePlan(attentions={"up_blocks.0.attentions.0": 11}).save(plan)
@@ -148,7 +217,7 @@ def test_prune_command_refuses_a_bad_plan_clearly(unet_folders, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_prune_command_measures_sensitivity_and_meets_a_budget(unet_folders, tmp_path):
+def test_prune_command_measures_sensitivity_and_meets_a_budget(unet_folders, tmp_path, capsys):
     teacher = count_params(TINY["micro"])
     report, out = tmp_path / "report", tmp_path / "student"
     subprocess.run([sys.executable, "-m", "jaxdistill.prune", "--teacher", unet_folders["micro"], "--sensitivity",
@@ -163,19 +232,40 @@ def test_prune_command_measures_sensitivity_and_meets_a_budget(unet_folders, tmp
     assert sum(p.numel() for p in model.parameters()) <= teacher - 20_000
     assert load_plan(out / "prune_plan.json").attentions == resolve_plan(TINY["micro"], plan)
 
+    # Reused (the file itself may be named): FLOPs re-priced at the asked resolution, damages as measured.
+    teacher_flops = flops(TINY["micro"], 1, 16)
+    again = ["--teacher", unet_folders["micro"], "--sensitivity", str(report / "sensitivity.json")]
+    budget = 0.9 * teacher_flops
+    assert main(again + ["--budget-flops", str(budget), "--resolution", "128"]) == 0
+    plan = load_plan(report / "plan.json")
+    assert "16×16 latents" in plan.note
+    assert flops(student_spec(TINY["micro"], plan, resolve_plan(TINY["micro"], plan)), 1, 16) <= budget
+    assert read_report(report).flops_size == (8, 8)  # the measurement's record is left as it was
+    # another calibration, or another teacher: refused, not silently reused
+    assert main(again + ["--budget-params", str(teacher - 20_000), "--calibration-batch", "4"]) == 2
+    assert "--calibration-batch 4 (the report's: 2)" in capsys.readouterr().err
+    assert main(["--teacher", unet_folders["sdxl"], "--sensitivity", str(report), "--budget-params", "1e9"]) == 2
+    assert "another teacher architecture" in capsys.readouterr().err
 
-# BK-SDM's cut on SDXL: one resnet (with its attention) out of every down block and every up block.
+
+# BK-SDM's cut on SDXL: one resnet (with its attention) out of every down block and every up block. Each
+# block's first resnet stays: it takes the previous block's width.
 BK_SDXL = PrunePlan(name="bk", resnets={"down_blocks.0": [0], "down_blocks.1": [0], "down_blocks.2": [0],
-                                        "up_blocks.0": [0, 2], "up_blocks.1": [0, 2], "up_blocks.2": [1, 2]})
+                                        "up_blocks.0": [0, 2], "up_blocks.1": [0, 2], "up_blocks.2": [0, 2]})
 
 
-def test_removing_resnets_gives_the_diffusers_architecture_with_fewer_layers_per_block():
+def test_removing_resnets_gives_the_diffusers_architecture_with_fewer_layers_per_block(unet_folders):
     spec = student_spec(presets.SDXL, BK_SDXL, resolve_plan(presets.SDXL, BK_SDXL))
     assert spec.down_depths == ((0,), (2,), (10,)) and spec.up_depths == ((10, 10), (2, 2), (0, 0))
     config = spec.to_diffusers_config()
     assert config["layers_per_block"] == 1
-    reference = UNet2DConditionModel.from_config(config | {"layers_per_block": 1})  # diffusers builds it itself
+    with torch.device("meta"):  # diffusers builds it itself; shapes only
+        reference = UNet2DConditionModel.from_config(config | {"layers_per_block": 1})
     assert count_params(spec) == sum(p.numel() for p in reference.parameters())
+    # and the plan applies to weights: every kept resnet gets the widths it was built for
+    teacher_spec, teacher = load_unet(unet_folders["sdxl"])
+    student, _, kept = prune(teacher_spec, teacher, BK_SDXL)
+    assert student == presets.tiny(spec) and kept["up_blocks.2.resnets"] == (0, 2)
 
 
 def test_removed_resnets_take_their_attention_and_renumber(unet_folders, tmp_path):
@@ -223,6 +313,11 @@ def test_removed_resnets_take_their_attention_and_renumber(unet_folders, tmp_pat
     (PrunePlan(resnets={"down_blocks.1": [0], "up_blocks.1": [0, 1]}), "keep the up block's last resnet"),
     (PrunePlan(resnets={"down_blocks.2": [1], "up_blocks.0": [0, 2]},
                attentions={"down_blocks.2.attentions.0": [0, 1, 2, 6]}), "but also removes resnet 0"),
+    # a block's first resnet takes the previous block's width: 640 into up_blocks.2, 320 into down_blocks.1
+    (PrunePlan(resnets={"up_blocks.1": [0, 2], "down_blocks.1": [0], "up_blocks.2": [1, 2], "down_blocks.0": [0]}),
+     "up_blocks.2: teacher resnet 1 takes 320 channels .* the 640-channel output of up_blocks.1; keep resnet 0"),
+    (PrunePlan(resnets={"down_blocks.1": [1], "up_blocks.1": [0, 2]}),
+     "down_blocks.1: teacher resnet 1 takes 640 channels .* the 320-channel output of down_blocks.0"),
 ])
 def test_refused_resnet_plans(plan, message):
     with pytest.raises(PlanError, match=message):

@@ -205,6 +205,20 @@ def test_unreachable_budgets_and_bad_arguments_raise(report):
         S.auto_plan(SDXL, report, budget_params=10**9)
 
 
+def test_budgets_are_checked_on_prices_alone_and_a_report_repriced_keeps_its_damages(report):
+    prices = S.priced(SPEC, FLOPS_SIZE)  # no forward run: what the CLI checks before measuring
+    assert prices.units == report.units and prices.teacher_flops == report.teacher_flops
+    assert S.check_budget(prices, budget_flops=0.8 * report.teacher_flops) == ("flops", 0.8 * report.teacher_flops)
+    with pytest.raises(PlanError, match="smallest reachable student"):
+        S.check_budget(prices, budget_params=1000)
+    half = S.repriced(report, FLOPS_SIZE // 2)
+    assert half.flops_size == (8, 8) and half.damage == report.damage and half.calibration == report.calibration
+    assert half.teacher_flops == flops(SPEC, size=FLOPS_SIZE // 2) < report.teacher_flops / 3
+    assert [u.flops for u in half.units] == [u.flops for u in S.removable_units(SPEC, FLOPS_SIZE // 2)]
+    plan = S.auto_plan(SPEC, half, budget_flops=0.8 * half.teacher_flops)
+    assert _student_flops(half, plan) <= 0.8 * half.teacher_flops and "8×8 latents" in plan.note
+
+
 def test_write_report_round_trips(report, teacher, tmp_path):
     paths = S.write_report(report, tmp_path / "sens")
     assert sorted(p.name for p in paths.values()) == sorted(S.REPORT_FILES)

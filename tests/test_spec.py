@@ -9,7 +9,7 @@ from conftest import REFERENCE_CONFIGS, TINY
 from diffusers import UNet2DConditionModel
 
 from jaxdistill import UnsupportedConfigError, count_params, presets
-from jaxdistill.spec import UNetSpec
+from jaxdistill.spec import RESNET_MID, UNetSpec
 
 REFERENCES = {"sdxl": "sdxl-base-1.0.json", "ssd1b": "ssd-1b.json", "vega": "segmind-vega.json"}
 COUNTS = {"sdxl": 2_567_463_684, "ssd1b": 1_331_334_404, "vega": 745_225_604}
@@ -139,3 +139,29 @@ def test_a_mid_depth_diffusers_cannot_express_is_refused_on_export():
     spec = presets.SDXL.replace(mid_depth=4)  # valid for our model, not writable as a diffusers config
     with pytest.raises(UnsupportedConfigError, match="mid_depth"):
         spec.to_diffusers_config()
+
+
+def test_an_up_block_with_attention_mirroring_one_without_keeps_its_own_depth():
+    """Up block 0 has attention of depth 1, the last down block none (its config entry carries the mid
+    block's depth 3): the config must spell up block 0 out, or diffusers gives it the mid block's 3."""
+    spec = UNetSpec(block_out_channels=(32, 64), down_depths=((1, 1), (0, 0)), up_depths=((1, 1, 1), (1, 1, 1)),
+                    num_attention_heads=(1, 2), mid_depth=3, cross_attention_dim=32, norm_num_groups=8,
+                    addition_time_embed_dim=8, projection_class_embeddings_input_dim=16 + 48, sample_size=8)
+    config = spec.to_diffusers_config()
+    assert config["reverse_transformer_layers_per_block"] == [1, 1]
+    assert UNetSpec.from_diffusers_config(json.loads(json.dumps(config))) == spec
+    assert count_params(spec) == diffusers_count(config)
+
+
+def test_sample_size_given_as_height_and_width():
+    spec = UNetSpec.from_diffusers_config(sdxl_with(sample_size=[96, 128]))  # diffusers accepts a list
+    assert spec.sample_size == (96, 128) and hash(spec) == hash(presets.SDXL.replace(sample_size=(96, 128)))
+    assert spec.to_diffusers_config()["sample_size"] == [96, 128]
+    assert UNetSpec.from_diffusers_config(json.loads(json.dumps(spec.to_diffusers_config()))) == spec
+
+
+def test_a_mid_block_without_attention_has_depth_zero():
+    spec = presets.SDXL.replace(mid_block_type=RESNET_MID)  # mid_depth=10 left over from SDXL
+    assert spec.mid_depth == 0 and presets.SDXL.replace(mid_block_type=None).mid_depth == 0
+    back = UNetSpec.from_diffusers_config(spec.to_diffusers_config())
+    assert back == spec and hash(back) == hash(spec)
