@@ -301,13 +301,16 @@ class Pipeline:
         return self.vae_scale_factor * 2 ** (self.unet_spec.num_blocks - 1)
 
     @property
-    def default_size(self) -> int:
-        """diffusers' default image side: the UNet's sample_size × the VAE's factor (SDXL: 1024)."""
-        return (self.unet_spec.sample_size or 128) * self.vae_scale_factor
+    def default_size(self) -> tuple[int, int]:
+        """diffusers' default (height, width): the UNet's sample_size (one side, or (h, w)) × the VAE's
+        factor (SDXL: 1024 × 1024)."""
+        size = self.unet_spec.sample_size or 128
+        h, w = (size, size) if isinstance(size, int) else size
+        return h * self.vae_scale_factor, w * self.vae_scale_factor
 
     def check_size(self, height: int | None, width: int | None) -> tuple[int, int]:
         """(height, width) in pixels, defaults filled in; ValueError when not multiples of `size_multiple`."""
-        height, width = height or self.default_size, width or self.default_size
+        height, width = height or self.default_size[0], width or self.default_size[1]
         m = self.size_multiple
         for name, value in (("height", height), ("width", width)):
             if value <= 0 or value % m:

@@ -203,6 +203,8 @@ def test_seeds_chunks_and_bad_arguments(pipe, noise):
     np.testing.assert_allclose(one.latents, chunked.latents[:1], rtol=0, atol=1e-4)
     with pytest.raises(ValueError, match="seeds are integers"):
         generate(pipe, PROMPTS, seeds=[0, 2 ** 64], **kwargs)
+    rectangular = dataclasses.replace(pipe, unet_spec=dataclasses.replace(pipe.unet_spec, sample_size=(8, 12)))
+    assert rectangular.check_size(None, None) == (16, 24) and rectangular.check_size(None, 8) == (16, 8)
     with pytest.raises(ValueError, match="multiple of 4"):  # VAE 2× × UNet 2×
         generate(pipe, PROMPTS, seeds=[0, 1], height=30, width=WIDTH)
     with pytest.raises(ValueError, match="one seed per prompt"):
