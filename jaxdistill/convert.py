@@ -65,9 +65,9 @@ def save_unet(path: str | os.PathLike, spec: UNetSpec, params: Mapping, *, dtype
               variant: str | None = None, max_shard_size: int | None = None) -> Path:
     """Writes a diffusers UNet folder: `config.json` and safetensors weights (sharded with an index when
     the weights exceed `max_shard_size` bytes). `dtype` casts on the way out. Returns the folder."""
+    check_params(spec, params)
     folder = Path(path)
     folder.mkdir(parents=True, exist_ok=True)
-    check_params(spec, params)
     state = to_diffusers_state_dict(params)
     if dtype is not None:
         state = {k: v.astype(dtype) for k, v in state.items()}
@@ -193,6 +193,9 @@ def flax_to_torch(params: Mapping, lists: frozenset[str] = MODULE_LISTS) -> dict
 
 def check_params(spec: UNetSpec, params: Mapping):
     """Raises one `WeightsError` listing every missing, unexpected and misshaped parameter."""
+    if any("transformer_blocks" in path for path in flatten_dict(dict(params))):
+        raise WeightsError("the parameters are in the scanned layout of UNet(scan_layers=True) (stacked "
+                           "`transformer_blocks`); convert them with jaxdistill.layers.unstack_layers(params) first")
     check_tree(abstract_params(spec), params, "UNet")
 
 

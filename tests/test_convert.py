@@ -112,6 +112,13 @@ def test_every_problem_is_reported_at_once(unet_folders, tmp_path):
     assert "unexpected: mid_block.attentions.0.proj_in.weight" in message
     assert "shape mismatch: up_blocks.0.resnets.1.conv1.weight has (64, 128, 1, 1)" in message
     assert "(64, 128, 3, 3)" in message
+    # parameters of a scanned-layers UNet: said so, with the conversion, and nothing written
+    from jaxdistill.layers import stack_layers
+
+    spec, params = load_unet(unet_folders["ssd1b"])
+    with pytest.raises(WeightsError, match="unstack_layers"):
+        save_unet(tmp_path / "scanned", spec, stack_layers(params))
+    assert not (tmp_path / "scanned").exists()
 
 
 class _Payload:
