@@ -7,6 +7,8 @@ bad field by its dotted name before anything heavy runs.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import ml_collections
 
 from jaxdistill.layers import ATTENTION
@@ -174,6 +176,32 @@ def stages_of(config: ml_collections.ConfigDict) -> list[ml_collections.ConfigDi
         if stages and stages[0].get("teacher") == "previous":
             stages[0]["teacher"] = config.teacher
     return [_stage(config, s) for s in stages]
+
+
+def command_line_wins(config: ml_collections.ConfigDict, fields: Sequence[str]) -> list[str]:
+    """Removes from every stage of `config.stages` the values the command line set (`fields`: dotted names,
+    `--config.FIELD=VALUE`), so that those apply to every stage; returns one note per value replaced."""
+    notes, stages = [], []
+    for stage in config.stages or []:
+        stage = dict(stage)
+        for field in fields:
+            key, _, sub = field.partition(".")
+            if field == "optimizer.lr" and "lr" in stage:
+                key, sub = "lr", ""
+            if key not in stage or key == "name":
+                continue
+            if sub and isinstance(stage[key], dict) and sub in stage[key]:
+                stage[key] = {k: v for k, v in stage[key].items() if k != sub}
+                notes.append(f"config.{field} from the command line replaces stage {stage.get('name')}'s "
+                             f"{key}.{sub}")
+            elif not sub:
+                value = stage.pop(key)
+                notes.append(f"config.{field} from the command line replaces stage {stage.get('name')}'s "
+                             f"{key}={value!r}")
+        stages.append(stage)
+    if notes:
+        config.stages = stages
+    return notes
 
 
 def _stage(config: ml_collections.ConfigDict, overrides: dict) -> ml_collections.ConfigDict:

@@ -84,6 +84,9 @@ def resolve_unet_folder(path: str | os.PathLike) -> Path:
 def resolve_component(path: str | os.PathLike, component: str, what: str) -> Path:
     """A model folder itself, or the `component/` folder (unet, vae, ...) of a diffusers pipeline folder."""
     path = Path(path)
+    if (path / "checkpoints").is_dir():  # its config.json is the run's, not a model's
+        raise FileNotFoundError(f"{path} is a training workdir, not a diffusers {what} folder: use one of its "
+                                f"stage folders ({path}/stages/NAME) or export it (python -m jaxdistill.export)")
     for folder in (path, path / component):
         if (folder / CONFIG_NAME).is_file():
             return folder

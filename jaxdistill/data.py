@@ -66,7 +66,8 @@ def check_fits(data: PreparedLatents, spec: UNetSpec):
     if bad:
         problems.append(f"latent shapes {bad} are not divisible by {factor} (the UNet's downsampling)")
     if problems:
-        raise ValueError(f"the prepared data set {data.info.get('pipeline', '')} does not fit the student UNet: "
+        raise ValueError(f"the prepared data set {data.path} (encoded with {data.info.get('pipeline', '?')}) does "
+                         "not fit the student UNet: "
                          + "; ".join(problems) + ". Prepare it with the teacher's own pipeline folder.")
 
 
@@ -84,7 +85,7 @@ class PreparedLatents:
             raise FileNotFoundError(f"{path} is not a prepared data set (no {INFO_NAME}); make one with "
                                     "python -m jaxdistill.prepare --source ... --pipeline ... --out DIR, and let it "
                                     "finish (it resumes)")
-        self.info = json.loads(info_file.read_text())
+        self.path, self.info = path, json.loads(info_file.read_text())
         if batch_size % process_count:
             raise ValueError(f"batch_size {batch_size} must be divisible by the {process_count} processes")
         self.batch_size, self.seed = batch_size, seed

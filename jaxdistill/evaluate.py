@@ -68,8 +68,11 @@ class ClipScore:
             from transformers import CLIPModel, CLIPProcessor
         except ImportError as e:
             raise RuntimeError("CLIP score needs PyTorch and transformers: pip install 'jaxdistill[torch]'") from e
-        self.model = CLIPModel.from_pretrained(str(clip_dir), use_safetensors=True).eval()
-        self.processor = CLIPProcessor.from_pretrained(str(clip_dir))
+        if not Path(clip_dir).is_dir():  # never a Hub download: a folder on this machine
+            raise FileNotFoundError(f"CLIP folder {clip_dir} does not exist (a transformers CLIPModel folder "
+                                    "with safetensors weights and its processor files)")
+        self.model = CLIPModel.from_pretrained(str(clip_dir), use_safetensors=True, local_files_only=True).eval()
+        self.processor = CLIPProcessor.from_pretrained(str(clip_dir), local_files_only=True)
 
     def __call__(self, images: np.ndarray, prompts: Sequence[str]) -> np.ndarray:
         """images [N, H, W, 3] uint8, one prompt each → [N] scores."""

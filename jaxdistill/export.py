@@ -214,11 +214,15 @@ def describe(student: Student, dtype: str, pipeline_from: str | os.PathLike | No
     n = count_params(spec)
     teacher = prov.get("teacher")
     teacher_params = prov.get("teacher_params") or _teacher_params(teacher, prov.get("workdir"), prov.get("stage"))
+    first_teacher = prov.get("first_teacher") or teacher
+    if teacher == "previous":  # a progressive stage: its teacher is the stage before's student
+        teacher, first_teacher = _previous_teachers(prov.get("workdir"), prov.get("stage"))
     config = prov.get("config")
     if base_model is None and prov.get("base_model"):
         base_model = prov["base_model"]
-    elif base_model is None and teacher and re.fullmatch(r"[\w.-]+/[\w.-]+", teacher) and not Path(teacher).exists():
-        base_model = teacher  # a Hub id; a local path means nothing on the Hub
+    elif (base_model is None and first_teacher and re.fullmatch(r"[\w.-]+/[\w.-]+", first_teacher)
+          and not Path(first_teacher).exists()):
+        base_model = first_teacher  # a Hub id; a local path means nothing on the Hub
     return {
         "format": "jaxdistill-export/1",
         "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
@@ -230,6 +234,7 @@ def describe(student: Student, dtype: str, pipeline_from: str | os.PathLike | No
         "params": n,
         "architecture": _architecture(spec),
         "teacher": teacher,
+        "first_teacher": first_teacher,
         "teacher_params": teacher_params,
         "params_ratio": n / teacher_params if teacher_params else None,
         "base_model": base_model,
@@ -258,7 +263,10 @@ def model_card(facts: dict[str, Any], name: str = "student") -> str:
     if facts.get("teacher_params"):
         lines += [f"| teacher parameters | {_count(facts['teacher_params'])} |",
                   f"| student / teacher | {facts['params_ratio']:.3f} ({1 / facts['params_ratio']:.2f}× smaller) |"]
-    lines += [f"| teacher | {facts.get('teacher') or 'none (trained without a teacher)'} |",
+    lines += [f"| teacher | {facts.get('teacher') or 'none (trained without a teacher)'} |"]
+    if facts.get("first_teacher") and facts["first_teacher"] != facts.get("teacher"):
+        lines += [f"| first stage's teacher | {facts['first_teacher']} |"]
+    lines += [
               f"| prune plan | {facts.get('plan') or 'none'} |",
               f"| stage | {facts.get('stage') or 'unknown'} |",
               f"| training steps | {_or_unknown(facts.get('step'))} |",
@@ -278,7 +286,7 @@ def model_card(facts: dict[str, Any], name: str = "student") -> str:
               f"Attention heads per block {arch['attention_heads']}, cross-attention width "
               f"{arch['cross_attention_dim']}, pooled text embedding {arch['pooled_dim']}.", ""]
     if facts.get("kept_layers"):
-        lines += ["Kept from the teacher (teacher's indices):", ""]
+        lines += ["Kept from the teacher (indices of the teacher named above):", ""]
         lines += [f"- `{k}`: {list(v)}" for k, v in facts["kept_layers"].items()] + [""]
     if training:
         lines += ["## Training", "", "| | |", "|---|---|"]
@@ -330,8 +338,8 @@ def folder_provenance(path: Path, folder: Path) -> dict[str, Any]:
     for facts_file in (path / FACTS_NAME, folder / FACTS_NAME):
         if facts_file.is_file():  # re-export: carry the provenance forward
             old = json.loads(facts_file.read_text())
-            keep = ("stage", "step", "ema", "teacher", "teacher_params", "base_model", "plan", "kept_layers",
-                    "training", "agreement")
+            keep = ("stage", "step", "ema", "teacher", "first_teacher", "teacher_params", "base_model", "plan",
+                    "kept_layers", "training", "agreement")
             return prov | {k: old.get(k) for k in keep} | {"source": f"{path} (exported from {old.get('source')})"}
     marker = folder / STAGE_MARKER
     if marker.is_file():  # WORKDIR/stages/NAME, written by python -m jaxdistill.train
@@ -366,6 +374,24 @@ def _run_stages(workdir: str | os.PathLike | None) -> list[dict]:
 
 def _stage_config(workdir: Path, stage: str | None) -> dict | None:
     return next((s for s in _run_stages(workdir) if s["name"] == stage), None)
+
+
+def _previous_teachers(workdir: str | None, stage: str | None) -> tuple[str, str | None]:
+    """For a stage whose teacher is "previous": (its teacher, described: the stage before's student folder;
+    the teacher of the run's first distillation in that chain, what the whole run started from)."""
+    stages = {s["name"]: s for s in _run_stages(workdir)}
+    names = list(stages)
+    if stage not in names[1:]:
+        return "previous (the stage before in the same run)", None
+    before = names[names.index(stage) - 1]
+    direct = f"stage {before}'s student ({Path(workdir) / 'stages' / before})"
+    i = names.index(stage)
+    while i > 0 and stages[names[i]].get("teacher") == "previous":
+        i -= 1
+    first = stages[names[i]].get("teacher") or None
+    if first is None and stages[names[i]].get("model"):
+        first = f"stage {names[i]}'s model, trained from scratch ({stages[names[i]]['model']})"
+    return direct, first
 
 
 def _teacher_params(teacher: str | None, workdir: str | None, stage: str | None) -> int | None:

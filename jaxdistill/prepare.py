@@ -123,8 +123,8 @@ def prepare(source: S.Source, pipeline: str | os.PathLike, out: str | os.PathLik
         raise PrepareError(f"storage dtype {storage_dtype!r}: expected one of {STORAGE_DTYPES}")
     _check_pipeline(pipeline)
     local = jax.local_devices()
-    if batch_size % len(local):
-        raise PrepareError(f"batch size {batch_size} must be a multiple of the {len(local)} local devices")
+    if batch_size < 1 or batch_size % len(local):
+        raise PrepareError(f"batch size {batch_size} must be a positive multiple of the {len(local)} local devices")
     pi = jax.process_index() if process_index is None else process_index
     pc = jax.process_count() if process_count is None else process_count
     out = Path(out)

@@ -341,7 +341,7 @@ def load_pipeline(model: str | os.PathLike, pipeline: str | os.PathLike | None =
         pipeline = model if pipeline is None else pipeline
         if ema:
             raise ValueError("--ema/ema=True applies to training checkpoints; the model is a pipeline folder")
-    elif (model / CONFIG_NAME).is_file():
+    elif (model / CONFIG_NAME).is_file() and not (model / "checkpoints").is_dir():  # a workdir has config.json too
         spec, params = load_unet(model, dtype)
         if ema:
             raise ValueError("--ema/ema=True applies to training checkpoints; the model is a UNet folder")

@@ -28,7 +28,7 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
 from jaxdistill import presets
-from jaxdistill.config import stages_of, tap_list, validate
+from jaxdistill.config import command_line_wins, stages_of, tap_list, validate
 from jaxdistill.convert import load_unet, resolve_unet_folder, save_unet
 from jaxdistill.data import make_data
 from jaxdistill.layers import stack_layers, unstack_layers
@@ -224,9 +224,9 @@ def run_stage(c: ml_collections.ConfigDict, workdir: Path, previous: Model | Non
     meta = {"stage": c.name, "student_config": student.spec.to_diffusers_config(), "config": c.to_dict(),
             "kept_layers": {k: list(v) for k, v in (kept or {}).items()},
             "teacher": c.teacher, "plan": c.plan}
-    start = 0
+    start, saved = 0, {}
     if manager.latest_step() is not None:
-        state, start = _restore(manager, state, student.spec)
+        state, start, saved = _restore(manager, state, student.spec)
         print(f"stage {c.name}: resumed from step {start} ({manager.directory})")
     print(f"stage {c.name}: student {count_params(student.spec):,} parameters"
           + (f", teacher {count_params(teacher.spec):,}, {len(pairs)} feature pairs" if distil else
@@ -235,7 +235,9 @@ def run_stage(c: ml_collections.ConfigDict, workdir: Path, previous: Model | Non
     rng = jax.random.key(c.seed)
     agreement = (_agreement_fn(student_model, teacher_model, acp, data, c, mesh, encode, encoder_params) if distil
                  else None)
-    before = agreement(state.params, teacher_params) if distil and start == 0 else None
+    # measured on the initial student: a resumed run reads it from its checkpoint
+    before = agreement(state.params, teacher_params) if distil and start == 0 else saved.get("agreement_before")
+    meta["agreement_before"] = before
     logger = _Logger(workdir, c.name, c.steps, start, c.batch_size)
     validation = _validation(c, teacher, workdir) if distil else None
     unstack = jax.jit(unstack_layers) if c.scan_layers else (lambda p: p)
@@ -346,7 +348,8 @@ def _save_args(state: TrainState, meta: dict) -> ocp.args.Composite:
     return ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
 
 
-def _restore(manager: ocp.CheckpointManager, state: TrainState, spec: UNetSpec) -> tuple[TrainState, int]:
+def _restore(manager: ocp.CheckpointManager, state: TrainState, spec: UNetSpec) -> tuple[TrainState, int, dict]:
+    """(state, step, the checkpoint's meta) of the latest checkpoint."""
     step = manager.latest_step()
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
     try:
@@ -360,7 +363,7 @@ def _restore(manager: ocp.CheckpointManager, state: TrainState, spec: UNetSpec) 
     if saved != spec:
         raise ValueError(f"the checkpoint in {manager.directory} holds a different student architecture than this "
                          "config builds (plan or teacher changed?). Use a new --workdir, or restore the old config.")
-    return restored.state, int(restored.meta["data_position"])
+    return restored.state, int(restored.meta["data_position"]), dict(restored.meta)
 
 
 def _any_process(flag: bool) -> bool:
@@ -539,17 +542,36 @@ def main(argv=None) -> int:
     flags.DEFINE_string("workdir", None, "where checkpoints, logs and the student go (resumes if present)")
     flags.mark_flags_as_required(["config", "workdir"])
 
+    started = False
+
     def _main(_):
+        nonlocal started
+        started = True
         absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every save at INFO
         initialize_distributed()  # multi-host: TPU VM slices, SLURM, or JAX_COORDINATOR_ADDRESS & co.
-        enable_compilation_cache(flags.FLAGS.config.compilation_cache, flags.FLAGS.workdir)
+        config = flags.FLAGS.config
+        # --config.steps=4 means 4 steps in every stage, also where the file's stages set their own
+        for note in command_line_wins(config, list(config_flags.get_override_values(flags.FLAGS["config"]))):
+            print(note)
+        enable_compilation_cache(config.compilation_cache, flags.FLAGS.workdir)
         try:
-            run(flags.FLAGS.config, flags.FLAGS.workdir)
+            run(config, flags.FLAGS.workdir)
         except (ValueError, NonFiniteLoss) as e:
             print(f"error: {e}", file=sys.stderr)
             sys.exit(1)
 
-    app.run(_main, argv=argv)
+    try:
+        app.run(_main, argv=argv)
+    except (KeyError, AttributeError) as e:
+        if started:  # a bug, not a mistyped --config.FIELD
+            raise
+        message = e
+        while isinstance(message, BaseException) and message.args:  # ml_collections wraps a KeyError's text
+            message = message.args[0]
+        message = str(message).replace("\n", ": ")
+        print(f"error: unknown config field on the command line: {message} (every field: jaxdistill/config.py)",
+              file=sys.stderr)
+        sys.exit(2)
     return 0
 
 

@@ -146,6 +146,11 @@ def test_pickled_weights_are_refused_and_never_opened(unet_folders, tmp_path):
 def test_missing_folder_or_weights(tmp_path, unet_folders):
     with pytest.raises(FileNotFoundError, match="config.json"):
         load_unet(tmp_path / "nowhere")
+    workdir = tmp_path / "run"  # python -m jaxdistill.train's: the run's config.json, checkpoints/
+    (workdir / "checkpoints").mkdir(parents=True)
+    (workdir / "config.json").write_text('{"batch_size": 8}')
+    with pytest.raises(FileNotFoundError, match="training workdir"):
+        load_unet(workdir)
     (tmp_path / "empty").mkdir()
     shutil.copy(os.path.join(unet_folders["ssd1b"], "config.json"), tmp_path / "empty")
     with pytest.raises(FileNotFoundError, match="diffusion_pytorch_model.safetensors"):

@@ -204,3 +204,22 @@ def test_a_pipeline_that_does_not_fit_is_refused(workdir, pipeline, tmp_path, da
     with pytest.raises(ExportError, match=message):
         export(workdir, tmp_path / "out", pipeline_from=broken)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["broken"]
+
+
+def test_a_progressive_stage_names_the_stage_before_and_the_first_teacher(tmp_path):
+    """A stage distilled from "previous": the card names that stage's student and the run's first teacher,
+    whose Hub id becomes base_model."""
+    from jaxdistill import presets
+    from jaxdistill.config import base_config
+    from jaxdistill.export import Student, describe, model_card
+
+    c = base_config()
+    c.stages = [dict(name="a", teacher="org/sdxl", plan="ssd1b", steps=2),
+                dict(name="b", teacher="previous", plan="vega", steps=2)]
+    (tmp_path / "config.json").write_text(c.to_json_best_effort())
+    prov = {"source": str(tmp_path / "stages" / "b"), "stage": "b", "teacher": "previous", "workdir": str(tmp_path)}
+    facts = describe(Student(presets.tiny(presets.VEGA), {}, prov), "fp32")
+    assert facts["teacher"] == f"stage a's student ({tmp_path / 'stages' / 'a'})"
+    assert facts["first_teacher"] == "org/sdxl" and facts["base_model"] == "org/sdxl"
+    card = model_card(facts)
+    assert "| first stage's teacher | org/sdxl |" in card and "base_model: org/sdxl" in card

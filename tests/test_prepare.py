@@ -191,7 +191,8 @@ def test_prepare_command_ends_bad_input_with_a_usage_error(prepared, images, pip
     assert "no text_encoder/config.json" in usage_error("--pipeline", str(tmp_path / "half"))
     assert "no such data set" in usage_error("--source", "tfds:no_such_captions", "--data-dir", str(tmp_path))
     assert "storage_dtype: 'float32' → 'float16'" in usage_error("--out", str(done))
-    assert len(started) == 4  # the multi-host runtime is started as train starts it
+    assert "positive multiple" in usage_error("--batch-size", "0")
+    assert len(started) == 5  # the multi-host runtime is started as train starts it
     assert not (tmp_path / "out").exists()
 
 
@@ -242,8 +243,9 @@ def test_the_trainer_reads_a_prepared_set(prepared, tmp_path):
 
     _, _, out = prepared
     spec = TINY["micro"].replace(cross_attention_dim=80, projection_class_embeddings_input_dim=40 + 6 * 8)
-    with pytest.raises(ValueError, match="cross_attention_dim is 32"):
+    with pytest.raises(ValueError, match="cross_attention_dim is 32") as info:
         check_fits(PreparedLatents(out, batch_size=4), TINY["micro"])
+    assert f"prepared data set {out} (encoded with" in str(info.value)  # the data set's folder, not the pipeline's
     _train_micro(tmp_path / "run", spec, steps=3, accumulation=1, source="prepared", path=str(out))
     lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert len(lines) == 3 and all(np.isfinite(line["loss"]) for line in lines)

@@ -273,6 +273,7 @@ def test_unet_folders_and_checkpoints_as_models(pipeline_dir, pipe, noise, tmp_p
                                             meta=ocp.args.JsonSave(meta)))
     manager.wait_until_finished()
     manager.close()
+    (tmp_path / "run" / "config.json").write_text(json.dumps(meta["config"]))  # train.run writes the run's config
     from_checkpoint = load_pipeline(tmp_path / "run")
     assert from_checkpoint.unet_spec == pipe.unet_spec and from_checkpoint.pipeline_dir == str(pipeline_dir)
     kwargs = dict(latents=noise, steps=STEPS, guidance=5.0, height=HEIGHT, width=WIDTH)

@@ -106,8 +106,8 @@ def test_resume_continues_exactly(unet_folders, plan_file, tmp_path):
     teacher = unet_folders["micro"]
     # EMA on: its state must resume exactly too (the stage's output is the EMA). The straight run also
     # traces steps 2–3 (config.profile): the trace must hold the step's XLA ops and change nothing.
-    run(small_config(teacher, plan_file, ema_decay=0.9, **{"profile.first": 2, "profile.steps": 2}),
-        tmp_path / "straight")
+    straight_summary = run(small_config(teacher, plan_file, ema_decay=0.9,
+                                        **{"profile.first": 2, "profile.steps": 2}), tmp_path / "straight")
     traces = list((tmp_path / "straight" / "tensorboard" / "main" / "plugins" / "profile").glob("*/*.xplane.pb"))
     assert len(traces) == 1, traces
     planes = jax.profiler.ProfileData.from_file(str(traces[0])).planes
@@ -115,7 +115,7 @@ def test_resume_continues_exactly(unet_folders, plan_file, tmp_path):
     run(small_config(teacher, plan_file, ema_decay=0.9, steps=3), tmp_path / "resumed")  # checkpoint at 3, stop
     with open(tmp_path / "resumed" / "metrics.jsonl", "a") as f:  # what a killed run logged after its checkpoint
         f.write(json.dumps({"stage": "main", "step": 4, "loss": 123.0}) + '\n{"stage": "ma')
-    run(small_config(teacher, plan_file, ema_decay=0.9), tmp_path / "resumed")  # new run: resumes at 3, trains 4..6
+    resumed_summary = run(small_config(teacher, plan_file, ema_decay=0.9), tmp_path / "resumed")  # at 3: 4..6
     _, straight = load_unet(tmp_path / "straight" / "stages" / "main")
     _, resumed = load_unet(tmp_path / "resumed" / "stages" / "main")
     for k, v in flatten_dict(straight).items():
@@ -124,6 +124,9 @@ def test_resume_continues_exactly(unet_folders, plan_file, tmp_path):
     assert [r["loss"] for r in a] == [r["loss"] for r in b] and [r["step"] for r in b] == [1, 2, 3, 4, 5, 6]
     assert {"task", "output_kd", "feature_kd", "grad_norm", "lr"} <= set(a[-1])
     assert any(k.startswith("feature/") for k in a[-1])
+    # the agreement before training is the initial student's, also for the resumed run (kept in the checkpoint)
+    assert straight_summary["main"]["agreement_before"] is not None
+    assert resumed_summary == straight_summary
     assert os.listdir(tmp_path / "straight" / "tensorboard" / "main")
     # a config whose training state differs from the checkpoint's (EMA off now) is refused, naming the cause
     with pytest.raises(ValueError, match="another layout than this config builds .*ema_decay"):
@@ -252,6 +255,26 @@ def test_bad_command_line_override_is_reported(tmp_path):
                             text=True, cwd=os.path.join(os.path.dirname(__file__), ".."))
     assert result.returncode == 1
     assert "config.optimizer.lr=-1" in result.stderr
+    typo = subprocess.run([sys.executable, "-m", "jaxdistill.train", "--config", "configs/tiny.py",
+                           "--workdir", str(tmp_path), "--config.optimzer.lr=1e-3"], env=ENV, capture_output=True,
+                          text=True, cwd=os.path.join(os.path.dirname(__file__), ".."))
+    assert typo.returncode == 2 and "Traceback" not in typo.stderr
+    assert 'unknown config field on the command line: \'optimzer\': Did you mean "optimizer"' in typo.stderr
+
+
+def test_command_line_values_apply_to_every_stage():
+    """--config.steps=4 with the tiny config's stages (400 and 150 steps): 4 in both, and said so."""
+    from jaxdistill.config import command_line_wins, stages_of
+
+    c = base_config()
+    c.stages = [dict(name="a", steps=400, optimizer=dict(lr=1e-3, schedule="cosine"), loss=dict(output=0.0)),
+                dict(name="b", steps=150, lr=5e-5)]
+    c.steps, c.optimizer.lr, c.loss.output = 4, 2e-4, 0.25
+    notes = command_line_wins(c, ["steps", "optimizer.lr", "batch_size"])
+    assert len(notes) == 4 and "stage a's steps=400" in notes[0]
+    a, b = stages_of(c)
+    assert (a.steps, b.steps, a.optimizer.lr, b.optimizer.lr) == (4, 4, 2e-4, 2e-4)
+    assert a.optimizer.schedule == "cosine" and a.loss.output == 0.0  # what the command line did not set stays
 
 
 def test_distillation_without_a_teacher_is_refused(tmp_path):
