@@ -7,7 +7,7 @@ bad field by its dotted name before anything heavy runs.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import ml_collections
 
@@ -178,30 +178,48 @@ def stages_of(config: ml_collections.ConfigDict) -> list[ml_collections.ConfigDi
     return [_stage(config, s) for s in stages]
 
 
+# What makes a stage the stage it is: a command-line value does not replace these (config.teacher has its own
+# rule in `stages_of`: it stands for the first stage's "previous").
+STAGE_IDENTITY = ("name", "teacher", "model", "student", "plan", "stages")
+
+
 def command_line_wins(config: ml_collections.ConfigDict, fields: Sequence[str]) -> list[str]:
     """Removes from every stage of `config.stages` the values the command line set (`fields`: dotted names,
-    `--config.FIELD=VALUE`), so that those apply to every stage; returns one note per value replaced."""
+    `--config.FIELD=VALUE`), so that those apply to every stage — except `STAGE_IDENTITY` fields, which stay
+    per stage. Returns one note per value replaced or kept."""
     notes, stages = [], []
-    for stage in config.stages or []:
-        stage = dict(stage)
+    for i, stage in enumerate(config.stages or []):
+        if not isinstance(stage, (Mapping, ml_collections.ConfigDict)):  # validate() reports it
+            stages.append(stage)
+            continue
+        stage = _plain(stage)
+        name = stage.get("name", f"#{i}")
         for field in fields:
-            key, _, sub = field.partition(".")
-            if field == "optimizer.lr" and "lr" in stage:
-                key, sub = "lr", ""
-            if key not in stage or key == "name":
+            path = ["lr"] if field == "optimizer.lr" and "lr" in stage else field.split(".")
+            node = stage
+            for part in path[:-1]:
+                node = node.get(part) if isinstance(node, dict) else None
+            if not isinstance(node, dict) or path[-1] not in node:
                 continue
-            if sub and isinstance(stage[key], dict) and sub in stage[key]:
-                stage[key] = {k: v for k, v in stage[key].items() if k != sub}
-                notes.append(f"config.{field} from the command line replaces stage {stage.get('name')}'s "
-                             f"{key}.{sub}")
-            elif not sub:
-                value = stage.pop(key)
-                notes.append(f"config.{field} from the command line replaces stage {stage.get('name')}'s "
-                             f"{key}={value!r}")
+            if path[0] == "teacher":  # stages_of's rule: it stands for the first stage's "previous"
+                continue
+            if path[0] in STAGE_IDENTITY:
+                notes.append(f"config.{field} from the command line does not apply to stage {name}, which sets "
+                             f"its own {path[0]}={node[path[-1]]!r}")
+                continue
+            value = node.pop(path[-1])
+            notes.append(f"config.{field} from the command line replaces stage {name}'s {'.'.join(path)}={value!r}")
         stages.append(stage)
-    if notes:
+    if any("replaces" in note for note in notes):
         config.stages = stages
     return notes
+
+
+def _plain(value):
+    """ConfigDicts and other mappings as nested dicts."""
+    if isinstance(value, ml_collections.ConfigDict):
+        value = value.to_dict()
+    return {k: _plain(v) for k, v in value.items()} if isinstance(value, Mapping) else value
 
 
 def _stage(config: ml_collections.ConfigDict, overrides: dict) -> ml_collections.ConfigDict:

@@ -81,10 +81,22 @@ def resolve_unet_folder(path: str | os.PathLike) -> Path:
     return resolve_component(path, "unet", "UNet")
 
 
+def is_workdir(path: str | os.PathLike) -> bool:
+    """A `python -m jaxdistill.train` workdir: checkpoints/ beside a config.json that is the run's (a
+    diffusers model's names its `_class_name`)."""
+    path = Path(path)
+    if not (path / "checkpoints").is_dir():
+        return False
+    try:
+        return "_class_name" not in json.loads((path / CONFIG_NAME).read_text())
+    except (OSError, ValueError):
+        return True
+
+
 def resolve_component(path: str | os.PathLike, component: str, what: str) -> Path:
     """A model folder itself, or the `component/` folder (unet, vae, ...) of a diffusers pipeline folder."""
     path = Path(path)
-    if (path / "checkpoints").is_dir():  # its config.json is the run's, not a model's
+    if is_workdir(path):
         raise FileNotFoundError(f"{path} is a training workdir, not a diffusers {what} folder: use one of its "
                                 f"stage folders ({path}/stages/NAME) or export it (python -m jaxdistill.export)")
     for folder in (path, path / component):

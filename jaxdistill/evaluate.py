@@ -233,7 +233,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         student.check_size(height, width)
         sample.make_scheduler(args.scheduler, teacher.scheduler_config)
         clip = ClipScore(args.clip) if args.clip else None
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, RuntimeError) as e:  # RuntimeError: --clip without PyTorch
         parser.error(str(e))
     evaluation = compare(teacher, student, prompts, seeds, clip=clip, steps=args.steps, guidance=args.guidance,
                          scheduler=args.scheduler, height=height, width=width, batch_size=args.batch_size)

@@ -43,7 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxdistill import schedule
-from jaxdistill.convert import CONFIG_NAME, load_unet
+from jaxdistill.convert import CONFIG_NAME, is_workdir, load_unet
 from jaxdistill.schedule import PREDICTION_TYPES
 from jaxdistill.spec import UNetSpec, UnsupportedConfigError
 from jaxdistill.text import TextEncoders, load_text_encoders
@@ -341,7 +341,7 @@ def load_pipeline(model: str | os.PathLike, pipeline: str | os.PathLike | None =
         pipeline = model if pipeline is None else pipeline
         if ema:
             raise ValueError("--ema/ema=True applies to training checkpoints; the model is a pipeline folder")
-    elif (model / CONFIG_NAME).is_file() and not (model / "checkpoints").is_dir():  # a workdir has config.json too
+    elif (model / CONFIG_NAME).is_file() and not is_workdir(model):  # a workdir has a config.json too
         spec, params = load_unet(model, dtype)
         if ema:
             raise ValueError("--ema/ema=True applies to training checkpoints; the model is a UNet folder")
@@ -438,11 +438,12 @@ def initial_latents(seed: int, height: int, width: int, channels: int = 4, *, va
 
 
 def check_seeds(seeds: Sequence[int]) -> list[int]:
-    """The seeds as ints; ValueError for one outside 0 … 2**63 − 1 (what `jax.random.key` takes)."""
+    """The seeds as ints; ValueError for one outside 0 … 2**32 − 1 (`jax.random.key` keeps 32 bits without
+    jax_enable_x64: seeds 0 and 2**32 would give the same noise)."""
     seeds = [int(s) for s in seeds]
-    bad = [s for s in seeds if not 0 <= s < 2 ** 63]
+    bad = [s for s in seeds if not 0 <= s < 2 ** 32]
     if bad:
-        raise ValueError(f"seed {bad[0]}: seeds are integers in 0 … 2**63 − 1")
+        raise ValueError(f"seed {bad[0]}: seeds are integers in 0 … 2**32 − 1")
     return seeds
 
 
@@ -705,6 +706,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         # The teacher gets the student's VAE, text encoders and scheduler: only the UNets differ.
         teacher = load_pipeline(args.teacher, parts=student, dtype=args.dtype) if args.teacher else None
         height, width = student.check_size(args.height, args.width)
+        if teacher is not None:
+            teacher.check_size(height, width)
         make_scheduler(args.scheduler, student.scheduler_config)
     except (OSError, ValueError) as e:  # missing folders, incompatible parts, bad sizes, scheduler configs
         parser.error(str(e))

@@ -91,17 +91,15 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any
 
 
 def _check_schedule(c: ml_collections.ConfigDict):
-    """config.schedule against the scheduler config of every SDXL pipeline folder the stage names (teacher,
-    data.pipeline, eval.pipeline): a teacher trained for v-prediction or other betas would otherwise be
-    distilled with epsilon targets on the wrong noise levels, silently."""
+    """config.schedule against the scheduler config of a pipeline-folder teacher: a teacher trained for
+    v-prediction or other betas would otherwise be distilled with epsilon targets on the wrong noise levels,
+    silently. (data.pipeline and eval.pipeline only lend their VAE and text encoders: a run without a teacher
+    may train onto another schedule.)"""
     from jaxdistill.sample import is_pipeline
 
-    folders = {str(f) for f in (c.teacher, c.data.pipeline, c.eval.pipeline) if f and f != "previous"}
-    for folder in sorted(folders):
-        file = Path(folder) / "scheduler" / "scheduler_config.json"
-        if not (is_pipeline(folder) and file.is_file()):
-            continue
-        problems = schedule_mismatches(c.schedule, json.loads(file.read_text()))
+    if c.teacher and c.teacher != "previous" and is_pipeline(c.teacher):
+        file = Path(c.teacher) / "scheduler" / "scheduler_config.json"
+        problems = schedule_mismatches(c.schedule, json.loads(file.read_text())) if file.is_file() else []
         if problems:
             raise ValueError(f"stage {c.name}: config.schedule does not match {file} ({'; '.join(problems)}). "
                              "Set the config's fields to the pipeline's (--config.schedule.FIELD=VALUE) to train "
@@ -563,12 +561,15 @@ def main(argv=None) -> int:
     try:
         app.run(_main, argv=argv)
     except (KeyError, AttributeError) as e:
-        if started:  # a bug, not a mistyped --config.FIELD
-            raise
         message = e
         while isinstance(message, BaseException) and message.args:  # ml_collections wraps a KeyError's text
             message = message.args[0]
-        message = str(message).replace("\n", ": ")
+        message = str(message)
+        field = message.split("\n")[0].strip("'\"")
+        named = [a for a in (argv or sys.argv) if a.startswith("--config.") and field in a.split("=")[0].split(".")]
+        if started or not named:  # a bug, or a mistake inside the config file: the traceback says where
+            raise
+        message = message.replace("\n", ": ")
         print(f"error: unknown config field on the command line: {message} (every field: jaxdistill/config.py)",
               file=sys.stderr)
         sys.exit(2)

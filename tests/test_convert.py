@@ -151,6 +151,10 @@ def test_missing_folder_or_weights(tmp_path, unet_folders):
     (workdir / "config.json").write_text('{"batch_size": 8}')
     with pytest.raises(FileNotFoundError, match="training workdir"):
         load_unet(workdir)
+    model = tmp_path / "model"  # a UNet folder that happens to hold a checkpoints/ folder is still one
+    shutil.copytree(unet_folders["micro"], model)
+    (model / "checkpoints").mkdir()
+    assert load_unet(model)[0] == load_unet(unet_folders["micro"])[0]
     (tmp_path / "empty").mkdir()
     shutil.copy(os.path.join(unet_folders["ssd1b"], "config.json"), tmp_path / "empty")
     with pytest.raises(FileNotFoundError, match="diffusion_pytorch_model.safetensors"):

@@ -118,7 +118,7 @@ def test_evaluate_command_refuses_bad_input_before_sampling(pipeline, tmp_path, 
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a cat\n")
     common = ["--student", str(pipeline), "--teacher", str(pipeline), "--prompts", str(prompts)]
-    for args, reason in [(["--seeds", ","], "no seeds"), (["--seeds", str(2 ** 64)], "seeds are integers"),
+    for args, reason in [(["--seeds", ","], "no seeds"), (["--seeds", str(2 ** 32)], "seeds are integers"),
                          (["--steps", "0"], "--steps must be"), (["--height", "30"], "multiple of 4"),
                          (["--teacher", str(tmp_path / "nothing")], "does not exist"),
                          (["--clip", str(tmp_path / "no-clip")], "no-clip")]:

@@ -201,8 +201,8 @@ def test_seeds_chunks_and_bad_arguments(pipe, noise):
     one = generate(pipe, PROMPTS[0], seeds=[0], **kwargs)  # one string is one prompt
     assert one.latents.shape[0] == 1  # another batch size: XLA may order sums otherwise
     np.testing.assert_allclose(one.latents, chunked.latents[:1], rtol=0, atol=1e-4)
-    with pytest.raises(ValueError, match="seeds are integers"):
-        generate(pipe, PROMPTS, seeds=[0, 2 ** 64], **kwargs)
+    with pytest.raises(ValueError, match="seeds are integers"):  # jax.random.key(2**32) is key(0) here
+        generate(pipe, PROMPTS, seeds=[0, 2 ** 32], **kwargs)
     rectangular = dataclasses.replace(pipe, unet_spec=dataclasses.replace(pipe.unet_spec, sample_size=(8, 12)))
     assert rectangular.check_size(None, None) == (16, 24) and rectangular.check_size(None, 8) == (16, 8)
     with pytest.raises(ValueError, match="multiple of 4"):  # VAE 2× × UNet 2×
@@ -287,4 +287,4 @@ def test_unet_folders_and_checkpoints_as_models(pipeline_dir, pipe, noise, tmp_p
     # a second UNet on the same VAE, text encoders and scheduler: shared, not loaded again
     shared = load_pipeline(pipeline_dir / "unet", parts=from_unet)
     assert shared.text_encoders is from_unet.text_encoders and shared.vae_params is from_unet.vae_params
-    assert shared.unet_params is not from_unet.unet_params and shared.name == str(pipeline_dir / "unet")
+    assert shared.name == str(pipeline_dir / "unet")

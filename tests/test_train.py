@@ -260,21 +260,33 @@ def test_bad_command_line_override_is_reported(tmp_path):
                           text=True, cwd=os.path.join(os.path.dirname(__file__), ".."))
     assert typo.returncode == 2 and "Traceback" not in typo.stderr
     assert 'unknown config field on the command line: \'optimzer\': Did you mean "optimizer"' in typo.stderr
+    # the same mistake inside a config file is not the command line's: the traceback says where it is
+    (tmp_path / "bad.py").write_text("from jaxdistill.config import base_config\n\n\ndef get_config():\n"
+                                     "    c = base_config()\n    c.optimzer.lr = 1e-3\n    return c\n")
+    in_file = subprocess.run([sys.executable, "-m", "jaxdistill.train", "--config", str(tmp_path / "bad.py"),
+                              "--workdir", str(tmp_path)], env=ENV, capture_output=True, text=True)
+    assert in_file.returncode != 0 and "bad.py" in in_file.stderr and "command line" not in in_file.stderr
 
 
 def test_command_line_values_apply_to_every_stage():
     """--config.steps=4 with the tiny config's stages (400 and 150 steps): 4 in both, and said so."""
+    import ml_collections
+
     from jaxdistill.config import command_line_wins, stages_of
 
     c = base_config()
-    c.stages = [dict(name="a", steps=400, optimizer=dict(lr=1e-3, schedule="cosine"), loss=dict(output=0.0)),
-                dict(name="b", steps=150, lr=5e-5)]
-    c.steps, c.optimizer.lr, c.loss.output = 4, 2e-4, 0.25
-    notes = command_line_wins(c, ["steps", "optimizer.lr", "batch_size"])
-    assert len(notes) == 4 and "stage a's steps=400" in notes[0]
+    c.stages = [ml_collections.ConfigDict(dict(name="a", plan="ssd1b", steps=400, loss=dict(output=0.0),
+                                               optimizer=dict(lr=1e-3, schedule="cosine"))),
+                dict(name="b", teacher="previous", plan="vega", steps=150, lr=5e-5)]
+    c.teacher, c.plan, c.steps, c.optimizer.lr = "SDXL_DIR", "x.json", 4, 2e-4
+    notes = command_line_wins(c, ["teacher", "plan", "steps", "optimizer.lr", "batch_size"])
+    assert "stage a's steps=400" in notes[1] and "stage b's lr=5e-05" in notes[-1]
+    assert "does not apply to stage b, which sets its own plan='vega'" in notes[3]
     a, b = stages_of(c)
     assert (a.steps, b.steps, a.optimizer.lr, b.optimizer.lr) == (4, 4, 2e-4, 2e-4)
     assert a.optimizer.schedule == "cosine" and a.loss.output == 0.0  # what the command line did not set stays
+    # the stages keep what makes them: their plans, and b distils from a's student, not from --config.teacher
+    assert (a.plan, b.plan, a.teacher, b.teacher) == ("ssd1b", "vega", "SDXL_DIR", "previous")
 
 
 def test_distillation_without_a_teacher_is_refused(tmp_path):
