@@ -213,10 +213,10 @@ def describe(student: Student, dtype: str, pipeline_from: str | os.PathLike | No
     spec, prov = student.spec, student.provenance
     n = count_params(spec)
     teacher = prov.get("teacher")
-    teacher_params = prov.get("teacher_params") or _teacher_params(teacher, prov.get("workdir"), prov.get("stage"))
-    first_teacher = prov.get("first_teacher") or teacher
+    first_teacher, folder = prov.get("first_teacher") or teacher, teacher
     if teacher == "previous":  # a progressive stage: its teacher is the stage before's student
-        teacher, first_teacher = _previous_teachers(prov.get("workdir"), prov.get("stage"))
+        teacher, first_teacher, folder = _previous_teachers(prov.get("workdir"), prov.get("stage"))
+    teacher_params = prov.get("teacher_params") or _teacher_params(folder)
     config = prov.get("config")
     if base_model is None and prov.get("base_model"):
         base_model = prov["base_model"]
@@ -376,34 +376,29 @@ def _stage_config(workdir: Path, stage: str | None) -> dict | None:
     return next((s for s in _run_stages(workdir) if s["name"] == stage), None)
 
 
-def _previous_teachers(workdir: str | None, stage: str | None) -> tuple[str, str | None]:
-    """For a stage whose teacher is "previous": (its teacher, described: the stage before's student folder;
-    the teacher of the run's first distillation in that chain, what the whole run started from)."""
+def _previous_teachers(workdir: str | None, stage: str | None) -> tuple[str, str | None, Path | None]:
+    """For a stage whose teacher is "previous": (its teacher, described; the teacher of the run's first
+    distillation in that chain, what the whole run started from; the stage before's student folder)."""
     stages = {s["name"]: s for s in _run_stages(workdir)}
     names = list(stages)
     if stage not in names[1:]:
-        return "previous (the stage before in the same run)", None
+        return "previous (the stage before in the same run)", None, None
     before = names[names.index(stage) - 1]
-    direct = f"stage {before}'s student ({Path(workdir) / 'stages' / before})"
+    folder = Path(workdir) / "stages" / before
+    direct = f"stage {before}'s student ({folder})"
     i = names.index(stage)
     while i > 0 and stages[names[i]].get("teacher") == "previous":
         i -= 1
     first = stages[names[i]].get("teacher") or None
     if first is None and stages[names[i]].get("model"):
         first = f"stage {names[i]}'s model, trained from scratch ({stages[names[i]]['model']})"
-    return direct, first
+    return direct, first, folder
 
 
-def _teacher_params(teacher: str | None, workdir: str | None, stage: str | None) -> int | None:
-    """The teacher's parameter count, when its UNet config can be found ("previous": the stage before)."""
-    if not teacher:
+def _teacher_params(folder: str | os.PathLike | None) -> int | None:
+    """The teacher's parameter count, when its UNet config can be found in `folder`."""
+    if not folder:
         return None
-    folder = Path(teacher)
-    if teacher == "previous":
-        names = [s["name"] for s in _run_stages(workdir)]
-        if stage not in names[1:]:
-            return None
-        folder = Path(workdir) / "stages" / names[names.index(stage) - 1]
     try:
         return count_params(UNetSpec.from_diffusers_config(resolve_unet_folder(folder) / CONFIG_NAME))
     except (OSError, ValueError):  # not at hand here, or not a config we read

@@ -217,9 +217,13 @@ def test_a_progressive_stage_names_the_stage_before_and_the_first_teacher(tmp_pa
     c.stages = [dict(name="a", teacher="org/sdxl", plan="ssd1b", steps=2),
                 dict(name="b", teacher="previous", plan="vega", steps=2)]
     (tmp_path / "config.json").write_text(c.to_json_best_effort())
+    (tmp_path / "stages" / "a").mkdir(parents=True)  # stage a's student: its config is enough to count it
+    stage_a = presets.tiny(presets.SSD_1B)
+    (tmp_path / "stages" / "a" / "config.json").write_text(json.dumps(stage_a.to_diffusers_config()))
     prov = {"source": str(tmp_path / "stages" / "b"), "stage": "b", "teacher": "previous", "workdir": str(tmp_path)}
     facts = describe(Student(presets.tiny(presets.VEGA), {}, prov), "fp32")
     assert facts["teacher"] == f"stage a's student ({tmp_path / 'stages' / 'a'})"
+    assert facts["teacher_params"] == count_params(stage_a)
     assert facts["first_teacher"] == "org/sdxl" and facts["base_model"] == "org/sdxl"
     card = model_card(facts)
     assert "| first stage's teacher | org/sdxl |" in card and "base_model: org/sdxl" in card

@@ -204,6 +204,9 @@ def test_prune_command_refuses_bad_input_before_the_slow_part(unet_folders, tmp_
     assert "cannot be met" in capsys.readouterr().err and not report.exists()
     assert main(["--teacher", teacher, "--sensitivity", str(tmp_path / "none.json"), "--budget-params", "1"]) == 2
     assert "no sensitivity report" in capsys.readouterr().err
+    # the teacher's downsampling decides the sizes (micro: 2 blocks, 2×: images of multiples of 16 pixels)
+    assert main(["--teacher", teacher, "--sensitivity", str(report), "--resolution", "72"]) == 2
+    assert "needs a multiple of 16 pixels" in capsys.readouterr().err and not report.exists()
 
 
 def test_prune_command_refuses_a_bad_plan_clearly(unet_folders, tmp_path):
