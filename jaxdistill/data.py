@@ -1,8 +1,11 @@
 """Training batches: `PreparedLatents` reads a data set written by `python -m jaxdistill.prepare`;
-`SyntheticLatents` generates a small latent set for the tiny config and tests.
+`StreamedImages` decodes an image–caption source for encoding inside the train step; `SyntheticLatents`
+generates a small latent set for the tiny config and tests.
 
-Both are deterministic in (seed, step): `batch(step)` always returns the same examples, so a resumed run
-continues exactly, and the position saved with a checkpoint is the step. The prepared set is read by
+All are deterministic in (seed, step): `batch(step)` always returns the same examples, so a resumed run
+continues exactly, and the position saved with a checkpoint is the step. Each has an `identity` (a small
+JSON-able dict to store with a checkpoint: `check_same_data` refuses a resume onto other data) and a
+`skip_report()` (the skipped-input summary, once). The prepared set is read by
 index (TFDS's ArrayRecord data source: random access, no TensorFlow): every epoch is a fresh permutation
 drawn from (seed, epoch), batches never mix latent shapes (aspect-ratio buckets), and each host reads
 only its slice of every global batch. The next batch is read in a background thread while the current
@@ -12,13 +15,20 @@ one trains.
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
+import hashlib
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from jaxdistill.spec import UNetSpec
+
+if TYPE_CHECKING:  # sources (Pillow) is imported only where images are read
+    from jaxdistill.sources import Example, Skips
 
 INFO_NAME = "jaxdistill_data.json"  # written by jaxdistill.prepare beside the TFDS metadata
 
@@ -26,7 +36,9 @@ INFO_NAME = "jaxdistill_data.json"  # written by jaxdistill.prepare beside the T
 def make_data(c, spec: UNetSpec) -> PreparedLatents | StreamedImages | SyntheticLatents:
     """The training data a config asks for (`config.data.source`: "prepared" with `data.path`; "images"
     with a source spec in `data.path`, encoded inside the train step; "synthetic"), this host's slice of
-    every batch."""
+    every batch. A wrong data.path, an empty folder or a bad setting is a ValueError. Cheap — it reads the
+    data set's metadata and one batch (prepared) or lists the source and loads the tokenizers (images) —
+    so it can run before the models load; it needs only the student's `spec`."""
     import jax
 
     if c.data.source == "prepared":
@@ -46,6 +58,31 @@ def make_data(c, spec: UNetSpec) -> PreparedLatents | StreamedImages | Synthetic
     return SyntheticLatents(spec, resolution=c.data.resolution, seq_len=c.data.seq_len,
                             num_examples=c.data.num_examples, batch_size=c.batch_size, seed=c.seed,
                             process_index=jax.process_index(), process_count=jax.process_count())
+
+
+def shape_groups(shapes: list) -> tuple[list[tuple[int, int]], list[np.ndarray]]:
+    """The run-length latent shapes prepare records per shard (`[[[h, w, count], ...], ...]`) → (the
+    distinct shapes in sorted order, for each the indices of its examples in ascending order), with numpy
+    alone: no Python object per example (a 100M-example set would take minutes and gigabytes)."""
+    runs = np.array([run for shard in shapes for run in shard], np.int64).reshape(-1, 3)  # [R, (h, w, count)]
+    distinct, run_group = np.unique(runs[:, :2], axis=0, return_inverse=True)
+    # example index → its shape's position, in the smallest integer type (a radix sort for few shapes)
+    group_of = np.repeat(run_group.reshape(-1).astype(np.min_scalar_type(len(distinct))), runs[:, 2])
+    order = np.argsort(group_of, kind="stable")  # stable: each group's indices stay ascending
+    bounds = np.cumsum(np.bincount(group_of, minlength=len(distinct)))[:-1]
+    return [(int(h), int(w)) for h, w in distinct], np.split(order, bounds) if len(distinct) else []
+
+
+def check_same_data(saved: dict | None, data: PreparedLatents | StreamedImages | SyntheticLatents) -> None:
+    """Refuses to resume onto other data: `saved` is the `identity` a checkpoint stored (None: a checkpoint
+    from before identities were stored, not checked). Batches are a function of (seed, step) and of the
+    data: on another data set a resumed run would silently read other batches."""
+    if saved is None or saved == data.identity:
+        return
+    changed = [f"{k}: {saved.get(k)!r} → {data.identity.get(k)!r}" for k in sorted(set(saved) | set(data.identity))
+               if saved.get(k) != data.identity.get(k)]
+    raise ValueError(f"the checkpoint was trained on other data than data.path now holds ({'; '.join(changed)}); "
+                     "resume with the data it was trained on, or train into a new workdir")
 
 
 def check_fits(data: PreparedLatents, spec: UNetSpec):
@@ -73,7 +110,8 @@ def check_fits(data: PreparedLatents, spec: UNetSpec):
 
 class PreparedLatents:
     """Batches of a prepared data set: {latents [b, h, w, 4], encoder_hidden_states [b, 77, D], text_embeds
-    [b, P], time_ids [b, 6]} in float32, b = batch_size / process_count (this host's slice)."""
+    [b, P], time_ids [b, 6]} in float32, b = batch_size / process_count (this host's slice). `identity`:
+    the number of examples and a digest of the shard lengths and latent shapes the order is drawn from."""
 
     def __init__(self, path: str | os.PathLike, *, batch_size: int, seed: int = 0, process_index: int = 0,
                  process_count: int = 1):
@@ -81,10 +119,11 @@ class PreparedLatents:
 
         path = Path(path)
         info_file = path / INFO_NAME
-        if not info_file.is_file():
-            raise FileNotFoundError(f"{path} is not a prepared data set (no {INFO_NAME}); make one with "
-                                    "python -m jaxdistill.prepare --source ... --pipeline ... --out DIR, and let it "
-                                    "finish (it resumes)")
+        if not info_file.is_file():  # ValueError: a usage error for the trainer, like any other bad setting
+            what = "no such folder" if not path.is_dir() else f"no {INFO_NAME}"
+            raise ValueError(f"data.path {path} is not a prepared data set ({what}); make one with python -m "
+                             "jaxdistill.prepare --source ... --pipeline ... --out DIR and let it finish (it "
+                             "resumes), or set data.source=images to encode a folder/tar source on the fly")
         self.path, self.info = path, json.loads(info_file.read_text())
         if batch_size % process_count:
             raise ValueError(f"batch_size {batch_size} must be divisible by the {process_count} processes")
@@ -92,22 +131,20 @@ class PreparedLatents:
         per_host = batch_size // process_count
         self.host = slice(process_index * per_host, (process_index + 1) * per_host)
         self.source = tfds.builder_from_directory(str(path)).as_data_source(split="train")
-        # example index → latent shape, from the run-length shapes prepare recorded per shard
-        shapes = [tuple(run[:2]) for shard in self.info["shapes"] for run in shard for _ in range(run[2])]
-        if len(shapes) != len(self.source):
-            raise ValueError(f"{path}: {INFO_NAME} lists {len(shapes)} examples, the data set has "
+        shapes, self.groups = shape_groups(self.info["shapes"])
+        total = sum(len(g) for g in self.groups)
+        if total != len(self.source):
+            raise ValueError(f"{path}: {INFO_NAME} lists {total} examples, the data set has "
                              f"{len(self.source)}; prepare it again into a new folder")
-        groups: dict[tuple[int, int], list[int]] = {}
-        for i, shape in enumerate(shapes):
-            groups.setdefault(shape, []).append(i)
-        self.groups = [np.asarray(groups[k]) for k in sorted(groups)]
+        self.identity = {"source": "prepared", "num_examples": total,
+                         "digest": _digest([self.info["shard_lengths"], self.info["shapes"]])}
         self.steps_per_epoch = sum(len(g) // batch_size for g in self.groups)
         if not self.steps_per_epoch:
-            raise ValueError(f"{path} has {len(shapes)} examples in {len(groups)} latent shapes: no shape has a "
+            raise ValueError(f"{path} has {total} examples in {len(shapes)} latent shapes: no shape has a "
                              f"full batch of {batch_size}; lower batch_size or prepare more data")
-        small = {k: len(v) for k, v in sorted(groups.items()) if len(v) < batch_size}
+        small = {shape: len(g) for shape, g in zip(shapes, self.groups, strict=True) if len(g) < batch_size}
         if small and process_index == 0:  # a batch holds one shape: these examples are never trained on
-            print(f"data: {sum(small.values())} of {len(shapes)} examples are in latent shapes with fewer examples "
+            print(f"data: {sum(small.values())} of {total} examples are in latent shapes with fewer examples "
                   f"than a batch of {batch_size} and are never read: {small}. Prepare with fewer --buckets "
                   "shapes or more data, or lower batch_size.")
         self._pool = concurrent.futures.ThreadPoolExecutor(1)
@@ -117,12 +154,17 @@ class PreparedLatents:
     def __len__(self) -> int:
         return len(self.source)
 
+    def skip_report(self, *, final: bool = False) -> str | None:
+        """None: prepare reported the skipped inputs (they are in INFO_NAME)."""
+        return None
+
     def _epoch(self, epoch: int) -> list[np.ndarray]:
         """The batches of one epoch: each shape group permuted and cut into full batches (the remainder
         waits for another epoch's permutation), then the batches shuffled together."""
-        if self._cached[0] != epoch:
-            self._cached = (epoch, self._make_epoch(epoch))
-        return self._cached[1]
+        cached = self._cached  # one read: the prefetch thread may replace it meanwhile
+        if cached[0] != epoch:
+            cached = self._cached = (epoch, self._make_epoch(epoch))
+        return cached[1]
 
     def _make_epoch(self, epoch: int) -> list[np.ndarray]:
         rng = np.random.default_rng([self.seed, epoch])
@@ -161,10 +203,19 @@ class PreparedLatents:
 class StreamedImages:
     """Pixels and token ids straight from an image–caption source, for encoding inside the train step
     (`config.data.source = "images"`): {pixels [b, H, W, 3], input_ids [b, 77], input_ids_2 [b, 77],
-    time_ids [b, 6]}. Each host streams its own shards, in an order drawn from (seed, epoch); crops and
-    flips are functions of (seed, key). `batch(step)` continues the stream; any other step (a resumed
-    run) replays the stream from the start, decoding the images it skips: exact, but its cost grows
-    with the position — for long runs prepare the data set once instead."""
+    time_ids [b, 6]}, b = batch_size / process_count.
+
+    Every epoch reads the shards in an order drawn from (seed, epoch), the records of each shard in an
+    order drawn from (seed, epoch, shard) (a folder's are permuted; a tar's go through a shuffle buffer),
+    and draws each example's crop, flip and caption choice from (seed, key, epoch). Every host reads the
+    same order and takes every process_count-th record of each shard (decoding only its own), so one
+    shard is enough for any number of hosts. `batch(step)` continues the stream; any other step (a
+    resumed run) replays the stream from the start, decoding the images it skips: exact, but its cost
+    grows with the position — for long runs prepare the data set once instead.
+
+    Opening it lists the source (a folder's files are walked) and checks it has shards: a wrong path or
+    an empty folder is a ValueError here, before any reading.
+    """
 
     def __init__(self, source, tokenizers, *, prep, batch_size: int, seed: int = 0, process_index: int = 0,
                  process_count: int = 1, rules=None):
@@ -176,27 +227,63 @@ class StreamedImages:
         self.rules = rules or S.DecodeRules()
         self.per_host, self.seed = batch_size // process_count, seed
         self.host = (process_index, process_count)
-        self.skips = S.Skips()
+        self.shards = source.shards()
+        if not self.shards:
+            raise ValueError(f"{source.description}: no shards (an empty split?); give a source with images")
+        # as a checkpoint stores it (JSON: bucket tuples become lists), so that it compares equal
+        self.identity = json.loads(json.dumps({
+            "source": source.description, "seed": seed, "shards": _digest([[s.name, s.size] for s in self.shards]),
+            "preprocessing": dataclasses.asdict(prep), "rules": dataclasses.asdict(self.rules)}))
+        self.skips = S.Skips()  # this host's records of the first epoch
+        self._first_epoch_read, self._reported = False, False
         self._stream, self._next = None, None
 
-    def _examples(self):
+    def epoch_examples(self, epoch: int, skips: Skips | None = None) -> Iterator[Example]:
+        """This host's good examples of one epoch, in order (`sources.Example`s); skips counted in `skips`."""
         from jaxdistill import sources as S
 
-        shards = S.shards_for_process(self.source.shards(), *self.host)
-        if not shards:
-            raise ValueError(f"{self.source.description}: no shards for process {self.host[0]} of {self.host[1]}")
+        index, count = self.host
+        for k, i in enumerate(np.random.default_rng([self.seed, epoch]).permutation(len(self.shards))):
+            shard = self.shards[i]
+            # start rotates with the shard's place in the epoch: the hosts' shares of records differ by
+            # at most one per shard, and that one does not always fall to the same host
+            records = S.shuffled_records(self.source, shard, np.random.default_rng([self.seed, epoch, shard.index]),
+                                         start=(index - k) % count, step=count)
+            for record in records:
+                ex = S.process_record(record, seed=self.seed, prep=self.prep, rules=self.rules, skips=skips,
+                                      epoch=epoch)
+                if ex is not None:
+                    yield ex
+
+    def _examples(self) -> Iterator[Example]:
+        from jaxdistill import sources as S
+
+        # A new stream (a fresh start or a resume's replay) counts the first epoch again from zero.
+        self.skips, self._first_epoch_read = S.Skips(), False
         epoch = 0
         while True:
+            skips = self.skips if epoch == 0 else S.Skips()  # the first epoch only: later ones repeat it
             found = False
-            for i in np.random.default_rng([self.seed, epoch]).permutation(len(shards)):
-                for ex in S.read_examples(self.source, shards[i], seed=self.seed, prep=self.prep, rules=self.rules,
-                                          skips=self.skips):
-                    found = True
-                    yield ex
+            for ex in self.epoch_examples(epoch, skips):
+                found = True
+                yield ex
             if not found:
-                raise ValueError(f"{self.source.description}: no usable example in this host's shards "
-                                 f"({self.skips.summary()})")
+                raise ValueError(f"{self.source.description}: no usable example for process {self.host[0]} of "
+                                 f"{self.host[1]} ({skips.summary()}); check the images and captions, or give "
+                                 "more data")
+            if epoch == 0:
+                self._first_epoch_read = True
             epoch += 1
+
+    def skip_report(self, *, final: bool = False) -> str | None:
+        """The summary of the inputs this host skipped in its first epoch (`sources.Skips.summary()`), once:
+        as soon as that epoch has been read — call it after every step — or, with `final` (at the end of a
+        run), what was counted of it so far. None before that, and after it was given once. Later epochs
+        and a resume's replay of the stream are not counted again."""
+        if self._reported or not (self._first_epoch_read or final) or self._stream is None:
+            return None
+        self._reported = True
+        return self.skips.summary() + ("" if self._first_epoch_read else "\n  (of the part of the first epoch read)")
 
     def batch(self, step: int) -> dict[str, np.ndarray]:
         if self._next != step:  # a fresh start or a resume: replay the stream up to `step`
@@ -237,6 +324,8 @@ class SyntheticLatents:
             raise ValueError(f"data.resolution={resolution}: the latent side {side} must be divisible by "
                              f"{2 ** (spec.num_blocks - 1)} for this UNet")
         self.batch_size, self.seed, self.num_examples = batch_size, seed, num_examples
+        self.identity = {"source": "synthetic", "seed": seed, "num_examples": num_examples,
+                         "num_classes": num_classes, "resolution": resolution, "seq_len": seq_len}
         coarse = rng.standard_normal((num_classes, 4, 4, spec.in_channels)).astype(np.float32)
         prototypes = _upsample(coarse, side)
         labels = rng.integers(0, num_classes, num_examples)
@@ -250,6 +339,10 @@ class SyntheticLatents:
         if spec.addition_embed_type == "text_time":
             pooled_dim = spec.projection_class_embeddings_input_dim - 6 * spec.addition_time_embed_dim
             self.text_embeds = rng.standard_normal((num_classes, pooled_dim)).astype(np.float32)[labels]
+
+    def skip_report(self, *, final: bool = False) -> str | None:
+        """None: generated data skips nothing."""
+        return None
 
     def validation_batch(self) -> dict[str, np.ndarray]:
         """A fixed batch for monitoring, the same on every host (all of global batch 10⁶: beyond any run)."""
@@ -267,6 +360,10 @@ class SyntheticLatents:
         if hasattr(self, "text_embeds"):
             out["text_embeds"] = self.text_embeds[index]
         return out
+
+
+def _digest(parts) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _upsample(x: np.ndarray, side: int) -> np.ndarray:

@@ -9,15 +9,20 @@ Output: a TFDS data set in ArrayRecord files (`tfds.builder_from_directory(OUT)`
 `as_data_source`, no TensorFlow needed; `as_dataset` gives tf.data where TensorFlow is installed), one
 file per source shard, plus `jaxdistill_data.json` (how it was made, the latent shape of every example,
 what was skipped and why). Work is spread over hosts by source shard (each process its own), batches
-over the local devices; a finished shard has a progress file holding its input's fingerprint
-(`Source.fingerprint`) and is skipped when the command is run again while that input is unchanged, so an
-interrupted run resumes where it stopped and a shard whose input changed is redone. A resume with other
-settings (preprocessing, decode rules, seed, dtypes, pipeline, shard count) is refused.
+over the local devices. Each shard is written to `shards/<name>-<fingerprint>.array_record` and, once
+done, gets a progress file `progress/shard-<name>.json` holding its input's fingerprint
+(`Source.fingerprint`); it is skipped when the command is run again while that input is unchanged, so an
+interrupted run resumes where it stopped, a shard whose input changed is redone, and a source that gained
+or lost shards (images added to a folder, another tar downloaded) resumes too: only its new and changed
+shards are encoded. When every shard is done, the TFDS file names (`...-00000-of-00012`, in source order)
+are linked to the shard files and the metadata written. A resume with other settings (preprocessing,
+decode rules, seed, dtypes, pipeline) is refused.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import tempfile
@@ -25,6 +30,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import jax
 import jax.numpy as jnp
@@ -41,6 +47,9 @@ INFO_NAME = "jaxdistill_data.json"
 SPLIT = "train"
 _TEMPLATE = "{DATASET}-{SPLIT}.{FILEFORMAT}-{SHARD_X_OF_Y}"
 STORAGE_DTYPES = ("float16", "float32")
+# Bumped when the same settings would write other data: 2 = shard files keyed by name, flip before crop
+# (sources.preprocess), tar keys with the tar's name. An older folder is refused, not mixed in.
+FORMAT = 2
 _PIPELINE_PARTS = ("vae/config.json", "text_encoder/config.json", "text_encoder_2/config.json", "tokenizer",
                    "tokenizer_2")
 
@@ -127,14 +136,18 @@ def prepare(source: S.Source, pipeline: str | os.PathLike, out: str | os.PathLik
         raise PrepareError(f"batch size {batch_size} must be a positive multiple of the {len(local)} local devices")
     pi = jax.process_index() if process_index is None else process_index
     pc = jax.process_count() if process_count is None else process_count
-    out = Path(out)
-    (out / "progress").mkdir(parents=True, exist_ok=True)
-    all_shards = source.shards()
+    try:
+        all_shards = source.shards()
+    except ValueError as e:  # an empty folder: the user's input, not a bug
+        raise PrepareError(str(e)) from None
     if not all_shards:
         raise PrepareError(f"source {source.description} has no shards: nothing to prepare")
-    settings = {"pipeline": str(Path(pipeline).absolute()), "source": source.description,
+    out = Path(out)
+    (out / "progress").mkdir(parents=True, exist_ok=True)
+    # No shard count here: a source that gained or lost shards resumes (shard files are keyed by name).
+    settings = {"format": FORMAT, "pipeline": str(Path(pipeline).absolute()), "source": source.description,
                 "preprocessing": dataclasses.asdict(prep), "rules": dataclasses.asdict(rules), "seed": seed,
-                "storage_dtype": storage_dtype, "compute_dtype": compute_dtype, "num_shards": len(all_shards)}
+                "storage_dtype": storage_dtype, "compute_dtype": compute_dtype}
     _check_settings(out, settings, process_index=pi, process_count=pc)  # before the costly model load
     fingerprints = {s.index: source.fingerprint(s) for s in all_shards}
     encoders = load_encoders(pipeline, compute_dtype)
@@ -158,7 +171,7 @@ def prepare(source: S.Source, pipeline: str | os.PathLike, out: str | os.PathLik
     bar = tqdm(total=len(todo), unit="shard", disable=not progress, dynamic_ncols=True)
     kept_total, start = 0, time.perf_counter()
     for shard in todo:
-        kept_total += _prepare_shard(source, shard, len(all_shards), out, encoders, params, encode, feats,
+        kept_total += _prepare_shard(source, shard, out, encoders, params, encode, feats,
                                      prep=prep, rules=rules, batch_size=batch_size, seed=seed,
                                      storage_dtype=storage_dtype, fingerprint=fingerprints[shard.index])
         bar.update(1)
@@ -182,6 +195,12 @@ def prepare(source: S.Source, pipeline: str | os.PathLike, out: str | os.PathLik
                           "shapes": [r["shapes"] for r in records], "skips": skips.to_dict(),
                           "latent_channels": encoders.latent_channels}
     if pi == 0:
+        final = [out / _shard_file(i, len(records)) for i in range(len(records))]
+        for path in out.glob(f"{DATASET_NAME}-{SPLIT}.array_record-*"):
+            if path not in final:  # from a finish with another number of shards
+                path.unlink()
+        for r, path in zip(records, final, strict=True):
+            _link(out / r["file"], path)
         template = tfds.core.ShardedFileTemplate(data_dir=out, template=_TEMPLATE, dataset_name=DATASET_NAME,
                                                  filetype_suffix="array_record")
         split = tfds.core.SplitInfo(name=SPLIT, shard_lengths=summary["shard_lengths"],
@@ -196,32 +215,39 @@ def prepare(source: S.Source, pipeline: str | os.PathLike, out: str | os.PathLik
 
 def done_record(out: str | os.PathLike, shard: S.Shard, fingerprint: str) -> dict | None:
     """The progress record of a finished shard, or None when the shard is to be (re)done: no progress file,
-    or one written from other input than `fingerprint` (or with no fingerprint at all, by an older
-    version), whose ArrayRecord file would hold the wrong examples."""
-    path = _progress_file(Path(out), shard)
+    one written from other input than `fingerprint` (its ArrayRecord file would hold the wrong examples),
+    or one whose ArrayRecord file is gone."""
+    out = Path(out)
+    path = _progress_file(out, shard)
     if not path.is_file():
         return None
     record = json.loads(path.read_text())
-    return record if record.get("fingerprint") == fingerprint else None
+    ok = record.get("fingerprint") == fingerprint and (out / record.get("file", "")).is_file()
+    return record if ok else None
 
 
 # ---- helpers ------------------------------------------------------------------------------------
 
-def _prepare_shard(source, shard: S.Shard, num_shards: int, out: Path, encoders: Encoders, params, encode, feats, *,
+def _prepare_shard(source, shard: S.Shard, out: Path, encoders: Encoders, params, encode, feats, *,
                    prep, rules, batch_size: int, seed: int, storage_dtype: str, fingerprint: str) -> int:
     """Encodes one shard into its ArrayRecord file, then writes its progress file (the shard is done).
-    Examples are batched by pixel shape (buckets); the latent noise is a function of (seed, shard, batch)."""
+    Examples are batched by pixel shape (buckets); the latent noise is a function of (seed, shard name,
+    batch). The file is named by the shard's name and input fingerprint: the progress file of an earlier
+    version of the shard keeps describing its own file until the new one replaces it."""
     from array_record.python.array_record_module import ArrayRecordWriter
 
-    # A stale progress file must not outlive the file it describes: input changed back to what it was
-    # would match it again while the ArrayRecord file holds the interrupted redo.
-    _progress_file(out, shard).unlink(missing_ok=True)
+    progress = _progress_file(out, shard)
+    previous = json.loads(progress.read_text()).get("file") if progress.is_file() else None
     skips = S.Skips()
-    path = out / _shard_file(shard.index, num_shards)
+    rel = f"shards/{_file_stem(shard.name)}-{fingerprint[:16]}.array_record"
+    path = out / rel
+    path.parent.mkdir(exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     writer = ArrayRecordWriter(str(tmp), "group_size:1")
     runs: list[list[int]] = []  # run-length encoded latent shapes in write order: [h, w, count]
-    rng = jax.random.fold_in(jax.random.key(seed), shard.index)
+    # The noise is keyed by the shard's name, not its index: a shard keeps it when shards are added before it.
+    name_hash = hashlib.blake2b(shard.name.encode("utf-8", "surrogateescape"), digest_size=4).digest()
+    rng = jax.random.fold_in(jax.random.key(seed), int.from_bytes(name_hash, "little") >> 1)  # < 2**31
     batches = 0
 
     def flush(group: list[S.Example]):
@@ -253,18 +279,42 @@ def _prepare_shard(source, shard: S.Shard, num_shards: int, out: Path, encoders:
     writer.close()
     os.replace(tmp, path)
     count = sum(r[2] for r in runs)
-    atomic_json(_progress_file(out, shard), {"shard": shard.name, "index": shard.index, "fingerprint": fingerprint,
-                                              "examples": count, "bytes": path.stat().st_size, "shapes": runs,
-                                              "skips": skips.to_dict()})
+    atomic_json(progress, {"shard": shard.name, "index": shard.index, "fingerprint": fingerprint, "file": rel,
+                           "examples": count, "bytes": path.stat().st_size, "shapes": runs, "skips": skips.to_dict()})
+    if previous and previous != rel:
+        (out / previous).unlink(missing_ok=True)
     return count
 
 
 def _shard_file(index: int, count: int) -> str:
+    """The TFDS name of the index-th of count shard files."""
     return f"{DATASET_NAME}-{SPLIT}.array_record-{index:05d}-of-{count:05d}"
 
 
+def _file_stem(name: str) -> str:
+    """A shard name as a file name ("a/00001" → "a%2F00001"); a long one shortened, made unique by a hash."""
+    stem = quote(name, safe="", errors="surrogateescape")
+    if len(stem) <= 120:
+        return stem
+    return f"{stem[:80]}~{hashlib.sha256(name.encode('utf-8', 'surrogateescape')).hexdigest()[:16]}"
+
+
 def _progress_file(out: Path, shard: S.Shard) -> Path:
-    return out / "progress" / f"{shard.index:05d}.json"
+    return out / "progress" / f"shard-{_file_stem(shard.name)}.json"  # "shard-": never settings.json
+
+
+def _link(target: Path, path: Path):
+    """Makes `path` name the file `target` (replaced atomically): a hard link, or a relative symbolic
+    link where the file system has no hard links."""
+    if path.exists() and os.path.samefile(path, target):
+        return
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(target, tmp)
+    except OSError:
+        os.symlink(os.path.relpath(target, path.parent), tmp)
+    os.replace(tmp, path)
 
 
 def _check_pipeline(pipeline: str | os.PathLike):
@@ -291,10 +341,12 @@ def _check_settings(out: Path, settings: Mapping[str, Any], *, process_index: in
     if not path.is_file():
         raise PrepareError(f"{path} is missing after process 0 wrote it: is {out} on a file system all hosts "
                            "share?")
-    changed = _changes(json.loads(path.read_text()), settings)
+    before = json.loads(path.read_text())
+    changed = _changes(before, settings)
     if changed:
-        raise PrepareError(f"{out} holds shards prepared with other settings ({'; '.join(changed)}); use a new "
-                           "--out, or rerun with the original settings to resume")
+        older = " by an older version of prepare" if before.get("format") != settings.get("format") else ""
+        raise PrepareError(f"{out} holds shards prepared{older} with other settings ({'; '.join(changed)}); use a "
+                           "new --out, or rerun with the original settings to resume")
 
 
 def _changes(before: Any, now: Any, name: str = "") -> list[str]:
@@ -349,8 +401,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="jax.distributed.initialize() even where no multi-host environment is detected "
                              "(JAX_COORDINATOR_ADDRESS, SLURM and TPU VM slices are detected without it)")
     args = parser.parse_args(argv)
-    if args.resolution % 8:
-        parser.error(f"--resolution {args.resolution}: must be a multiple of 8 (the VAE's downscale)")
+    if args.resolution < 8 or args.resolution % 8:
+        parser.error(f"--resolution {args.resolution}: must be a positive multiple of 8 (the VAE's downscale)")
     if not initialize_distributed() and args.distributed:  # as train does; the flag covers other clusters
         jax.distributed.initialize()
     kind = args.source.partition(":")[0]

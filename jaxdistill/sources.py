@@ -10,7 +10,9 @@ Work is cut into *shards* (one tar file, a chunk of a folder's files, a slice of
 long run can be spread over hosts and resumed: `shards_for_process(source.shards(), index, count)` takes
 this host's share, `Shard.name` is stable for unchanged input, so finished shards can be marked done, and
 `source.fingerprint(shard)` changes when the shard's input does (a file added, rewritten or re-downloaded),
-so a done-marker can tell that it is stale.
+so a done-marker can tell that it is stale. Training on the fly (`data.StreamedImages`) reads a shard with
+`shuffled_records` instead (a random order, one host's share of it) and passes the epoch to
+`process_record`, so crops and flips are drawn again every epoch.
 
     source = open_source("tar:/data/laion/*.tar")           # or "folder:/imgs", "tfds:name[:split]", a path
     skips = Skips()
@@ -41,8 +43,9 @@ keys. The rules, in the order they are checked:
 Colour rules (`to_rgb`): EXIF orientation is applied first (as 🤗 datasets' Image feature does); alpha
 (RGBA, LA, PA, P or L/RGB with a transparency entry) is composited on white; 16-bit (I;16*, and I, taken as
 16-bit since that is where Pillow puts 16-bit PNG/TIFF data) is scaled by 255/65535 with rounding, not
-clipped; F (float) is taken as [0, 1] when its maximum is <= 1, else as [0, 255]; CMYK, L, 1, P and the
-rest go through Pillow's `convert("RGB")`. ICC profiles are ignored (diffusers ignores them too).
+clipped, a 16-bit transparent value kept; F (float) is taken as [0, 1] when its maximum is <= 1, else as
+[0, 255] (uint16 and float arrays alike); CMYK, L, 1, P and the rest go through Pillow's
+`convert("RGB")`. ICC profiles are ignored (diffusers ignores them too).
 """
 
 from __future__ import annotations
@@ -51,6 +54,7 @@ import csv
 import glob
 import hashlib
 import io
+import itertools
 import json
 import math
 import os
@@ -66,6 +70,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp")
+SHUFFLE_BUFFER = 1000  # records held to shuffle a shard read in one pass (a tar)
 METADATA_FILES = ("metadata.jsonl", "metadata.csv")
 
 REASONS = (
@@ -92,8 +97,8 @@ SDXL_BUCKETS_1024 = (
 class Record(NamedTuple):
     """One raw input, as a source yields it.
 
-    key: unique within the source, stable across runs (a relative path without extension, a tar sample
-        key, `split/index`); it also seeds the example's randomness.
+    key: unique within the source, stable across runs (a relative path without extension, "tar name/sample
+        key", `split/index`); it also seeds the example's randomness.
     image: encoded bytes, a PIL image or a uint8/uint16/float array [H, W(, C)]; None when `error` is set.
     caption: raw caption — str, bytes (decoded under the caption rules), a list of alternatives (one is
         drawn, as diffusers does) or None when there is none.
@@ -184,10 +189,15 @@ class DecodeRules:
 
 
 def decode_image(data: bytes | Image.Image | np.ndarray | None, rules: DecodeRules = DecodeRules()) -> Image.Image:
-    """Encoded bytes / PIL image / array → an RGB PIL image with EXIF orientation applied, or `Skip`."""
+    """Encoded bytes / PIL image / array → an RGB PIL image with EXIF orientation applied, or `Skip`.
+    Arrays: uint16 and float values are scaled like 16-bit and float images; [H, W, 1] is grey."""
     if data is None:
         raise Skip("missing_image")
     if isinstance(data, np.ndarray):
+        if data.ndim == 3 and data.shape[-1] == 1:  # [H, W, 1]: grey (Pillow has no mode for it)
+            data = data[..., 0]
+        if data.dtype == np.uint16 or data.dtype.kind == "f":  # no RGB(A) mode for these: 8-bit first
+            data = _to_uint8(data)
         try:
             img = Image.fromarray(data)
         except Exception as e:  # an array Pillow has no mode for: [H, W, 2], int64, ...
@@ -240,20 +250,29 @@ def _apply_exif_orientation(img: Image.Image) -> Image.Image:
 def to_rgb(img: Image.Image) -> Image.Image:
     """Any Pillow mode → RGB under the colour rules of the module docstring (alpha on white, 16-bit scaled)."""
     mode = img.mode
-    if mode.startswith("I;16") or mode == "I":
-        # 16-bit data: v → round(v / 257), 0..65535 → 0..255 (Pillow's convert("L") would clip at 255).
-        a = np.clip(np.asarray(img), 0, 65535).astype(np.uint32)
-        img = Image.fromarray(((a + 128) // 257).astype(np.uint8), "L")
-    elif mode == "F":
-        a = np.asarray(img, np.float64)
-        a = a * 255.0 if np.nanmax(a, initial=0.0) <= 1.0 else a
-        img = Image.fromarray(np.clip(np.rint(np.nan_to_num(a)), 0, 255).astype(np.uint8), "L")
+    if mode.startswith("I;16") or mode in ("I", "F"):
+        a = np.asarray(img)
+        transparent = img.info.get("transparency")
+        img = Image.fromarray(_to_uint8(a), "L")
+        if isinstance(transparent, int):  # a 16-bit tRNS value: compared before scaling, it becomes alpha
+            img = Image.merge("LA", (img, Image.fromarray(np.where(a == transparent, 0, 255).astype(np.uint8))))
     if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info:
         rgba = img.convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         white.alpha_composite(rgba)
         return white.convert("RGB")
     return img if img.mode == "RGB" else img.convert("RGB")
+
+
+def _to_uint8(a: np.ndarray) -> np.ndarray:
+    """16-bit (or wider integer) and float pixel values → uint8 under the colour rules: integers
+    v → round(v / 257), 0..65535 → 0..255 (Pillow's convert("L") would clip at 255); floats are taken as
+    [0, 1] when their maximum is <= 1, else as [0, 255]."""
+    if a.dtype.kind == "f":
+        a = a.astype(np.float64)
+        a = a * 255.0 if np.nanmax(a, initial=0.0) <= 1.0 else a
+        return np.clip(np.rint(np.nan_to_num(a)), 0, 255).astype(np.uint8)
+    return ((np.clip(a, 0, 65535).astype(np.uint32) + 128) // 257).astype(np.uint8)
 
 
 def clean_caption(raw: Any, rng: np.random.Generator | None = None) -> str:
@@ -308,6 +327,12 @@ class Preprocessing:
     random_flip: bool = False
     buckets: tuple[tuple[int, int], ...] | None = None
 
+    def __post_init__(self):
+        sides = [self.resolution, *(d for b in self.buckets or () for d in b)]
+        if min(sides) < 1 or self.buckets == ():
+            raise ValueError(f"preprocessing: resolution {self.resolution} and buckets {self.buckets} must be "
+                             "positive sizes (at least one bucket when given)")
+
 
 def sdxl_buckets(resolution: int = 1024) -> tuple[tuple[int, int], ...]:
     """SDXL's (height, width) buckets scaled to `resolution`: each side round_half_up(side·res/1024/64)·64,
@@ -337,12 +362,14 @@ def resize_to_cover(height: int, width: int, target_h: int, target_w: int) -> tu
 
 
 def preprocess(img: Image.Image, prep: Preprocessing, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """RGB image → (pixels [H, W, 3] float32 in [-1, 1], time_ids [6] int32), diffusers' rule:
+    """RGB image → (pixels [H, W, 3] float32 in [-1, 1], time_ids [6] int32), the rule of diffusers'
+    current `train_text_to_image_sdxl.py` (`preprocess_train`):
 
-    resize (PIL bilinear, which antialiases — what torchvision's Resize does to a PIL image) so the image
-    covers the target, crop (centre: offsets round((resized - target) / 2); random: top then left drawn
-    uniformly from rng), optionally flip (rng.random() < 0.5), scale to [-1, 1]. time_ids =
-    (original_h, original_w, crop_top, crop_left, target_h, target_w), original = the size before resize.
+    record the original size, resize (PIL bilinear, which antialiases — what torchvision's Resize does to a
+    PIL image) so the image covers the target, optionally flip (rng.random() < 0.5), then crop the
+    (flipped) image (centre: offsets round((resized - target) / 2); random: top then left drawn uniformly
+    from rng) and scale to [-1, 1]. time_ids = (original_h, original_w, crop_top, crop_left, target_h,
+    target_w): the offset is the ordinary one in the flipped image, within [0, resized - target].
     """
     orig_h, orig_w = img.height, img.width
     th, tw = (prep.resolution, prep.resolution) if prep.buckets is None else nearest_bucket(orig_h, orig_w,
@@ -350,27 +377,27 @@ def preprocess(img: Image.Image, prep: Preprocessing, rng: np.random.Generator) 
     rh, rw = resize_to_cover(orig_h, orig_w, th, tw)
     if (rh, rw) != (orig_h, orig_w):
         img = img.resize((rw, rh), Image.Resampling.BILINEAR)
+    # Flipped before the crop, as diffusers does now (an older version cropped first and then stored
+    # `image.width - x1`, offsets no unflipped crop can have, e.g. 1024 for an uncropped square image).
+    if prep.random_flip and rng.random() < 0.5:
+        img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     if prep.center_crop:
         top, left = int(round((rh - th) / 2.0)), int(round((rw - tw) / 2.0))  # torchvision CenterCrop
     else:
         top, left = int(rng.integers(0, rh - th + 1)), int(rng.integers(0, rw - tw + 1))  # RandomCrop.get_params
     img = img.crop((left, top, left + tw, top + th))
-    if prep.random_flip and rng.random() < 0.5:
-        # diffusers' train_text_to_image_sdxl.py, preprocess_train: `x1 = image.width - x1` on the image
-        # already cropped, i.e. crop_left = target_width - crop_left (not the mirrored offset
-        # resized_width - crop_left - target_width). Reproduced as is so time ids match that script.
-        left = tw - left
-        img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     # ToTensor then Normalize([0.5], [0.5]), in float32 like torchvision.
     pixels = (np.asarray(img, np.float32) / np.float32(255.0) - np.float32(0.5)) / np.float32(0.5)
     return pixels, np.array([orig_h, orig_w, top, left, th, tw], np.int32)
 
 
-def example_rng(seed: int, key: str) -> np.random.Generator:
-    """The generator for one example: a function of (seed, key) only, so crops, flips and caption choices
-    do not depend on shard order, host count or which records were skipped."""
+def example_rng(seed: int, key: str, epoch: int | None = None) -> np.random.Generator:
+    """The generator for one example: a function of (seed, key) only — and of the epoch when one is given
+    (training on the fly draws new crops and flips every epoch) — so crops, flips and caption choices do
+    not depend on shard order, host count or which records were skipped."""
     digest = hashlib.blake2b(key.encode("utf-8", "surrogatepass"), digest_size=8).digest()
-    return np.random.default_rng([seed, int.from_bytes(digest, "little")])
+    entropy = [seed, int.from_bytes(digest, "little")] + ([] if epoch is None else [epoch])
+    return np.random.default_rng(entropy)
 
 
 @dataclass
@@ -386,14 +413,15 @@ class Example:
 
 
 def process_record(record: Record, *, seed: int, prep: Preprocessing, rules: DecodeRules = DecodeRules(),
-                   skips: Skips | None = None) -> Example | None:
+                   skips: Skips | None = None, epoch: int | None = None) -> Example | None:
     """Record → Example, or None with the reason counted in `skips`. Never raises for bad input.
-    Randomness (drawn in this order): caption choice (lists only), crop top, crop left, flip."""
+    Randomness from `example_rng(seed, key, epoch)`, drawn in this order: caption choice (lists only),
+    flip, crop top, crop left."""
     skips = skips if skips is not None else Skips()
     try:
         if record.error:
             raise Skip(record.error)
-        rng = example_rng(seed, record.key)
+        rng = example_rng(seed, record.key, epoch)
         caption = clean_caption(record.caption, rng)  # cheap checks first: no decode for a captionless image
         img = decode_image(record.image, rules)
         pixels, time_ids = preprocess(img, prep, rng)
@@ -414,6 +442,31 @@ def read_examples(source: Source, shard: Shard, *, seed: int, prep: Preprocessin
         ex = process_record(record, seed=seed, prep=prep, rules=rules, skips=skips)
         if ex is not None:
             yield ex
+
+
+def shuffled_records(source: Source, shard: Shard, rng: np.random.Generator, *, start: int = 0, step: int = 1,
+                     buffer_size: int = SHUFFLE_BUFFER) -> Iterator[Record]:
+    """The shard's records in an order drawn from `rng`, and of that order only the records start,
+    start + step, ... (one host's share; the others are not decoded). A folder shard lists its records:
+    they are permuted, and the other hosts' files are not even read. Tar and TFDS shards are read in one
+    pass, through a shuffle buffer of `buffer_size` records (raw bytes, not decoded pixels)."""
+    if isinstance(source, FolderSource):
+        entries = [shard.data[i] for i in rng.permutation(len(shard.data))][start::step]
+        yield from source.read(Shard(shard.name, shard.index, len(entries), tuple(entries)))
+        return
+    yield from itertools.islice(_buffer_shuffle(source.read(shard), rng, buffer_size), start, None, step)
+
+
+def _buffer_shuffle(records: Iterator[Record], rng: np.random.Generator, size: int) -> Iterator[Record]:
+    buffer: list[Record] = []
+    for record in records:
+        if len(buffer) < size:
+            buffer.append(record)
+            continue
+        i = int(rng.integers(size))
+        yield buffer[i]
+        buffer[i] = record
+    yield from (buffer[i] for i in rng.permutation(len(buffer)))
 
 
 # -------------------------------------------------------------------------------------------- sources
@@ -461,13 +514,14 @@ class _Entry(NamedTuple):
 
 
 class FolderSource:
-    """Images under `root` (recursive; extensions `IMAGE_EXTENSIONS`, any case) with captions from
-    Hugging Face ImageFolder metadata or a `.txt` beside each image.
+    """Images under `root` (recursive, symlinked folders followed; extensions `IMAGE_EXTENSIONS`, any case)
+    with captions from Hugging Face ImageFolder metadata or a `.txt` beside each image.
 
     Captions: a `metadata.jsonl` or `metadata.csv` in any folder describes files relative to that folder
     (`file_name` column, caption in `caption_column`, other columns go to `extra`); an image no metadata
     row names takes `<same stem>.txt` beside it; neither → caption_missing. Metadata rows naming a file
-    that does not exist → missing_image; unparsable rows or rows without `file_name` → bad_metadata.
+    that does not exist → missing_image; unparsable rows or rows without `file_name` → bad_metadata (a
+    whole metadata file that cannot be read or parsed: one bad_metadata, its images use their .txt).
     Keys: the path relative to root without its last extension ("sub/a.b" for sub/a.b.jpg); a second
     file with the same key (a.jpg and a.png) → duplicate_key. Records are in key order; shards are
     `files_per_shard` consecutive records, named "files-000000", ... (stable while the folder is).
@@ -477,7 +531,8 @@ class FolderSource:
 
     def __init__(self, root: str, *, caption_column: str = "text", files_per_shard: int = 1000):
         if not os.path.isdir(root):
-            raise FileNotFoundError(f"folder source: {root} is not a directory")
+            raise ValueError(f"folder source: {root} is not a folder; give a folder of images (with .txt captions "
+                             "or a metadata.jsonl/csv), a tar glob or a prepared data set")
         self.root, self.caption_column, self.files_per_shard = root, caption_column, files_per_shard
         self.description = f"folder:{root}"
         self._entries: list[_Entry] | None = None
@@ -488,7 +543,10 @@ class FolderSource:
         return self._entries
 
     def shards(self) -> list[Shard]:
+        """Raises ValueError for a folder without a single image (or metadata row)."""
         e, n = self.entries(), self.files_per_shard
+        if not e:
+            raise ValueError(f"folder source: no images ({'/'.join(IMAGE_EXTENSIONS)}) found under {self.root}")
         return [Shard(f"files-{i // n:06d}", i // n, len(e[i:i + n]), tuple(e[i:i + n])) for i in range(0, len(e), n)]
 
     def fingerprint(self, shard: Shard) -> str:
@@ -527,7 +585,15 @@ def _list_folder(root: str, caption_column: str) -> list[_Entry]:
     images: dict[str, str] = {}  # relative posix path → same
     metadata: dict[str, tuple[Any, dict]] = {}  # relative path → (caption, extra)
     errors: list[_Entry] = []
-    for dirpath, dirnames, filenames in os.walk(root):
+    visited: set[str] = set()
+    # Symlinked folders are followed (a data set assembled from links to other disks); a folder reached
+    # twice (two links to it, a link to a parent) is read once.
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in visited:
+            dirnames.clear()
+            continue
+        visited.add(real)
         dirnames.sort()
         rel_dir = os.path.relpath(dirpath, root)
         rel_dir = "" if rel_dir == "." else rel_dir.replace(os.sep, "/")
@@ -563,12 +629,24 @@ def _list_folder(root: str, caption_column: str) -> list[_Entry]:
     return sorted([*entries.values(), *errors], key=lambda e: e.key)
 
 
-def _read_metadata(path: str, rel: str) -> Iterator[tuple[str, dict, str | None]]:
-    """(key for errors, row, error) per row of a metadata.jsonl / metadata.csv."""
+def _read_metadata(path: str, rel: str) -> list[tuple[str, dict, str | None]]:
+    """(key for errors, row, error) per row of a metadata.jsonl / metadata.csv. A file that cannot be read
+    or parsed as a whole (OSError, csv.Error) is one bad_metadata, keyed by the file: its images fall back
+    to their .txt captions."""
+    try:
+        return list(_metadata_rows(path, rel))
+    except (OSError, csv.Error):
+        return [(rel, {}, "bad_metadata")]
+
+
+def _metadata_rows(path: str, rel: str) -> Iterator[tuple[str, dict, str | None]]:
     with open(path, "rb") as f:
         text = f.read().decode("utf-8-sig", "surrogateescape")
     if path.endswith(".jsonl"):
-        for n, line in enumerate(text.splitlines(), 1):
+        # Lines end at "\n" only, as in JSON Lines: str.splitlines() also splits at U+0085, U+2028, ...,
+        # which json.dumps(ensure_ascii=False) leaves raw inside captions.
+        for n, line in enumerate(text.split("\n"), 1):
+            line = line.removesuffix("\r")
             if not line.strip():
                 continue
             try:
@@ -578,6 +656,8 @@ def _read_metadata(path: str, rel: str) -> Iterator[tuple[str, dict, str | None]
             ok = isinstance(row, dict) and isinstance(row.get("file_name"), str)
             yield f"{rel}:{n}", row if ok else {}, None if ok else "bad_metadata"
     else:
+        # csv's default cell limit (128 KiB) is below what scraped captions reach; the limit is per process.
+        csv.field_size_limit(max(csv.field_size_limit(), 2**30))
         reader = csv.DictReader(io.StringIO(text, newline=""))
         for n, row in enumerate(reader, 2):
             ok = bool(row.get("file_name")) and None not in row  # None key: more cells than columns
@@ -591,9 +671,11 @@ class TarSource:
     first dot of the basename ("a.b/000123.jpg" → key "a.b/000123", extension "jpg"). Image: the first of
     jpg/jpeg/png/webp/bmp present; caption: `.txt`; `.json` (img2dataset's url, size, ...) → extra.
     Files of one sample must be adjacent, as webdataset writes them; a key seen again later in the same
-    tar → duplicate_key. A sample without an image → missing_image. A tar that cannot be opened or ends
-    mid-way (an interrupted download) → one bad_tar record, keyed by the shard name, after the samples
-    read before the damage. Compressed tars (.tar.gz etc.) are read too if named by the glob.
+    tar → duplicate_key. Record keys are "<shard name>/<sample key>" ("00001/000123"), unique across
+    tars. A sample without an image → missing_image. A tar that cannot be opened or ends mid-way (an
+    interrupted download, also one cut at a member boundary: no end-of-archive marker) → one bad_tar
+    record, keyed by the shard name, after the samples read before the damage. Compressed tars (.tar.gz
+    etc.) are read too if named by the glob.
     """
 
     def __init__(self, pattern: str):
@@ -603,7 +685,8 @@ class TarSource:
             paths = glob.glob(pattern, recursive=True)
         self.paths = sorted(paths)
         if not self.paths:
-            raise FileNotFoundError(f"tar source: no tar files match {pattern}")
+            raise ValueError(f"tar source: no tar files match {pattern}; check the path or glob (quote it so the "
+                             "shell does not expand it)")
         self.description = f"tar:{pattern}"
         base = os.path.dirname(self.paths[0]) if len(self.paths) == 1 else os.path.commonpath(self.paths)
         self._names = [os.path.relpath(p, base).replace(os.sep, "/").removesuffix(".tar") for p in self.paths]
@@ -631,12 +714,16 @@ class TarSource:
                     if base.startswith(".") or "." not in base:
                         continue  # macOS "._x" files, extensionless junk
                     stem, ext = base.split(".", 1)
-                    key = posixpath.join(dirname, stem).removeprefix("./")
+                    # the shard's name in front: keys unique across tars (two "00000.tar" in different folders)
+                    key = f"{shard.name}/{posixpath.join(dirname, stem).removeprefix('./')}"
                     if key != group_key:
                         if group_key is not None:
                             yield _tar_record(group_key, group, seen)
                         group_key, group = key, {}
                     group[ext.lower()] = tar.extractfile(member).read()
+                end = tar.offset
+            if not _tar_ends_cleanly(path, end):
+                raise tarfile.ReadError("cut before its end-of-archive marker")
         except Exception:  # tarfile.ReadError, EOFError, zlib.error, OSError: a damaged or vanished tar
             if group_key is not None:
                 yield _tar_record(group_key, group, seen)
@@ -644,6 +731,21 @@ class TarSource:
             return
         if group_key is not None:
             yield _tar_record(group_key, group, seen)
+
+
+def _tar_ends_cleanly(path: str, end: int) -> bool:
+    """Whether an uncompressed tar holds a zero block where tarfile stopped reading (`end`). tarfile's
+    stream mode takes a missing or cut header after the first one for the end of the archive, so a tar
+    cut at (or inside) a member header would otherwise lose its remaining samples without a word. A cut
+    compressed stream raises EOFError instead (its offsets are not file offsets: not checked here)."""
+    with open(path, "rb") as f:
+        if f.read(6).startswith(_COMPRESSED_MAGIC):
+            return True
+        f.seek(end)
+        return f.read(tarfile.BLOCKSIZE) == bytes(tarfile.BLOCKSIZE)
+
+
+_COMPRESSED_MAGIC = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00", b"\x28\xb5\x2f\xfd")  # gzip, bzip2, xz, zstd
 
 
 def _tar_record(key: str, files: dict[str, bytes], seen: set[str]) -> Record:
@@ -684,11 +786,11 @@ class TFDSSource:
         try:
             self.builder = tfds.builder(name, data_dir=data_dir)
         except tfds.core.registered.DatasetNotFoundError:  # its message lists every data set TFDS knows
-            raise FileNotFoundError(f"tfds source {name}: no such data set (data_dir {data_dir}); check the name, "
-                                    "or give the data_dir it was built in") from None
+            raise ValueError(f"tfds source {name}: no such data set (data_dir {data_dir}); check the name, "
+                             "or give the data_dir it was built in") from None
         if not self.builder.is_prepared():
-            raise FileNotFoundError(f"tfds source {name}: not built in {self.builder.data_path}; build it first "
-                                    f"(tfds build {name}) or give the data_dir it was built in")
+            raise ValueError(f"tfds source {name}: not built in {self.builder.data_path}; build it first "
+                             f"(tfds build {name}) or give the data_dir it was built in")
         try:
             tfds.core.ReadInstruction.from_spec(split).to_absolute(self.builder.info.splits)
         except (ValueError, AssertionError) as e:

@@ -94,7 +94,8 @@ def test_same_seed_same_data_and_an_interrupted_run_resumes(prepared, images, pi
     for name in files:  # same seed → the same bytes
         assert (first / name).read_bytes() == (out / name).read_bytes()
     # an interruption after shard 0: shard 1 and 2 never finished (no progress file, no metadata)
-    for p in [out / "progress" / "00001.json", out / "progress" / "00002.json", out / "jaxdistill_data.json"]:
+    shards = source.shards()
+    for p in [P._progress_file(out, shards[1]), P._progress_file(out, shards[2]), out / "jaxdistill_data.json"]:
         p.unlink()
     (out / files[1]).unlink()
     done_before = (out / files[0]).stat().st_mtime_ns
@@ -113,8 +114,8 @@ def test_a_resume_redoes_the_shards_whose_input_changed(pipeline, tmp_path, caps
         _write(tmp_path / "images", f"b{i:02d}.png", _encode(_noise(40, 40, i), "PNG"))
         _write(tmp_path / "images", f"b{i:02d}.txt", f"picture {i}".encode())
     out = tmp_path / "out"
-    _prepare(tmp_path / "images", pipeline, out)
-    (out / "progress" / "00001.json").unlink()
+    source, _ = _prepare(tmp_path / "images", pipeline, out)
+    P._progress_file(out, source.shards()[1]).unlink()
     (out / P.INFO_NAME).unlink()
     _write(tmp_path / "images", "a00.png", _encode(_noise(40, 40, 10), "PNG"))
     _write(tmp_path / "images", "a00.txt", b"the new picture")
@@ -130,13 +131,53 @@ def test_a_shard_is_done_only_with_a_progress_file_of_the_same_input(tmp_path):
     shard = S.Shard("files-000000", 0, 8)
     assert P.done_record(tmp_path, shard, "abc") is None  # never finished
     (tmp_path / "progress").mkdir()
-    progress = tmp_path / "progress" / "00000.json"
-    progress.write_text(json.dumps({"examples": 8}))  # written before progress files held fingerprints
+    progress = P._progress_file(tmp_path, shard)
+    progress.write_text(json.dumps({"examples": 8, "file": "x"}))  # written before progress files held fingerprints
+    (tmp_path / "x").write_text("")
     assert P.done_record(tmp_path, shard, "abc") is None
-    progress.write_text(json.dumps({"examples": 8, "fingerprint": "abd"}))
+    progress.write_text(json.dumps({"examples": 8, "fingerprint": "abd", "file": "x"}))
     assert P.done_record(tmp_path, shard, "abc") is None
-    progress.write_text(json.dumps({"examples": 8, "fingerprint": "abc"}))
-    assert P.done_record(tmp_path, shard, "abc") == {"examples": 8, "fingerprint": "abc"}
+    progress.write_text(json.dumps({"examples": 8, "fingerprint": "abc", "file": "x"}))
+    assert P.done_record(tmp_path, shard, "abc") == {"examples": 8, "fingerprint": "abc", "file": "x"}
+    (tmp_path / "x").unlink()  # its ArrayRecord file is gone: redone
+    assert P.done_record(tmp_path, shard, "abc") is None
+    # names with slashes and brackets (tars in folders, TFDS slices) are file names too, and never the settings
+    names = {P._progress_file(tmp_path, S.Shard(n, 0, 1)).name for n in ("a/00001", "train[0:10]", "settings")}
+    assert len(names) == 3 and "settings.json" not in names and not any("/" in n for n in names)
+
+
+def test_a_source_that_gained_or_lost_shards_resumes(pipeline, tmp_path, capsys):
+    """Images added to a folder (or a tar downloaded) make another shard: the done shards are kept, only
+    the new one is encoded; the TFDS files are renumbered. A shard gone is dropped from the data set."""
+    def add(name, i):
+        _write(tmp_path / "images", f"{name}.png", _encode(_noise(40, 40, i), "PNG"))
+        _write(tmp_path / "images", f"{name}.txt", f"picture {name}".encode())
+
+    for i in range(10):
+        add(f"b{i:02d}", i)
+    out = tmp_path / "out"
+    _prepare(tmp_path / "images", pipeline, out)
+    assert len(list(out.glob("*.array_record-*"))) == 2
+    kept = {p.name: p.stat().st_mtime_ns for p in (out / "shards").iterdir()}
+    for i in range(7):
+        add(f"c{i:02d}", 10 + i)  # after the others: shard 1 grows, shard 2 is new
+    capsys.readouterr()
+    _, summary = _prepare(tmp_path / "images", pipeline, out)
+    printed = capsys.readouterr().out
+    assert "3 shards, 3 for process 0/1, 1 already done, 1 redone because their input changed" in printed
+    data = tfds.builder_from_directory(str(out)).as_data_source(split="train")
+    keys = [data[i]["key"].decode() for i in range(len(data))]
+    assert summary["done"] and keys == [f"b{i:02d}" for i in range(10)] + [f"c{i:02d}" for i in range(7)]
+    assert sorted(p.name for p in out.glob("*.array_record-*")) == [P._shard_file(i, 3) for i in range(3)]
+    now = {p.name: p.stat().st_mtime_ns for p in (out / "shards").iterdir()}
+    assert len(now) == 3 and sum(now.get(name) == t for name, t in kept.items()) == 1  # shard 0 untouched
+    for i in range(7):
+        for ext in ("png", "txt"):
+            (tmp_path / "images" / f"c{i:02d}.{ext}").unlink()
+    _, summary = _prepare(tmp_path / "images", pipeline, out)
+    data = tfds.builder_from_directory(str(out)).as_data_source(split="train")
+    assert summary["num_examples"] == len(data) == 10
+    assert sorted(p.name for p in out.glob("*.array_record-*")) == [P._shard_file(i, 2) for i in range(2)]
 
 
 def test_other_settings_are_refused_before_the_models_load(prepared, images, pipeline, monkeypatch):
@@ -186,13 +227,17 @@ def test_prepare_command_ends_bad_input_with_a_usage_error(prepared, images, pip
         return capsys.readouterr().err
 
     assert "multiple of 8" in usage_error("--resolution", "36")
+    assert "positive multiple of 8" in usage_error("--resolution", "0")
+    assert "positive multiple of 8" in usage_error("--resolution", "-8")
     assert not started  # checked first
     assert "no such folder" in usage_error("--pipeline", str(tmp_path / "nowhere"))
     assert "no text_encoder/config.json" in usage_error("--pipeline", str(tmp_path / "half"))
     assert "no such data set" in usage_error("--source", "tfds:no_such_captions", "--data-dir", str(tmp_path))
     assert "storage_dtype: 'float32' → 'float16'" in usage_error("--out", str(done))
     assert "positive multiple" in usage_error("--batch-size", "0")
-    assert len(started) == 5  # the multi-host runtime is started as train starts it
+    (tmp_path / "empty").mkdir()
+    assert "no images (jpg/jpeg/png/webp/bmp) found under" in usage_error("--source", str(tmp_path / "empty"))
+    assert len(started) == 6  # the multi-host runtime is started as train starts it
     assert not (tmp_path / "out").exists()
 
 
@@ -309,3 +354,138 @@ def test_on_the_fly_encoding_inside_the_train_step(images, pipeline, tmp_path):
                  pipeline=pipeline, resolution=RES)
     lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert len(lines) == 2 and all(np.isfinite(line["loss"]) for line in lines)
+
+
+def _stream(source, tokenizers=None, **kw):
+    from jaxdistill.data import StreamedImages
+
+    options = dict(prep=S.Preprocessing(resolution=RES, random_flip=True), batch_size=4, seed=1, rules=RULES) | kw
+    return StreamedImages(source, tokenizers, **options)
+
+
+def _captioned(folder, names):
+    for i, name in enumerate(names):
+        _write(folder, f"{name}.png", _encode(_noise(40, 64, i), "PNG"))
+        _write(folder, f"{name}.txt", f"picture {name}".encode())
+
+
+def test_the_stream_reshuffles_and_redraws_crops_every_epoch(tmp_path):
+    """A folder of up to files_per_shard images is one shard: its records are shuffled every epoch, and
+    each example's crop and flip are drawn again — a pure function of (seed, epoch) all the same."""
+    names = [f"{i:03d}" for i in range(12)]
+    _captioned(tmp_path, names)
+    stream = _stream(S.open_source(str(tmp_path)))
+    epochs = [list(stream.epoch_examples(e)) for e in range(3)]
+    orders = [[ex.key for ex in epoch] for epoch in epochs]
+    assert all(sorted(order) == names for order in orders)
+    assert orders[0] != names and len({tuple(order) for order in orders}) == 3
+    first = {ex.key: ex.pixels for ex in epochs[0]}
+    assert sum(not np.array_equal(first[ex.key], ex.pixels) for ex in epochs[1]) > 6  # new crops and flips
+    again = _stream(S.open_source(str(tmp_path)))
+    for a, b in zip(epochs[1], again.epoch_examples(1), strict=True):
+        assert a.key == b.key and np.array_equal(a.pixels, b.pixels) and np.array_equal(a.time_ids, b.time_ids)
+
+
+def test_every_host_reads_its_share_of_every_shard(tmp_path):
+    """One shard (a small folder) is enough for two hosts, and three shards split evenly between them."""
+    names = [f"{i:03d}" for i in range(9)]
+    _captioned(tmp_path, names)
+    for files_per_shard in (1000, 3):
+        hosts = [_stream(S.open_source(f"folder:{tmp_path}", files_per_shard=files_per_shard), process_index=i,
+                         process_count=2) for i in range(2)]
+        for epoch in range(2):
+            keys = [[ex.key for ex in host.epoch_examples(epoch)] for host in hosts]
+            assert not set(keys[0]) & set(keys[1]) and sorted(keys[0] + keys[1]) == names
+            assert abs(len(keys[0]) - len(keys[1])) <= 1
+
+
+def test_the_stream_reports_its_skipped_inputs_once(images, pipeline):
+    """The first epoch's skips, once: not counted again in later epochs or by a resume's replay."""
+    from jaxdistill.text import load_tokenizers
+
+    tokenizers = load_tokenizers(pipeline)
+    stream = lambda: _stream(S.open_source(f"folder:{images}", files_per_shard=8), tokenizers,  # noqa: E731
+                             prep=S.Preprocessing(resolution=RES))
+    first = stream()
+    first.batch(0)
+    assert first.skip_report() is None  # 4 of the 13 good examples read: the first epoch goes on
+    for step in range(1, 4):  # 16 examples: into the second epoch
+        first.batch(step)
+    report = first.skip_report()
+    assert report.startswith(f"kept 13 of {13 + len(_bad_files()) - 1} records")
+    assert first.skip_report() is None
+    for step in range(4, 10):  # two more epochs
+        first.batch(step)
+    assert first.skip_report() is None and first.skips.kept == 13
+    resumed = stream()
+    resumed.batch(9)  # replays the stream from the start
+    assert resumed.skip_report() == report
+    short = stream()
+    short.batch(0)
+    assert "(of the part of the first epoch read)" in short.skip_report(final=True)
+    assert short.skip_report(final=True) is None
+
+
+def test_each_data_set_has_an_identity_a_resume_checks(prepared, tmp_path):
+    from jaxdistill.data import SyntheticLatents, check_same_data
+
+    _, summary, out = prepared
+    data = PreparedLatents(out, batch_size=4)
+    assert data.identity == PreparedLatents(out, batch_size=2, seed=3).identity
+    assert data.identity["num_examples"] == summary["num_examples"]
+    stored = json.loads(json.dumps(data.identity))  # as a checkpoint's meta holds it
+    check_same_data(stored, data)
+    check_same_data(None, data)  # a checkpoint from before identities: not checked
+    with pytest.raises(ValueError, match=r"trained on other data .*num_examples: 14 → 13"):
+        check_same_data(stored | {"num_examples": 14}, data)
+
+    _captioned(tmp_path / "f", ["a", "b", "c"])
+    before = _stream(S.open_source(str(tmp_path / "f"))).identity
+    assert before == _stream(S.open_source(str(tmp_path / "f"))).identity
+    _captioned(tmp_path / "f", ["d"])  # an image added: another stream
+    grown = _stream(S.open_source(str(tmp_path / "f")))
+    with pytest.raises(ValueError, match="shards"):
+        check_same_data(json.loads(json.dumps(before)), grown)
+
+    synthetic = SyntheticLatents(TINY["micro"], num_examples=16, batch_size=4)
+    assert json.loads(json.dumps(synthetic.identity)) == synthetic.identity
+    assert synthetic.identity != SyntheticLatents(TINY["micro"], num_examples=32, batch_size=4).identity
+
+
+def test_a_missing_or_empty_data_path_is_a_usage_error(pipeline, tmp_path):
+    """ValueError (the trainer's usage error), saying what to do, before anything is read."""
+    from jaxdistill.config import base_config
+    from jaxdistill.data import make_data
+
+    c = base_config()
+    c.data.update(source="prepared", path=str(tmp_path / "nope"))
+    with pytest.raises(ValueError, match=r"is not a prepared data set \(no such folder\); make one with"):
+        make_data(c, TINY["micro"])
+    (tmp_path / "empty").mkdir()
+    c.data.update(source="images", path=str(tmp_path / "empty"), pipeline=pipeline, resolution=RES)
+    with pytest.raises(ValueError, match=r"no images \(jpg/jpeg/png/webp/bmp\) found under"):
+        make_data(c, TINY["micro"])
+    c.data.update(path=f"tar:{tmp_path}/*.tar")
+    with pytest.raises(ValueError, match="no tar files match"):
+        make_data(c, TINY["micro"])
+
+
+def test_the_reader_index_is_built_with_numpy():
+    """Example index → latent shape groups from prepare's run-length shapes, in the order the reader has
+    always used (shapes sorted, indices ascending), without a Python object per example."""
+    import tracemalloc
+
+    from jaxdistill.data import shape_groups
+
+    shapes, groups = shape_groups([[[16, 16, 3], [8, 24, 2], [16, 16, 1]], [], [[24, 8, 2], [8, 24, 1]]])
+    assert shapes == [(8, 24), (16, 16), (24, 8)]
+    assert [g.tolist() for g in groups] == [[3, 4, 8], [0, 1, 2, 5], [6, 7]]
+    rng = np.random.default_rng(0)
+    runs = [[[8 * (1 + rng.integers(40)), 64, 16] for _ in range(125)] for _ in range(1000)]  # 2M examples
+    tracemalloc.start()
+    try:
+        _, groups = shape_groups(runs)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert sum(len(g) for g in groups) == 2_000_000 and peak < 100e6  # a Python index took ~240 MB

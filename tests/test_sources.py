@@ -204,19 +204,31 @@ def test_captions():
 
 
 def test_centre_crop_flip_and_time_ids_follow_diffusers():
+    """diffusers' current preprocess_train: resize, flip (when drawn), then crop the flipped image and
+    record that crop's ordinary offset. (An older script cropped first and stored `width - x1`: offsets
+    no crop can have, e.g. 1024 for an uncropped 1024² photo.)"""
     img = _noise(40, 64)  # h=40, w=64 → resized to 32 × int(32·64/40)=51, centre left = round(19/2) = 10
     assert resize_to_cover(40, 64, 32, 32) == (32, 51) and resize_to_cover(100, 30, 32, 32) == (106, 32)
     prep = Preprocessing(resolution=32, center_crop=True, random_flip=True)
-    flips = {}
+    resized = np.asarray(img.resize((51, 32), Image.Resampling.BILINEAR), np.float32) / 127.5 - 1
+    flipped = set()
     for seed in range(20):
+        flip = np.random.default_rng(seed).random() < 0.5  # the flip is the first draw
         pixels, ids = preprocess(img, prep, np.random.default_rng(seed))
-        flips[ids[3].item()] = pixels
-    assert set(flips) == {10, 22}  # not flipped: 10; flipped: target_width − 10, diffusers' `x1 = image.width - x1`
-    np.testing.assert_array_equal(flips[22], flips[10][:, ::-1])
-    resized = np.asarray(img.resize((51, 32), Image.Resampling.BILINEAR), np.float32)
-    np.testing.assert_allclose(flips[10], resized[:, 10:42] / 127.5 - 1, atol=1e-6)
+        assert ids.tolist() == [40, 64, 0, 10, 32, 32]  # the centre offset, flipped or not
+        # flipped first, then cropped: an odd margin (19) puts the crop one column off the unflipped crop's mirror
+        np.testing.assert_allclose(pixels, (resized[:, ::-1] if flip else resized)[:, 10:42], atol=1e-6)
+        flipped.add(flip)
+    assert flipped == {True, False}
     _, ids = preprocess(img, Preprocessing(resolution=32, center_crop=True), np.random.default_rng(0))
     assert ids.tolist() == [40, 64, 0, 10, 32, 32] and ids.dtype == np.int32
+    # random crops, flipped or not: offsets within [0, resized − target]; an image of the target size is never
+    # cropped, so its offset is (0, 0)
+    lefts = {int(preprocess(img, Preprocessing(resolution=32, random_flip=True), np.random.default_rng(s))[1][3])
+             for s in range(200)}
+    assert lefts <= set(range(20)) and len(lefts) > 10
+    square = Preprocessing(resolution=32, random_flip=True)
+    assert {tuple(preprocess(_noise(32, 32), square, np.random.default_rng(s))[1][2:4]) for s in range(20)} == {(0, 0)}
 
 
 def test_same_seed_same_crops_different_seed_different_crops(folder):
@@ -279,6 +291,141 @@ def test_metadata_jsonl_and_csv(tmp_path):
     assert dict(skips.counts) == {"caption_empty": 1, "caption_not_utf8": 1}
 
 
+def test_metadata_jsonl_lines_end_at_newline_only(tmp_path):
+    """json.dumps(ensure_ascii=False) leaves U+0085, U+2028, form feeds, ... raw inside captions:
+    str.splitlines() would cut those rows in two."""
+    ok = _encode(_noise(40, 40), "PNG")
+    captions = {"a": "café \x85 scraped", "b": "line one\u2028line two\u2029", "c": "form\x0cfeed", "d": "plain"}
+    rows = [json.dumps({"file_name": f"{k}.png", "text": v}, ensure_ascii=False) for k, v in captions.items()]
+    for k in captions:
+        _write(tmp_path, f"{k}.png", ok)
+    _write(tmp_path, "metadata.jsonl", "\r\n".join(rows).encode())  # CRLF line ends are fine too
+    examples, skips = _run(open_source(str(tmp_path)))
+    assert {k: e.caption for k, e in examples.items()} == {k: v.strip() for k, v in captions.items()}
+    assert skips.skipped == 0 and skips.kept == 4
+
+
+def test_metadata_files_that_cannot_be_parsed_are_one_bad_metadata(tmp_path):
+    ok = _encode(_noise(40, 40), "PNG")
+    long_caption = "a very long caption " * 10_000  # 200 kB: over csv's default cell limit (128 KiB)
+    _write(tmp_path, "a.png", ok)
+    _write(tmp_path, "b.png", ok)
+    _write(tmp_path, "metadata.csv", f"file_name,text\na.png,{long_caption}\nb.png,short\n".encode())
+    # a metadata file that cannot be read (a dangling link): its images take their .txt captions
+    _write(tmp_path, "sub/c.png", ok)
+    _write(tmp_path, "sub/c.txt", b"from the txt")
+    os.symlink(tmp_path / "nowhere.jsonl", tmp_path / "sub" / "metadata.jsonl")
+    examples, skips = _run(open_source(str(tmp_path)))
+    assert {k: e.caption for k, e in examples.items()} == {"a": long_caption.strip(), "b": "short",
+                                                          "sub/c": "from the txt"}
+    assert dict(skips.counts) == {"bad_metadata": 1} and skips.examples["bad_metadata"] == ["sub/metadata.jsonl"]
+
+
+def test_symlinked_folders_are_followed_once(tmp_path):
+    ok = _encode(_noise(40, 40), "PNG")
+    for rel in ("elsewhere/x.png", "elsewhere/deep/y.png", "root/local/z.png"):
+        _write(tmp_path, rel, ok)
+        _write(tmp_path, rel.replace(".png", ".txt"), b"caption")
+    os.symlink(tmp_path / "elsewhere", tmp_path / "root" / "linked")
+    os.symlink(tmp_path / "root", tmp_path / "root" / "local" / "loop")  # a cycle: read once, not forever
+    examples, skips = _run(open_source(str(tmp_path / "root")))
+    assert sorted(examples) == ["linked/deep/y", "linked/x", "local/z"] and skips.skipped == 0
+
+
+def test_an_empty_or_missing_folder_says_so(tmp_path):
+    (tmp_path / "empty" / "sub").mkdir(parents=True)
+    _write(tmp_path / "empty", "notes.txt", b"no images here")
+    with pytest.raises(ValueError, match=r"no images \(jpg/jpeg/png/webp/bmp\) found under .*empty"):
+        open_source(f"folder:{tmp_path / 'empty'}").shards()
+    with pytest.raises(ValueError, match="is not a folder"):
+        open_source(f"folder:{tmp_path / 'nope'}")
+
+
+def test_array_images_of_every_documented_dtype_are_kept():
+    """Record.image may be a uint8/uint16/float array [H, W(, C)] (TFDS Tensor features): 16-bit and float
+    are scaled like 16-bit / float images, a trailing channel axis of 1 is grey."""
+    grey = np.full((40, 40), 25700, np.uint16)  # → 100
+    cases = {"uint16 rgb": np.stack([grey] * 3, -1), "float rgb [0, 1]": np.full((40, 40, 3), 100 / 255, np.float32),
+             "float rgb [0, 255]": np.full((40, 40, 3), 100.0), "uint8 [h, w, 1]": np.full((40, 40, 1), 100, np.uint8),
+             "uint16 [h, w, 1]": grey[..., None], "float [h, w, 1]": np.full((40, 40, 1), 100 / 255, np.float32),
+             "uint16 rgba": np.stack([grey] * 3 + [np.full_like(grey, 65535)], -1)}
+    for name, array in cases.items():
+        rgb = decode_image(array)
+        assert rgb.mode == "RGB" and np.asarray(rgb).tolist() == np.full((40, 40, 3), 100).tolist(), name
+
+
+def test_a_16_bit_grey_png_keeps_its_transparent_value():
+    grey = Image.fromarray(np.array([[1000, 60000, 1000]], np.uint16))
+    out = np.asarray(decode_image(_encode(grey, "PNG", transparency=1000)))  # tRNS: 1000 is transparent
+    assert out[0].tolist() == [[255] * 3, [233] * 3, [255] * 3]  # on white; 60000 → round(60000 / 257) = 233
+
+
+def _tar(path, members: list[tuple[str, bytes]]) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with tarfile.open(path, "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+def test_a_tar_cut_at_a_member_boundary_is_a_bad_tar(tmp_path):
+    """tarfile's stream mode takes a missing or cut header for the end of the archive: without the
+    end-of-archive check, the samples after the cut would vanish uncounted."""
+    members = [(f"{i:03d}.{ext}", data) for i in range(4)
+               for ext, data in (("jpg", _encode(_noise(40, 40, i), "JPEG")), ("txt", b"caption"))]
+    _tar(tmp_path / "full.tar", members)
+    with tarfile.open(tmp_path / "full.tar") as tar:
+        third = tar.getmembers()[4].offset  # the header of sample 002's first file
+    data = (tmp_path / "full.tar").read_bytes()
+    examples, skips = _run(open_source(str(tmp_path / "full.tar")))
+    assert len(examples) == 4 and skips.skipped == 0  # whole: no false alarm
+    for cut in (third, third + 100):  # at the boundary, inside the header
+        (tmp_path / "cut" / "x.tar").parent.mkdir(exist_ok=True)
+        (tmp_path / "cut" / "x.tar").write_bytes(data[:cut])
+        examples, skips = _run(open_source(str(tmp_path / "cut" / "x.tar")))
+        assert sorted(examples) == ["x/000", "x/001"] and dict(skips.counts) == {"bad_tar": 1}, cut
+
+
+def test_tar_keys_are_unique_across_tars(tmp_path):
+    """Two tars of the same name in different folders, both with a sample "000": two keys (and two
+    different random crops), each naming its tar."""
+    for part, caption in (("a", b"x"), ("b", b"y")):
+        _tar(tmp_path / part / "00000.tar", [("000.jpg", _encode(_noise(40, 60), "JPEG")), ("000.txt", caption)])
+    prep = Preprocessing(resolution=RES, random_flip=True)
+    keys = [r.key for r in _records(open_source(f"tar:{tmp_path}/*/*.tar"))]
+    assert keys == ["a/00000/000", "b/00000/000"]
+    examples, skips = _run(open_source(f"tar:{tmp_path}/*/*.tar"), prep)
+    assert {k: e.caption for k, e in examples.items()} == {"a/00000/000": "x", "b/00000/000": "y"}
+    assert skips.skipped == 0
+
+
+def test_shuffled_records_permute_a_shard_and_split_it_between_hosts(tmp_path):
+    ok = _encode(_noise(40, 40), "PNG")
+    members = []
+    for i in range(12):
+        _write(tmp_path / "folder", f"{i:03d}.png", ok)
+        members += [(f"{i:03d}.png", ok), (f"{i:03d}.txt", b"x")]
+    _tar(tmp_path / "t.tar", members)
+    for source, prefix in ((open_source(str(tmp_path / "folder")), ""), (open_source(str(tmp_path / "t.tar")), "t/")):
+        (shard,) = source.shards()
+        order = [r.key for r in sources.shuffled_records(source, shard, np.random.default_rng(0))]
+        assert sorted(order) == [f"{prefix}{i:03d}" for i in range(12)] and order != sorted(order)
+        assert order == [r.key for r in sources.shuffled_records(source, shard, np.random.default_rng(0))]
+        assert order != [r.key for r in sources.shuffled_records(source, shard, np.random.default_rng(1))]
+        small = [r.key for r in sources.shuffled_records(source, shard, np.random.default_rng(0), buffer_size=4)]
+        assert sorted(small) == sorted(order)  # a buffer smaller than the tar: still every record once
+        hosts = [[r.key for r in sources.shuffled_records(source, shard, np.random.default_rng(0), start=i, step=3)]
+                 for i in range(3)]
+        assert [k for keys in zip(*hosts, strict=True) for k in keys] == order  # every third record of that order
+
+
+def test_preprocessing_sizes_must_be_positive():
+    for bad in ({"resolution": 0}, {"resolution": -8}, {"buckets": ((0, 64),)}, {"buckets": ()}):
+        with pytest.raises(ValueError, match="must be positive"):
+            Preprocessing(**bad)
+
+
 def _records(source):
     return [r for shard in source.shards() for r in source.read(shard)]
 
@@ -304,19 +451,22 @@ def test_tar_shards_give_the_same_records_as_the_folder(tmp_path):
     tar_source = open_source(str(tmp_path / "tars"))
     assert isinstance(tar_source, sources.TarSource) and [s.name for s in tar_source.shards()] == ["00000", "00001"]
     tar_records = _records(tar_source)
-    assert [(r.key, r.image, r.caption) for r in tar_records] == [(r.key, r.image, r.caption) for r in folder_records]
+    tar_keys = [f"0000{t}/{k}" for t, chunk in enumerate((keys[:4], keys[4:])) for k in chunk]  # the tar's name first
+    expected = [(k, r.image, r.caption) for k, r in zip(tar_keys, folder_records, strict=True)]
+    assert [(r.key, r.image, r.caption) for r in tar_records] == expected
     assert tar_records[0].extra == {"key": keys[0], "url": f"http://x/{keys[0]}"}
-    prep = Preprocessing(resolution=RES, random_flip=True)
+    prep = Preprocessing(resolution=RES, center_crop=True)  # no randomness: keys differ, so would its draws
     for a, b in zip(_run(tar_source, prep)[0].values(), _run(open_source(str(tmp_path / "folder")), prep)[0].values(),
                     strict=True):
-        assert a.key == b.key and np.array_equal(a.pixels, b.pixels) and np.array_equal(a.time_ids, b.time_ids)
+        assert a.key.split("/", 1)[1] == b.key and np.array_equal(a.pixels, b.pixels)
+        assert np.array_equal(a.time_ids, b.time_ids)
 
     # An interrupted download: the samples before the damage are kept, the tar is counted once.
     data = (tmp_path / "tars" / "00000.tar").read_bytes()
     (tmp_path / "tars" / "00000.tar").write_bytes(data[: len(data) // 2])
     examples, skips = _run(open_source(f"tar:{tmp_path / 'tars' / '*.tar'}"))
     assert skips.counts["bad_tar"] == 1 and skips.examples["bad_tar"] == ["00000"]
-    assert set(keys[4:]) <= set(examples) and keys[0] in examples and len(examples) < len(keys)
+    assert set(tar_keys[4:]) <= set(examples) and tar_keys[0] in examples and len(examples) < len(keys)
 
 
 def test_tfds_source(tmp_path):
@@ -366,9 +516,9 @@ def test_tfds_source(tmp_path):
                         text_key="photo", examples_per_shard=4)
     assert not set(prints) & {other.fingerprint(s) for s in other.shards()}
     # what cannot be read is an error that says so (not TFDS's list of every data set it knows)
-    with pytest.raises(FileNotFoundError, match="no such data set"):
+    with pytest.raises(ValueError, match="no such data set"):
         open_source("tfds:no_such_captions", data_dir=str(tmp_path))
-    with pytest.raises(FileNotFoundError, match="not built in"):
+    with pytest.raises(ValueError, match="not built in"):
         open_source("tfds:mnist", data_dir=str(tmp_path / "empty"))
     with pytest.raises(ValueError, match="bad split 'test'"):
         open_source("tfds:tiny_captions:test", data_dir=str(tmp_path), image_key="photo", text_key="meta.caption")
@@ -443,5 +593,5 @@ def test_skips_merge_and_never_raise():
 def test_open_source_rejects_what_it_cannot_read(tmp_path):
     with pytest.raises(ValueError):
         open_source(str(tmp_path / "nope"))
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(ValueError, match="no tar files match"):  # ValueError: a usage error for train and prepare
         open_source(f"tar:{tmp_path}/*.tar")
