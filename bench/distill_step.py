@@ -6,14 +6,20 @@ kernel, remat and layer layout — unrolled transformer layers —, donated stat
 (compile time reported), warmed up, then `--iters` timed steps. `--variant` compiles and times others in
 the same run (scanned layers, another batch, remat, an XLA option), for before/after figures side by side.
 PyTorch: `jaxdistill.reference.torch_distill_step` — diffusers teacher under `no_grad`, forward hooks on
-the same taps, AdamW, gradient clipping; bf16 autocast when `--dtype bf16` on CUDA.
+the same taps, AdamW, gradient clipping; with `--dtype bf16` the teacher's weights in bf16 and bf16 autocast
+(on a CPU too), with `--dtype fp32` TF32 matmuls on a GPU, as XLA's default precision there (`torch_dtype`,
+`torch_tf32` in the JSON). Both sides draw their noise outside the timed step; PyTorch's step still copies
+its batch and noise from the host (as `torch_distill_step` takes numpy arrays): `torch_copy_s` is that copy's
+time, measured alone.
 
 FLOP utilisation = model FLOPs per step ÷ step time ÷ peak. Model FLOPs = teacher forward + 3 × student
 forward (forward + backward), from XLA's cost analysis of each forward lowered for the CPU
 (`jaxdistill.train.step_flops`, the count the trainer logs as TFLOP/s); the peak is a large
 square matmul in the step's compute dtype, measured by this script on the same device (the best of a few
-runs). Peak memory: XLA's compiled memory analysis of the step (arguments + outputs − aliased + temps);
-PyTorch: `torch.cuda.max_memory_allocated` on a GPU, the growth of the process's peak RSS on a CPU.
+runs), before and again after the steps: the larger one counts (a peak measured while other jobs held the
+cores reads low; `peak_suspect` when a utilisation still comes out above 1). Peak memory: XLA's compiled
+memory analysis of the step (arguments + outputs − aliased + temps); PyTorch: `torch.cuda.max_memory_allocated`
+on a GPU, the growth of the process's peak RSS on a CPU.
 
 Default sizes finish on a 2-core CPU in minutes: SDXL's topology (depths 2/10, mid 10) at reduced widths
 (`--width 64`: blocks 64/128/256, heads of 32), 256² images (32² latents), batch 2. On a GPU:
@@ -350,14 +356,17 @@ def breakdown(teacher_spec, teacher, student_spec, student, batch, args, variant
 
 
 def torch_step(teacher_spec, teacher, student_spec, student, kept, batch, args) -> dict:
-    """Time the usual PyTorch step on the same weights; → figures. On CUDA in bf16: the frozen teacher's
-    weights in bf16 (diffusers' scripts' `weight_dtype`), the student's fp32 under bf16 autocast."""
+    """Time the usual PyTorch step on the same weights; → figures. In bf16 (GPU or CPU): the frozen teacher's
+    weights in bf16 (diffusers' scripts' `weight_dtype`), the student's fp32 under bf16 autocast. In fp32 on
+    a GPU: TF32 matmuls and convolutions, as XLA's default precision for f32 there."""
     import torch
 
     from jaxdistill.reference import diffusers_unet, torch_distill_step
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    bf16 = args.dtype == "bf16" and device == "cuda"
+    bf16 = args.dtype == "bf16"
+    if device == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -372,26 +381,66 @@ def torch_step(teacher_spec, teacher, student_spec, student, kept, batch, args) 
     acp = alphas_cumprod()
     autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=bf16)
 
-    def one():
-        noise = rng.standard_normal(batch["latents"].shape).astype(np.float32)
-        timesteps = rng.integers(0, 1000, batch["latents"].shape[0])
-        with autocast:
-            torch_distill_step(t_model, s_model, optimizer, batch, noise, timesteps, acp, pairs, None,
-                               accumulation=args.torch_accumulation or args.accumulation)
+    accumulation = args.torch_accumulation or args.accumulation
+    # noise and timesteps of every step drawn before the timing (ours draws them inside its compiled step)
+    shape = batch["latents"].shape
+    draws = [(rng.standard_normal(shape).astype(np.float32), rng.integers(0, 1000, shape[0]))
+             for _ in range(args.iters + 1)]
+
+    def sync():
         if device == "cuda":
             torch.cuda.synchronize()
 
-    one()  # warm-up
-    times = []
-    for _ in range(args.iters):
+    def one(noise, timesteps):
+        with autocast:
+            torch_distill_step(t_model, s_model, optimizer, batch, noise, timesteps, acp, pairs, None,
+                               accumulation=accumulation)
+        sync()
+
+    def copy(noise, timesteps):
+        """The host-to-device copies `torch_distill_step` makes in one step (batch, noise, timesteps, and
+        alphas_cumprod once per micro-batch), alone."""
+        tensor = lambda x: torch.from_numpy(np.array(x, np.float32)).to(device)  # noqa: E731
+        for x in (*batch.values(), noise, timesteps, *[acp] * accumulation):
+            tensor(x)
+        sync()
+
+    one(*draws[0])  # warm-up
+    times, copy_times = [], []
+    for draw in draws[1:]:
         t0 = time.perf_counter()
-        one()
+        one(*draw)
         times.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        copy(*draw)
+        copy_times.append(time.perf_counter() - t0)
     progress(f"PyTorch: {statistics.median(times):.4f} s per step (median of {args.iters})")
     peak = (torch.cuda.max_memory_allocated() if device == "cuda"
             else (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) * 1024)
-    return {"step_s": statistics.median(times), "peak_bytes": peak, "device": device,
-            "threads": torch.get_num_threads()}
+    return {"step_s": statistics.median(times), "copy_s": statistics.median(copy_times), "peak_bytes": peak,
+            "device": device, "threads": torch.get_num_threads(),
+            "dtype": "bf16 autocast, bf16 teacher" if bf16 else "fp32",
+            "tf32": device == "cuda" and torch.backends.cuda.matmul.allow_tf32}
+
+
+SETTINGS = ("batch", "attention", "remat", "scan_layers", "accumulation", "model_tflop_per_step")
+HEADLINE = ("step_s", "samples_per_s", "compile_s", "flop_utilisation", "peak_memory_gb", "measured_peak_memory_gb",
+            "ratio_vs_torch", "pairs", "error")
+
+
+def headline(out: dict) -> None:
+    """The first variant's settings and figures (as far as it got) to the top level of `out`, so that the top
+    level describes one step: its batch and FLOPs with its step time, samples/s and utilisation."""
+    first = out["variants"][0]
+    out.update({k: first[k] for k in SETTINGS + HEADLINE if k in first})
+
+
+def rescale_utilisation(out: dict, factor: float) -> None:
+    """Every FLOP utilisation in `out` (top level, variants, breakdown) times `factor`: a new peak."""
+    for figures in (out, *out.get("variants", []), *out.get("breakdown", {}).values()):
+        for key in ("flop_utilisation", "torch_flop_utilisation"):
+            if isinstance(figures, dict) and key in figures:
+                figures[key] *= factor
 
 
 def attempt(fn, *args) -> dict:
@@ -444,12 +493,13 @@ def main() -> int:
     batch = batch_for(teacher_spec, args.batch, side)
     dtype = compute_dtype(args)
 
-    peak = peak_matmul_flops(dtype)
+    peak = peak_before = peak_matmul_flops(dtype)
     teacher_flops = flops(teacher_spec, args.batch, side, SEQ_LEN)
     student_flops = flops(student_spec, args.batch, side, SEQ_LEN)
     model_flops = step_flops(teacher_spec, student_spec, batch, args.batch)  # the trainer's count, as it logs
-    progress(f"peak {peak / 1e12:.1f} TFLOP/s, {model_flops / 1e12:.2f} TFLOP per step")
+    progress(f"peak {peak / 1e12:.3f} TFLOP/s, {model_flops / 1e12:.3f} TFLOP per step at batch {args.batch}")
     device = jax.devices()[0]
+    scale = variants[0]["batch"] / args.batch  # FLOPs are linear in the batch; the top level is the headline's
     out = {
         "device": f"{device.platform}: {getattr(device, 'device_kind', '')} "
                   f"({platform.processor() or platform.machine()}, {os.cpu_count()} CPUs)",
@@ -457,16 +507,20 @@ def main() -> int:
         "model": "SDXL → SSD-1B" + ("" if args.full else f" (SDXL topology, widths {teacher_spec.block_out_channels})"),
         "teacher_params": sum(x.size for x in jax.tree.leaves(teacher)),
         "student_params": sum(x.size for x in jax.tree.leaves(student)),
-        "resolution": args.resolution, "batch": args.batch, "dtype": args.dtype,  # + the headline's settings:
-        **{k: variants[0][k] for k in ("attention", "remat", "scan_layers", "accumulation")},
-        "model_tflop_per_step": model_flops / 1e12, "teacher_tflop": teacher_flops / 1e12,
-        "student_tflop": student_flops / 1e12, "peak_matmul_tflops": peak / 1e12,
+        "resolution": args.resolution, "dtype": args.dtype,  # + the headline's settings:
+        **{k: variants[0][k] for k in SETTINGS if k in variants[0]},
+        "model_tflop_per_step": model_flops * scale / 1e12, "teacher_tflop": teacher_flops * scale / 1e12,
+        "student_tflop": student_flops * scale / 1e12, "peak_matmul_tflops": peak / 1e12,
     }
 
-    def report():
+    def report():  # the whole file, replaced at once: a run killed while writing keeps the last complete one
         if args.json:
-            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.json).write_text(json.dumps(out, indent=2))
+            path = Path(args.json)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.with_name(path.name + ".tmp").write_text(json.dumps(out, indent=2))
+            path.with_name(path.name + ".tmp").replace(path)
+
+    report()  # what is known before any step runs
 
     # PyTorch first: its caching allocator hands memory back when done; JAX's keeps what it has taken.
     if not args.no_torch:
@@ -478,7 +532,8 @@ def main() -> int:
             out["torch_error"] = ref["error"]
         else:
             out |= {"torch_step_s": ref["step_s"], "torch_samples_per_s": args.batch / ref["step_s"],
-                    "torch_accumulation": args.torch_accumulation or args.accumulation,
+                    "torch_batch": args.batch, "torch_accumulation": args.torch_accumulation or args.accumulation,
+                    "torch_dtype": ref["dtype"], "torch_tf32": ref["tf32"], "torch_copy_s": ref["copy_s"],
                     "torch_peak_memory_gb": ref["peak_bytes"] / 1e9, "torch_device": ref["device"],
                     "torch_threads": ref["threads"], "torch_flop_utilisation": model_flops / ref["step_s"] / peak}
         report()
@@ -488,21 +543,25 @@ def main() -> int:
 
     out["variants"] = []
     for variant in variants:
-        entry = {"name": variant_name(variant), **variant}
+        entry = {"name": variant_name(variant), **variant,  # model FLOPs scale with the batch
+                 "model_tflop_per_step": model_flops * variant["batch"] / args.batch / 1e12}
         out["variants"].append(entry)
 
         def record(figures: dict, entry=entry, variant=variant) -> None:
             timed = "step_s" in figures and "step_s" not in entry
             entry.update(figures)
-            if timed:  # model FLOPs scale with the batch
+            if timed:
                 entry.update(samples_per_s=variant["batch"] / figures["step_s"],
-                             flop_utilisation=model_flops * variant["batch"] / args.batch / figures["step_s"] / peak)
+                             flop_utilisation=entry["model_tflop_per_step"] * 1e12 / figures["step_s"] / peak)
                 if "torch_step_s" in out and variant["batch"] == args.batch:
                     entry["ratio_vs_torch"] = out["torch_step_s"] / figures["step_s"]
+            if entry is out["variants"][0]:
+                headline(out)
+            report()  # before the line below: whoever reads the line finds the file written
+            if timed:
                 progress(f"{entry['name']}: {figures['step_s']:.4f} s per step (median of {args.iters}), "
                          f"{entry['samples_per_s']:.2f} samples/s, {entry['flop_utilisation']:.1%} of peak"
                          + (f", {entry['ratio_vs_torch']:.2f}× PyTorch" if "ratio_vs_torch" in entry else ""))
-            report()
 
         record(attempt(jax_step, teacher_spec, teacher, student_spec, student, kept, args, variant, record))
         gc.collect()
@@ -514,9 +573,20 @@ def main() -> int:
                 parts[name]["flop_utilisation"] = flop / (parts[name]["ms"] / 1e3) / peak
         out["breakdown"] = parts
         report()
-    headline = out["variants"][0]
-    out |= {k: headline[k] for k in ("step_s", "samples_per_s", "compile_s", "flop_utilisation", "peak_memory_gb",
-                                     "measured_peak_memory_gb", "ratio_vs_torch", "pairs", "error") if k in headline}
+    # the peak again: one measured while other jobs held the cores reads low and inflates every utilisation
+    peak_after = peak_matmul_flops(dtype)
+    progress(f"peak after the steps {peak_after / 1e12:.3f} TFLOP/s (before: {peak_before / 1e12:.3f})")
+    out["peak_matmul_tflops_before_after"] = [peak_before / 1e12, peak_after / 1e12]
+    if peak_after > peak:
+        rescale_utilisation(out, peak / peak_after)
+        peak = peak_after
+        out["peak_matmul_tflops"] = peak / 1e12
+    utilisations = [f["flop_utilisation"] for f in out["variants"] if "flop_utilisation" in f]
+    if max(utilisations + [out.get("torch_flop_utilisation", 0)]) > 1:
+        out["peak_suspect"] = True
+        print("warning: a FLOP utilisation above 1: the measured peak is too low (taken on a loaded machine?)",
+              flush=True)
+    headline(out)
     report()
     width = max(len(k) for k in out)
     for k, v in out.items():

@@ -21,10 +21,12 @@
 # install them there as that script says.
 # Environment: BATCH (global, default 32), ACCUMULATION (ours, default 4), TORCH_ACCUMULATION (default 8),
 # SIZE (the distillation steps' model and image, default "--full --resolution 1024"; a dry run of the script's
-# logic on a CPU before a lease: SIZE="--width 16 --resolution 64" SKIP="forward attention"), PYTHON (default
-# python3), SKIP (step names to leave out, e.g. "forward attention"), AUTOTUNE (a .tgz of an earlier run's XLA
-# autotuning results to start from: the run packs its own into OUT_DIR/autotune.tgz; carried
-# to the next lease, it spares that run's compiles most of their autotuning).
+# logic on a CPU before a lease, ~7 min on 2 cores: SIZE="--width 16 --resolution 64" SKIP="forward attention"
+# BATCH=8 bash bench/gpu.sh /tmp/dry 1100 — at the default BATCH=32 PyTorch's side alone outlasts the distill
+# step's share of a smaller budget on a CPU), PYTHON (default python3), SKIP (step names to leave out, e.g.
+# "forward attention"), AUTOTUNE (a .tgz of an earlier run's XLA autotuning results to start from: the run
+# packs its own into OUT_DIR/autotune.tgz; carried to the next lease, it spares that run's compiles most of
+# their autotuning).
 set -u
 out=${1:-bench/out/gpu}
 budget=${2:-560}

@@ -1,8 +1,9 @@
 """`bench/distill_step.py` end to end at a tiny width: the script the performance figures come from runs,
 its variants compile side by side, and a remat variant computes the same step (the same loss) as without.
 Scanned layers (the cheap compile here; both layouts are checked against PyTorch in test_step_reference).
-PyTorch's step runs beside it with its own accumulation. Bad `--variant` text and batch splits are refused
-before anything is built."""
+PyTorch's step runs beside it with its own accumulation. The JSON holds the headline's figures at the top
+level as soon as the first variant is timed (a GPU lease's time limit cuts runs short). Bad `--variant` text
+and batch splits are refused before anything is built."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -23,27 +25,81 @@ def run_bench(*args: str) -> subprocess.CompletedProcess:
 
 def test_distill_step_runs_its_variants_side_by_side(tmp_path):
     out = tmp_path / "step.json"
-    result = run_bench("--width", "16", "--resolution", "64", "--iters", "1", "--torch-accumulation", "2",
-                       "--variant", "scan_layers=true", "--variant", "scan_layers=true,remat=full", "--json", str(out))
-    assert result.returncode == 0, result.stderr[-3000:]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    args = ["--width", "16", "--resolution", "64", "--iters", "1", "--torch-accumulation", "2",
+            "--variant", "scan_layers=true", "--variant", "scan_layers=true,remat=full", "--json", str(out)]
+    with open(tmp_path / "stderr.txt", "w") as stderr:
+        proc = subprocess.Popen([sys.executable, str(ROOT / "bench" / "distill_step.py"), *args], cwd=ROOT, env=env,
+                                stdout=subprocess.PIPE, stderr=stderr, text=True)
+        timer = threading.Timer(600, proc.kill)
+        timer.start()
+        # the JSON as a run cut short would leave it: before PyTorch is timed, and once the first variant is
+        # timed (the script writes the file before it prints the line)
+        lines, early = [], {}
+        for line in proc.stdout:
+            lines.append(line)
+            if "PyTorch: models built" in line:
+                early["before_torch"] = json.loads(out.read_text())
+            if "auto_scan_remat-none_b2_acc1: " in line and "s per step" in line:
+                early["first_variant"] = json.loads(out.read_text())
+        returncode = proc.wait()
+        timer.cancel()
+    assert returncode == 0, (tmp_path / "stderr.txt").read_text()[-3000:]
+    before = early["before_torch"]
+    assert before["batch"] == 2 and before["model_tflop_per_step"] > 0 and "device" in before, before
+    first = early["first_variant"]
+    headline = first["variants"][0]
+    for key in ("step_s", "samples_per_s", "compile_s", "flop_utilisation", "ratio_vs_torch", "batch",
+                "model_tflop_per_step"):
+        assert first[key] == headline[key], key
+    assert first["torch_samples_per_s"] > 0 and first["device"] == before["device"]
     figures = json.loads(out.read_text())
     plain, remat = figures["variants"]
     assert (plain["name"], remat["name"]) == ("auto_scan_remat-none_b2_acc1", "auto_scan_remat-full_b2_acc1")
     for v in (plain, remat):
-        assert v["step_s"] > 0 and v["compile_s"] > 0 and 0 < v["flop_utilisation"] < 1, v
+        # Not < 1: on this shared 2-core machine the peak matmul (measured before and after the steps, the
+        # larger one counts) can still be taken while other jobs hold the cores and read low, so a step timed
+        # on a quieter machine has come out at 139 % of it. A FLOP count 10× too high would still land far
+        # above 4 (quiet runs give 0.6-0.8).
+        assert v["step_s"] > 0 and v["compile_s"] > 0 and 0 < v["flop_utilisation"] < 4, v
     # the same weights, batch and rng: recomputing in the backward must not change the step's numbers
     assert abs(plain["loss"] - remat["loss"]) <= 1e-4 * abs(plain["loss"]), (plain["loss"], remat["loss"])
     assert figures["step_s"] == plain["step_s"] and figures["pairs"] == 26
     # PyTorch beside it, here over two micro-batches of one (its own accumulation, same global batch)
-    assert figures["torch_accumulation"] == 2 and figures["torch_step_s"] > 0
+    assert figures["torch_accumulation"] == 2 and figures["torch_step_s"] > 0 and figures["torch_batch"] == 2
     assert figures["ratio_vs_torch"] == figures["torch_step_s"] / plain["step_s"]
+    # the same precision on both sides, recorded; the noise is drawn before the timing, the copies timed alone
+    assert figures["torch_dtype"] == "fp32" and figures["torch_copy_s"] >= 0
+    assert figures["torch_tf32"] is (figures["torch_device"] == "cuda")  # TF32 as XLA's default on a GPU
+    assert len(figures["peak_matmul_tflops_before_after"]) == 2
+    assert figures["peak_matmul_tflops"] == max(figures["peak_matmul_tflops_before_after"])
     # progress as it goes (a run killed by a GPU lease's limit still says how far it got): one line per
     # phase, in order, each variant timed once
-    lines = [line for line in result.stdout.splitlines() if line.startswith("[")]
+    lines = [line for line in lines if line.startswith("[")]
     phases = ["weights drawn", "TFLOP per step", "PyTorch: models built", "PyTorch: ",
-              f"{plain['name']}: compiled", f"{plain['name']}: ", f"{remat['name']}: compiled", f"{remat['name']}: "]
+              f"{plain['name']}: compiled", f"{plain['name']}: ", f"{remat['name']}: compiled", f"{remat['name']}: ",
+              "peak after the steps"]
     assert [p for p, line in zip(phases, lines, strict=True) if p in line] == phases, lines
     assert sum("s per step" in line for line in lines) == 3, lines
+
+
+def test_top_level_describes_the_headline_variant():
+    """The top level takes the first variant's batch and FLOPs with its figures, also when that variant's
+    batch is not --batch (the PyTorch step's, kept as torch_batch), and a new peak rescales every
+    utilisation."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    from distill_step import headline, rescale_utilisation
+
+    out = {"batch": 2, "model_tflop_per_step": 1.0, "torch_batch": 2, "torch_flop_utilisation": 0.2,
+           "variants": [{"batch": 4, "model_tflop_per_step": 2.0, "step_s": 0.5, "samples_per_s": 8.0,
+                         "flop_utilisation": 0.4}, {"batch": 2, "step_s": 0.3, "flop_utilisation": 0.3}],
+           "breakdown": {"teacher_forward": {"flop_utilisation": 0.6}, "error": "text"}}
+    headline(out)
+    assert (out["batch"], out["model_tflop_per_step"], out["step_s"], out["samples_per_s"]) == (4, 2.0, 0.5, 8.0)
+    assert out["torch_batch"] == 2
+    rescale_utilisation(out, 0.5)
+    assert (out["flop_utilisation"], out["torch_flop_utilisation"], out["variants"][1]["flop_utilisation"],
+            out["breakdown"]["teacher_forward"]["flop_utilisation"]) == (0.2, 0.1, 0.15, 0.3)
 
 
 def test_bad_variant_is_refused_by_name():
