@@ -4,8 +4,10 @@
 training state (float32 master weights, optimizer state, EMA weights when on) and a JSON `meta` item that
 carries the student's architecture (its diffusers config), the run's config, the teacher and the plan.
 `load_checkpoint` accepts the workdir, a stage folder or a step folder and returns the student as
-(UNetSpec, params) in the plain (unscanned) layout that `convert.save_unet` writes. It reads only those
-weights, as host numpy arrays, so a checkpoint of a run on a pod or a GPU mesh loads on any machine.
+(UNetSpec, params) in the plain (unscanned) layout that `convert.save_unet` writes: by default the weights
+the run itself hands on (its EMA weights when it kept them, as in WORKDIR/stages/NAME), else as asked. It
+reads only those weights, as host numpy arrays, so a checkpoint of a run on a pod or a GPU mesh loads on any
+machine.
 """
 
 from __future__ import annotations
@@ -55,18 +57,21 @@ def resolve_checkpoint(path: str | os.PathLike, stage: str | None = None) -> tup
     return path, max(steps)
 
 
-def load_checkpoint(path: str | os.PathLike, *, ema: bool = False,
+def load_checkpoint(path: str | os.PathLike, *, ema: bool | None = None,
                     stage: str | None = None) -> tuple[UNetSpec, dict, dict[str, Any]]:
     """The student of a checkpoint → (spec, params as numpy float32 in the diffusers-mirroring layout, meta).
-    `ema` takes the EMA weights (refused when the run kept none). meta gains "step" and "checkpoint"."""
+    `ema`: None follows the run — its EMA weights when it kept them (what it wrote to WORKDIR/stages/NAME and
+    handed to the next stage), else the trained weights; True the EMA weights (refused when the run kept
+    none); False the trained weights. meta gains "step", "checkpoint" and "ema" (whether EMA weights were
+    taken)."""
     stage_dir, step = resolve_checkpoint(path, stage)
     folder = stage_dir / str(step)
-    key = "ema_params" if ema else "params"
+    keys = {None: ("ema_params", "params"), True: ("ema_params",), False: ("params",)}[ema]
     # PyTreeCheckpointHandler reads the files StandardSave wrote and, unlike the Standard one, restores a part.
     manager = ocp.CheckpointManager(stage_dir.absolute(), item_handlers={"state": ocp.PyTreeCheckpointHandler(),
                                                                          "meta": ocp.JsonCheckpointHandler()})
     try:
-        params, meta = _restore_weights(manager, step, key)
+        key, params, meta = _restore_weights(manager, step, keys)
     except Exception as e:  # orbax raises many kinds for damaged folders; name the folder and the cause
         raise CheckpointError(f"cannot read checkpoint {folder}: {type(e).__name__}: {e}") from e
     finally:
@@ -77,7 +82,7 @@ def load_checkpoint(path: str | os.PathLike, *, ema: bool = False,
     if params is None:
         raise CheckpointError(f"checkpoint {folder} holds no student weights (`params`); is it a checkpoint of "
                               "python -m jaxdistill.train?")
-    meta = meta | {"step": step, "checkpoint": str(folder)}
+    meta = meta | {"step": step, "checkpoint": str(folder), "ema": key == "ema_params"}
     params = jax.tree.map(lambda x: np.asarray(x, np.float32), params)
     spec = UNetSpec.from_diffusers_config(meta["student_config"])
     if meta.get("config", {}).get("scan_layers", False):
@@ -86,23 +91,26 @@ def load_checkpoint(path: str | os.PathLike, *, ema: bool = False,
     return spec, params, meta
 
 
-def _restore_weights(manager: ocp.CheckpointManager, step: int, key: str) -> tuple[dict | None, dict]:
-    """(the state's `key` subtree as host numpy arrays, or None when the checkpoint has none; meta). Only that
-    subtree is read: the optimizer moments (twice the weights) stay on disk. Without a target orbax would
-    place every array as it was saved, on the training run's mesh, which fails on a machine with other
-    devices ("Topology mismatch"); numpy arrays fit any machine."""
+def _restore_weights(manager: ocp.CheckpointManager, step: int,
+                     keys: tuple[str, ...]) -> tuple[str | None, dict | None, dict]:
+    """(the first of `keys` the state holds, that subtree as host numpy arrays, meta); (None, None, {}) when
+    it holds none of them. Only that subtree is read: the optimizer moments (twice the weights) and the other
+    weights stay on disk. Without a target orbax would place every array as it was saved, on the training
+    run's mesh, which fails on a machine with other devices ("Topology mismatch"); numpy arrays fit any
+    machine."""
     metadata = manager.item_metadata(step).state
     if metadata is None:
         raise ValueError("the training state's metadata is missing (files deleted or partly copied?)")
     saved = metadata.tree
-    if saved.get(key) is None:  # EMA off: the state saved ema_params=None
-        return None, {}
+    key = next((k for k in keys if saved.get(k) is not None), None)  # EMA off: the state saved ema_params=None
+    if key is None:
+        return None, None, {}
     target = {key: jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), saved[key])}
     as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), target)
     restored = manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.PyTreeRestore(target, restore_args=as_numpy, partial_restore=True),
         meta=ocp.args.JsonRestore()))
-    return restored.state[key], dict(restored.meta)
+    return key, restored.state[key], dict(restored.meta)
 
 
 def _finished_steps(stage_dir: Path) -> list[int]:

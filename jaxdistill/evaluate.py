@@ -212,7 +212,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--width", type=int)
     parser.add_argument("--batch-size", type=int, default=4, help="images denoised and decoded together")
     parser.add_argument("--clip", help="transformers CLIPModel folder (safetensors) for CLIP scores")
-    parser.add_argument("--ema", action="store_true", help="the student checkpoint's EMA weights")
+    parser.add_argument("--ema", action=argparse.BooleanOptionalAction, default=None,
+                        help="the student checkpoint's EMA weights (--ema) or trained weights (--no-ema); default: "
+                             "as the run hands them on, its EMA weights when it kept them")
     parser.add_argument("--out", required=True)
     args = parser.parse_args(argv)
     try:
@@ -231,7 +233,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         student = sample.load_pipeline(args.student, ema=args.ema, parts=teacher)  # one VAE and encoder copy
         height, width = teacher.check_size(args.height, args.width)
         student.check_size(height, width)
-        sample.make_scheduler(args.scheduler, teacher.scheduler_config)
+        sample.make_scheduler(args.scheduler, teacher.scheduler_config).set_timesteps(args.steps)
         clip = ClipScore(args.clip) if args.clip else None
     except (OSError, ValueError, RuntimeError) as e:  # RuntimeError: --clip without PyTorch
         parser.error(str(e))

@@ -59,7 +59,7 @@ WEIGHTED_COMPONENTS = ("vae", "text_encoder", "text_encoder_2")
 COPIED_SUFFIXES = (".safetensors", ".json", ".txt")
 PICKLED_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl", ".pickle")
 SDXL_TIME_IDS = 6  # original size, crop top-left, target size: what StableDiffusionXLPipeline feeds the UNet
-TAGS = ("stable-diffusion-xl", "text-to-image", "distillation")
+TAGS = ("stable-diffusion-xl", "text-to-image")  # and "distillation" for a student distilled from a known teacher
 
 
 class ExportError(ValueError):
@@ -76,10 +76,12 @@ class Student:
     provenance: dict[str, Any]
 
 
-def load_student(path: str | os.PathLike, *, ema: bool = False, stage: str | None = None) -> Student:
+def load_student(path: str | os.PathLike, *, ema: bool | None = None, stage: str | None = None) -> Student:
     """The student behind `path`: a training checkpoint (workdir, stage or step folder; `stage` picks a stage
-    of a workdir, `ema` its EMA weights), or a UNet / pipeline folder (a finished stage, a pruned student, an
-    earlier export). Raises CheckpointError or ExportError naming the problem."""
+    of a workdir; `ema` as `load_checkpoint`: None follows the run, True / False ask for the EMA / trained
+    weights), or a UNet / pipeline folder (a finished stage, a pruned student, an earlier export: one set of
+    weights, refused when `ema` asks for what it is known not to be). Raises CheckpointError or ExportError
+    naming the problem."""
     path = Path(path)
     folder = _unet_folder(path)
     if folder is None:
@@ -87,7 +89,7 @@ def load_student(path: str | os.PathLike, *, ema: bool = False, stage: str | Non
         checkpoint = Path(meta["checkpoint"])
         return Student(spec, params, {
             "source": str(checkpoint), "stage": meta.get("stage"), "step": meta["step"],
-            "ema": ema, "teacher": meta.get("teacher") or None, "plan": meta.get("plan") or None,
+            "ema": meta["ema"], "teacher": meta.get("teacher") or None, "plan": meta.get("plan") or None,
             "kept_layers": meta.get("kept_layers") or {}, "config": meta.get("config") or None,
             "workdir": str(checkpoint.parents[2])})  # WORKDIR/checkpoints/STAGE/STEP
     if stage is not None:
@@ -96,6 +98,9 @@ def load_student(path: str | os.PathLike, *, ema: bool = False, stage: str | Non
     if ema and not provenance.get("ema"):
         raise ExportError(f"--ema: {path} is a model folder with one set of weights, not known to be EMA weights; "
                           "--ema picks the EMA weights of a training checkpoint (WORKDIR/checkpoints/STAGE)")
+    if ema is False and provenance.get("ema"):
+        raise ExportError(f"--no-ema: {path} holds EMA weights (its run had ema_decay > 0); the trained weights "
+                          "are in the run's training checkpoint (WORKDIR/checkpoints/STAGE)")
     try:
         spec, params = load_unet(folder)
     except (OSError, ValueError) as e:  # WeightsError, UnsupportedConfigError, missing weights
@@ -175,7 +180,7 @@ def check_conditioning(pipeline_dir: str | os.PathLike, spec: UNetSpec) -> None:
         raise ExportError(f"the student does not fit the pipeline {root}: " + "; ".join(problems))
 
 
-def export(checkpoint: str | os.PathLike, out: str | os.PathLike, *, ema: bool = False, dtype: str = "fp16",
+def export(checkpoint: str | os.PathLike, out: str | os.PathLike, *, ema: bool | None = None, dtype: str = "fp16",
            pipeline_from: str | os.PathLike | None = None, stage: str | None = None, overwrite: bool = False,
            base_model: str | None = None) -> Path:
     """Writes the student of `checkpoint` to `out` (a UNet folder, or with `pipeline_from` an SDXL pipeline
@@ -218,11 +223,8 @@ def describe(student: Student, dtype: str, pipeline_from: str | os.PathLike | No
         teacher, first_teacher, folder = _previous_teachers(prov.get("workdir"), prov.get("stage"))
     teacher_params = prov.get("teacher_params") or _teacher_params(folder)
     config = prov.get("config")
-    if base_model is None and prov.get("base_model"):
-        base_model = prov["base_model"]
-    elif (base_model is None and first_teacher and re.fullmatch(r"[\w.-]+/[\w.-]+", first_teacher)
-          and not Path(first_teacher).exists()):
-        base_model = first_teacher  # a Hub id; a local path means nothing on the Hub
+    if base_model is None:
+        base_model = prov.get("base_model") or _hub_id(first_teacher)
     return {
         "format": "jaxdistill-export/1",
         "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
@@ -250,20 +252,26 @@ def describe(student: Student, dtype: str, pipeline_from: str | os.PathLike | No
 def model_card(facts: dict[str, Any], name: str = "student") -> str:
     """A Hugging Face model card (README.md with YAML front matter) from `describe`'s facts."""
     arch, training = facts["architecture"], facts.get("training")
-    front = ["---", "library_name: diffusers", "tags:", *(f"- {t}" for t in TAGS)]
+    # Only a training record (a checkpoint, a finished stage, or an export of them: a step) tells whether there
+    # was a teacher; a pruned-only student or a foreign UNet folder says nothing of it.
+    trained = facts.get("step") is not None
+    distilled = trained and bool(facts.get("teacher"))
+    tags = [*TAGS, "distillation"] if distilled else list(TAGS)
+    front = ["---", "library_name: diffusers", "tags:", *(f"- {t}" for t in tags)]
     if facts.get("base_model"):
         front.append(f"base_model: {facts['base_model']}")
     if facts.get("components"):
         front.append("pipeline_tag: text-to-image")
     lines = [*front, "---", "", f"# {name}", ""]
     kind = "an SDXL pipeline" if facts.get("components") else "an SDXL-family UNet"
-    lines += [f"A pruned and distilled Stable Diffusion XL UNet, exported by jaxdistill as {kind} "
+    lines += [f"{_making(facts.get('plan'), trained, distilled)}, exported by jaxdistill as {kind} "
               f"(diffusers format, UNet weights in {facts['dtype']}).", ""]
     lines += ["| | |", "|---|---|", f"| parameters (UNet) | {_count(facts['params'])} |"]
     if facts.get("teacher_params"):
         lines += [f"| teacher parameters | {_count(facts['teacher_params'])} |",
                   f"| student / teacher | {facts['params_ratio']:.3f} ({1 / facts['params_ratio']:.2f}× smaller) |"]
-    lines += [f"| teacher | {facts.get('teacher') or 'none (trained without a teacher)'} |"]
+    no_teacher = "none (trained without a teacher)" if trained else "unknown"
+    lines += [f"| teacher | {facts.get('teacher') or no_teacher} |"]
     if facts.get("first_teacher") and facts["first_teacher"] != facts.get("teacher"):
         lines += [f"| first stage's teacher | {facts['first_teacher']} |"]
     lines += [
@@ -286,7 +294,8 @@ def model_card(facts: dict[str, Any], name: str = "student") -> str:
               f"Attention heads per block {arch['attention_heads']}, cross-attention width "
               f"{arch['cross_attention_dim']}, pooled text embedding {arch['pooled_dim']}.", ""]
     if facts.get("kept_layers"):
-        lines += ["Kept from the teacher (indices of the teacher named above):", ""]
+        lines += ["Kept from the teacher (indices of the teacher named above):" if facts.get("teacher") else
+                  "Kept from the pruned teacher (its layer indices):", ""]
         lines += [f"- `{k}`: {list(v)}" for k, v in facts["kept_layers"].items()] + [""]
     if training:
         lines += ["## Training", "", "| | |", "|---|---|"]
@@ -333,7 +342,8 @@ def _unet_folder(path: Path) -> Path | None:
 
 def folder_provenance(path: Path, folder: Path) -> dict[str, Any]:
     """What a model folder tells about its making: an earlier export's facts, a finished stage's marker
-    (with the run's config.json two levels up), or a pruned student's plan."""
+    (with the config the stage trained with; an older marker: the run's config.json two levels up), or a
+    pruned student's plan."""
     prov: dict[str, Any] = {"source": str(path)}
     for facts_file in (path / FACTS_NAME, folder / FACTS_NAME):
         if facts_file.is_file():  # re-export: carry the provenance forward
@@ -345,7 +355,7 @@ def folder_provenance(path: Path, folder: Path) -> dict[str, Any]:
     if marker.is_file():  # WORKDIR/stages/NAME, written by python -m jaxdistill.train
         done = json.loads(marker.read_text())
         workdir = folder.parent.parent
-        config = _stage_config(workdir, done.get("stage"))
+        config = done.get("config") or _stage_config(workdir, done.get("stage"))
         prov |= {"stage": done.get("stage"), "step": done.get("steps"), "teacher": done.get("teacher") or None,
                  "plan": done.get("plan") or None, "kept_layers": done.get("kept_layers") or {}, "config": config,
                  "workdir": str(workdir), "ema": bool(config.get("ema_decay", 0) > 0) if config else None}
@@ -393,6 +403,14 @@ def _previous_teachers(workdir: str | None, stage: str | None) -> tuple[str, str
     if first is None and stages[names[i]].get("model"):
         first = f"stage {names[i]}'s model, trained from scratch ({stages[names[i]]['model']})"
     return direct, first, folder
+
+
+def _hub_id(teacher: str | None) -> str | None:
+    """The Hub id of a teacher read from the Hugging Face cache (…/models--ORG--NAME/snapshots/REVISION), else
+    None. The trainer reads teachers from local folders only: a recorded `org/name` was a relative path (which
+    may not exist from here, or may be something else on the Hub), so it is never taken for a Hub id."""
+    found = re.search(r"models--([^/]+?)--([^/]+)/snapshots/", teacher or "")
+    return f"{found[1]}/{found[2]}" if found else None
 
 
 def _teacher_params(folder: str | os.PathLike | None) -> int | None:
@@ -455,6 +473,18 @@ def _training(c: dict[str, Any], step: int | None) -> dict[str, Any]:
             "precision": c.get("precision"), "seed": c.get("seed")}
 
 
+def _making(plan: str | None, trained: bool, distilled: bool) -> str:
+    """The card's opening words, from what is known: pruned only with a plan, distilled only from a known
+    teacher."""
+    done = [word for word, known in (("pruned", plan), ("distilled", distilled)) if known]
+    what = f"A {' and '.join(done)} Stable Diffusion XL UNet" if done else "A Stable Diffusion XL-family UNet"
+    if plan and not trained:
+        return what + ", not trained by jaxdistill (pruned only)"
+    if trained and not distilled:
+        return what + ", trained by jaxdistill without a teacher"
+    return what if trained else what + " of unknown making (no jaxdistill training record)"
+
+
 def _count(n: int) -> str:
     return f"{n:,} ({n / 1e9:.3g} B)" if n >= 1e8 else f"{n:,} ({n / 1e6:.3g} M)"
 
@@ -484,13 +514,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--checkpoint", required=True,
                         help="WORKDIR, WORKDIR/checkpoints/STAGE[/STEP], WORKDIR/stages/NAME, or any UNet folder")
     parser.add_argument("--out", required=True, help="the folder to write (refused if not empty, see --overwrite)")
-    parser.add_argument("--ema", action="store_true", help="export the EMA weights of the checkpoint")
+    parser.add_argument("--ema", action=argparse.BooleanOptionalAction, default=None,
+                        help="a checkpoint's EMA weights (--ema) or trained weights (--no-ema); default: as the run "
+                             "hands them on, its EMA weights when it kept them")
     parser.add_argument("--dtype", choices=tuple(DTYPES), default="fp16", help="UNet weight dtype (default fp16)")
     parser.add_argument("--pipeline-from", metavar="TEACHER_PIPELINE_DIR",
                         help="write a complete SDXL pipeline: VAE, text encoders, tokenizers, scheduler from here")
     parser.add_argument("--stage", help="with a workdir: the stage to export (default: the latest)")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out once the export is done")
-    parser.add_argument("--base-model", help="the model card's base_model (default: the teacher, if a Hub id)")
+    parser.add_argument("--base-model", help="the model card's base_model, a Hub id (default: the teacher's, when it "
+                                             "was read from the Hugging Face cache)")
     args = parser.parse_args(argv)
     try:
         out = export(args.checkpoint, args.out, ema=args.ema, dtype=args.dtype, pipeline_from=args.pipeline_from,

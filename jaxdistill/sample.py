@@ -231,6 +231,10 @@ class DDIMScheduler(_Scheduler):
         if self.timestep_spacing == "linspace":
             timesteps = timesteps.round()
         timesteps = timesteps.astype(np.int64)
+        if timesteps.max() >= self.num_train_timesteps:  # diffusers fails at its first step, with an IndexError
+            raise ValueError(f"{num_inference_steps} DDIM steps with {self.timestep_spacing} spacing and steps_offset "
+                             f"{self.steps_offset} reach timestep {timesteps.max()} ≥ {self.num_train_timesteps}; use "
+                             "fewer steps or timestep_spacing 'trailing'")
         acp = self.alphas_cumprod()
         final = np.float32(1.0) if self.set_alpha_to_one else acp[0]
         prev = timesteps - self.num_train_timesteps // num_inference_steps  # diffusers' rule, for every spacing
@@ -320,12 +324,13 @@ class Pipeline:
         return height, width
 
 
-def load_pipeline(model: str | os.PathLike, pipeline: str | os.PathLike | None = None, *, ema: bool = False,
+def load_pipeline(model: str | os.PathLike, pipeline: str | os.PathLike | None = None, *, ema: bool | None = None,
                   dtype: str | Any = "float32", parts: Pipeline | None = None) -> Pipeline:
     """A `Pipeline` whose UNet is `model` and whose VAE, text encoders and scheduler come from `pipeline`.
 
     `model`: a diffusers pipeline folder (its unet/), a diffusers UNet folder, or a training checkpoint of
-    `python -m jaxdistill.train` (workdir, stage or step folder; `ema` takes its EMA weights). `pipeline`:
+    `python -m jaxdistill.train` (workdir, stage or step folder; `ema` as `checkpoint.load_checkpoint`: None
+    follows the run, its EMA weights when it kept them; True / False the EMA / trained weights). `pipeline`:
     a diffusers SDXL pipeline folder; default `model` itself when it is a pipeline folder, or for a
     checkpoint the run's `data.pipeline` / pipeline-folder teacher. `parts`: another `Pipeline` whose VAE,
     text encoders and scheduler to share instead (a teacher and a student on one copy of them). `dtype`:
@@ -336,15 +341,15 @@ def load_pipeline(model: str | os.PathLike, pipeline: str | os.PathLike | None =
     if dtype == jnp.float16 and jax.default_backend() == "cpu":
         raise ValueError("dtype float16: XLA:CPU's attention does not compute in float16; use bfloat16 or float32 "
                          "on a CPU (float16 is for GPUs)")
-    if is_pipeline(model):
+    # A pipeline or UNet folder (a workdir has a config.json too): one set of weights, whatever they are.
+    folder = is_pipeline(model) or ((model / CONFIG_NAME).is_file() and not is_workdir(model))
+    if folder and ema is not None:
+        raise ValueError(f"--ema/--no-ema (ema={ema}) pick the weights of a training checkpoint; {model} is a model "
+                         "folder with one set of weights")
+    if folder:
         spec, params = load_unet(model, dtype)
-        pipeline = model if pipeline is None else pipeline
-        if ema:
-            raise ValueError("--ema/ema=True applies to training checkpoints; the model is a pipeline folder")
-    elif (model / CONFIG_NAME).is_file() and not is_workdir(model):  # a workdir has a config.json too
-        spec, params = load_unet(model, dtype)
-        if ema:
-            raise ValueError("--ema/ema=True applies to training checkpoints; the model is a UNet folder")
+        if is_pipeline(model) and pipeline is None:
+            pipeline = model
     elif model.exists():
         from jaxdistill.checkpoint import load_checkpoint  # orbax: only for checkpoints
 
@@ -482,13 +487,16 @@ def generate(pipe: Pipeline, prompts: Sequence[str], *, seeds: Sequence[int] | N
         raise ValueError(f"{len(negatives)} negative prompts for {n} prompts")
     sched = make_scheduler(scheduler, pipe.scheduler_config)
     schedule = sched.set_timesteps(steps)
+    # Decided over all prompts, not per chunk, so an image does not depend on `batch_size`: diffusers encodes
+    # a list of negatives as given, "" included, unless all are empty.
+    zero_negatives = pipe.force_zeros_for_empty_prompt and not any(negatives)
 
     chunk = min(batch_size or n, n)
     outputs = []
     for start in range(0, n, chunk):
         idx = [min(i, n - 1) for i in range(start, start + chunk)]  # pad the last chunk with its last item
-        out = _generate_batch(pipe, [prompts[i] for i in idx], [negatives[i] for i in idx], latents[idx], sched,
-                              schedule, guidance, guidance_rescale, height, width)
+        out = _generate_batch(pipe, [prompts[i] for i in idx], [negatives[i] for i in idx], zero_negatives,
+                              latents[idx], sched, schedule, guidance, guidance_rescale, height, width)
         # The VAE decodes chunk by chunk too: SDXL's decoder needs ~3.5 GB of activations per 1024² image.
         keep = min(chunk, n - start)
         outputs.append((out[:keep], _decode(pipe, out)[:keep]))
@@ -504,15 +512,16 @@ def _decode(pipe: Pipeline, latents: np.ndarray) -> np.ndarray:
     return np.asarray(vae_decode(pipe.vae_spec, pipe.vae_params, jnp.asarray(latents), dtype=vae_dtype), np.float32)
 
 
-def _generate_batch(pipe: Pipeline, prompts: list[str], negatives: list[str], latents: np.ndarray,
-                    scheduler: Scheduler, schedule, guidance: float, guidance_rescale: float, height: int,
-                    width: int) -> np.ndarray:
-    """Conditioning for one batch, then the jitted loop → final latents [B, h, w, C]."""
+def _generate_batch(pipe: Pipeline, prompts: list[str], negatives: list[str], zero_negatives: bool,
+                    latents: np.ndarray, scheduler: Scheduler, schedule, guidance: float, guidance_rescale: float,
+                    height: int, width: int) -> np.ndarray:
+    """Conditioning for one batch (`zero_negatives`: zero negative conditioning instead of encoding
+    `negatives`), then the jitted loop → final latents [B, h, w, C]."""
     encoders = pipe.text_encoders
     prompt_embeds, pooled = _encode(encoders, encoders.params, *encoders.tokenize(prompts))
     guided = guidance > 1.0
     if guided:
-        if pipe.force_zeros_for_empty_prompt and not any(negatives):
+        if zero_negatives:
             negative_embeds, negative_pooled = jnp.zeros_like(prompt_embeds), jnp.zeros_like(pooled)
         else:
             negative_embeds, negative_pooled = _encode(encoders, encoders.params, *encoders.tokenize(negatives))
@@ -685,7 +694,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--teacher", help="a teacher model (same forms as --model, same --pipeline) for "
                                           "side_by_side.png")
-    parser.add_argument("--ema", action="store_true", help="a checkpoint's EMA weights")
+    parser.add_argument("--ema", action=argparse.BooleanOptionalAction, default=None,
+                        help="a checkpoint's EMA weights (--ema) or trained weights (--no-ema); default: as the run "
+                             "hands them on, its EMA weights when it kept them")
     args = parser.parse_args(argv)
 
     if args.prompts:
@@ -708,8 +719,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         height, width = student.check_size(args.height, args.width)
         if teacher is not None:
             teacher.check_size(height, width)
-        make_scheduler(args.scheduler, student.scheduler_config)
-    except (OSError, ValueError) as e:  # missing folders, incompatible parts, bad sizes, scheduler configs
+        make_scheduler(args.scheduler, student.scheduler_config).set_timesteps(args.steps)
+    except (OSError, ValueError) as e:  # missing folders, incompatible parts, bad sizes, scheduler configs, steps
         parser.error(str(e))
 
     pairs = [(i, p, args.seed + k) for i, p in enumerate(prompts) for k in range(args.num_images)]

@@ -185,18 +185,45 @@ def global_batch(local: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.A
 def initialize_distributed() -> bool:
     """Starts JAX's multi-process runtime when the environment describes more than one process: JAX's own
     variables (JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID), SLURM (srun with more than one
-    task) or a TPU VM pod slice (detected by JAX). Returns whether it did. Call before using any device."""
-    env = os.environ
+    task) or a TPU VM pod slice (detected by JAX); see `distributed_args`. Returns whether it did. Call before
+    using any device. Raises RuntimeError when a SLURM process with one task per node does not see all of its
+    node's GPUs."""
     jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU processes talk over gloo; GPU/TPU ignore it
+    kwargs = distributed_args(os.environ)
+    if kwargs is None:
+        return False
+    jax.distributed.initialize(**kwargs)
+    wanted = len(kwargs.get("local_device_ids", ()))
+    if jax.local_device_count() < wanted:
+        raise RuntimeError(f"process {jax.process_index()} sees {jax.local_device_count()} local device(s) "
+                           f"({jax.local_devices()}), but SLURM gave its node {wanted} GPUs, all for this one task: "
+                           "is a CUDA build of jaxlib installed (pip install -e '.[cuda]'), and CUDA_VISIBLE_DEVICES "
+                           "left as SLURM sets it?")
+    return True
+
+
+def distributed_args(env: Mapping[str, str]) -> dict[str, Any] | None:
+    """The keyword arguments of `jax.distributed.initialize()` for environment `env` (os.environ), or None
+    for a single process. JAX_COORDINATOR_ADDRESS & co. are passed on; SLURM (more than one task) and TPU VM
+    pod slices are left to JAX's own detection ({}), except that under SLURM with one task per node that
+    task gets all of its node's GPUs (`local_device_ids` 0 … N−1): JAX's SLURM rule assumes one task per GPU
+    and would give each task the GPU numbered by its SLURM_LOCALID, GPU 0 of 8 (jax-ml/jax#16788)."""
     if "JAX_COORDINATOR_ADDRESS" in env:
-        jax.distributed.initialize(coordinator_address=env["JAX_COORDINATOR_ADDRESS"],
-                                   num_processes=int(env.get("JAX_NUM_PROCESSES", "1")),
-                                   process_id=int(env.get("JAX_PROCESS_ID", "0")))
-        return True
-    if int(env.get("SLURM_NTASKS", "1")) > 1 or env.get("TPU_WORKER_HOSTNAMES", "").count(",") > 0:
-        jax.distributed.initialize()  # JAX reads SLURM's and the TPU VM's environment itself
-        return True
-    return False
+        return {"coordinator_address": env["JAX_COORDINATOR_ADDRESS"],
+                "num_processes": int(env.get("JAX_NUM_PROCESSES", "1")),
+                "process_id": int(env.get("JAX_PROCESS_ID", "0"))}
+    tasks = int(env.get("SLURM_NTASKS", "1"))
+    if tasks > 1:
+        nodes = int(env.get("SLURM_STEP_NUM_NODES") or env.get("SLURM_NNODES") or 0)
+        # The GPUs this task can see; CUDA_VISIBLE_DEVICES (set by SLURM) renumbers them 0 … N−1.
+        visible = [d for d in env.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+        gpus = len(visible) or int(env.get("SLURM_GPUS_ON_NODE") or 0)
+        if tasks == nodes and gpus and "JAX_LOCAL_DEVICE_IDS" not in env:  # JAX reads that one itself
+            return {"local_device_ids": list(range(gpus))}
+        return {}
+    if env.get("TPU_WORKER_HOSTNAMES", "").count(",") > 0:
+        return {}  # JAX reads the TPU VM's environment itself
+    return None
 
 
 def _leaf_axes(path: tuple[str, ...], rank: int) -> tuple[str | None, ...]:

@@ -5,33 +5,58 @@
 #   launch/local.sh 2 --config configs/tiny.py --workdir runs/two-hosts [--config.mesh.sizes.fsdp=-1 ...]
 #
 # Each process gets JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID (read by
-# jaxdistill.sharding.initialize_distributed). Logs: WORKDIR/process_I.log; process 0 also prints to the
-# terminal. Exits with the first failing process's status; Ctrl-C stops all (each checkpoints first).
+# jaxdistill.sharding.initialize_distributed); $PYTHON (default python) runs them. Logs: WORKDIR/process_I.log;
+# process 0 also prints to the terminal. When a process fails, the others are stopped (they would wait for it
+# in a collective until JAX's heartbeat gives up) and the launcher exits with the failed one's status.
+# Ctrl-C or SIGTERM stops all: each checkpoints first, and the launcher waits for every one of them, then
+# exits with the first non-zero status of a process (0 when all stopped cleanly).
 set -euo pipefail
-if [[ $# -lt 1 || ! "$1" =~ ^[0-9]+$ ]]; then
-  echo "usage: $0 NUM_PROCESSES --config CONFIG --workdir DIR [--config.FIELD=VALUE ...]" >&2
+usage="usage: $0 NUM_PROCESSES --config CONFIG --workdir DIR [--config.FIELD=VALUE ...]"
+if [[ $# -lt 1 || ! "$1" =~ ^[1-9][0-9]*$ ]]; then
+  echo "$usage" >&2
   exit 2
 fi
 n=$1; shift
 workdir=""
 for ((i = 1; i <= $#; i++)); do
-  if [[ "${!i}" == "--workdir" ]]; then j=$((i + 1)); workdir="${!j}"; fi
+  if [[ "${!i}" == "--workdir" ]]; then
+    ((i < $#)) || { echo "$0: --workdir needs a value; $usage" >&2; exit 2; }
+    j=$((i + 1)); workdir="${!j}"
+  fi
   if [[ "${!i}" == --workdir=* ]]; then workdir="${!i#--workdir=}"; fi
 done
-[[ -n "$workdir" ]] || { echo "$0: give --workdir DIR" >&2; exit 2; }
+[[ -n "$workdir" ]] || { echo "$0: give --workdir DIR; $usage" >&2; exit 2; }
 mkdir -p "$workdir"
 port=${JAX_PORT:-$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')}
 pids=()
+# Only forward: the processes checkpoint, then exit, and the loop below waits for all of them.
 trap 'kill -TERM "${pids[@]}" 2>/dev/null || true' INT TERM
 for ((p = 0; p < n; p++)); do
+  : > "$workdir/process_$p.log"  # before tail looks for it
   env JAX_COORDINATOR_ADDRESS="127.0.0.1:$port" JAX_NUM_PROCESSES="$n" JAX_PROCESS_ID="$p" \
       JAX_PLATFORMS="${JAX_PLATFORMS:-cpu}" \
       "${PYTHON:-python}" -m jaxdistill.train "$@" > "$workdir/process_$p.log" 2>&1 &
   pids+=($!)
 done
 tail -n +1 -f "$workdir/process_0.log" --pid "${pids[0]}" &
+tail_pid=$!
+# Poll rather than `wait PID` in turn: a signal interrupts `wait`, and the order the processes end in is the
+# one that matters (and bash 3.2, macOS's, has no `wait -n`).
 status=0
-for pid in "${pids[@]}"; do
-  wait "$pid" || { s=$?; [[ $status -ne 0 ]] || status=$s; }
+left=$n
+ended=()
+while ((left)); do
+  for ((p = 0; p < n; p++)); do
+    if [[ -n "${ended[p]:-}" ]] || kill -0 "${pids[p]}" 2>/dev/null; then continue; fi
+    ended[p]=1; left=$((left - 1))
+    s=0; wait "${pids[p]}" || s=$?
+    if ((s != 0 && status == 0)); then
+      status=$s
+      echo "$0: process $p exited with status $s (see $workdir/process_$p.log); stopping the others" >&2
+      kill -TERM "${pids[@]}" 2>/dev/null || true
+    fi
+  done
+  ((left == 0)) || sleep 0.2
 done
+wait "$tail_pid" 2>/dev/null || true  # the rest of process 0's log
 exit $status

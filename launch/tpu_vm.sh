@@ -11,7 +11,8 @@
 #
 # The workdir (checkpoints, written by all workers together) and the data must be on storage every worker
 # sees: a Filestore/NFS mount, or a bucket mounted with gcsfuse. `run` keeps going after you disconnect
-# (nohup); its output goes to ~/jaxdistill/run.log on each worker.
+# (nohup); its output goes to ~/jaxdistill/run.log on each worker, its pid to ~/jaxdistill/train.pid
+# (what `stop` signals).
 set -euo pipefail
 : "${TPU_NAME:?set TPU_NAME}" "${ZONE:?set ZONE}"
 ACCELERATOR=${ACCELERATOR:-v4-8}
@@ -30,11 +31,14 @@ case "${1:-}" in
   run)
     shift
     args=$(printf '%q ' "$@")
-    on_all "cd jaxdistill && . .venv/bin/activate && nohup python -m jaxdistill.train $args > run.log 2>&1 &" ;;
+    on_all "cd jaxdistill && . .venv/bin/activate && { nohup python -m jaxdistill.train $args > run.log 2>&1 & \
+            echo \$! > train.pid; }" ;;
   ssh)
     on_all "${2:?launch/tpu_vm.sh ssh COMMAND}" ;;
-  stop)
-    on_all "pkill -TERM -f jaxdistill.train || true" ;;  # the trainer checkpoints, then exits
+  stop)  # the trainer checkpoints, then exits. By the pid `run` wrote (if that process is still the trainer):
+         # `pkill -f jaxdistill.train` would match, and kill, the remote shell whose command line holds it.
+    on_all 'pid=$(cat jaxdistill/train.pid 2>/dev/null) && grep -qs jaxdistill.train "/proc/$pid/cmdline" \
+            && kill -TERM "$pid"; rm -f jaxdistill/train.pid' ;;
   delete)
     "${tpu[@]}" delete "$TPU_NAME" --zone "$ZONE" --quiet ;;
   *)

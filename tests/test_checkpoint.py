@@ -1,6 +1,7 @@
 """`load_checkpoint` on another machine than the one that trained: a state sharded over 8 (simulated CPU)
 devices, saved the way `jaxdistill.train` saves it, read back by a process with one device — weights equal
-bit for bit, the EMA weights when asked, and nothing of the optimizer state read."""
+bit for bit, by default the EMA weights when the run kept them (what it hands on), and nothing of the optimizer
+state or the other weights read."""
 
 import json
 import os
@@ -58,12 +59,13 @@ for handler in (ocp.type_handlers.NumpyHandler, ocp.type_handlers.ScalarHandler,
     handler.deserialize = spy
 
 workdir, out = Path(sys.argv[1]), {"devices": jax.device_count()}
-for name, ema in (("params", False), ("ema_params", True)):
+for name, stage, ema in (("params", "ema", False), ("ema_params", "ema", True), ("default", "ema", None),
+                         ("plain_default", "plain", None)):
     read.clear()
-    _, params, meta = load_checkpoint(workdir, ema=ema, stage="ema")
+    _, params, meta = load_checkpoint(workdir, ema=ema, stage=stage)
     np.savez(workdir / f"loaded_{name}.npz", **{"/".join(k): v for k, v in flatten_dict(params).items()})
     out[name] = {"read": sorted(read), "types": sorted({type(v).__name__ for v in jax.tree.leaves(params)}),
-                 "step": meta["step"], "data_position": meta["data_position"]}
+                 "step": meta["step"], "data_position": meta["data_position"], "ema": meta["ema"]}
 try:
     load_checkpoint(workdir, ema=True, stage="plain")
 except CheckpointError as e:
@@ -89,15 +91,18 @@ def test_a_checkpoint_saved_on_8_devices_loads_on_one_without_the_optimizer_stat
     assert result.returncode == 0, result.stderr[-3000:]
     out = json.loads(result.stdout.strip().splitlines()[-1])
     assert out["devices"] == 1
-    for name in ("params", "ema_params"):
-        expected, loaded = np.load(saved / f"{name}.npz"), np.load(saved / f"loaded_{name}.npz")
+    # the default follows the run: its EMA weights when it kept them, else the trained ones
+    taken = {"params": "params", "ema_params": "ema_params", "default": "ema_params", "plain_default": "params"}
+    for name, weights in taken.items():
+        expected, loaded = np.load(saved / f"{weights}.npz"), np.load(saved / f"loaded_{name}.npz")
         assert sorted(loaded.files) == sorted(expected.files)
         for key in expected.files:
             assert loaded[key].dtype == np.float32 and np.array_equal(loaded[key], expected[key]), (name, key)
         # exactly the asked-for weights were read from disk: no step, AdamW moments or other weights
-        assert out[name]["read"] == sorted(f"{name}.{key.replace('/', '.')}" for key in expected.files)
+        assert out[name]["read"] == sorted(f"{weights}.{key.replace('/', '.')}" for key in expected.files)
         assert out[name]["types"] == ["ndarray"]
         assert (out[name]["step"], out[name]["data_position"]) == (3, 3)
+        assert out[name]["ema"] is (weights == "ema_params")  # meta says which weights were taken
     assert not np.array_equal(np.load(saved / "params.npz")["conv_in/kernel"],
                               np.load(saved / "loaded_ema_params.npz")["conv_in/kernel"])
     assert "has no EMA weights" in out["refusal"] and str(saved / "checkpoints" / "plain" / "3") in out["refusal"]

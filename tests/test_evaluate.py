@@ -121,7 +121,9 @@ def test_evaluate_command_refuses_bad_input_before_sampling(pipeline, tmp_path, 
     for args, reason in [(["--seeds", ","], "no seeds"), (["--seeds", str(2 ** 32)], "seeds are integers"),
                          (["--steps", "0"], "--steps must be"), (["--height", "30"], "multiple of 4"),
                          (["--teacher", str(tmp_path / "nothing")], "does not exist"),
-                         (["--clip", str(tmp_path / "no-clip")], "no-clip")]:
+                         (["--clip", str(tmp_path / "no-clip")], "no-clip"),
+                         (["--steps", "1001"], "expected 1 … 1000"),
+                         (["--no-ema"], "--ema/--no-ema")]:  # a folder has one set of weights
         with pytest.raises(SystemExit) as info:
             main([*common, *args, "--out", str(tmp_path / "out")])
         assert info.value.code == 2 and reason in capsys.readouterr().err, args

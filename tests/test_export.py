@@ -51,6 +51,32 @@ def workdir(pipeline, tmp_path_factory):
     return root / "work"
 
 
+@pytest.fixture(scope="module")
+def ema_workdir(workdir, tmp_path_factory):
+    """`workdir` as a run with EMA would have left it: its last checkpoint with EMA weights (2 × w + 1, easy to
+    tell apart) beside the trained weights, its config with ema_decay > 0, and its finished stage folder
+    holding the EMA weights. Returns (workdir, trained weights, EMA weights)."""
+    import orbax.checkpoint as ocp
+
+    root = tmp_path_factory.mktemp("ema_run")
+    spec, params, meta = load_checkpoint(workdir)
+    ema_params = jax.tree.map(lambda x: x * 2 + 1, params)
+    meta = {k: v for k, v in meta.items() if k not in ("step", "checkpoint", "ema")}
+    meta["config"]["ema_decay"] = 0.99
+    manager = ocp.CheckpointManager((root / "checkpoints" / "main").absolute(), item_names=("state", "meta"))
+    manager.save(2, args=ocp.args.Composite(state=ocp.args.StandardSave({"params": params, "ema_params": ema_params}),
+                                            meta=ocp.args.JsonSave(meta)))
+    manager.wait_until_finished()
+    manager.close()
+    config = json.loads((workdir / "config.json").read_text())
+    (root / "config.json").write_text(json.dumps(config | {"ema_decay": 0.99}))
+    save_unet(root / "stages" / "main", spec, ema_params)
+    marker = json.loads((workdir / "stages" / "main" / "jaxdistill_stage.json").read_text())
+    marker["config"]["ema_decay"] = 0.99  # the config the stage trained with
+    (root / "stages" / "main" / "jaxdistill_stage.json").write_text(json.dumps(marker))
+    return root, to_diffusers_state_dict(params), to_diffusers_state_dict(ema_params)
+
+
 def diffusers_state(folder, dtype=torch.float32) -> dict[str, np.ndarray]:
     model = UNet2DConditionModel.from_pretrained(folder, torch_dtype=dtype)
     return {k: v.float().numpy() if dtype == torch.bfloat16 else v.numpy() for k, v in model.state_dict().items()}
@@ -133,6 +159,56 @@ def test_reexport_of_a_finished_stage_keeps_weights_and_facts(workdir, tmp_path)
     assert facts2["training"] == facts["training"] and facts2["base_model"] == "org/sdxl-teacher"
 
 
+def test_the_weights_follow_the_run_unless_asked(ema_workdir, tmp_path):
+    """A run with EMA hands on its EMA weights (its stage folder, the next stage's teacher): export takes them
+    by default too; --no-ema takes the trained weights; the facts and the card say which were taken."""
+    root, trained, ema = ema_workdir
+    for name, kwargs, want, taken in (("default", {}, ema, True), ("ema", {"ema": True}, ema, True),
+                                      ("trained", {"ema": False}, trained, False)):
+        out = export(root, tmp_path / name, dtype="fp32", **kwargs)
+        got = read_safetensors(out)
+        assert all(np.array_equal(got[k], want[k]) for k in want), name
+        assert json.loads((out / "jaxdistill_export.json").read_text())["ema"] is taken
+        card = (out / "README.md").read_text()
+        assert ("| weights | EMA of the trained weights |" if taken else "| weights | the trained weights (no EMA) |"
+                ) in card
+    assert main(["--checkpoint", str(root), "--out", str(tmp_path / "cli"), "--dtype", "fp32", "--no-ema"]) == 0
+    got = read_safetensors(tmp_path / "cli")
+    assert all(np.array_equal(got[k], trained[k]) for k in trained)
+    assert json.loads((tmp_path / "cli" / "jaxdistill_export.json").read_text())["ema"] is False
+    # the stage folder holds the EMA weights: that is what its export says, and --no-ema cannot be had from it
+    stage = export(root / "stages" / "main", tmp_path / "stage", dtype="fp32")
+    assert json.loads((stage / "jaxdistill_export.json").read_text())["ema"] is True
+    with pytest.raises(ExportError, match="--no-ema: .* holds EMA weights"):
+        export(root / "stages" / "main", tmp_path / "stage-trained", ema=False)
+
+
+def test_the_model_card_claims_only_what_is_known():
+    """A pruned student never trained, a UNet folder of unknown making, a student trained without a teacher:
+    the card says so, and names no teacher it does not know."""
+    from jaxdistill.export import Student, describe, model_card
+
+    kept = {"up_blocks.0.attentions.0": KEPT}
+    cases = {
+        "pruned": ({"source": "pruned", "plan": "one-less", "kept_layers": kept},
+                   "A pruned Stable Diffusion XL UNet, not trained by jaxdistill (pruned only),",
+                   "| teacher | unknown |"),
+        "foreign": ({"source": "unet"}, "A Stable Diffusion XL-family UNet of unknown making (no jaxdistill training "
+                    "record),", "| teacher | unknown |"),
+        "no teacher": ({"source": "run", "step": 5, "plan": "one-less", "kept_layers": kept},
+                       "A pruned Stable Diffusion XL UNet, trained by jaxdistill without a teacher,",
+                       "| teacher | none (trained without a teacher) |"),
+        "distilled": ({"source": "run", "step": 5, "teacher": "/models/sdxl"},
+                      "A distilled Stable Diffusion XL UNet, exported", "| teacher | /models/sdxl |"),
+    }
+    for name, (prov, opening, teacher) in cases.items():
+        card = model_card(describe(Student(PIPELINE_UNET, {}, prov), "fp32"))
+        assert opening in card and teacher in card, (name, card)
+        assert ("- distillation" in card) is (name == "distilled"), name
+        if prov.get("kept_layers"):
+            assert "Kept from the pruned teacher (its layer indices):" in card, name
+
+
 def test_an_ssd1b_shaped_student_keeps_its_asymmetric_up_path(pipeline, tmp_path):
     spec = presets.tiny(presets.SSD_1B).replace(cross_attention_dim=80,
                                                 projection_class_embeddings_input_dim=40 + 6 * 8)
@@ -208,7 +284,7 @@ def test_a_pipeline_that_does_not_fit_is_refused(workdir, pipeline, tmp_path, da
 
 def test_a_progressive_stage_names_the_stage_before_and_the_first_teacher(tmp_path):
     """A stage distilled from "previous": the card names that stage's student and the run's first teacher,
-    whose Hub id becomes base_model."""
+    whose Hub id becomes base_model when it has one."""
     from jaxdistill import presets
     from jaxdistill.config import base_config
     from jaxdistill.export import Student, describe, model_card
@@ -224,6 +300,14 @@ def test_a_progressive_stage_names_the_stage_before_and_the_first_teacher(tmp_pa
     facts = describe(Student(presets.tiny(presets.VEGA), {}, prov), "fp32")
     assert facts["teacher"] == f"stage a's student ({tmp_path / 'stages' / 'a'})"
     assert facts["teacher_params"] == count_params(stage_a)
-    assert facts["first_teacher"] == "org/sdxl" and facts["base_model"] == "org/sdxl"
+    # The trainer reads teachers from folders only: "org/sdxl" was a relative path there, not a Hub id
+    assert facts["first_teacher"] == "org/sdxl" and facts["base_model"] is None
     card = model_card(facts)
-    assert "| first stage's teacher | org/sdxl |" in card and "base_model: org/sdxl" in card
+    assert "| first stage's teacher | org/sdxl |" in card and "base_model" not in card
+    # a teacher read from the Hugging Face cache names its Hub id
+    cached = "/home/me/.cache/huggingface/hub/models--stabilityai--stable-diffusion-xl-base-1.0/snapshots/462165"
+    c.stages[0]["teacher"] = cached
+    (tmp_path / "config.json").write_text(c.to_json_best_effort())
+    facts = describe(Student(presets.tiny(presets.VEGA), {}, prov), "fp32")
+    assert facts["first_teacher"] == cached and facts["base_model"] == "stabilityai/stable-diffusion-xl-base-1.0"
+    assert "base_model: stabilityai/stable-diffusion-xl-base-1.0" in model_card(facts)

@@ -215,6 +215,17 @@ def test_seeds_chunks_and_bad_arguments(pipe, noise):
         generate(pipe, PROMPTS, scheduler="dpm", **kwargs)
 
 
+def test_a_list_of_negatives_means_the_same_in_any_batch_size(pipe, noise):
+    """With negatives ["", "blurry"] the "" is encoded (diffusers, for a list that is not all empty), also
+    when it is alone in its chunk: whether to use zero conditioning is decided over all prompts."""
+    kwargs = dict(latents=noise, steps=STEPS, guidance=5.0, height=HEIGHT, width=WIDTH)
+    whole = generate(pipe, PROMPTS, negative_prompt=["", "blurry"], **kwargs)
+    chunked = generate(pipe, PROMPTS, negative_prompt=["", "blurry"], batch_size=1, **kwargs)
+    np.testing.assert_allclose(chunked.latents, whole.latents, rtol=0, atol=1e-4)  # was 2.08 apart for image 0
+    zero = generate(pipe, PROMPTS, **kwargs)  # all empty: zero conditioning
+    assert np.abs(zero.latents[0] - whole.latents[0]).max() > 1e-2
+
+
 def test_image_grid_sizes_and_labels(tmp_path):
     images = np.random.default_rng(0).integers(0, 256, (5, 20, 30, 3), dtype=np.uint8)
     plain = image_grid(images, rows=2)
@@ -249,7 +260,12 @@ def test_cli_writes_images_grid_and_side_by_side(pipeline_dir, tmp_path, capsys)
     # errors are argparse errors (exit 2) with the reason
     for args, reason in [(["--model", str(pipeline_dir / "unet")], "pipeline"),
                          (["--model", str(pipeline_dir), "--height", "30"], "multiple of 4"),
-                         (["--model", str(tmp_path / "nothing")], "does not exist")]:
+                         (["--model", str(tmp_path / "nothing")], "does not exist"),
+                         (["--model", str(pipeline_dir), "--no-ema"], "--ema/--no-ema"),
+                         # steps the scheduler cannot do: refused before sampling, not a traceback
+                         (["--model", str(pipeline_dir), "--steps", "1001"], "expected 1 … 1000"),
+                         (["--model", str(pipeline_dir), "--steps", "1000", "--scheduler", "ddim"],
+                          "reach timestep 1000 ≥ 1000; use fewer steps or timestep_spacing 'trailing'")]:
         with pytest.raises(SystemExit) as info:
             sample.main([*args, "--prompt", "x", "--out", str(tmp_path / "bad")])
         assert info.value.code == 2 and reason in capsys.readouterr().err
@@ -260,22 +276,26 @@ def test_unet_folders_and_checkpoints_as_models(pipeline_dir, pipe, noise, tmp_p
 
     with pytest.raises(FileNotFoundError, match="pipeline"):
         load_pipeline(pipeline_dir / "unet")
-    with pytest.raises(ValueError, match="checkpoints"):
-        load_pipeline(pipeline_dir, ema=True)
+    for ema in (True, False):  # a folder has one set of weights
+        with pytest.raises(ValueError, match="pick the weights of a training checkpoint"):
+            load_pipeline(pipeline_dir, ema=ema)
     # A checkpoint as python -m jaxdistill.train writes it (its state and meta items), holding the pipeline's
-    # UNet; its run config names the pipeline, so none need be given.
+    # UNet as its EMA weights (zeros as the trained weights); its run config names the pipeline, so none need
+    # be given.
     params = jax.tree.map(np.asarray, pipe.unet_params)
     manager = ocp.CheckpointManager((tmp_path / "run" / "checkpoints" / "main").absolute(),
                                     item_names=("state", "meta"))
     meta = {"student_config": pipe.unet_spec.to_diffusers_config(),
             "config": {"scan_layers": False, "data": {"pipeline": str(pipeline_dir)}}}
-    manager.save(5, args=ocp.args.Composite(state=ocp.args.StandardSave({"params": params}),
+    state = {"params": jax.tree.map(np.zeros_like, params), "ema_params": params}
+    manager.save(5, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                             meta=ocp.args.JsonSave(meta)))
     manager.wait_until_finished()
     manager.close()
     (tmp_path / "run" / "config.json").write_text(json.dumps(meta["config"]))  # train.run writes the run's config
-    from_checkpoint = load_pipeline(tmp_path / "run")
+    from_checkpoint = load_pipeline(tmp_path / "run")  # the default follows the run: its EMA weights
     assert from_checkpoint.unet_spec == pipe.unet_spec and from_checkpoint.pipeline_dir == str(pipeline_dir)
+    assert not any(np.any(x) for x in jax.tree.leaves(load_pipeline(tmp_path / "run", ema=False).unet_params))
     kwargs = dict(latents=noise, steps=STEPS, guidance=5.0, height=HEIGHT, width=WIDTH)
     np.testing.assert_array_equal(generate(from_checkpoint, PROMPTS, **kwargs).images,
                                   generate(pipe, PROMPTS, **kwargs).images)

@@ -43,6 +43,47 @@ def test_mesh_sizes():
         mesh_shape({"data": -1, "tensr": 2}, 8)
 
 
+# launch/slurm.sbatch's layout, as srun gives it to the task on the second of two nodes
+SLURM = {"SLURM_JOB_ID": "12345", "SLURM_STEP_NODELIST": "gpu[001-002]", "SLURM_NTASKS": "2", "SLURM_PROCID": "1",
+         "SLURM_LOCALID": "0", "SLURM_STEP_NUM_NODES": "2", "SLURM_NNODES": "2", "SLURM_NTASKS_PER_NODE": "1",
+         "SLURM_GPUS_ON_NODE": "8", "CUDA_VISIBLE_DEVICES": "0,1,2,3,4,5,6,7"}
+
+
+def test_distributed_args_give_one_task_per_node_all_its_gpus():
+    from jaxdistill.sharding import distributed_args
+
+    # JAX alone would take SLURM_LOCALID as the task's one GPU: GPU 0 of 8
+    assert distributed_args(SLURM) == {"local_device_ids": list(range(8))}
+    # 4 GPUs of a shared node (CUDA_VISIBLE_DEVICES names them; the process sees them as 0 … 3)
+    assert distributed_args(SLURM | {"CUDA_VISIBLE_DEVICES": "4,5,6,7", "SLURM_GPUS_ON_NODE": "4"}) == {
+        "local_device_ids": [0, 1, 2, 3]}
+    assert distributed_args({k: v for k, v in SLURM.items() if k != "CUDA_VISIBLE_DEVICES"}) == {
+        "local_device_ids": list(range(8))}
+    # one task per GPU: JAX's own rule (GPU SLURM_LOCALID) is right; the user's JAX_LOCAL_DEVICE_IDS wins
+    assert distributed_args(SLURM | {"SLURM_NTASKS": "16", "SLURM_NTASKS_PER_NODE": "8"}) == {}
+    assert distributed_args(SLURM | {"JAX_LOCAL_DEVICE_IDS": "0,1"}) == {}
+    assert distributed_args({k: v for k, v in SLURM.items() if "GPU" not in k and k != "CUDA_VISIBLE_DEVICES"}) == {}
+    assert distributed_args(SLURM | {"SLURM_NTASKS": "1", "SLURM_STEP_NUM_NODES": "1", "SLURM_NNODES": "1"}) is None
+    assert distributed_args({"JAX_COORDINATOR_ADDRESS": "h:1", "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "1"}) == {
+        "coordinator_address": "h:1", "num_processes": 2, "process_id": 1}
+    assert distributed_args({"TPU_WORKER_HOSTNAMES": "w0,w1"}) == {}
+    assert distributed_args({}) is None
+
+
+def test_a_task_that_sees_fewer_gpus_than_its_node_has_stops(monkeypatch):
+    from jaxdistill import sharding
+
+    calls = []
+    monkeypatch.setattr(os, "environ", dict(SLURM))
+    monkeypatch.setattr(jax.distributed, "initialize", lambda **kwargs: calls.append(kwargs))
+    monkeypatch.setattr(jax, "local_device_count", lambda: 1)  # as JAX gave the task GPU 0 only
+    with pytest.raises(RuntimeError, match="sees 1 local device.*SLURM gave its node 8 GPUs"):
+        sharding.initialize_distributed()
+    assert calls == [{"local_device_ids": list(range(8))}]
+    monkeypatch.setattr(jax, "local_device_count", lambda: 8)
+    assert sharding.initialize_distributed() is True
+
+
 def test_bad_mesh_rules_are_named_before_anything_runs():
     from jaxdistill.config import base_config, validate
     from jaxdistill.sharding import DEFAULT_RULES, rule_errors
