@@ -73,6 +73,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.profile = ml_collections.ConfigDict(dict(first=10, steps=0))
     c.checkpoint_every = 1000
     c.keep_checkpoints = 3
+    # A resumed run refuses another seed, batch_size, optimizer.accumulation, schedule or data than its
+    # checkpoint's (its continuation would not be the uninterrupted run's); True resumes anyway.
+    c.allow_resume_changes = False
     c.seed = 0
     # Progressive runs: a list of stages, each a dict overriding name / plan / teacher / steps / loss / lr.
     # teacher "previous" distils from the previous stage's student; each stage starts from that student.
@@ -122,6 +125,14 @@ def _field_errors(c: ml_collections.ConfigDict) -> list[str]:
     check(c.optimizer.accumulation >= 1 and c.batch_size % c.optimizer.accumulation == 0, "optimizer.accumulation",
           f"≥ 1 and dividing batch_size={c.batch_size}")
     check(c.optimizer.lr > 0, "optimizer.lr", "> 0")
+    # a negative clip would flip the update's sign (gradient ascent); a negative warmup would hold lr at 0
+    check(c.optimizer.grad_clip >= 0, "optimizer.grad_clip", "≥ 0 (0: no clipping)")
+    check(c.optimizer.warmup_steps >= 0, "optimizer.warmup_steps", "≥ 0")
+    check(c.optimizer.weight_decay >= 0, "optimizer.weight_decay", "≥ 0")
+    check(0 <= c.optimizer.b1 < 1, "optimizer.b1", "in [0, 1)")
+    check(0 <= c.optimizer.b2 < 1, "optimizer.b2", "in [0, 1)")
+    check(c.optimizer.eps > 0, "optimizer.eps", "> 0")
+    check(isinstance(c.seed, int) and 0 <= c.seed < 2**32, "seed", "0 … 2**32 − 1 (jax keeps 32 bits of it)")
     check(c.optimizer.schedule in ("constant", "cosine"), "optimizer.schedule", "'constant' or 'cosine'")
     check(0 <= c.ema_decay < 1, "ema_decay", "in [0, 1)")
     for name in ("task", "output", "feature"):
@@ -154,6 +165,10 @@ def _field_errors(c: ml_collections.ConfigDict) -> list[str]:
     check(c.eval.scheduler in ("euler", "ddim"), "eval.scheduler", "'euler' or 'ddim'")
     check(c.eval.batch_size >= 1, "eval.batch_size", "≥ 1 (images denoised and decoded together)")
     check(c.checkpoint_every >= 1, "checkpoint_every", "≥ 1")
+    # orbax's max_to_keep=0 deletes every checkpoint as it is written
+    check(c.keep_checkpoints >= 1, "keep_checkpoints", "≥ 1 (the latest checkpoints kept; resuming needs one)")
+    check(c.data.source != "synthetic" or c.data.num_examples >= 1, "data.num_examples", "≥ 1")
+    check(c.data.source != "synthetic" or c.data.seq_len >= 1, "data.seq_len", "≥ 1")
     return errors
 
 

@@ -312,14 +312,17 @@ def student_spec(spec: UNetSpec, plan: PrunePlan, kept: Mapping[str, tuple[int, 
 Kept = dict[str, tuple[int, ...]]
 
 
-def prune(spec: UNetSpec, params: Mapping, plan: PrunePlan | str,
+def prune(spec: UNetSpec, params: Mapping | None, plan: PrunePlan | str,
           sensitivity: Mapping[str, Sequence[float]] | None = None) -> tuple[UNetSpec, dict, Kept]:
     """Teacher (spec, params) → (student spec, student params, kept indices per pruned module: transformer
     layers under the attention's name, resnets under `BLOCK.resnets`). The student's parameters are the
-    teacher's arrays (no copies): every kept module is the teacher's."""
+    teacher's arrays (no copies): every kept module is the teacher's. `params` None: the student's spec
+    and kept indices only (params None), to check a plan before any weights are read."""
     plan = load_plan(plan)
     kept = resolve_plan(spec, plan, sensitivity)
     student = student_spec(spec, plan, kept)
+    if params is None:
+        return student, None, kept
     # transformer layer renumbering: (module path, teacher index) → student index
     renumber = {(tuple(flax_path(name)), i): k for name, indices in kept.items() for k, i in enumerate(indices)}
     out = {}

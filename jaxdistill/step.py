@@ -65,6 +65,21 @@ def make_optimizer(lr: float = 1e-5, warmup_steps: int = 0, weight_decay: float 
     return tx, lr_fn
 
 
+def ema_decay_at(step: jax.Array, decay: float) -> jax.Array:
+    """The EMA decay for the update after `step` earlier updates: diffusers' `EMAModel` (no warm-up
+    power, update_after_step 0): 0 for the first update (the EMA becomes the trained weights), then
+    min(decay, (1 + step) / (10 + step)). A constant decay from the start would leave decay**N of the
+    untrained pruned student in the EMA: 37 % after 10k steps at 0.9999."""
+    step = jnp.asarray(step, jnp.float32)
+    return jnp.where(step > 0, jnp.minimum(decay, (1.0 + step) / (10.0 + step)), 0.0)
+
+
+def ema_update(ema: Any, params: Any, step: jax.Array, decay: float) -> Any:
+    """The EMA after the update that follows `step` earlier updates (`ema_decay_at`)."""
+    d = ema_decay_at(step, decay)
+    return jax.tree.map(lambda e, p: d * e + (1.0 - d) * p, ema, params)
+
+
 def init_state(params: Any, tx: optax.GradientTransformation, ema: bool) -> TrainState:
     """float32 master copies of `params` in buffers of their own (the state is donated to the step, and a
     student fresh from pruning shares its arrays with the teacher). One jitted program, not one per leaf.
@@ -164,7 +179,7 @@ def make_train_step(student: UNet, teacher: UNet | None, tx: optax.GradientTrans
         params = optax.apply_updates(state.params, updates)
         ema = state.ema_params
         if ema is not None:
-            ema = jax.tree.map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p, ema, params)
+            ema = ema_update(ema, params, state.step, ema_decay)
         metrics |= {"grad_norm": optax.tree.norm(grads), "lr": lr_fn(state.step)}
         return TrainState(step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema), metrics
 

@@ -29,8 +29,8 @@ from jax.experimental import multihost_utils
 
 from jaxdistill import presets
 from jaxdistill.config import command_line_wins, stages_of, tap_list, validate
-from jaxdistill.convert import load_unet, resolve_unet_folder, save_unet
-from jaxdistill.data import make_data
+from jaxdistill.convert import CONFIG_NAME, load_unet, resolve_unet_folder, save_unet
+from jaxdistill.data import check_same_data, make_data
 from jaxdistill.layers import stack_layers, unstack_layers
 from jaxdistill.prepare import atomic_json, load_encoders, make_encode
 from jaxdistill.prune import feature_pairs, load_plan, prune
@@ -66,28 +66,161 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any
     validate(config)
     workdir = Path(workdir)
     stages = stages_of(config)
-    for stage in stages:  # a finished stage is skipped: only if it was made as this config would make it
-        marker = workdir / "stages" / stage.name / STAGE_MARKER
-        made = json.loads(marker.read_text()) if marker.is_file() else {}
-        changed = [f"{k}: {made[k]!r} → {stage[k]!r}" for k in ("plan", "teacher") if made.get(k, stage[k]) != stage[k]]
-        if changed:
-            raise ValueError(f"stage {stage.name} in {workdir} was finished with other settings "
-                             f"({'; '.join(changed)}); use a new --workdir, or delete {marker.parent} to train "
-                             "that stage again")
-    for stage in stages:
-        _check_schedule(stage)
+    checked, notes = check_stages(stages, workdir)
     workdir.mkdir(parents=True, exist_ok=True)
+    # after the checks: a refused start leaves the record of the run that trained as it was
     (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+    for note in notes:
+        print(note)
     previous, summary = None, {}
     for stage in stages:
         done = workdir / "stages" / stage.name
-        marker = done / STAGE_MARKER
-        if marker.is_file() and json.loads(marker.read_text())["steps"] >= stage.steps:
+        if checked[stage.name].finished:
             previous = Model(*load_unet(done))
             print(f"stage {stage.name}: already finished ({done})")
             continue
-        previous, summary[stage.name] = run_stage(stage, workdir, previous)
+        previous, summary[stage.name] = run_stage(stage, workdir, previous, checked[stage.name])
     return summary
+
+
+# Fields a resumed stage must share with its checkpoint to continue as the uninterrupted run would (noise,
+# timesteps and batches are functions of them), unless config.allow_resume_changes says otherwise. The data
+# itself is compared by its identity (`data.check_same_data`): a data set moved to another path is the same.
+RESUME_FIXED = ("seed", "batch_size", "optimizer.accumulation", "schedule")
+
+
+@dataclasses.dataclass
+class StageCheck:
+    """What `check_stages` found for one stage."""
+    identity: dict  # what makes the stage that stage: plan, teacher, kept layers, the stage it distils from
+    finished: bool
+    data: Any = None  # its training data, opened and checked against the student (None when finished)
+
+
+def check_stages(stages: list[ml_collections.ConfigDict], workdir: Path) -> tuple[dict[str, StageCheck], list[str]]:
+    """Everything each stage will read, for every stage, before the first one trains (a full-size stage
+    trains for days: a typo in the last stage's teacher must not wait for it): its folders, plan and
+    sensitivity report, the student's architecture and feature pairs (from configs and plans only, no
+    weights), the batch split over the mesh, its data, and, where the workdir holds the stage already,
+    whether it was made (finished) or is being made (checkpoints) as this config would make it, on the same
+    data. → (a `StageCheck` per stage name, notes on settings a resumed stage changes)."""
+    checked, notes = {}, []
+    previous, previous_made = None, None  # the stage before's student (spec only) and {"stage", "steps"}
+    for c in stages:
+        marker = workdir / "stages" / c.name / STAGE_MARKER
+        made = json.loads(marker.read_text()) if marker.is_file() else None
+        identity = {"plan": c.plan, "teacher": c.teacher}
+        what = f"stage {c.name} in {workdir} was finished"
+        remedy = (f"use a new --workdir, or delete {marker.parent} (and {workdir}/checkpoints/{c.name}) to train "
+                  "that stage again")
+        _refuse_changes(what, made, identity, remedy)  # before any folder is read: the old one may be gone
+        _check_schedule(c)
+        teacher, student, kept = build_models(c, previous, weights=False)
+        distil = c.loss.output > 0 or c.loss.feature > 0
+        if distil and teacher is None:
+            raise ValueError(f"stage {c.name}: loss.output={c.loss.output} / loss.feature={c.loss.feature} distil "
+                             "from a teacher, but there is none: give config.teacher, or set both to 0 for plain "
+                             "diffusion training")
+        if distil:
+            feature_pairs(teacher.spec, student.spec, tap_list(c.loss.taps), kept)
+        mesh = make_mesh(dict(c.mesh.sizes), dcn=dict(c.mesh.dcn))
+        shards = mesh.shape["data"] * mesh.shape["fsdp"]
+        if c.batch_size % shards:
+            raise ValueError(f"stage {c.name}: config.batch_size={c.batch_size} must be a multiple of the mesh's "
+                             f"{shards} batch shards (mesh.sizes data × fsdp)")
+        identity |= {"kept_layers": _plain_kept(kept), "previous": previous_made if c.teacher == "previous" else None}
+        _refuse_changes(what, made, identity, remedy)
+        if made is not None and made["steps"] >= c.steps:
+            checked[c.name] = StageCheck(identity, finished=True)
+            previous_made = {"stage": c.name, "steps": made["steps"]}
+        else:
+            data = make_data(c, student.spec)
+            notes += _check_resume(c, workdir, student.spec, identity, data)
+            checked[c.name] = StageCheck(identity, finished=False, data=data)
+            previous_made = {"stage": c.name, "steps": c.steps}
+        previous = student
+    return checked, notes
+
+
+def _plain_kept(kept) -> dict[str, list[int]]:
+    return {k: list(v) for k, v in (kept or {}).items()}
+
+
+def _refuse_changes(what: str, made: dict | None, identity: dict, remedy: str):
+    """Refuses when a stage's record (marker or checkpoint meta; None: there is none) says it was made
+    otherwise than `identity` would make it (a record from before a field was kept does not count)."""
+    if made is None:
+        return
+    changed = [f"{k}: {made[k]!r} → {identity[k]!r}" for k in identity if made.get(k, identity[k]) != identity[k]]
+    if changed:
+        raise ValueError(f"{what} with other settings ({'; '.join(changed)}); {remedy}")
+
+
+def _check_resume(c: ml_collections.ConfigDict, workdir: Path, spec: UNetSpec, identity: dict, data) -> list[str]:
+    """A stage with checkpoints against the config it would now resume with (its meta only, no weights):
+    the student, the teacher layers it was cut from, the stage it distils from and the data must be the
+    same, and so must `RESUME_FIXED` (unless allowed) and the fields that shape the training state; other
+    changes are returned as notes."""
+    directory = workdir / "checkpoints" / c.name
+    manager = _checkpoint_manager(directory, c, create=False) if directory.is_dir() else None
+    step = manager.latest_step() if manager else None
+    if step is None:
+        return []
+    meta = dict(manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta)
+    manager.close()
+    where = directory / str(step)
+    remedy = "use a new --workdir, or restore the old config"
+    if UNetSpec.from_diffusers_config(meta["student_config"]) != spec:
+        raise ValueError(f"the checkpoint {where} holds a different student architecture than this config builds "
+                         f"(plan or teacher changed?); {remedy}")
+    _refuse_changes(f"the checkpoint {where} was trained", meta, {k: identity[k] for k in ("kept_layers", "previous")},
+                    remedy)
+    saved = _flat(meta.get("config") or {})
+    if not saved:
+        return []
+    now = _flat(c.to_dict())
+    changed = {k: (saved.get(k), now.get(k)) for k in sorted(set(saved) | set(now))
+               if k != "stages" and saved.get(k) != now.get(k)}
+
+    def listed(keys):
+        return "; ".join(f"{k}: {changed[k][0]!r} → {changed[k][1]!r}" for k in keys)
+
+    # on or off, these change what the training state holds (EMA weights, scanned layers, the clip's state)
+    layout = [k for k in ("ema_decay", "optimizer.grad_clip", "scan_layers")
+              if k in changed and bool(changed[k][0]) != bool(changed[k][1])]
+    if layout:
+        raise ValueError(f"the checkpoint {where} holds a training state of another layout than this config builds "
+                         f"({listed(layout)}); {remedy}")
+    fixed = [k for k in changed if any(k == f or k.startswith(f + ".") for f in RESUME_FIXED)]
+    if fixed and not c.allow_resume_changes:
+        raise ValueError(f"stage {c.name} would resume from {where} with other {listed(fixed)}: noise, timesteps or "
+                         "batches would no longer be the uninterrupted run's. Restore the checkpoint's values, use a "
+                         "new --workdir, or resume anyway with --config.allow_resume_changes=True")
+    if not c.allow_resume_changes:
+        try:
+            check_same_data(meta.get("data_identity"), data)
+        except ValueError as e:
+            raise ValueError(f"stage {c.name}: {e}; or resume anyway with --config.allow_resume_changes=True") from None
+    notes = [f"stage {c.name}: resuming from step {step} with changed settings: {listed(changed)}"] if changed else []
+    if "steps" in changed and c.optimizer.schedule == "cosine":
+        notes.append(f"stage {c.name}: the cosine learning-rate schedule now spans {c.steps} steps, not "
+                     f"{changed['steps'][0]}: from step {step} on the rate differs from the first run's plan")
+    return notes
+
+
+def _flat(tree: dict, prefix: str = "") -> dict[str, Any]:
+    """{"optimizer": {"lr": 1e-5}} → {"optimizer.lr": 1e-5}; lists as tuples (JSON gives lists)."""
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out |= _flat(v, f"{prefix}{k}.")
+        else:
+            out[f"{prefix}{k}"] = _tuples(v)
+    return out
+
+
+def _tuples(v):
+    return tuple(_tuples(x) for x in v) if isinstance(v, (list, tuple)) else v
 
 
 def _check_schedule(c: ml_collections.ConfigDict):
@@ -106,8 +239,15 @@ def _check_schedule(c: ml_collections.ConfigDict):
                              "as that model was trained")
 
 
-def build_models(c: ml_collections.ConfigDict, previous: Model | None) -> tuple[Model | None, Model, Any]:
-    """(teacher or None, student, kept layers) for a stage."""
+def build_models(c: ml_collections.ConfigDict, previous: Model | None, weights: bool = True
+                 ) -> tuple[Model | None, Model, Any]:
+    """(teacher or None, student, kept layers) for a stage. `weights` False: every folder, plan and report
+    read as the run will, but the models as specs only (params None)."""
+    def folder(path):
+        if weights:
+            return Model(*load_unet(path))
+        return Model(UNetSpec.from_diffusers_config(resolve_unet_folder(path) / CONFIG_NAME), None)
+
     teacher = None
     if c.teacher == "previous" and previous is not None:
         teacher = previous
@@ -115,15 +255,15 @@ def build_models(c: ml_collections.ConfigDict, previous: Model | None) -> tuple[
         raise ValueError(f"stage {c.name}: teacher 'previous' but there is no previous stage; "
                          "give --config.teacher=DIR")
     elif c.teacher:
-        teacher = Model(*load_unet(c.teacher))
+        teacher = folder(c.teacher)
     kept = None
     if c.student:
         from jaxdistill.export import folder_provenance  # here: export imports this module
 
-        student = Model(*load_unet(c.student))
+        student = folder(c.student)
         # which teacher layers the student kept: its prune plan, stage marker or export facts say
         kept = folder_provenance(Path(c.student), resolve_unet_folder(c.student)).get("kept_layers") or None
-        if kept is None and student.spec != getattr(teacher, "spec", student.spec):
+        if kept is None and student.spec != getattr(teacher, "spec", student.spec) and not weights:
             print(f"stage {c.name}: {c.student} does not say which teacher layers it kept (no prune_plan.json, "
                   "stage marker or export facts): resnet taps pair by position")
     elif teacher is not None and c.plan:
@@ -136,11 +276,11 @@ def build_models(c: ml_collections.ConfigDict, previous: Model | None) -> tuple[
     elif c.model:
         if c.model not in MODELS:
             raise ValueError(f"config.model={c.model!r}: expected one of {sorted(MODELS)}")
-        student = Model(MODELS[c.model], init_params(MODELS[c.model], jax.random.key(c.seed)))
+        student = Model(MODELS[c.model], init_params(MODELS[c.model], jax.random.key(c.seed)) if weights else None)
     else:
         raise ValueError(f"stage {c.name}: nothing to train — give config.teacher (a folder), config.student, "
                          "or config.model for training from scratch")
-    if teacher is not None:  # in host memory: the run places it on the mesh, never whole on one device
+    if teacher is not None and weights:  # in host memory: the run places it on the mesh, never whole on one device
         teacher = Model(teacher.spec, jax.tree.map(lambda x: np.asarray(x, jnp.dtype(c.precision.teacher)),
                                                      teacher.params))
     return teacher, student, kept
@@ -170,13 +310,12 @@ def _damage(c: ml_collections.ConfigDict) -> dict[str, list[float]] | None:
     return sensitivity.layer_damage(sensitivity.read_report(c.sensitivity))
 
 
-def run_stage(c: ml_collections.ConfigDict, workdir: Path, previous: Model | None) -> tuple[Model, dict]:
+def run_stage(c: ml_collections.ConfigDict, workdir: Path, previous: Model | None,
+              checked: StageCheck) -> tuple[Model, dict]:
+    """Trains (or resumes) one stage `check_stages` passed."""
+    identity, data = checked.identity, checked.data
     teacher, student, kept = build_models(c, previous)
     distil = c.loss.output > 0 or c.loss.feature > 0
-    if distil and teacher is None:
-        raise ValueError(f"stage {c.name}: loss.output={c.loss.output} / loss.feature={c.loss.feature} distil from "
-                         "a teacher, but there is none: give config.teacher, or set both to 0 for plain "
-                         "diffusion training")
     pairs = feature_pairs(teacher.spec, student.spec, tap_list(c.loss.taps), kept) if distil else []
     tx, lr_fn = make_optimizer(c.optimizer.lr, c.optimizer.warmup_steps, c.optimizer.weight_decay,
                                c.optimizer.b1, c.optimizer.b2, c.optimizer.eps, c.optimizer.grad_clip,
@@ -195,10 +334,10 @@ def run_stage(c: ml_collections.ConfigDict, workdir: Path, previous: Model | Non
     mesh = make_mesh(dict(c.mesh.sizes), dcn=dict(c.mesh.dcn))
     rules = [tuple(r) for r in c.mesh.rules]
     shards = mesh.shape["data"] * mesh.shape["fsdp"]
-    if c.batch_size % (shards * c.optimizer.accumulation):
-        print(f"stage {c.name}: batch_size {c.batch_size} is not a multiple of {shards} batch shards (data × fsdp) × "
-              f"{c.optimizer.accumulation} micro-batches: every micro-batch is gathered across devices each step. "
-              "It trains the same; make batch_size a multiple of both for speed.")
+    if (c.batch_size // c.optimizer.accumulation) % shards:  # (batch_size itself splits: check_stages)
+        print(f"stage {c.name}: a micro-batch of {c.batch_size // c.optimizer.accumulation} (batch_size / "
+              f"optimizer.accumulation) does not split over {shards} batch shards (data × fsdp): every micro-batch "
+              "is gathered across devices each step. It trains the same; make it a multiple for speed.")
     encode, encoder_params = None, None
     if c.data.source == "images":  # encode inside the step with the frozen VAE and text encoders
         encoders = load_encoders(c.data.pipeline, c.precision.encoders)
@@ -210,7 +349,6 @@ def run_stage(c: ml_collections.ConfigDict, workdir: Path, previous: Model | Non
                               mesh=mesh)
     teacher_params = shard_params(layout(teacher.params), mesh, rules) if distil else None
     frozen = {"teacher": teacher_params, "encoders": shard_params(encoder_params, mesh, rules)}
-    data = make_data(c, student.spec)
 
     state = init_state(shard_params(layout(student.params), mesh, rules), tx, ema=c.ema_decay > 0)
     state_sharding = jax.tree.map(lambda x: x.sharding, state)
@@ -220,11 +358,10 @@ def run_stage(c: ml_collections.ConfigDict, workdir: Path, previous: Model | Non
                          out_shardings=(state_sharding, replicated(mesh)))
     manager = _checkpoint_manager(workdir / "checkpoints" / c.name, c)
     meta = {"stage": c.name, "student_config": student.spec.to_diffusers_config(), "config": c.to_dict(),
-            "kept_layers": {k: list(v) for k, v in (kept or {}).items()},
-            "teacher": c.teacher, "plan": c.plan}
+            "data_identity": data.identity} | identity
     start, saved = 0, {}
     if manager.latest_step() is not None:
-        state, start, saved = _restore(manager, state, student.spec)
+        state, start, saved = _restore(manager, state)
         print(f"stage {c.name}: resumed from step {start} ({manager.directory})")
     print(f"stage {c.name}: student {count_params(student.spec):,} parameters"
           + (f", teacher {count_params(teacher.spec):,}, {len(pairs)} feature pairs" if distil else
@@ -272,6 +409,7 @@ def run_stage(c: ml_collections.ConfigDict, workdir: Path, previous: Model | Non
                         f"stage {c.name}, step {step}: non-finite {', '.join(f'{k}={values[k]}' for k in bad)}. "
                         f"The run stopped; {kept_at}. Lower optimizer.lr, enable grad clipping, or check the data.")
                 logger.step(step, values, log=step % c.log_every == 0 or step == c.steps, flop=flop)
+                logger.note(data.skip_report())  # the inputs a streamed source skipped, once its first epoch is read
                 stopping = _any_process(stop.requested is not None)  # all hosts save the same step together
                 if step % c.checkpoint_every == 0 or step == c.steps or stopping:
                     manager.save(step, args=_save_args(state, meta | {"data_position": step}))
@@ -281,12 +419,15 @@ def run_stage(c: ml_collections.ConfigDict, workdir: Path, previous: Model | Non
                     print(f"\nstage {c.name}: stopped by {stop.requested or 'a signal to another process'} at step "
                           f"{step}; checkpoint saved. Run the same command to resume.")
                     raise SystemExit(0)
-                # after the checkpoint: a failing validation costs no training
-                if distil and c.eval.every and (step % c.eval.every == 0 or step == c.steps):
+                # after the checkpoint: a failing validation costs no training; a stop request (a preemption
+                # notice gives seconds) does not wait for one
+                if distil and c.eval.every and (step % c.eval.every == 0 or step == c.steps) and not stop.requested:
                     validate_now(step)
+                    logger.restart_clock()  # rates count training steps, not validation
     finally:
         profiler.close()
         manager.wait_until_finished()
+        logger.note(data.skip_report(final=True))
         logger.close()
 
     final = state.ema_params if state.ema_params is not None else state.params
@@ -303,8 +444,7 @@ def run_stage(c: ml_collections.ConfigDict, workdir: Path, previous: Model | Non
         print(f"stage {c.name}: student vs teacher, relative MSE of the noise prediction on a fixed validation "
               f"batch: before {before if before is None else f'{before:.4f}'} → after {after:.4f}")
     if jax.process_index() == 0:  # the marker says the stage is finished: written whole or not at all
-        atomic_json(out / STAGE_MARKER, summary | {"stage": c.name, "plan": c.plan, "teacher": c.teacher,
-                                                   "kept_layers": meta["kept_layers"]})
+        atomic_json(out / STAGE_MARKER, summary | identity | {"stage": c.name, "config": meta["config"]})
     print(f"stage {c.name}: student written to {out}")
     return result, summary
 
@@ -336,9 +476,9 @@ class _Profiler:
             self.tracing = False
 
 
-def _checkpoint_manager(directory: Path, c) -> ocp.CheckpointManager:
+def _checkpoint_manager(directory: Path, c, create: bool = True) -> ocp.CheckpointManager:
     options = ocp.CheckpointManagerOptions(max_to_keep=c.keep_checkpoints, enable_async_checkpointing=True,
-                                           create=True)
+                                           create=create)
     return ocp.CheckpointManager(directory.absolute(), options=options, item_names=("state", "meta"))
 
 
@@ -346,8 +486,9 @@ def _save_args(state: TrainState, meta: dict) -> ocp.args.Composite:
     return ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
 
 
-def _restore(manager: ocp.CheckpointManager, state: TrainState, spec: UNetSpec) -> tuple[TrainState, int, dict]:
-    """(state, step, the checkpoint's meta) of the latest checkpoint."""
+def _restore(manager: ocp.CheckpointManager, state: TrainState) -> tuple[TrainState, int, dict]:
+    """(state, step, the checkpoint's meta) of the latest checkpoint (`check_stages` compared its meta with
+    the config)."""
     step = manager.latest_step()
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
     try:
@@ -357,10 +498,6 @@ def _restore(manager: ocp.CheckpointManager, state: TrainState, spec: UNetSpec) 
         raise ValueError(f"the checkpoint {manager.directory / str(step)} holds a training state of another layout "
                          "than this config builds (ema_decay, scan_layers, the plan or the optimizer changed?): "
                          f"{type(e).__name__}: {str(e)[:300]}. Use a new --workdir, or restore the old config.") from e
-    saved = UNetSpec.from_diffusers_config(restored.meta["student_config"])
-    if saved != spec:
-        raise ValueError(f"the checkpoint in {manager.directory} holds a different student architecture than this "
-                         "config builds (plan or teacher changed?). Use a new --workdir, or restore the old config.")
     return restored.state, int(restored.meta["data_position"]), dict(restored.meta)
 
 
@@ -416,7 +553,13 @@ class _StopFlag:
             signal.signal(s, handler)
 
     def _handle(self, signum, _frame):
+        if self.requested is not None and signum == signal.SIGINT:  # a second Ctrl-C: stop now, unsaved
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            raise KeyboardInterrupt
         self.requested = signal.Signals(signum).name
+        if signum == signal.SIGINT:
+            print(f"\n{self.requested}: checkpointing after this step; Ctrl-C again to stop at once, unsaved",
+                  file=sys.stderr)
 
 
 def _validation(c, teacher: Model, workdir: Path):
@@ -457,39 +600,56 @@ class _Logger:
         self.batch_size, self.stage, self.workdir = batch_size, stage, workdir
         self.bar = tqdm(total=total, initial=start, desc=f"{stage}", unit="step", dynamic_ncols=True,
                         disable=not self.primary)
-        # a resumed run logs again what came after its checkpoint: drop those records of the killed run
-        purge = start + 1 if start else None
-        self.writer = SummaryWriter(str(workdir / "tensorboard" / stage), purge_step=purge) if self.primary else None
-        if self.primary and purge and (workdir / "metrics.jsonl").is_file():
+        # this stage logs again what came after `start` (its checkpoint, or 0 after a run killed before its
+        # first one): drop those records of the earlier run, and a torn last line
+        self.writer = (SummaryWriter(str(workdir / "tensorboard" / stage), purge_step=start + 1) if self.primary
+                       else None)
+        if self.primary and (workdir / "metrics.jsonl").is_file():
             lines = (workdir / "metrics.jsonl").read_text().splitlines(keepends=True)
             kept = [line for line in lines if not _after(line, stage, start)]
             if len(kept) < len(lines):
                 (workdir / "metrics.tmp").write_text("".join(kept))
                 os.replace(workdir / "metrics.tmp", workdir / "metrics.jsonl")
         self.jsonl = open(workdir / "metrics.jsonl", "a") if self.primary else None  # noqa: SIM115
-        self.t0, self.s0, self.timing, self.flop = time.perf_counter(), start, False, 0.0
+        self.timing, self.rates_text = False, {}
+        self.restart_clock()
+
+    def restart_clock(self):
+        """Rates count from here (after validation or the first step, which includes compilation)."""
+        self.t0, self.steps, self.flop = time.perf_counter(), 0, 0.0
 
     def step(self, step: int, values: dict[str, float], log: bool, flop: float):
         """After `step` (of `flop` model FLOPs) finished: the bar, and on `log` the scalars, with samples/s and
-        model TFLOP/s per device since the end of the first step (which includes compilation)."""
+        model TFLOP/s per device over the steps since the last log (the first step's compilation, and
+        validation, excluded)."""
         self.bar.update(1)
         if not self.timing:
-            self.t0, self.s0, self.timing = time.perf_counter(), step, True
+            self.timing = True
+            self.restart_clock()
         else:
-            self.flop += flop
+            self.steps, self.flop = self.steps + 1, self.flop + flop
         if not (log and self.primary):
             return
-        elapsed = max(time.perf_counter() - self.t0, 1e-9)
-        rates = {"samples_per_s": (step - self.s0) * self.batch_size / elapsed,
-                 "tflop_per_s_per_device": self.flop / elapsed / jax.device_count() / 1e12}
-        features = sorted(((v, k) for k, v in values.items() if k.startswith("feature/")), reverse=True)[:3]
-        self.bar.set_postfix(loss=f"{values['loss']:.4f}", samples_s=f"{rates['samples_per_s']:.1f}",
-                             tflop_s=f"{rates['tflop_per_s_per_device']:.3g}",
-                             **{k.split("/", 1)[1]: f"{v:.3g}" for v, k in features[:1]})
+        rates = {}
+        if self.steps:
+            elapsed = max(time.perf_counter() - self.t0, 1e-9)
+            rates = {"samples_per_s": self.steps * self.batch_size / elapsed,
+                     "tflop_per_s_per_device": self.flop / elapsed / jax.device_count() / 1e12}
+            self.rates_text = {"samples_s": f"{rates['samples_per_s']:.1f}",
+                               "tflop_s": f"{rates['tflop_per_s_per_device']:.3g}"}
+            self.restart_clock()
+        features = sorted(((v, k) for k, v in values.items() if k.startswith("feature/")), reverse=True)[:1]
+        self.bar.set_postfix(loss=f"{values['loss']:.4f}", **self.rates_text,
+                             **{k.split("/", 1)[1]: f"{v:.3g}" for v, k in features})
         for k, v in (values | rates).items():
             self.writer.add_scalar(f"{self.stage}/{k}", v, step)
         self.jsonl.write(json.dumps({"stage": self.stage, "step": step, **values, **rates}) + "\n")
         self.jsonl.flush()
+
+    def note(self, text: str | None):
+        """A line above the progress bar (process 0), when there is one."""
+        if text and self.primary:
+            self.bar.write(f"{self.stage}: {text}")
 
     def scalars(self, step: int, values: dict[str, float]):
         if self.primary:
@@ -554,7 +714,7 @@ def main(argv=None) -> int:
         enable_compilation_cache(config.compilation_cache, flags.FLAGS.workdir)
         try:
             run(config, flags.FLAGS.workdir)
-        except (ValueError, NonFiniteLoss) as e:
+        except (ValueError, FileNotFoundError, NonFiniteLoss) as e:
             print(f"error: {e}", file=sys.stderr)
             sys.exit(1)
 

@@ -230,3 +230,24 @@ def test_accumulation_as_a_scan_equals_straight_line_code(models):
     for a, b in zip(jax.tree.leaves(optax.tree_utils.tree_get(scanned.opt_state, "mu")),
                     jax.tree.leaves(optax.tree_utils.tree_get(straight.opt_state, "mu")), strict=True):
         np.testing.assert_allclose(a, b, rtol=0, atol=1e-5 * np.max(np.abs(b)) + 1e-12)
+
+
+def test_ema_follows_diffusers_ema_model():
+    """The EMA of the trained weights, update after update, equals diffusers' `EMAModel` (its warm-up-free
+    decay min(decay, (1 + t) / (10 + t)), the first update copying the weights), on random weight sequences:
+    a constant decay would differ from the first update on."""
+    from diffusers.training_utils import EMAModel
+
+    from jaxdistill.step import ema_update
+
+    rng = np.random.default_rng(0)
+    weights = [rng.standard_normal((3, 5)).astype(np.float32) for _ in range(30)]
+    theirs = torch.nn.Parameter(torch.from_numpy(weights[0].copy()))
+    reference = EMAModel([theirs], decay=0.5)
+    ours = {"w": jnp.asarray(weights[0])}
+    for step, w in enumerate(weights[1:]):
+        theirs.data.copy_(torch.from_numpy(w))
+        reference.step([theirs])
+        ours = ema_update(ours, {"w": jnp.asarray(w)}, jnp.int32(step), 0.5)
+        np.testing.assert_allclose(np.asarray(ours["w"]), reference.shadow_params[0].numpy(), rtol=1e-6, atol=1e-6)
+    assert float(reference.cur_decay_value) == 0.5  # the cap was reached within the sequence

@@ -16,12 +16,12 @@ from diffusers import DDPMScheduler
 from flax.traverse_util import flatten_dict
 
 from jaxdistill import load_unet
-from jaxdistill.config import base_config, tap_list, validate
+from jaxdistill.config import base_config, stages_of, tap_list, validate
 from jaxdistill.data import SyntheticLatents
 from jaxdistill.losses import distill_loss
 from jaxdistill.prune import PrunePlan
 from jaxdistill.schedule import add_noise, alphas_cumprod, prediction_target
-from jaxdistill.train import NonFiniteLoss, run
+from jaxdistill.train import STAGE_MARKER, NonFiniteLoss, check_stages, run
 from jaxdistill.unet import flops
 
 ENV = os.environ | {"JAX_PLATFORMS": "cpu"}
@@ -112,6 +112,9 @@ def test_resume_continues_exactly(unet_folders, plan_file, tmp_path):
     assert len(traces) == 1, traces
     planes = jax.profiler.ProfileData.from_file(str(traces[0])).planes
     assert any(dict(e.stats).get("hlo_op") for p in planes for line in p.lines for e in line.events)
+    (tmp_path / "resumed").mkdir()
+    with open(tmp_path / "resumed" / "metrics.jsonl", "w") as f:  # a run killed before its first checkpoint
+        f.write(json.dumps({"stage": "main", "step": 1, "loss": 5.0}) + '\n{"stage": "ma')
     run(small_config(teacher, plan_file, ema_decay=0.9, steps=3), tmp_path / "resumed")  # checkpoint at 3, stop
     with open(tmp_path / "resumed" / "metrics.jsonl", "a") as f:  # what a killed run logged after its checkpoint
         f.write(json.dumps({"stage": "main", "step": 4, "loss": 123.0}) + '\n{"stage": "ma')
@@ -124,13 +127,31 @@ def test_resume_continues_exactly(unet_folders, plan_file, tmp_path):
     assert [r["loss"] for r in a] == [r["loss"] for r in b] and [r["step"] for r in b] == [1, 2, 3, 4, 5, 6]
     assert {"task", "output_kd", "feature_kd", "grad_norm", "lr"} <= set(a[-1])
     assert any(k.startswith("feature/") for k in a[-1])
+    # rates leave out each process's first step (its compilation): none at steps 1 and 4 of the resumed run
+    assert [r["step"] for r in b if "samples_per_s" in r] == [2, 3, 5, 6]
     # the agreement before training is the initial student's, also for the resumed run (kept in the checkpoint)
     assert straight_summary["main"]["agreement_before"] is not None
     assert resumed_summary == straight_summary
     assert os.listdir(tmp_path / "straight" / "tensorboard" / "main")
     # a config whose training state differs from the checkpoint's (EMA off now) is refused, naming the cause
+    saved = (tmp_path / "resumed" / "config.json").read_text()
     with pytest.raises(ValueError, match="another layout than this config builds .*ema_decay"):
         run(small_config(teacher, plan_file, ema_decay=0.0, steps=8), tmp_path / "resumed")
+    # so is one that would draw other noise or batches — before any model is read — and the run's record stays
+    for changes, named in ((dict(seed=7), "seed: 0 → 7"), ({"optimizer.accumulation": 2}, "accumulation: 1 → 2"),
+                           ({"data.num_examples": 8}, "num_examples: 16 → 8")):
+        with pytest.raises(ValueError, match=f"{named}.*allow_resume_changes"):
+            run(small_config(teacher, plan_file, ema_decay=0.9, steps=8, **changes), tmp_path / "resumed")
+    assert (tmp_path / "resumed" / "config.json").read_text() == saved
+    # other changes are allowed and said; the plan must cut the student from the same teacher layers
+    stages = stages_of(small_config(teacher, plan_file, ema_decay=0.9, steps=8, **{"optimizer.lr": 2e-3}))
+    checked, notes = check_stages(stages, tmp_path / "resumed")
+    assert not checked["main"].finished and "optimizer.lr: 0.001 → 0.002" in notes[0] and "steps: 6 → 8" in notes[0]
+    other = tmp_path / "other_layers.json"  # the same architecture from layer 0 instead of 1
+    PrunePlan(name="test", attentions={"up_blocks.0.attentions.0": 1, "up_blocks.0.attentions.1": [0]}).save(other)
+    (tmp_path / "resumed" / "stages" / "main" / STAGE_MARKER).unlink()  # as if killed before the end: the checkpoint
+    with pytest.raises(ValueError, match=r"checkpoint .* was trained with other settings \(kept_layers"):
+        check_stages(stages_of(small_config(teacher, str(other), ema_decay=0.9, steps=8)), tmp_path / "resumed")
 
 
 def test_sigterm_checkpoints_and_the_command_resumes(unet_folders, plan_file, tmp_path):
@@ -214,6 +235,11 @@ def test_student_loss_falls_over_30_steps_and_progressive_stages(unet_folders, p
     with pytest.raises(ValueError, match=r"stage student in .* was finished with other settings \(plan: "):
         run(config, tmp_path)
     assert (tmp_path / "config.json").read_text() == saved
+    # the student was distilled from the 30-step teacher stage: a longer teacher stage would make another one
+    config.stages[1]["plan"] = plan_file
+    config.stages[0]["steps"] = 40
+    with pytest.raises(ValueError, match=r"stage student .* \(previous: .*'steps': 30\} → .*'steps': 40\}"):
+        run(config, tmp_path)
 
 
 @pytest.mark.parametrize("changes, fields", [
@@ -232,6 +258,11 @@ def test_student_loss_falls_over_30_steps_and_progressive_stages(unet_folders, p
     (dict(stages=[dict(name="a", loss=dict(fetaure=0.0))]), ["config.stages[a].loss", "['fetaure']"]),
     (dict(stages=[dict(name="a", steps="ten")]), ["config.stages[a].steps='ten'"]),
     (dict(stages=[dict(name="a"), dict(name="a")]), ["config.stages[1] repeats the name 'a'"]),
+    # orbax's max_to_keep=0 keeps nothing; a negative clip is gradient ascent; a negative warmup holds lr at 0
+    ({"keep_checkpoints": 0, "optimizer.grad_clip": -1.0, "optimizer.warmup_steps": -10},
+     ["config.keep_checkpoints=0", "config.optimizer.grad_clip=-1.0", "config.optimizer.warmup_steps=-10"]),
+    ({"seed": 2**32, "optimizer.b2": 1.0, "optimizer.eps": 0.0, "optimizer.weight_decay": -0.1},
+     ["config.seed=4294967296", "config.optimizer.b2=1.0", "config.optimizer.eps=0.0", "optimizer.weight_decay"]),
     ({"loss.taps": " , "}, ["config.loss.taps"]),
 ])
 def test_bad_config_values_are_named(changes, fields):
@@ -330,8 +361,6 @@ def test_synthetic_data_is_deterministic_per_step():
 def test_tiny_config_with_a_given_teacher_distils_that_teacher():
     import importlib.util
 
-    from jaxdistill.train import stages_of
-
     path = os.path.join(os.path.dirname(__file__), "..", "configs", "tiny.py")
     spec = importlib.util.spec_from_file_location("tiny_config", path)
     module = importlib.util.module_from_spec(spec)
@@ -359,11 +388,34 @@ def test_a_student_folder_says_which_teacher_layers_it_kept(unet_folders, tmp_pa
     """A finished stage (or an export) as config.student: its marker's kept layers pair the resnet taps."""
     import shutil
 
-    from jaxdistill.config import stages_of
-    from jaxdistill.train import STAGE_MARKER, build_models
+    from jaxdistill.train import build_models
 
     folder = shutil.copytree(unet_folders["micro"], tmp_path / "stages" / "first")
     kept = {"down_blocks.1.resnets": [1]}
     (folder / STAGE_MARKER).write_text(json.dumps({"stage": "first", "steps": 3, "kept_layers": kept}))
     stage = stages_of(small_config(unet_folders["micro"], "", student=str(folder)))[0]
     assert build_models(stage, None)[2] == kept
+
+
+def test_every_stage_is_checked_before_the_first_trains(unet_folders, plan_file, tmp_path):
+    """A mistake in a later stage (or in the data) is found before anything trains, not days later."""
+    for later, error in ((dict(plan="/plans/typo.json"), "typo.json"), (dict(teacher="/models/typo"), "/models/typo"),
+                         (dict(data=dict(source="prepared", path=str(tmp_path / "none"))), "none")):
+        config = small_config("", "", steps=2)
+        config.stages = [dict(name="a", teacher=unet_folders["micro"], plan=plan_file),
+                         dict(name="b", teacher="previous", plan="") | later]
+        with pytest.raises((ValueError, FileNotFoundError), match=error):
+            run(config, tmp_path / "run")
+        assert not (tmp_path / "run" / "stages").exists() and not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_a_second_ctrl_c_stops_at_once():
+    from jaxdistill.train import _StopFlag
+
+    with _StopFlag() as stop:
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.1)
+        assert stop.requested == "SIGINT"  # the first: checkpoint after this step
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.1)
