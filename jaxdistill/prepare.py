@@ -344,9 +344,11 @@ def _check_settings(out: Path, settings: Mapping[str, Any], *, process_index: in
     before = json.loads(path.read_text())
     changed = _changes(before, settings)
     if changed:
-        older = " by an older version of prepare" if before.get("format") != settings.get("format") else ""
-        raise PrepareError(f"{out} holds shards prepared{older} with other settings ({'; '.join(changed)}); use a "
-                           "new --out, or rerun with the original settings to resume")
+        if before.get("format") != settings.get("format"):  # no settings bring those files back
+            raise PrepareError(f"{out} holds shards prepared by an older version of prepare (format "
+                               f"{before.get('format')!r}, now {settings['format']}); prepare into a new --out")
+        raise PrepareError(f"{out} holds shards prepared with other settings ({'; '.join(changed)}); use a new "
+                           "--out, or rerun with the original settings to resume")
 
 
 def _changes(before: Any, now: Any, name: str = "") -> list[str]:

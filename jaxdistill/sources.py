@@ -534,7 +534,7 @@ class FolderSource:
             raise ValueError(f"folder source: {root} is not a folder; give a folder of images (with .txt captions "
                              "or a metadata.jsonl/csv), a tar glob or a prepared data set")
         self.root, self.caption_column, self.files_per_shard = root, caption_column, files_per_shard
-        self.description = f"folder:{root}"
+        self.description = f"folder:{os.path.abspath(root)}"  # one name however the path was typed"
         self._entries: list[_Entry] | None = None
 
     def entries(self) -> list[_Entry]:
@@ -687,7 +687,7 @@ class TarSource:
         if not self.paths:
             raise ValueError(f"tar source: no tar files match {pattern}; check the path or glob (quote it so the "
                              "shell does not expand it)")
-        self.description = f"tar:{pattern}"
+        self.description = f"tar:{os.path.abspath(pattern)}"
         base = os.path.dirname(self.paths[0]) if len(self.paths) == 1 else os.path.commonpath(self.paths)
         self._names = [os.path.relpath(p, base).replace(os.sep, "/").removesuffix(".tar") for p in self.paths]
 

@@ -109,11 +109,17 @@ def check_stages(stages: list[ml_collections.ConfigDict], workdir: Path) -> tupl
     for c in stages:
         marker = workdir / "stages" / c.name / STAGE_MARKER
         made = json.loads(marker.read_text()) if marker.is_file() else None
-        identity = {"plan": c.plan, "teacher": c.teacher}
+        identity = {"plan": c.plan, "teacher": c.teacher,
+                    "previous": previous_made if c.teacher == "previous" else None}
         what = f"stage {c.name} in {workdir} was finished"
         remedy = (f"use a new --workdir, or delete {marker.parent} (and {workdir}/checkpoints/{c.name}) to train "
                   "that stage again")
-        _refuse_changes(what, made, identity, remedy)  # before any folder is read: the old one may be gone
+        _refuse_changes(what, made, identity, remedy)  # before any folder is read: the old ones may be gone
+        if made is not None and made["steps"] >= c.steps:  # finished: its own folder is all the run reads of it
+            checked[c.name] = StageCheck(identity | {"kept_layers": made.get("kept_layers", {})}, finished=True)
+            previous = Model(UNetSpec.from_diffusers_config(marker.parent / CONFIG_NAME), None)
+            previous_made = {"stage": c.name, "steps": made["steps"]}
+            continue
         _check_schedule(c)
         teacher, student, kept = build_models(c, previous, weights=False)
         distil = c.loss.output > 0 or c.loss.feature > 0
@@ -128,17 +134,14 @@ def check_stages(stages: list[ml_collections.ConfigDict], workdir: Path) -> tupl
         if c.batch_size % shards:
             raise ValueError(f"stage {c.name}: config.batch_size={c.batch_size} must be a multiple of the mesh's "
                              f"{shards} batch shards (mesh.sizes data × fsdp)")
-        identity |= {"kept_layers": _plain_kept(kept), "previous": previous_made if c.teacher == "previous" else None}
+        identity["kept_layers"] = _plain_kept(kept)
         _refuse_changes(what, made, identity, remedy)
-        if made is not None and made["steps"] >= c.steps:
-            checked[c.name] = StageCheck(identity, finished=True)
-            previous_made = {"stage": c.name, "steps": made["steps"]}
-        else:
-            data = make_data(c, student.spec)
-            notes += _check_resume(c, workdir, student.spec, identity, data)
-            checked[c.name] = StageCheck(identity, finished=False, data=data)
-            previous_made = {"stage": c.name, "steps": c.steps}
-        previous = student
+        data = make_data(c, student.spec)
+        resume_notes, resumed_at = _check_resume(c, workdir, student.spec, identity, data)
+        notes += resume_notes
+        checked[c.name] = StageCheck(identity, finished=False, data=data)
+        # a checkpoint past c.steps is where the stage ends: what the next stage distils from
+        previous, previous_made = student, {"stage": c.name, "steps": max(c.steps, resumed_at)}
     return checked, notes
 
 
@@ -156,16 +159,17 @@ def _refuse_changes(what: str, made: dict | None, identity: dict, remedy: str):
         raise ValueError(f"{what} with other settings ({'; '.join(changed)}); {remedy}")
 
 
-def _check_resume(c: ml_collections.ConfigDict, workdir: Path, spec: UNetSpec, identity: dict, data) -> list[str]:
+def _check_resume(c: ml_collections.ConfigDict, workdir: Path, spec: UNetSpec, identity: dict,
+                  data) -> tuple[list[str], int]:
     """A stage with checkpoints against the config it would now resume with (its meta only, no weights):
     the student, the teacher layers it was cut from, the stage it distils from and the data must be the
-    same, and so must `RESUME_FIXED` (unless allowed) and the fields that shape the training state; other
-    changes are returned as notes."""
+    same, and so must `RESUME_FIXED` (unless allowed) and the fields that shape the training state. →
+    (notes on the other changes, the checkpoint's step; 0 without one)."""
     directory = workdir / "checkpoints" / c.name
     manager = _checkpoint_manager(directory, c, create=False) if directory.is_dir() else None
     step = manager.latest_step() if manager else None
     if step is None:
-        return []
+        return [], 0
     meta = dict(manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta)
     manager.close()
     where = directory / str(step)
@@ -175,12 +179,9 @@ def _check_resume(c: ml_collections.ConfigDict, workdir: Path, spec: UNetSpec, i
                          f"(plan or teacher changed?); {remedy}")
     _refuse_changes(f"the checkpoint {where} was trained", meta, {k: identity[k] for k in ("kept_layers", "previous")},
                     remedy)
-    saved = _flat(meta.get("config") or {})
-    if not saved:
-        return []
-    now = _flat(c.to_dict())
-    changed = {k: (saved.get(k), now.get(k)) for k in sorted(set(saved) | set(now))
-               if k != "stages" and saved.get(k) != now.get(k)}
+    saved, now = _flat(meta.get("config") or {}), _flat(c.to_dict())
+    # fields the checkpoint's version of the config did not have are not changes
+    changed = {k: (saved[k], now[k]) for k in sorted(set(saved) & set(now)) if k != "stages" and saved[k] != now[k]}
 
     def listed(keys):
         return "; ".join(f"{k}: {changed[k][0]!r} → {changed[k][1]!r}" for k in keys)
@@ -205,7 +206,7 @@ def _check_resume(c: ml_collections.ConfigDict, workdir: Path, spec: UNetSpec, i
     if "steps" in changed and c.optimizer.schedule == "cosine":
         notes.append(f"stage {c.name}: the cosine learning-rate schedule now spans {c.steps} steps, not "
                      f"{changed['steps'][0]}: from step {step} on the rate differs from the first run's plan")
-    return notes
+    return notes, step
 
 
 def _flat(tree: dict, prefix: str = "") -> dict[str, Any]:
@@ -421,7 +422,8 @@ def run_stage(c: ml_collections.ConfigDict, workdir: Path, previous: Model | Non
                     raise SystemExit(0)
                 # after the checkpoint: a failing validation costs no training; a stop request (a preemption
                 # notice gives seconds) does not wait for one
-                if distil and c.eval.every and (step % c.eval.every == 0 or step == c.steps) and not stop.requested:
+                due = distil and c.eval.every and (step % c.eval.every == 0 or step == c.steps)
+                if due and not _any_process(stop.requested is not None):  # all hosts validate, or none
                     validate_now(step)
                     logger.restart_clock()  # rates count training steps, not validation
     finally:

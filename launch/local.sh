@@ -56,7 +56,7 @@ while ((left)); do
       kill -TERM "${pids[@]}" 2>/dev/null || true
     fi
   done
-  ((left == 0)) || sleep 0.2
+  ((left == 0)) || sleep 0.2 || true  # Ctrl-C kills the sleep too: keep waiting for the checkpoints
 done
 wait "$tail_pid" 2>/dev/null || true  # the rest of process 0's log
 exit $status

@@ -57,7 +57,10 @@ def test_a_failing_process_stops_the_others_and_its_status_is_the_launchers(trai
     assert "got TERM" in _log(tmp_path / "run", 0) and "checkpointed" in _log(tmp_path / "run", 0)
 
 
-def test_sigterm_waits_for_every_process_to_checkpoint_and_exits_with_their_status(trainer, tmp_path):
+@pytest.mark.parametrize("ctrl_c", [False, True])
+def test_sigterm_waits_for_every_process_to_checkpoint_and_exits_with_their_status(trainer, tmp_path, ctrl_c):
+    """SIGTERM to the launcher, or Ctrl-C (SIGINT to its whole process group: the trainers, started in the
+    background, ignore it; the launcher's `sleep` dies of it)."""
     workdir = tmp_path / "run"
     launcher = _local(trainer, 2, workdir, "", start_new_session=True)
     try:
@@ -65,7 +68,10 @@ def test_sigterm_waits_for_every_process_to_checkpoint_and_exits_with_their_stat
         while time.monotonic() < deadline and not all((workdir / f"process_{p}.log").is_file()
                                                       and "started" in _log(workdir, p) for p in range(2)):
             time.sleep(0.1)
-        launcher.send_signal(signal.SIGTERM)
+        if ctrl_c:
+            os.killpg(launcher.pid, signal.SIGINT)
+        else:
+            launcher.send_signal(signal.SIGTERM)
         out, err = launcher.communicate(timeout=20)
     finally:
         if launcher.poll() is None:

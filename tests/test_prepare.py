@@ -489,3 +489,14 @@ def test_the_reader_index_is_built_with_numpy():
     finally:
         tracemalloc.stop()
     assert sum(len(g) for g in groups) == 2_000_000 and peak < 100e6  # a Python index took ~240 MB
+
+
+def test_a_folder_of_an_older_prepare_is_refused_as_such(tmp_path):
+    """Its shard files follow other rules: no settings resume it, and the message says so."""
+    (tmp_path / "progress").mkdir()
+    old = {"pipeline": "/p", "seed": 0, "num_shards": 3}  # format 1 wrote no "format"
+    (tmp_path / "progress" / "settings.json").write_text(json.dumps(old))
+    with pytest.raises(P.PrepareError, match=r"older version of prepare \(format None, now 2\); prepare into a new"):
+        P._check_settings(tmp_path, {"format": P.FORMAT, "pipeline": "/p", "seed": 0})
+    with pytest.raises(P.PrepareError, match=r"other settings \(seed: 0 → 1\); use a new --out, or rerun"):
+        P._check_settings(tmp_path, old | {"seed": 1})

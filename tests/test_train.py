@@ -3,6 +3,7 @@ falls, progressive stages, config errors. The "micro" teacher (written by diffus
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -205,7 +206,8 @@ def test_student_loss_falls_over_30_steps_and_progressive_stages(unet_folders, p
     config = small_config("", "", steps=30, checkpoint_every=30)
     config.stages = [
         # plain diffusion training (fine-tuning a UNet): no teacher, output and feature weights 0
-        dict(name="teacher", student=unet_folders["micro"], steps=30, loss=dict(output=0.0, feature=0.0)),
+        dict(name="teacher", student=str(shutil.copytree(unet_folders["micro"], tmp_path / "micro")), steps=30,
+             loss=dict(output=0.0, feature=0.0)),
         # distil a pruned student from it
         dict(name="student", teacher="previous", plan=plan_file, steps=30, lr=3e-4),
     ]
@@ -227,8 +229,11 @@ def test_student_loss_falls_over_30_steps_and_progressive_stages(unet_folders, p
         if "samples_per_s" in r and r["step"] > 1:
             expected = per_sample[r["stage"]] * r["samples_per_s"] / jax.device_count() / 1e12
             assert expected > 0 and r["tflop_per_s_per_device"] == pytest.approx(expected, rel=1e-9), r
-    # the whole sequence resumes like a single run: finished stages are not trained again
+    # the whole sequence resumes like a single run: finished stages are not trained again, and need only their
+    # own folders (the first stage's source may be gone by then)
+    shutil.rmtree(tmp_path / "micro")
     assert run(config, tmp_path) == {}
+    shutil.copytree(unet_folders["micro"], tmp_path / "micro")
     # a finished stage made with another plan is not silently taken as this config's; the run's config stays
     saved = (tmp_path / "config.json").read_text()
     config.stages[1]["plan"] = "vega"
@@ -386,8 +391,6 @@ def test_taps_and_sensitivity_settings_reach_the_run(unet_folders, plan_file, tm
 
 def test_a_student_folder_says_which_teacher_layers_it_kept(unet_folders, tmp_path):
     """A finished stage (or an export) as config.student: its marker's kept layers pair the resnet taps."""
-    import shutil
-
     from jaxdistill.train import build_models
 
     folder = shutil.copytree(unet_folders["micro"], tmp_path / "stages" / "first")
