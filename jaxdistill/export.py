@@ -95,12 +95,7 @@ def load_student(path: str | os.PathLike, *, ema: bool | None = None, stage: str
     if stage is not None:
         raise ExportError(f"--stage picks a stage of a training workdir; {path} is a model folder (one model)")
     provenance = folder_provenance(path, folder)
-    if ema and not provenance.get("ema"):
-        raise ExportError(f"--ema: {path} is a model folder with one set of weights, not known to be EMA weights; "
-                          "--ema picks the EMA weights of a training checkpoint (WORKDIR/checkpoints/STAGE)")
-    if ema is False and provenance.get("ema"):
-        raise ExportError(f"--no-ema: {path} holds EMA weights (its run had ema_decay > 0); the trained weights "
-                          "are in the run's training checkpoint (WORKDIR/checkpoints/STAGE)")
+    check_weights_choice(path, provenance, ema)
     try:
         spec, params = load_unet(folder)
     except (OSError, ValueError) as e:  # WeightsError, UnsupportedConfigError, missing weights
@@ -338,6 +333,17 @@ def _unet_folder(path: Path) -> Path | None:
             except (json.JSONDecodeError, UnicodeDecodeError):
                 continue
     return None
+
+
+def check_weights_choice(path: Path, provenance: dict[str, Any], ema: bool | None):
+    """A model folder holds one set of weights: `ema` True / False (--ema / --no-ema) may only ask for what its
+    record (`folder_provenance`: a stage marker, export facts) says they are; None takes them as they are."""
+    if ema and not provenance.get("ema"):
+        raise ExportError(f"--ema: {path} is a model folder with one set of weights, not known to be EMA weights; "
+                          "--ema picks the EMA weights of a training checkpoint (WORKDIR/checkpoints/STAGE)")
+    if ema is False and provenance.get("ema"):
+        raise ExportError(f"--no-ema: {path} holds EMA weights (its run had ema_decay > 0); the trained weights "
+                          "are in the run's training checkpoint (WORKDIR/checkpoints/STAGE)")
 
 
 def folder_provenance(path: Path, folder: Path) -> dict[str, Any]:

@@ -43,7 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxdistill import schedule
-from jaxdistill.convert import CONFIG_NAME, is_workdir, load_unet
+from jaxdistill.convert import CONFIG_NAME, is_workdir, load_unet, resolve_unet_folder
 from jaxdistill.schedule import PREDICTION_TYPES
 from jaxdistill.spec import UNetSpec, UnsupportedConfigError
 from jaxdistill.text import TextEncoders, load_text_encoders
@@ -343,9 +343,10 @@ def load_pipeline(model: str | os.PathLike, pipeline: str | os.PathLike | None =
                          "on a CPU (float16 is for GPUs)")
     # A pipeline or UNet folder (a workdir has a config.json too): one set of weights, whatever they are.
     folder = is_pipeline(model) or ((model / CONFIG_NAME).is_file() and not is_workdir(model))
-    if folder and ema is not None:
-        raise ValueError(f"--ema/--no-ema (ema={ema}) pick the weights of a training checkpoint; {model} is a model "
-                         "folder with one set of weights")
+    if folder and ema is not None:  # its one set of weights: only what its record says they are
+        from jaxdistill.export import check_weights_choice, folder_provenance  # export imports the trainer
+
+        check_weights_choice(model, folder_provenance(model, resolve_unet_folder(model)), ema)
     if folder:
         spec, params = load_unet(model, dtype)
         if is_pipeline(model) and pipeline is None:

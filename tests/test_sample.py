@@ -12,6 +12,7 @@ Tolerances (float32), max |ours − diffusers| / max |diffusers|:
 
 import dataclasses
 import json
+import shutil
 
 import jax
 import numpy as np
@@ -30,6 +31,7 @@ from jaxdistill.sample import (
     load_pipeline,
 )
 from jaxdistill.spec import UnsupportedConfigError
+from jaxdistill.train import STAGE_MARKER
 
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
@@ -261,7 +263,7 @@ def test_cli_writes_images_grid_and_side_by_side(pipeline_dir, tmp_path, capsys)
     for args, reason in [(["--model", str(pipeline_dir / "unet")], "pipeline"),
                          (["--model", str(pipeline_dir), "--height", "30"], "multiple of 4"),
                          (["--model", str(tmp_path / "nothing")], "does not exist"),
-                         (["--model", str(pipeline_dir), "--no-ema"], "--ema/--no-ema"),
+                         (["--model", str(pipeline_dir), "--ema"], "not known to be EMA weights"),
                          # steps the scheduler cannot do: refused before sampling, not a traceback
                          (["--model", str(pipeline_dir), "--steps", "1001"], "expected 1 … 1000"),
                          (["--model", str(pipeline_dir), "--steps", "1000", "--scheduler", "ddim"],
@@ -276,9 +278,14 @@ def test_unet_folders_and_checkpoints_as_models(pipeline_dir, pipe, noise, tmp_p
 
     with pytest.raises(FileNotFoundError, match="pipeline"):
         load_pipeline(pipeline_dir / "unet")
-    for ema in (True, False):  # a folder has one set of weights
-        with pytest.raises(ValueError, match="pick the weights of a training checkpoint"):
-            load_pipeline(pipeline_dir, ema=ema)
+    # a folder has one set of weights: --ema / --no-ema only where its record says which (export's rule)
+    with pytest.raises(ValueError, match="not known to be EMA weights"):
+        load_pipeline(pipeline_dir, ema=True)
+    ema_stage = shutil.copytree(pipeline_dir / "unet", tmp_path / "stages" / "main")
+    (ema_stage / STAGE_MARKER).write_text(json.dumps({"stage": "main", "steps": 5, "config": {"ema_decay": 0.99}}))
+    with pytest.raises(ValueError, match="holds EMA weights"):
+        load_pipeline(ema_stage, pipeline_dir, ema=False)
+    assert load_pipeline(ema_stage, pipeline_dir, ema=True).unet_spec == pipe.unet_spec
     # A checkpoint as python -m jaxdistill.train writes it (its state and meta items), holding the pipeline's
     # UNet as its EMA weights (zeros as the trained weights); its run config names the pipeline, so none need
     # be given.
