@@ -555,7 +555,9 @@ class _StopFlag:
             signal.signal(s, handler)
 
     def _handle(self, signum, _frame):
-        if self.requested is not None and signum == signal.SIGINT:  # a second Ctrl-C: stop now, unsaved
+        # a second Ctrl-C: stop now, unsaved (a SIGTERM beside the first one — launch/local.sh forwards Ctrl-C
+        # as SIGTERM to processes that also got it from the terminal — is not a second request)
+        if signum == signal.SIGINT and self.requested == "SIGINT":
             signal.signal(signal.SIGINT, signal.default_int_handler)
             raise KeyboardInterrupt
         self.requested = signal.Signals(signum).name

@@ -62,7 +62,10 @@ def test_sigterm_waits_for_every_process_to_checkpoint_and_exits_with_their_stat
     """SIGTERM to the launcher, or Ctrl-C (SIGINT to its whole process group: the trainers, started in the
     background, ignore it; the launcher's `sleep` dies of it)."""
     workdir = tmp_path / "run"
-    launcher = _local(trainer, 2, workdir, "", start_new_session=True)
+    # as from a terminal: SIGINT at its default (a suite run from a background shell inherits it ignored, and
+    # bash cannot trap a signal ignored on entry)
+    launcher = _local(trainer, 2, workdir, "", start_new_session=True,
+                      preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline and not all((workdir / f"process_{p}.log").is_file()
