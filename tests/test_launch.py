@@ -5,6 +5,7 @@ gcloud that runs the worker command here. A real two-process run through local.s
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -37,9 +38,16 @@ def trainer(tmp_path):
     return path
 
 
+# Runs a command with SIGINT at its default, as from a terminal: a suite run from a background shell inherits it
+# ignored, and bash cannot trap a signal ignored on entry (a preexec_fn would fork the multithreaded JAX process).
+AS_FROM_A_TERMINAL = [sys.executable, "-c", "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); "
+                      "os.execvp(sys.argv[1], sys.argv[1:])"]
+
+
 def _local(trainer, n, workdir, fake, **popen):
     env = os.environ | {"PYTHON": str(trainer), "FAKE": fake}
-    return subprocess.Popen(["bash", str(LAUNCH / "local.sh"), str(n), "--config", "c.py", "--workdir", str(workdir)],
+    return subprocess.Popen([*AS_FROM_A_TERMINAL, "bash", str(LAUNCH / "local.sh"), str(n), "--config", "c.py",
+                             "--workdir", str(workdir)],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
 
 
@@ -62,10 +70,7 @@ def test_sigterm_waits_for_every_process_to_checkpoint_and_exits_with_their_stat
     """SIGTERM to the launcher, or Ctrl-C (SIGINT to its whole process group: the trainers, started in the
     background, ignore it; the launcher's `sleep` dies of it)."""
     workdir = tmp_path / "run"
-    # as from a terminal: SIGINT at its default (a suite run from a background shell inherits it ignored, and
-    # bash cannot trap a signal ignored on entry)
-    launcher = _local(trainer, 2, workdir, "", start_new_session=True,
-                      preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    launcher = _local(trainer, 2, workdir, "", start_new_session=True)
     try:
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline and not all((workdir / f"process_{p}.log").is_file()
