@@ -38,7 +38,6 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # leave GPU mem
 import argparse  # noqa: E402
 import gc  # noqa: E402
 import importlib.util  # noqa: E402
-import json  # noqa: E402
 import platform  # noqa: E402
 import re  # noqa: E402
 import resource  # noqa: E402
@@ -55,6 +54,7 @@ import optax  # noqa: E402
 from jaxdistill import presets  # noqa: E402
 from jaxdistill.config import REMAT  # noqa: E402
 from jaxdistill.layers import ATTENTION, stack_layers  # noqa: E402
+from jaxdistill.prepare import atomic_json  # noqa: E402
 from jaxdistill.prune import feature_pairs, prune  # noqa: E402
 from jaxdistill.schedule import alphas_cumprod  # noqa: E402
 from jaxdistill.spec import UNetSpec  # noqa: E402
@@ -517,8 +517,7 @@ def main() -> int:
         if args.json:
             path = Path(args.json)
             path.parent.mkdir(parents=True, exist_ok=True)
-            path.with_name(path.name + ".tmp").write_text(json.dumps(out, indent=2))
-            path.with_name(path.name + ".tmp").replace(path)
+            atomic_json(path, out)
 
     report()  # what is known before any step runs
 
