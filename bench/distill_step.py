@@ -8,9 +8,8 @@ the same run (scanned layers, another batch, remat, an XLA option), for before/a
 PyTorch: `jaxdistill.reference.torch_distill_step` — diffusers teacher under `no_grad`, forward hooks on
 the same taps, AdamW, gradient clipping; with `--dtype bf16` the teacher's weights in bf16 and bf16 autocast
 (on a CPU too), with `--dtype fp32` TF32 matmuls on a GPU, as XLA's default precision there (`torch_dtype`,
-`torch_tf32` in the JSON). Both sides draw their noise outside the timed step; PyTorch's step still copies
-its batch and noise from the host (as `torch_distill_step` takes numpy arrays): `torch_copy_s` is that copy's
-time, measured alone.
+`torch_tf32` in the JSON). Neither side's timed step copies from the host: PyTorch's batch, noise and
+timesteps are device tensors made before the timing (ours draws its noise inside its compiled step).
 
 FLOP utilisation = model FLOPs per step ÷ step time ÷ peak. Model FLOPs = teacher forward + 3 × student
 forward (forward + backward), from XLA's cost analysis of each forward lowered for the CPU
@@ -54,8 +53,8 @@ import optax  # noqa: E402
 from jaxdistill import presets  # noqa: E402
 from jaxdistill.config import REMAT  # noqa: E402
 from jaxdistill.layers import ATTENTION, stack_layers  # noqa: E402
-from jaxdistill.prepare import atomic_json  # noqa: E402
 from jaxdistill.prune import feature_pairs, prune  # noqa: E402
+from jaxdistill.records import atomic_json  # noqa: E402
 from jaxdistill.schedule import alphas_cumprod  # noqa: E402
 from jaxdistill.spec import UNetSpec  # noqa: E402
 from jaxdistill.step import init_state, make_optimizer, make_train_step  # noqa: E402
@@ -382,10 +381,13 @@ def torch_step(teacher_spec, teacher, student_spec, student, kept, batch, args) 
     autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=bf16)
 
     accumulation = args.torch_accumulation or args.accumulation
-    # noise and timesteps of every step drawn before the timing (ours draws them inside its compiled step)
+    # the batch, and noise and timesteps of every step, on the device before the timing (ours draws them
+    # inside its compiled step)
+    tensor = lambda x, dtype=torch.float32: torch.from_numpy(np.array(x)).to(device, dtype)  # noqa: E731
     shape = batch["latents"].shape
-    draws = [(rng.standard_normal(shape).astype(np.float32), rng.integers(0, 1000, shape[0]))
+    draws = [(tensor(rng.standard_normal(shape)), tensor(rng.integers(0, 1000, shape[0]), torch.long))
              for _ in range(args.iters + 1)]
+    batch, acp = {k: tensor(v) for k, v in batch.items()}, tensor(acp)
 
     def sync():
         if device == "cuda":
@@ -397,27 +399,16 @@ def torch_step(teacher_spec, teacher, student_spec, student, kept, batch, args) 
                                accumulation=accumulation)
         sync()
 
-    def copy(noise, timesteps):
-        """The host-to-device copies `torch_distill_step` makes in one step (batch, noise, timesteps, and
-        alphas_cumprod once per micro-batch), alone."""
-        tensor = lambda x: torch.from_numpy(np.array(x, np.float32)).to(device)  # noqa: E731
-        for x in (*batch.values(), noise, timesteps, *[acp] * accumulation):
-            tensor(x)
-        sync()
-
     one(*draws[0])  # warm-up
-    times, copy_times = [], []
+    times = []
     for draw in draws[1:]:
         t0 = time.perf_counter()
         one(*draw)
         times.append(time.perf_counter() - t0)
-        t0 = time.perf_counter()
-        copy(*draw)
-        copy_times.append(time.perf_counter() - t0)
     progress(f"PyTorch: {statistics.median(times):.4f} s per step (median of {args.iters})")
     peak = (torch.cuda.max_memory_allocated() if device == "cuda"
             else (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) * 1024)
-    return {"step_s": statistics.median(times), "copy_s": statistics.median(copy_times), "peak_bytes": peak,
+    return {"step_s": statistics.median(times), "peak_bytes": peak,
             "device": device, "threads": torch.get_num_threads(),
             "dtype": "bf16 autocast, bf16 teacher" if bf16 else "fp32",
             "tf32": device == "cuda" and torch.backends.cuda.matmul.allow_tf32}
@@ -532,7 +523,7 @@ def main() -> int:
         else:
             out |= {"torch_step_s": ref["step_s"], "torch_samples_per_s": args.batch / ref["step_s"],
                     "torch_batch": args.batch, "torch_accumulation": args.torch_accumulation or args.accumulation,
-                    "torch_dtype": ref["dtype"], "torch_tf32": ref["tf32"], "torch_copy_s": ref["copy_s"],
+                    "torch_dtype": ref["dtype"], "torch_tf32": ref["tf32"],
                     "torch_peak_memory_gb": ref["peak_bytes"] / 1e9, "torch_device": ref["device"],
                     "torch_threads": ref["threads"], "torch_flop_utilisation": model_flops / ref["step_s"] / peak}
         report()

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from jaxdistill.records import changes, describe
 from jaxdistill.spec import UNetSpec
 
 if TYPE_CHECKING:  # sources (Pillow) is imported only where images are read
@@ -77,12 +78,10 @@ def check_same_data(saved: dict | None, data: PreparedLatents | StreamedImages |
     """Refuses to resume onto other data: `saved` is the `identity` a checkpoint stored (None: a checkpoint
     from before identities were stored, not checked). Batches are a function of (seed, step) and of the
     data: on another data set a resumed run would silently read other batches."""
-    if saved is None or saved == data.identity:
-        return
-    changed = [f"{k}: {saved.get(k)!r} → {data.identity.get(k)!r}" for k in sorted(set(saved) | set(data.identity))
-               if saved.get(k) != data.identity.get(k)]
-    raise ValueError(f"the checkpoint was trained on other data than data.path now holds ({'; '.join(changed)}); "
-                     "resume with the data it was trained on, or train into a new workdir")
+    changed = changes(saved, data.identity) if saved is not None else {}
+    if changed:
+        raise ValueError(f"the checkpoint was trained on other data than data.path now holds ({describe(changed)}); "
+                         "resume with the data it was trained on, or train into a new workdir")
 
 
 def check_fits(data: PreparedLatents, spec: UNetSpec):

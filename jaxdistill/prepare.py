@@ -25,7 +25,6 @@ import dataclasses
 import hashlib
 import json
 import os
-import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -38,6 +37,7 @@ import numpy as np
 
 from jaxdistill import sources as S
 from jaxdistill.convert import WeightsError
+from jaxdistill.records import atomic_json, changes, describe
 from jaxdistill.sharding import initialize_distributed
 from jaxdistill.text import TextEncoders, load_text_encoders
 from jaxdistill.vae import VAESpec, encode_latents, load_vae
@@ -342,35 +342,13 @@ def _check_settings(out: Path, settings: Mapping[str, Any], *, process_index: in
         raise PrepareError(f"{path} is missing after process 0 wrote it: is {out} on a file system all hosts "
                            "share?")
     before = json.loads(path.read_text())
-    changed = _changes(before, settings)
+    changed = changes(before, settings)
     if changed:
         if before.get("format") != settings.get("format"):  # no settings bring those files back
             raise PrepareError(f"{out} holds shards prepared by an older version of prepare (format "
                                f"{before.get('format')!r}, now {settings['format']}); prepare into a new --out")
-        raise PrepareError(f"{out} holds shards prepared with other settings ({'; '.join(changed)}); use a new "
+        raise PrepareError(f"{out} holds shards prepared with other settings ({describe(changed)}); use a new "
                            "--out, or rerun with the original settings to resume")
-
-
-def _changes(before: Any, now: Any, name: str = "") -> list[str]:
-    """"name: old → new" for each differing leaf of two JSON trees, dicts compared key by key."""
-    if isinstance(before, dict) and isinstance(now, dict):
-        return [c for k in sorted(set(before) | set(now))
-                for c in _changes(before.get(k), now.get(k), f"{name}.{k}" if name else k)]
-    return [] if before == now else [f"{name}: {before!r} → {now!r}"]
-
-
-def atomic_json(path: Path, data: Any):
-    """Readers see the old file or the new one, never half of one; a unique temporary file per call, so
-    processes writing the same file at once do not write into each other's."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=1)
-        os.chmod(tmp, 0o644)  # mkstemp makes it owner-only; the data set is read by others too
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -160,8 +160,9 @@ def torch_distill_step(teacher, student, optimizer, batch: Mapping[str, np.ndarr
     `optimizer`, e.g. `torch.optim.AdamW(student.parameters(), ...)`, updates); `batch`: our NHWC numpy
     batch (latents [B, H, W, 4], encoder_hidden_states, and text_embeds / time_ids for SDXL); `noise`
     [B, H, W, 4] and integer `timesteps` [B] as drawn by our step; `pairs`: (student tap, teacher tap);
-    `weights`: task / output / feature (default 1, 0.5, 0.5). The teacher runs under `no_grad`, taps are
-    read by forward hooks, the loss is
+    `weights`: task / output / feature (default 1, 0.5, 0.5). The arrays may be numpy (copied to the
+    student's device) or torch tensors (a benchmark's, put on the device before its timing). The teacher
+    runs under `no_grad`, taps are read by forward hooks, the loss is
 
         w_task · MSE(s, target) + w_out · MSE(s, t) + w_feat · Σ_pairs MSE(s_f, t_f) [/ (mean(t_f²) + 1e-8)]
 
@@ -182,8 +183,13 @@ def torch_distill_step(teacher, student, optimizer, batch: Mapping[str, np.ndarr
     if len(timesteps) % accumulation:
         raise ValueError(f"batch of {len(timesteps)} does not split into {accumulation} micro-batches")
     device = next(student.parameters()).device
-    # np.array copies: arrays from jax are read-only, torch wants writable memory.
-    tensor = lambda x: torch.from_numpy(np.array(x, np.float32)).to(device)  # noqa: E731
+
+    def tensor(x, dtype=torch.float32):
+        if isinstance(x, torch.Tensor):
+            return x.to(device, dtype)
+        # a numpy copy first: arrays from jax are read-only (torch wants writable memory), maybe bf16
+        return torch.from_numpy(np.array(x, np.float32 if dtype == torch.float32 else np.int64)).to(device)
+
     nchw = lambda x: tensor(x).permute(0, 3, 1, 2).contiguous()  # noqa: E731
     use_teacher = bool(w["output"] or (w["feature"] and pairs))
     pairs = list(pairs) if w["feature"] else []
@@ -191,7 +197,7 @@ def torch_distill_step(teacher, student, optimizer, batch: Mapping[str, np.ndarr
 
     def micro_loss(i):
         latents, eps = nchw(batch["latents"][i::accumulation]), nchw(noise[i::accumulation])
-        t = torch.from_numpy(np.array(timesteps[i::accumulation])).long().to(device)
+        t = tensor(timesteps[i::accumulation], torch.long)
         acp = tensor(alphas_cumprod)[t].view(-1, 1, 1, 1)
         noisy = acp.sqrt() * latents + (1 - acp).sqrt() * eps  # DDPMScheduler.add_noise
         # DDPMScheduler.get_velocity for v-prediction

@@ -32,8 +32,9 @@ from jaxdistill.config import command_line_wins, stages_of, tap_list, validate
 from jaxdistill.convert import CONFIG_NAME, load_unet, resolve_unet_folder, save_unet
 from jaxdistill.data import check_same_data, make_data
 from jaxdistill.layers import stack_layers, unstack_layers
-from jaxdistill.prepare import atomic_json, load_encoders, make_encode
+from jaxdistill.prepare import load_encoders, make_encode
 from jaxdistill.prune import feature_pairs, load_plan, prune
+from jaxdistill.records import atomic_json, changes, describe
 from jaxdistill.schedule import add_noise, alphas_cumprod, schedule_mismatches
 from jaxdistill.sharding import (
     batch_sharding,
@@ -154,9 +155,9 @@ def _refuse_changes(what: str, made: dict | None, identity: dict, remedy: str):
     otherwise than `identity` would make it (a record from before a field was kept does not count)."""
     if made is None:
         return
-    changed = [f"{k}: {made[k]!r} → {identity[k]!r}" for k in identity if made.get(k, identity[k]) != identity[k]]
+    changed = changes({k: made[k] for k in identity if k in made}, {k: identity[k] for k in identity if k in made})
     if changed:
-        raise ValueError(f"{what} with other settings ({'; '.join(changed)}); {remedy}")
+        raise ValueError(f"{what} with other settings ({describe(changed)}); {remedy}")
 
 
 def _check_resume(c: ml_collections.ConfigDict, workdir: Path, spec: UNetSpec, identity: dict,
@@ -179,49 +180,31 @@ def _check_resume(c: ml_collections.ConfigDict, workdir: Path, spec: UNetSpec, i
                          f"(plan or teacher changed?); {remedy}")
     _refuse_changes(f"the checkpoint {where} was trained", meta, {k: identity[k] for k in ("kept_layers", "previous")},
                     remedy)
-    saved, now = _flat(meta.get("config") or {}), _flat(c.to_dict())
     # fields the checkpoint's version of the config did not have are not changes
-    changed = {k: (saved[k], now[k]) for k in sorted(set(saved) & set(now)) if k != "stages" and saved[k] != now[k]}
-
-    def listed(keys):
-        return "; ".join(f"{k}: {changed[k][0]!r} → {changed[k][1]!r}" for k in keys)
+    changed = changes(meta.get("config") or {}, c.to_dict(), shared_only=True)
+    changed = {k: v for k, v in changed.items() if not (k == "stages" or k.startswith("stages."))}
 
     # on or off, these change what the training state holds (EMA weights, scanned layers, the clip's state)
     layout = [k for k in ("ema_decay", "optimizer.grad_clip", "scan_layers")
               if k in changed and bool(changed[k][0]) != bool(changed[k][1])]
     if layout:
         raise ValueError(f"the checkpoint {where} holds a training state of another layout than this config builds "
-                         f"({listed(layout)}); {remedy}")
+                         f"({describe(changed, layout)}); {remedy}")
     fixed = [k for k in changed if any(k == f or k.startswith(f + ".") for f in RESUME_FIXED)]
     if fixed and not c.allow_resume_changes:
-        raise ValueError(f"stage {c.name} would resume from {where} with other {listed(fixed)}: noise, timesteps or "
-                         "batches would no longer be the uninterrupted run's. Restore the checkpoint's values, use a "
-                         "new --workdir, or resume anyway with --config.allow_resume_changes=True")
+        raise ValueError(f"stage {c.name} would resume from {where} with other {describe(changed, fixed)}: noise, "
+                         "timesteps or batches would no longer be the uninterrupted run's. Restore the checkpoint's "
+                         "values, use a new --workdir, or resume anyway with --config.allow_resume_changes=True")
     if not c.allow_resume_changes:
         try:
             check_same_data(meta.get("data_identity"), data)
         except ValueError as e:
             raise ValueError(f"stage {c.name}: {e}; or resume anyway with --config.allow_resume_changes=True") from None
-    notes = [f"stage {c.name}: resuming from step {step} with changed settings: {listed(changed)}"] if changed else []
+    notes = [f"stage {c.name}: resuming from step {step} with changed settings: {describe(changed)}"] if changed else []
     if "steps" in changed and c.optimizer.schedule == "cosine":
         notes.append(f"stage {c.name}: the cosine learning-rate schedule now spans {c.steps} steps, not "
                      f"{changed['steps'][0]}: from step {step} on the rate differs from the first run's plan")
     return notes, step
-
-
-def _flat(tree: dict, prefix: str = "") -> dict[str, Any]:
-    """{"optimizer": {"lr": 1e-5}} → {"optimizer.lr": 1e-5}; lists as tuples (JSON gives lists)."""
-    out = {}
-    for k, v in tree.items():
-        if isinstance(v, dict):
-            out |= _flat(v, f"{prefix}{k}.")
-        else:
-            out[f"{prefix}{k}"] = _tuples(v)
-    return out
-
-
-def _tuples(v):
-    return tuple(_tuples(x) for x in v) if isinstance(v, (list, tuple)) else v
 
 
 def _check_schedule(c: ml_collections.ConfigDict):
@@ -394,7 +377,7 @@ def run_stage(c: ml_collections.ConfigDict, workdir: Path, previous: Model | Non
         # The mesh as context: layers that must place work per device themselves (splash attention) see it.
         with stop, jax.set_mesh(mesh):
             while step < c.steps:
-                host_batch = data.batch(step)
+                host_batch = _first_batch(data, step) if step == start else data.batch(step)
                 flop = step_flops(teacher.spec if distil else None, student.spec, host_batch, c.batch_size)
                 batch = global_batch(host_batch, mesh)
                 profiler.before(step + 1)
@@ -508,6 +491,30 @@ def _any_process(flag: bool) -> bool:
     if jax.process_count() == 1:
         return flag
     return bool(multihost_utils.process_allgather(np.int32(flag)).any())
+
+
+def _first_batch(data, step: int) -> dict[str, np.ndarray]:
+    """`data.batch(step)` for the first batch of a fresh or resumed stream, where a host whose share of a
+    streamed source has no usable example (or cannot be read) raises. The hosts agree on it first, so all
+    of them stop with the same error instead of the others waiting in the step's collectives until the
+    heartbeat gives up."""
+    if jax.process_count() == 1:
+        return data.batch(step)
+    try:
+        batch, error = data.batch(step), ""
+    except Exception as e:  # any of them (an unreadable shard too): the other hosts would wait as well
+        batch, error = None, str(e) if isinstance(e, ValueError) else f"{type(e).__name__}: {e}"
+    # collectives move arrays: each host's error text as fixed-size bytes (empty: it read its batch)
+    text = np.zeros(4096, np.uint8)
+    encoded = error.encode()[:text.size]
+    text[:len(encoded)] = np.frombuffer(encoded, np.uint8)
+    texts = [bytes(t).rstrip(b"\0").decode(errors="replace") for t in multihost_utils.process_allgather(text)]
+    failed = [i for i, t in enumerate(texts) if t]
+    if failed:
+        reasons = "\n".join(texts[i] for i in failed)
+        raise ValueError(f"process {', '.join(map(str, failed))} of {len(texts)} could not read its batch of step "
+                         f"{step}, so every process stops:\n{reasons}")
+    return batch
 
 
 def _agreement_fn(student: UNet, teacher: UNet, acp, data, c, mesh, encode=None, encoder_params=None):

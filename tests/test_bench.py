@@ -69,7 +69,7 @@ def test_distill_step_runs_its_variants_side_by_side(tmp_path):
     assert figures["torch_accumulation"] == 2 and figures["torch_step_s"] > 0 and figures["torch_batch"] == 2
     assert figures["ratio_vs_torch"] == figures["torch_step_s"] / plain["step_s"]
     # the same precision on both sides, recorded; the noise is drawn before the timing, the copies timed alone
-    assert figures["torch_dtype"] == "fp32" and figures["torch_copy_s"] >= 0
+    assert figures["torch_dtype"] == "fp32"
     assert figures["torch_tf32"] is (figures["torch_device"] == "cuda")  # TF32 as XLA's default on a GPU
     assert len(figures["peak_matmul_tflops_before_after"]) == 2
     assert figures["peak_matmul_tflops"] == max(figures["peak_matmul_tflops_before_after"])

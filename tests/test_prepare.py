@@ -17,6 +17,7 @@ from jaxdistill import prepare as P
 from jaxdistill import sources as S
 from jaxdistill.data import PreparedLatents, check_fits
 from jaxdistill.prepare import load_encoders, prepare
+from jaxdistill.records import atomic_json, changes, describe
 from jaxdistill.reference import write_random_text_encoders, write_random_vae
 from jaxdistill.vae import encode
 
@@ -205,10 +206,20 @@ def test_process_0_writes_the_settings_and_buckets_compare_as_stored(tmp_path):
 def test_atomic_json_leaves_another_writers_temporary_file_alone(tmp_path):
     other = tmp_path / ".settings.json.tmp"  # what a fixed temporary name would be
     other.write_text("another process, half-way")
-    P.atomic_json(tmp_path / "settings.json", {"seed": 0})
+    atomic_json(tmp_path / "settings.json", {"seed": 0})
     assert json.loads((tmp_path / "settings.json").read_text()) == {"seed": 0}
     assert other.read_text() == "another process, half-way"
     assert sorted(p.name for p in tmp_path.iterdir()) == [".settings.json.tmp", "settings.json"]
+
+
+def test_record_changes_name_each_differing_leaf():
+    before = {"seed": 0, "prep": {"resolution": 64, "buckets": [[64, 64]]}, "old": 1}
+    now = {"seed": 1, "prep": {"resolution": 64, "buckets": ((64, 64),), "flip": True}}
+    changed = changes(before, now)
+    assert changed == {"seed": (0, 1), "prep.flip": (None, True), "old": (1, None)}  # lists equal tuples (JSON)
+    assert changes(before, now, shared_only=True) == {"seed": (0, 1)}  # a field one record lacks: not a change
+    assert describe(changed, ["prep.flip", "seed"]) == "prep.flip: None → True; seed: 0 → 1"
+    assert changes(before, json.loads(json.dumps(before))) == {}
 
 
 def test_prepare_command_ends_bad_input_with_a_usage_error(prepared, images, pipeline, tmp_path, monkeypatch,

@@ -251,6 +251,47 @@ def _losses_if_any(workdir) -> list:
     return list(_losses(workdir)) if (Path(workdir) / "metrics.jsonl").is_file() else []
 
 
+def test_a_process_without_usable_images_stops_both(tmp_path):
+    """An images source with one usable record for two hosts: one host's share is empty. Both processes stop
+    at once with the same error naming it (alone, the other would wait in the step's collectives until the
+    distributed heartbeat gives up)."""
+    from test_sources import _encode, _noise, _write
+
+    from jaxdistill.reference import write_random_pipeline
+
+    pipeline = str(write_random_pipeline(tmp_path / "pipeline"))
+    images = tmp_path / "images"
+    _write(images, "good.png", _encode(_noise(40, 40, 0), "PNG"))
+    _write(images, "good.txt", b"a picture")
+    _write(images, "nocap.png", _encode(_noise(40, 40, 1), "PNG"))  # no caption: skipped
+    c = small_config(pipeline, "", batch_size=2, steps=2, **{"loss.output": 0.0, "loss.feature": 0.0})
+    c.data.update(source="images", path=f"folder:{images}", pipeline=pipeline, resolution=32)
+    config = write_config_file(tmp_path / "images.py", c)
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    procs = [subprocess.Popen([sys.executable, "-m", "jaxdistill.train", "--config", config, "--workdir",
+                               str(tmp_path / "run")], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              env=ONE | {"JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}", "JAX_NUM_PROCESSES": "2",
+                                         "JAX_PROCESS_ID": str(i)}) for i in range(2)]
+    deadline = time.time() + 300
+    while time.time() < deadline and all(p.poll() is None for p in procs):
+        time.sleep(0.2)
+    try:  # once one has stopped, the other must follow within seconds, not the heartbeat's minutes
+        logs = [p.communicate(timeout=30)[0] for p in procs]
+    except subprocess.TimeoutExpired:
+        for p in procs:
+            p.kill()
+        logs = [p.communicate()[0] for p in procs]
+        pytest.fail("the processes did not both stop promptly:\n" + "\n----\n".join(log[-2000:] for log in logs))
+    assert [p.returncode for p in procs] == [1, 1], "\n----\n".join(log[-3000:] for log in logs)
+    for log in logs:
+        assert "could not read its batch of step 0, so every process stops" in log, log[-3000:]
+        assert "no usable example for process" in log and "caption_missing" in log, log[-3000:]
+    saved = tmp_path / "run" / "checkpoints" / "main"
+    assert not (saved.is_dir() and any(p.name.isdigit() for p in saved.iterdir()))  # nothing saved
+
+
 def test_splash_attention_runs_per_device_under_the_mesh():
     """Under the trainer's mesh context (fsdp=8 and data=2 × fsdp=4) splash attention runs on each
     device's share of the batch: same numbers as the XLA path (forward and gradients, Pallas' interpreter

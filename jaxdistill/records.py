@@ -1,0 +1,48 @@
+"""The JSON records the tools keep beside what they make (a data set's settings, a stage marker, a
+checkpoint's meta, a benchmark's figures): written atomically, and compared field by field when a run
+would continue what another one started."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+
+def atomic_json(path: Path, data: Any):
+    """Readers see the old file or the new one, never half of one; a unique temporary file per call, so
+    processes writing the same file at once do not write into each other's."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=1)
+        os.chmod(tmp, 0o644)  # mkstemp makes it owner-only; the data set is read by others too
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def changes(before: Any, now: Any, *, shared_only: bool = False, name: str = "") -> dict[str, tuple[Any, Any]]:
+    """{"dotted.name": (old, new)} for each leaf that differs between two records (dicts compared key by
+    key, lists and tuples alike: JSON gives back lists). A key one side lacks is a change from or to None;
+    with `shared_only` it is not a change at all (a record written before the field existed)."""
+    if isinstance(before, dict) and isinstance(now, dict):
+        keys = set(before) & set(now) if shared_only else set(before) | set(now)
+        out = {}
+        for k in sorted(keys, key=str):
+            out |= changes(before.get(k), now.get(k), shared_only=shared_only, name=f"{name}.{k}" if name else str(k))
+        return out
+    before, now = _tuples(before), _tuples(now)
+    return {} if before == now else {name: (before, now)}
+
+
+def describe(changed: dict[str, tuple[Any, Any]], keys=None) -> str:
+    """"name: old → new; ..." for `changes`' result (only `keys`, in their order, where given)."""
+    return "; ".join(f"{k}: {changed[k][0]!r} → {changed[k][1]!r}" for k in (changed if keys is None else keys))
+
+
+def _tuples(v):
+    return tuple(_tuples(x) for x in v) if isinstance(v, (list, tuple)) else v
