@@ -7,8 +7,9 @@ drops one transformer layer in two modules (keeping layer 1 of one: renumbering)
 block, so the `mid_block` pair is a different module on each side, as in SSD-1B.
 
 Both cases clip (grad norm ≥ 2 × grad_clip = 1.0); one uses optax's and torch's default eps = 1e-8, the other
-the scanned parameter layout, `normalize="teacher_ms"`, a perturbed student and gradient accumulation over two
-micro-batches (examples i, i + 2, ... on both sides; metrics and gradients averaged over them). Tolerances, all float32
+the scanned parameter layout, `normalize="teacher_ms"`, v-prediction, a perturbed student and gradient accumulation
+over two micro-batches (examples i, i + 2, ... on both sides; metrics and gradients averaged over them). Both keep an
+EMA, checked over a second step of ours against diffusers' `EMAModel` rule. Tolerances, all float32
 (measured differences are ~1e-6 relative; `pytest -s` prints them):
 - every loss term, every per-tap feature term and the grad norm (before clipping): relative 1e-4;
 - the clipped gradient ĝ, read from the optimizer's moments after one step (m = (1 − b1)·ĝ, v = (1 − b2)·ĝ²),
@@ -95,12 +96,18 @@ def rel(a, b):
     return abs(a - b) / max(abs(b), 1e-30)
 
 
-@pytest.mark.parametrize("student_name, scan_layers, normalize, eps, compare_above, accumulation", [
-    ("pruned", False, "none", 1e-8, 1e-5, 1),  # the defaults; updates compared where |ĝ| ≥ 1e3 · eps
-    ("perturbed", True, "teacher_ms", 1e-3, 0.0, 2),  # everywhere; two micro-batches of 2
+# prediction_type and ema_decay ride on these two cases: a third would compile another step (~50 s).
+@pytest.mark.parametrize("student_name, scan_layers, normalize, eps, compare_above, accumulation, prediction_type, "
+                         "ema_decay", [
+    # the defaults; updates compared where |ĝ| ≥ 1e3 · eps; the EMA's second decay is the warm-up's 2/11
+    ("pruned", False, "none", 1e-8, 1e-5, 1, "epsilon", 0.9),
+    # everywhere; two micro-batches of 2; the EMA's second decay is the cap, 0.1
+    ("perturbed", True, "teacher_ms", 1e-3, 0.0, 2, "v_prediction", 0.1),
 ])
 def test_one_step_matches_the_pytorch_reference(models, student_name, scan_layers, normalize, eps, compare_above,
-                                                accumulation):
+                                                accumulation, prediction_type, ema_decay):
+    from diffusers.training_utils import EMAModel
+
     teacher_spec, teacher_params, student_spec, students, folders = models
     student_params = students[student_name]
     pairs = feature_pairs(teacher_spec, student_spec, "all")
@@ -115,18 +122,37 @@ def test_one_step_matches_the_pytorch_reference(models, student_name, scan_layer
     tx, lr_fn = make_optimizer(lr=LR, weight_decay=WEIGHT_DECAY, b1=B1, b2=B2, eps=eps, grad_clip=GRAD_CLIP)
     layout = stack_layers if scan_layers else (lambda p: p)
     step = make_train_step(UNet(student_spec, scan_layers=scan_layers), UNet(teacher_spec, scan_layers=scan_layers),
-                           tx, lr_fn, acp, pairs=pairs, normalize=normalize, accumulation=accumulation)
-    state = init_state(layout(student_params), tx, ema=False)
+                           tx, lr_fn, acp, pairs=pairs, normalize=normalize, prediction_type=prediction_type,
+                           accumulation=accumulation, ema_decay=ema_decay)
+    state = init_state(layout(student_params), tx, ema=True)
     teacher_in = layout(teacher_params)
     teacher_before = jax.tree.map(np.array, teacher_in)
     # Donated as in train.py: the state's buffers must not be the teacher's (a pruned student shares them).
-    new_state, metrics = jax.jit(step, donate_argnums=(0,))(state, {"teacher": teacher_in}, batch, rng)
+    jitted = jax.jit(step, donate_argnums=(0,))
+    new_state, metrics = jitted(state, {"teacher": teacher_in}, batch, rng)
     assert all(x.is_deleted() for x in jax.tree.leaves(state.params))  # donation happened
     metrics = {k: float(v) for k, v in metrics.items()}
     unlayout = unstack_layers if scan_layers else (lambda p: p)
     ours_new = to_diffusers_state_dict(unlayout(jax.device_get(new_state.params)))
     moments = jax.device_get([optax.tree_utils.tree_get(new_state.opt_state, k) for k in ("mu", "nu")])
     ours_m, ours_v = (to_diffusers_state_dict(unlayout(tree)) for tree in moments)
+
+    # ---- the EMA over a second step of ours. diffusers' EMAModel, stepped after each optimizer update, uses
+    # get_decay(k) for update k: 0 for the first (it copies the new weights), then min(ema_decay, (1 + t) / (10 + t))
+    # with t = k − 1. Checked on the step itself: test_ema_follows_diffusers_ema_model covers `ema_update`, not
+    # which weights and step count the step hands it.
+    ema1 = to_diffusers_state_dict(unlayout(jax.device_get(new_state.ema_params)))
+    second = jitted(new_state, {"teacher": teacher_in}, batch, rng)[0]  # donates new_state: read above
+    params2, ema2 = (to_diffusers_state_dict(unlayout(jax.device_get(t))) for t in (second.params, second.ema_params))
+    d2 = EMAModel([torch.nn.Parameter(torch.zeros(1))], decay=ema_decay).get_decay(2)
+    assert d2 == min(ema_decay, 2 / 11), d2
+    for name, p1 in ours_new.items():
+        np.testing.assert_allclose(ema1[name], p1, rtol=1e-6, err_msg=f"EMA after step 1: {name}")
+        # atol: float32 rounding where the two terms nearly cancel, on the tensor's scale
+        np.testing.assert_allclose(ema2[name], d2 * ema1[name] + (1 - d2) * params2[name], rtol=1e-6,
+                                   atol=1e-6 * np.max(np.abs(params2[name])), err_msg=f"EMA after step 2: {name}")
+    # the second update is visible, so the decay is too (d2 · 0.5 · lr ≫ the tolerance)
+    assert max(np.max(np.abs(params2[k] - ema1[k])) for k in ema1) > 0.5 * LR
 
     # ---- the reference: diffusers models loaded from the folders we wrote, torch.optim.AdamW
     teacher = UNet2DConditionModel.from_pretrained(folders["teacher"], low_cpu_mem_usage=False).eval()
@@ -141,7 +167,8 @@ def test_one_step_matches_the_pytorch_reference(models, student_name, scan_layer
     noise, timesteps = drawn_noise_and_timesteps(rng, 0, batch["latents"].shape, acp.shape[0], accumulation)
     optimizer = torch.optim.AdamW(student.parameters(), lr=LR, betas=(B1, B2), eps=eps, weight_decay=WEIGHT_DECAY)
     ref = torch_distill_step(teacher, student, optimizer, batch, noise, timesteps, acp, pairs, None,
-                             normalize=normalize, grad_clip=GRAD_CLIP, accumulation=accumulation)
+                             normalize=normalize, prediction_type=prediction_type, grad_clip=GRAD_CLIP,
+                             accumulation=accumulation)
     new = {k: v.detach().numpy() for k, v in student.state_dict().items()}
 
     # ---- loss terms (the task term agreeing also shows the noise and timesteps are the ones the step drew)
@@ -184,8 +211,8 @@ def test_one_step_matches_the_pytorch_reference(models, student_name, scan_layer
     assert all(torch.equal(teacher_old[k], v) for k, v in teacher.state_dict().items())
     assert jax.tree.all(jax.tree.map(lambda a, b: np.array_equal(np.asarray(a), b), teacher_in, teacher_before))
     largest = max(np.max(np.abs(g)) for g in clipped.values())
-    print(f"\n{student_name}, scan_layers={scan_layers}, {normalize}, eps={eps:g}, grad norm {ref['grad_norm']:.3g}, "
-          f"max |ĝ| {largest:.2g}: loss terms "
+    print(f"\n{student_name}, scan_layers={scan_layers}, {normalize}, {prediction_type}, eps={eps:g}, "
+          f"grad norm {ref['grad_norm']:.3g}, max |ĝ| {largest:.2g}: loss terms "
           f"{max(rel(metrics[k], ref[k]) for k in ref if ref[k]):.1e} relative (grad norm "
           f"{rel(metrics['grad_norm'], ref['grad_norm']):.1e}); m {worst['m'][0]:.1e}, v {worst['v'][0]:.1e} of the "
           f"tensor's max; update {worst['update'][0]:.1e}·lr ({worst['update'][1]}) on {compared / total:.1%}")
