@@ -37,20 +37,20 @@ def resolve_checkpoint(path: str | os.PathLike, stage: str | None = None) -> tup
         raise CheckpointError(f"checkpoint {path} does not exist")
     if path.name.isdigit() and not (path / "checkpoints").is_dir():  # a step, not a workdir named by a date
         stage_dir, step = path.parent, int(path.name)
-        if step not in _finished_steps(stage_dir):
+        if step not in finished_steps(stage_dir):
             raise CheckpointError(f"checkpoint {path} is incomplete (the run was stopped while writing it, or the "
                                   f"files are partly copied); finished steps in {stage_dir}: "
-                                  f"{_finished_steps(stage_dir) or 'none'}")
+                                  f"{finished_steps(stage_dir) or 'none'}")
         return stage_dir, step
     if (path / "checkpoints").is_dir():
-        stages = sorted((d for d in (path / "checkpoints").iterdir() if d.is_dir() and _finished_steps(d)),
-                        key=lambda d: max(os.path.getmtime(d / str(s)) for s in _finished_steps(d)))
+        stages = sorted((d for d in (path / "checkpoints").iterdir() if d.is_dir() and finished_steps(d)),
+                        key=lambda d: max(os.path.getmtime(d / str(s)) for s in finished_steps(d)))
         if stage is not None:
             stages = [d for d in stages if d.name == stage]
         if not stages:
             raise CheckpointError(f"{path} holds no finished checkpoint" + (f" of stage {stage!r}" if stage else ""))
         path = stages[-1]  # the most recently written stage
-    steps = _finished_steps(path)
+    steps = finished_steps(path)
     if not steps:
         raise CheckpointError(f"{path} holds no finished checkpoint (expected WORKDIR, WORKDIR/checkpoints/STAGE "
                               "or WORKDIR/checkpoints/STAGE/STEP of python -m jaxdistill.train)")
@@ -77,8 +77,8 @@ def load_checkpoint(path: str | os.PathLike, *, ema: bool | None = None,
     finally:
         manager.close()
     if params is None and ema:
-        raise CheckpointError(f"checkpoint {folder} has no EMA weights (the run had ema_decay=0); export the "
-                              "trained weights without --ema")
+        raise CheckpointError(f"checkpoint {folder} has no EMA weights (the run had ema_decay=0); take its "
+                              "trained weights: leave out --ema (or pass --no-ema)")
     if params is None:
         raise CheckpointError(f"checkpoint {folder} holds no student weights (`params`); is it a checkpoint of "
                               "python -m jaxdistill.train?")
@@ -113,7 +113,7 @@ def _restore_weights(manager: ocp.CheckpointManager, step: int,
     return key, restored.state[key], dict(restored.meta)
 
 
-def _finished_steps(stage_dir: Path) -> list[int]:
+def finished_steps(stage_dir: Path) -> list[int]:
     """Steps orbax finished writing (it writes to a temporary name and renames at the end)."""
     if not stage_dir.is_dir():
         return []

@@ -5,7 +5,8 @@ with the same scheduler and guidance (`jaxdistill.sample`); we compare the final
 relative to the teacher's mean square) and the decoded images (PSNR and SSIM, 8-bit, data range 255),
 and, when CLIP weights are given, each image's CLIP score against its prompt. Output: `metrics.csv` (one
 row per image pair), `metrics.md` (the table and the means), `summary.json` and `grid.png` (teacher above
-student for each prompt and seed). The same comparison feeds the validation grid during training.
+student for each prompt and seed), in a new folder (`--overwrite` replaces one as a whole); a student that is
+the teacher's very weights is refused. The same comparison feeds the validation grid during training.
 
 SSIM is Wang et al.'s (11×11 Gaussian window, σ = 1.5, K1 = 0.01, K2 = 0.03), the mean over pixels and
 channels — equal to scikit-image's `structural_similarity(gaussian_weights=True, sigma=1.5,
@@ -24,6 +25,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from jaxdistill.convert import check_out, whole_folder
 
 METRICS = ("latent_mse", "latent_rel_mse", "psnr", "ssim")
 
@@ -192,6 +195,25 @@ def write_report(evaluation: Evaluation, out: str | os.PathLike, info: dict[str,
     return out
 
 
+def _check_not_the_same(student: str, teacher: str, ema: bool | None):
+    """Refuses a student and a teacher that are the same weights (the same folder, or the same checkpoint with
+    the same --ema choice): the comparison would be perfect by construction."""
+    from jaxdistill.checkpoint import CheckpointError
+    from jaxdistill.export import recorded_teacher, which_weights  # export imports the trainer
+
+    try:
+        weights = which_weights(student, ema=ema)
+        if weights != which_weights(teacher):
+            return
+    except CheckpointError:  # not there, or not a checkpoint: loading it says what is wrong
+        return
+    recorded = recorded_teacher(student)
+    hint = (f"--teacher {recorded} (as its run records it)" if recorded else
+            "--teacher (its SDXL pipeline or UNet folder, or WORKDIR/stages/NAME of the stage before)")
+    raise ValueError(f"--student {student} and --teacher {teacher} are the same weights ({weights[0]}): the "
+                     f"student would be compared with itself. Give the teacher it was distilled from: {hint}")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Compare a student with its teacher over prompts × seeds: latent MSE, PSNR, SSIM, CLIP score."""
     import argparse
@@ -202,9 +224,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--student", required=True, help="pipeline / UNet folder, or a training checkpoint")
     parser.add_argument("--teacher", required=True, help="pipeline / UNet folder of the teacher")
     parser.add_argument("--pipeline", help="SDXL pipeline folder for the VAE, text encoders and scheduler "
-                                           "(default: the teacher, when it is a pipeline folder)")
+                                           "(default: the teacher's own: a pipeline folder's, a run's)")
     parser.add_argument("--prompts", required=True, help="text file, one prompt per line")
-    parser.add_argument("--seeds", default="0,1", help="comma-separated seeds (default 0,1)")
+    parser.add_argument("--seeds", default="0,1", type=sample.seed_list, help="comma-separated seeds (default 0,1)")
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--guidance", type=float, default=5.0)
     parser.add_argument("--scheduler", choices=("euler", "ddim"), default="euler")
@@ -215,21 +237,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--ema", action=argparse.BooleanOptionalAction, default=None,
                         help="the student checkpoint's EMA weights (--ema) or trained weights (--no-ema); default: "
                              "as the run hands them on, its EMA weights when it kept them")
-    parser.add_argument("--out", required=True)
+    parser.add_argument("--out", required=True, help="the report folder (refused if not empty, see --overwrite)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace a non-empty --out (all of it) once the new report is written")
     args = parser.parse_args(argv)
     try:
         prompts = sample.read_prompts(args.prompts)
-        seeds = sample.check_seeds(s for s in args.seeds.split(",") if s.strip())
-    except (OSError, ValueError) as e:
-        parser.error(str(e))
-    if not seeds:
-        parser.error(f"--seeds {args.seeds!r}: no seeds (comma-separated integers, e.g. 0,1)")
+    except ValueError as e:
+        parser.error(f"--prompts: {e}")
     for name in ("steps", "batch_size"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be ≥ 1")
-    pipeline = args.pipeline or args.teacher
     try:  # everything that can fail before hours of sampling: folders, fit, sizes, scheduler, CLIP weights
-        teacher = sample.load_pipeline(args.teacher, pipeline)
+        check_out(args.out, args.overwrite, (args.student, args.teacher, args.pipeline, args.prompts, args.clip))
+        _check_not_the_same(args.student, args.teacher, args.ema)
+        teacher = sample.load_pipeline(args.teacher, args.pipeline)
         student = sample.load_pipeline(args.student, ema=args.ema, parts=teacher)  # one VAE and encoder copy
         height, width = teacher.check_size(args.height, args.width)
         student.check_size(height, width)
@@ -237,11 +259,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         clip = ClipScore(args.clip) if args.clip else None
     except (OSError, ValueError, RuntimeError) as e:  # RuntimeError: --clip without PyTorch
         parser.error(str(e))
-    evaluation = compare(teacher, student, prompts, seeds, clip=clip, steps=args.steps, guidance=args.guidance,
+    evaluation = compare(teacher, student, prompts, args.seeds, clip=clip, steps=args.steps, guidance=args.guidance,
                          scheduler=args.scheduler, height=height, width=width, batch_size=args.batch_size)
     info = {"student": args.student, "teacher": args.teacher, "steps": args.steps, "guidance": args.guidance,
             "scheduler": args.scheduler}
-    out = write_report(evaluation, args.out, info)
+    out = Path(args.out)
+    with whole_folder(out, args.overwrite) as tmp:  # no file of an earlier report is left among the new ones
+        write_report(evaluation, tmp, info)
     means = evaluation.means()
     print("  ".join(f"{k} {v:.4g}" for k, v in means.items()))
     print(f"evaluate: {len(evaluation.rows)} image pairs → {out}/metrics.{{csv,md}}, grid.png")

@@ -32,7 +32,7 @@ import ml_collections
 import ml_dtypes
 import numpy as np
 
-from jaxdistill.checkpoint import CheckpointError, load_checkpoint
+from jaxdistill.checkpoint import CheckpointError, finished_steps, load_checkpoint, resolve_checkpoint
 from jaxdistill.config import stages_of
 from jaxdistill.convert import (
     CONFIG_NAME,
@@ -85,6 +85,7 @@ def load_student(path: str | os.PathLike, *, ema: bool | None = None, stage: str
     path = Path(path)
     folder = _unet_folder(path)
     if folder is None:
+        _check_stage_and_step(path, stage)
         spec, params, meta = load_checkpoint(path, ema=ema, stage=stage)
         checkpoint = Path(meta["checkpoint"])
         return Student(spec, params, {
@@ -101,6 +102,55 @@ def load_student(path: str | os.PathLike, *, ema: bool | None = None, stage: str
     except (OSError, ValueError) as e:  # WeightsError, UnsupportedConfigError, missing weights
         raise ExportError(f"cannot read the UNet in {folder}: {e}") from e
     return Student(spec, jax.tree.map(lambda x: np.asarray(x, np.float32), params), provenance)
+
+
+def which_weights(path: str | os.PathLike, *, ema: bool | None = None,
+                  stage: str | None = None) -> tuple[Path, bool | None]:
+    """Which weights `load_student(path, ema=, stage=)` reads, without reading them: (the UNet folder, None) for
+    a model folder (one set of weights), (the checkpoint's step folder, `ema`) for a training checkpoint; both
+    paths resolved, so two equal answers are the same weights. Raises CheckpointError as `load_student`."""
+    path = Path(path)
+    folder = _unet_folder(path)
+    if folder is not None:
+        return folder.resolve(), None
+    _check_stage_and_step(path, stage)
+    stage_dir, step = resolve_checkpoint(path, stage)
+    return (stage_dir / str(step)).resolve(), ema
+
+
+def recorded_teacher(path: str | os.PathLike) -> str | None:
+    """The teacher that the student of `path` (a training checkpoint, a finished stage or its export) was
+    distilled from, as its run recorded it; for a progressive stage the stage before's student folder. None
+    when nothing is recorded (a foreign UNet folder, a stage trained without a teacher)."""
+    path = Path(path)
+    folder = _unet_folder(path)
+    if folder is not None:
+        prov = folder_provenance(path, folder)
+    else:
+        try:
+            stage_dir, _ = resolve_checkpoint(path)
+        except CheckpointError:
+            return None
+        workdir, name = stage_dir.parents[1], stage_dir.name  # WORKDIR/checkpoints/STAGE
+        prov = {"workdir": str(workdir), "stage": name, "teacher": (_stage_config(workdir, name) or {}).get("teacher")}
+    if prov.get("teacher") == "previous":
+        _, _, before = _previous_teachers(prov.get("workdir"), prov.get("stage"))
+        return str(before) if before else None
+    return prov.get("teacher") or None
+
+
+def checkpoint_hint(path: str | os.PathLike) -> str:
+    """For an error about a checkpoint `path` that is not there: what its workdir does hold ("; finished steps
+    in WORKDIR/checkpoints/STAGE: 50, 100", "; stages in WORKDIR/checkpoints: teacher, ssd1b"), else ""."""
+    path = Path(path)
+    parent = path.parent
+    if parent.name == "checkpoints" and parent.is_dir():
+        stages = sorted(d.name for d in parent.iterdir() if d.is_dir() and finished_steps(d))
+        return f"; stages in {parent}: {', '.join(stages) or 'none finished'}"
+    if path.name.isdigit() and parent.parent.name == "checkpoints" and parent.is_dir():
+        steps = finished_steps(parent)
+        return f"; finished steps in {parent}: {', '.join(map(str, steps)) or 'none'}"
+    return ""
 
 
 def pipeline_files(pipeline_dir: str | os.PathLike) -> dict[str, list[Path]]:
@@ -344,6 +394,16 @@ def check_weights_choice(path: Path, provenance: dict[str, Any], ema: bool | Non
     if ema is False and provenance.get("ema"):
         raise ExportError(f"--no-ema: {path} holds EMA weights (its run had ema_decay > 0); the trained weights "
                           "are in the run's training checkpoint (WORKDIR/checkpoints/STAGE)")
+
+
+def _check_stage_and_step(path: Path, stage: str | None):
+    """Refuses a stage (`--stage`) or a stage / step folder that is not there, naming those that are."""
+    if stage is not None and (path / "checkpoints").is_dir():
+        if not finished_steps(path / "checkpoints" / stage):
+            raise CheckpointError(f"--stage {stage}: {path} holds no finished checkpoint of that stage"
+                                  + checkpoint_hint(path / "checkpoints" / stage))
+    elif not path.exists() and checkpoint_hint(path):
+        raise CheckpointError(f"checkpoint {path} does not exist{checkpoint_hint(path)}")
 
 
 def folder_provenance(path: Path, folder: Path) -> dict[str, Any]:

@@ -40,7 +40,7 @@ def check_folder(folder, batch: int = 2, size: int = 16, seq_len: int = 8, seed:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m jaxdistill.parity", description=__doc__.split("\n\n")[0])
     parser.add_argument("--unet", help="diffusers UNet or pipeline folder (default: a random tiny one)")
     parser.add_argument("--preset", default="sdxl", choices=sorted(presets.PRESETS),
                         help="topology of the random tiny UNet")
@@ -56,7 +56,12 @@ def main(argv=None) -> int:
             folder = write_random_unet(tmp, spec, seed=args.seed)
             print(f"random tiny {args.preset}-shaped UNet ({count_params(spec):,} parameters) written by diffusers")
         start = time.perf_counter()
-        errors = check_folder(folder, args.batch, args.size, seed=args.seed)
+        try:
+            errors = check_folder(folder, args.batch, args.size, seed=args.seed)
+        except (OSError, ValueError) as e:  # --unet missing or unreadable: a usage error (ours failing: a bug)
+            if args.unet is None:
+                raise
+            parser.error(f"--unet: {e}")
     worst = max(errors, key=errors.get)
     print(f"{'output / feature':<34} {'max|jax-torch| / max|torch|':>28}")
     for name in ["sample"] + sorted(k for k in errors if k != "sample"):

@@ -343,17 +343,31 @@ PIPELINE_UNET = UNetSpec(
     addition_time_embed_dim=8, projection_class_embeddings_input_dim=40 + 6 * 8, sample_size=16)
 
 
+def text_encoder_sizes(unet: UNetSpec) -> dict:
+    """Hidden sizes, heads and projection of two tiny text encoders that fit `unet` (SDXL's split of the
+    context: 2/5 from the first encoder, 768 + 1280 at full size)."""
+    if unet.addition_embed_type != "text_time":
+        raise ValueError("an SDXL pipeline needs a UNet with SDXL's added text/time embedding")
+    first = unet.cross_attention_dim * 2 // 5 // 2 * 2
+    hidden = (first, unet.cross_attention_dim - first)
+    heads = (2, next(h for h in (3, 2, 1) if hidden[1] % h == 0))
+    return {"hidden": hidden, "heads": heads,
+            "projection_dim": unet.projection_class_embeddings_input_dim - 6 * unet.addition_time_embed_dim}
+
+
 def write_random_pipeline(pipeline_dir: str | Path, unet: UNetSpec = PIPELINE_UNET, seed: int = 0) -> Path:
     """A complete tiny diffusers SDXL pipeline folder (`StableDiffusionXLPipeline.from_pretrained` loads it):
-    random text encoders and tokenizers, VAE (16, 32 wide: images are 2× the latents), a UNet for `unet`,
-    SDXL's Euler scheduler config, and `model_index.json`, all written by diffusers / transformers."""
+    random text encoders and tokenizers sized to fit `unet` (their hidden sizes add up to its
+    cross_attention_dim, the pooled projection is what its added embedding takes besides the six time ids),
+    VAE (16, 32 wide: images are 2× the latents), a UNet for `unet`, SDXL's Euler scheduler config, and
+    `model_index.json`, all written by diffusers / transformers."""
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     from jaxdistill.sample import SDXL_SCHEDULER_CONFIG
 
     root = Path(pipeline_dir)
-    write_random_text_encoders(root, seed=seed)
+    write_random_text_encoders(root, seed=seed, **text_encoder_sizes(unet))
     write_random_vae(root / "vae", seed=seed + 1)
     write_random_unet(root / "unet", unet, seed=seed + 2)
     pipe = StableDiffusionXLPipeline(

@@ -8,6 +8,7 @@ student has learnt next to its teacher, and as the base of evaluation.
 
     python -m jaxdistill.sample --model runs/ssd1b --pipeline SDXL_DIR --prompt "a cat" --out samples/ \
         [--teacher SDXL_DIR]        # one PNG per image, grid.png (and side_by_side.png with a teacher)
+    # --out must be new or empty; --overwrite replaces it as a whole once the new images are written
 
 What it reproduces, number for number in float32 (`tests/test_sample.py`): diffusers'
 `StableDiffusionXLPipeline.__call__` with `EulerDiscreteScheduler` or `DDIMScheduler` (eta 0), given the
@@ -43,7 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxdistill import schedule
-from jaxdistill.convert import CONFIG_NAME, is_workdir, load_unet, resolve_unet_folder
+from jaxdistill.convert import CONFIG_NAME, check_out, is_workdir, load_unet, resolve_unet_folder, whole_folder
 from jaxdistill.schedule import PREDICTION_TYPES
 from jaxdistill.spec import UNetSpec, UnsupportedConfigError
 from jaxdistill.text import TextEncoders, load_text_encoders
@@ -361,7 +362,9 @@ def load_pipeline(model: str | os.PathLike, pipeline: str | os.PathLike | None =
             candidates = [config.get("data", {}).get("pipeline"), config.get("teacher"), meta.get("teacher")]
             pipeline = next((c for c in candidates if c and is_pipeline(Path(c))), None)
     else:
-        raise FileNotFoundError(f"model {model} does not exist")
+        from jaxdistill.export import checkpoint_hint
+
+        raise FileNotFoundError(f"model {model} does not exist{checkpoint_hint(model)}")
     if parts is None:
         if pipeline is None:
             raise FileNotFoundError(f"{model} is a UNet, not a whole pipeline: give the SDXL pipeline folder whose "
@@ -658,12 +661,32 @@ def pair_grid(teacher_images: np.ndarray, student_images: np.ndarray, prompts: S
 # ---- command line -------------------------------------------------------------------------------
 
 def read_prompts(path: str | os.PathLike) -> list[str]:
-    """One prompt per line; blank lines and lines starting with # are ignored."""
-    lines = Path(path).read_text(encoding="utf-8").splitlines()
+    """One prompt per line; blank lines and lines starting with # are ignored. ValueError naming the file when
+    it cannot be read or holds no prompts."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:  # the file and the reason, not a bare "[Errno 2] ..."
+        raise ValueError(f"cannot read {path}: {getattr(e, 'strerror', None) or e}") from e
     prompts = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
     if not prompts:
         raise ValueError(f"{path} holds no prompts (one per line; # starts a comment)")
     return prompts
+
+
+def seed_list(text: str) -> list[int]:
+    """argparse type of a comma-separated seed list ("0,1"), checked by `check_seeds`."""
+    import argparse
+
+    try:
+        seeds = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated integers, e.g. 0,1") from e
+    if not seeds:
+        raise argparse.ArgumentTypeError(f"{text!r}: no seeds (comma-separated integers, e.g. 0,1)")
+    try:
+        return check_seeds(seeds)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from e
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -692,7 +715,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=4, help="images denoised together")
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
                         help="the UNet's and VAE's compute dtype (float16: GPUs only)")
-    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--out", required=True, help="output folder (refused if not empty, see --overwrite)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace a non-empty --out (all of it) once the new images are written")
     parser.add_argument("--teacher", help="a teacher model (same forms as --model, same --pipeline) for "
                                           "side_by_side.png")
     parser.add_argument("--ema", action=argparse.BooleanOptionalAction, default=None,
@@ -703,7 +728,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.prompts:
         try:
             prompts = read_prompts(args.prompts)
-        except (OSError, ValueError) as e:
+        except ValueError as e:
             parser.error(f"--prompts: {e}")
     else:
         prompts = args.prompt
@@ -714,6 +739,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error(f"--{name.replace('_', '-')} must be ≥ 1")
     try:
         check_seeds([args.seed, args.seed + args.num_images - 1])
+    except ValueError as e:
+        parser.error(f"--seed {args.seed} with --num-images {args.num_images}: {e}")
+    try:
+        # Before the slow part; what the images are made from must survive replacing --out.
+        check_out(args.out, args.overwrite, (args.model, args.pipeline, args.teacher, args.prompts))
         student = load_pipeline(args.model, args.pipeline, ema=args.ema, dtype=args.dtype)
         # The teacher gets the student's VAE, text encoders and scheduler: only the UNets differ.
         teacher = load_pipeline(args.teacher, parts=student, dtype=args.dtype) if args.teacher else None
@@ -721,7 +751,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if teacher is not None:
             teacher.check_size(height, width)
         make_scheduler(args.scheduler, student.scheduler_config).set_timesteps(args.steps)
-    except (OSError, ValueError) as e:  # missing folders, incompatible parts, bad sizes, scheduler configs, steps
+    except (OSError, ValueError) as e:  # --out, missing folders, incompatible parts, sizes, scheduler configs, steps
         parser.error(str(e))
 
     pairs = [(i, p, args.seed + k) for i, p in enumerate(prompts) for k in range(args.num_images)]
@@ -731,15 +761,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = Path(args.out)
     names = [f"{i:03d}_seed{s}" for i, _, s in pairs]
     images = generate(student, [p for _, p, _ in pairs], **kwargs).images
-    save_images(images, out, names)
-    image_grid(images, rows=len(prompts), row_labels=prompts,
-               col_labels=[f"seed {args.seed + k}" for k in range(args.num_images)]).save(out / "grid.png")
+    teacher_images = generate(teacher, [p for _, p, _ in pairs], **kwargs).images if teacher is not None else None
+    # Written whole or not at all: no image of an earlier run in --out is left among these.
+    with whole_folder(out, args.overwrite) as tmp:
+        save_images(images, tmp, names)
+        image_grid(images, rows=len(prompts), row_labels=prompts,
+                   col_labels=[f"seed {args.seed + k}" for k in range(args.num_images)]).save(tmp / "grid.png")
+        if teacher_images is not None:
+            save_images(teacher_images, tmp / "teacher", names)
+            pair_grid(teacher_images, images, [p for _, p, _ in pairs], kwargs["seeds"]).save(tmp / "side_by_side.png")
     print(f"{len(images)} images ({width}×{height}, {args.steps} {args.scheduler} steps, guidance {args.guidance}) "
           f"→ {out}/ and {out / 'grid.png'}")
-    if teacher is not None:
-        teacher_images = generate(teacher, [p for _, p, _ in pairs], **kwargs).images
-        save_images(teacher_images, out / "teacher", names)
-        pair_grid(teacher_images, images, [p for _, p, _ in pairs], kwargs["seeds"]).save(out / "side_by_side.png")
+    if teacher_images is not None:
         print(f"teacher images → {out / 'teacher'}/, side by side → {out / 'side_by_side.png'}")
     return 0
 

@@ -105,6 +105,12 @@ def check_stages(stages: list[ml_collections.ConfigDict], workdir: Path) -> tupl
     weights), the batch split over the mesh, its data, and, where the workdir holds the stage already,
     whether it was made (finished) or is being made (checkpoints) as this config would make it, on the same
     data. → (a `StageCheck` per stage name, notes on settings a resumed stage changes)."""
+    # a workdir holding stages this config does not define is another run's (resumes compare stage by name)
+    held = {p.name for d in ("stages", "checkpoints") if (workdir / d).is_dir() for p in (workdir / d).iterdir()}
+    foreign = sorted(held - {c.name for c in stages})
+    if foreign:
+        raise ValueError(f"{workdir} holds stages this config does not define ({', '.join(foreign)}; it defines "
+                         f"{', '.join(c.name for c in stages)}): the workdir of another run. Use a new --workdir")
     checked, notes = {}, []
     previous, previous_made = None, None  # the stage before's student (spec only) and {"stage", "steps"}
     for c in stages:
@@ -710,6 +716,14 @@ def main(argv=None) -> int:
     config_flags.DEFINE_config_file("config", None, "a config file, e.g. configs/ssd1b.py", lock_config=True)
     flags.DEFINE_string("workdir", None, "where checkpoints, logs and the student go (resumes if present)")
     flags.mark_flags_as_required(["config", "workdir"])
+    args = list(sys.argv if argv is None else argv)
+    given = [b for a, b in zip(args, args[1:] + [""], strict=True) if a == "--config"] + [
+        a.split("=", 1)[1] for a in args if a.startswith("--config=")]
+    for path in given:  # ml_collections reports a missing file as a chain of load failures
+        if not os.path.isfile(path.split(":")[0]):
+            print(f"error: --config {path}: no such file (the configs that come with jaxdistill: configs/tiny.py, "
+                  "configs/ssd1b.py, configs/vega.py)", file=sys.stderr)
+            sys.exit(2)
 
     started = False
 

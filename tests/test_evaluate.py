@@ -80,14 +80,17 @@ def _strict_json(path):
 
 
 def test_evaluate_command_compares_a_student_with_its_teacher(pipeline, tmp_path):
-    """The teacher against itself is perfect (latent MSE 0, SSIM 1, PSNR inf: null in strict JSON); a
-    perturbed student is not. The student's config names another sample size: both sample at the
-    teacher's. Chunks of 3 for 4 image pairs (the last chunk padded)."""
+    """The teacher against a copy of itself is perfect (latent MSE 0, SSIM 1, PSNR inf: null in strict JSON);
+    a perturbed student is not. The student's config names another sample size: both sample at the
+    teacher's. Chunks of 3 for 4 image pairs (the last chunk padded). --overwrite replaces an earlier report
+    as a whole: none of its files stays among the new ones."""
     import dataclasses
+    import shutil
 
     from jaxdistill import load_unet, save_unet
 
     spec, params = load_unet(pipeline)
+    copy = shutil.copytree(pipeline / "unet", tmp_path / "copy")  # the same folder twice is refused
     noisy = {k: v for k, v in params.items()}
     noisy["conv_out"] = {k: v + 0.05 for k, v in params["conv_out"].items()}
     student = save_unet(tmp_path / "student", dataclasses.replace(spec, sample_size=spec.sample_size // 2), noisy)
@@ -95,30 +98,43 @@ def test_evaluate_command_compares_a_student_with_its_teacher(pipeline, tmp_path
     prompts.write_text("a red square\na blue circle\n")
     common = ["--teacher", str(pipeline), "--prompts", str(prompts), "--seeds", "0,3", "--steps", "3",
               "--batch-size", "3"]
-    for name, model, size in (("self", str(pipeline), ["--height", "32", "--width", "48"]),
-                              ("student", str(student), [])):
-        result = subprocess.run([sys.executable, "-m", "jaxdistill.evaluate", "--student", model, *common, *size,
+    (tmp_path / "report").mkdir()
+    (tmp_path / "report" / "old_metrics.csv").write_text("an earlier report's\n")
+    for name, model, extra in (("self", str(copy), ["--height", "32", "--width", "48"]),
+                               ("report", str(student), ["--overwrite"])):
+        result = subprocess.run([sys.executable, "-m", "jaxdistill.evaluate", "--student", model, *common, *extra,
                                  "--out", str(tmp_path / name)], capture_output=True, text=True, env=ENV)
         assert result.returncode == 0, result.stderr[-2000:]
+    assert sorted(p.name for p in (tmp_path / "report").iterdir()) == [
+        "grid.png", "metrics.csv", "metrics.md", "summary.json"]
     same = _strict_json(tmp_path / "self" / "summary.json")
-    different = _strict_json(tmp_path / "student" / "summary.json")
+    different = _strict_json(tmp_path / "report" / "summary.json")
     assert len(same["rows"]) == 4 and {r["seed"] for r in same["rows"]} == {0, 3}
     assert same["means"]["latent_mse"] == 0 and same["means"]["ssim"] == pytest.approx(1.0)
     assert same["means"]["psnr"] is None and same["rows"][0]["psnr"] is None
     assert different["means"]["latent_rel_mse"] > 1e-4 and different["means"]["ssim"] < 1.0
-    assert (tmp_path / "student" / "grid.png").is_file()
+    assert (tmp_path / "report" / "grid.png").is_file()
     teacher_size = spec.sample_size * 2  # the tiny VAE's factor
-    assert Image.open(tmp_path / "student" / "grid.png").size[1] > 4 * teacher_size
+    assert Image.open(tmp_path / "report" / "grid.png").size[1] > 4 * teacher_size
 
 
 def test_evaluate_command_refuses_bad_input_before_sampling(pipeline, tmp_path, capsys):
     """Argparse errors (exit 2) that name the problem, and nothing written."""
+    import shutil
+
     from jaxdistill.evaluate import main
 
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a cat\n")
-    common = ["--student", str(pipeline), "--teacher", str(pipeline), "--prompts", str(prompts)]
+    student = shutil.copytree(pipeline / "unet", tmp_path / "student")
+    common = ["--student", str(student), "--teacher", str(pipeline), "--prompts", str(prompts)]
     for args, reason in [(["--seeds", ","], "no seeds"), (["--seeds", str(2 ** 32)], "seeds are integers"),
+                         (["--seeds", "0,a"], "argument --seeds: '0,a': expected comma-separated integers"),
+                         (["--prompts", str(tmp_path / "none.txt")], "--prompts: cannot read"),
+                         # the teacher is a UNet folder: the VAE and text encoders come from --pipeline
+                         (["--teacher", str(pipeline / "unet")], "not a whole pipeline: give the SDXL pipeline "
+                                                                  "folder whose VAE, text encoders and scheduler to "
+                                                                  "use (--pipeline DIR"),
                          (["--steps", "0"], "--steps must be"), (["--height", "30"], "multiple of 4"),
                          (["--teacher", str(tmp_path / "nothing")], "does not exist"),
                          (["--clip", str(tmp_path / "no-clip")], "no-clip"),
@@ -127,6 +143,45 @@ def test_evaluate_command_refuses_bad_input_before_sampling(pipeline, tmp_path, 
         with pytest.raises(SystemExit) as info:
             main([*common, *args, "--out", str(tmp_path / "out")])
         assert info.value.code == 2 and reason in capsys.readouterr().err, args
+    assert not (tmp_path / "out").exists()
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "summary.json").write_text("{}")  # an earlier report: kept unless --overwrite
+    with pytest.raises(SystemExit) as info:
+        main([*common, "--out", str(tmp_path / "out")])
+    assert info.value.code == 2 and "not empty; choose another folder or add --overwrite" in capsys.readouterr().err
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["summary.json"]
+
+
+def test_evaluate_refuses_a_student_compared_with_itself(pipeline, tmp_path, capsys):
+    """The same folder, or the same checkpoint with the same --ema choice, as student and teacher: refused
+    before anything loads, naming the teacher the run records (for a progressive stage, the stage before's
+    folder). The checkpoints here are only their folders: nothing is read from them."""
+    from jaxdistill.config import base_config
+    from jaxdistill.evaluate import main
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a cat\n")
+    run = tmp_path / "run"
+    c = base_config()
+    c.stages = [dict(name="teacher", teacher=str(pipeline), steps=2), dict(name="ssd1b", teacher="previous", steps=2)]
+    (run / "checkpoints" / "ssd1b" / "4").mkdir(parents=True)
+    (run / "checkpoints" / "ssd1b" / "4" / "_CHECKPOINT_METADATA").write_text("{}")
+    (run / "config.json").write_text(c.to_json_best_effort())
+    common = ["--prompts", str(prompts), "--pipeline", str(pipeline), "--out", str(tmp_path / "out")]
+    cases = [(pipeline, pipeline, "Give the teacher it was distilled from: --teacher (its SDXL pipeline"),
+             (pipeline / "unet", pipeline, "same weights"),  # a pipeline's UNet is its unet/ folder
+             (run, run, f"--teacher {run / 'stages' / 'teacher'} (as its run records it)"),
+             (run / "checkpoints" / "ssd1b", run, "same weights")]  # the run's latest checkpoint
+    for student, teacher, reason in cases:
+        with pytest.raises(SystemExit) as info:
+            main(["--student", str(student), "--teacher", str(teacher), *common])
+        err = capsys.readouterr().err
+        assert info.value.code == 2 and "would be compared with itself" in err and reason in err, err
+    # the trained weights against the weights the run hands on (its EMA weights when it kept them): allowed
+    with pytest.raises(SystemExit):
+        main(["--student", str(run), "--no-ema", "--teacher", str(run), *common])
+    err = capsys.readouterr().err
+    assert "compared with itself" not in err and "cannot read checkpoint" in err, err  # no weights in this one
     assert not (tmp_path / "out").exists()
 
 

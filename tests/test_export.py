@@ -311,3 +311,37 @@ def test_a_progressive_stage_names_the_stage_before_and_the_first_teacher(tmp_pa
     facts = describe(Student(presets.tiny(presets.VEGA), {}, prov), "fp32")
     assert facts["first_teacher"] == cached and facts["base_model"] == "stabilityai/stable-diffusion-xl-base-1.0"
     assert "base_model: stabilityai/stable-diffusion-xl-base-1.0" in model_card(facts)
+
+
+def test_a_missing_stage_or_step_names_those_there_are(tmp_path, capsys):
+    """--stage or --checkpoint naming a stage or step the workdir lacks: refused, listing the finished ones.
+    The checkpoints are only their folders, as orbax marks them finished: nothing is read from them."""
+    work = tmp_path / "work"
+    for stage, steps in (("teacher", (20,)), ("ssd1b", (50, 100, 150))):
+        for step in steps:
+            (work / "checkpoints" / stage / str(step)).mkdir(parents=True)
+            (work / "checkpoints" / stage / str(step) / "_CHECKPOINT_METADATA").write_text("{}")
+    (work / "checkpoints" / "ssd1b" / "200").mkdir()  # unfinished: not offered
+    (work / "config.json").write_text(base_config().to_json_best_effort())
+    out = tmp_path / "out"
+    with pytest.raises(CheckpointError, match="--stage bogus: .*; stages in .*checkpoints: ssd1b, teacher$"):
+        export(work, out, stage="bogus")
+    with pytest.raises(CheckpointError, match="999 does not exist; finished steps in .*ssd1b: 50, 100, 150$"):
+        export(work / "checkpoints" / "ssd1b" / "999", out)
+    assert main(["--checkpoint", str(work / "checkpoints" / "bogus"), "--out", str(out)]) == 2
+    assert "does not exist; stages in" in capsys.readouterr().err and not out.exists()
+
+
+def test_commands_say_how_they_are_run_and_parity_refuses_a_missing_unet(tmp_path, capsys):
+    import importlib
+
+    for name in ("sample", "evaluate", "export", "parity", "prune", "prepare"):
+        with pytest.raises(SystemExit):
+            importlib.import_module(f"jaxdistill.{name}").main(["--help"])
+        assert capsys.readouterr().out.startswith(f"usage: python -m jaxdistill.{name} "), name
+    from jaxdistill import parity
+
+    with pytest.raises(SystemExit) as info:  # was a FileNotFoundError traceback
+        parity.main(["--unet", str(tmp_path / "nope")])
+    assert info.value.code == 2
+    assert f"--unet: {tmp_path / 'nope'} is not a diffusers UNet folder" in capsys.readouterr().err

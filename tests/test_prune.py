@@ -41,6 +41,21 @@ def test_presets_give_segmind_architectures_on_full_size_sdxl(plan, preset, coun
     assert count_params(spec) == count  # jax.eval_shape: no memory
 
 
+def test_presets_keep_the_documented_teacher_layers():
+    """Which of SDXL's layers each preset keeps, not only how many. SSD-1B: the third-party estimate the
+    design doc gives (10 → 4 keeps layers 0, 1, 2, 6; 2 → 1 keeps layer 0). Vega: unpublished, so evenly
+    spaced over the teacher's layers, both ends included as in `choose_layers` (4 of 10: 0, 3, 6, 9):
+    10 → 2 keeps layers 0 and 9; 2 → 1 keeps layer 0."""
+    assert resolve_plan(presets.SDXL, PLANS["ssd1b"]) == {
+        **{f"{block}.attentions.{j}": (0, 1, 2, 6) for block in ("down_blocks.2", "up_blocks.0") for j in (0, 1)},
+        "up_blocks.1.attentions.1": (0,), "up_blocks.1.attentions.2": (0,)}
+    assert resolve_plan(presets.SDXL, PLANS["vega"]) == {
+        **{f"down_blocks.1.attentions.{j}": (0,) for j in (0, 1)},
+        **{f"down_blocks.2.attentions.{j}": (0, 9) for j in (0, 1)},
+        **{f"up_blocks.0.attentions.{j}": (0, 9) for j in (0, 1, 2)},
+        **{f"up_blocks.1.attentions.{j}": (0,) for j in (0, 1, 2)}}
+
+
 def test_presets_apply_to_tiny_teachers_of_the_same_topology():
     for name, preset in (("ssd1b", presets.SSD_1B), ("vega", presets.VEGA)):
         spec = student_spec(TINY["sdxl"], PLANS[name], resolve_plan(TINY["sdxl"], PLANS[name]))

@@ -11,6 +11,7 @@ Tolerances (float32), max |ours − diffusers| / max |diffusers|:
 """
 
 import dataclasses
+import inspect
 import json
 import shutil
 
@@ -166,6 +167,46 @@ def test_generate_matches_diffusers(pipe, torch_pipe, noise, scheduler):
     assert np.abs(out.images.astype(int) - (images * 255).round().astype(int)).max() <= 1
 
 
+def test_rescale_noise_cfg_matches_diffusers():
+    """guidance_rescale's formula against diffusers' `rescale_noise_cfg`, on random predictions whose means
+    and standard deviations differ per sample (float32, the step tolerance)."""
+    from diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl import rescale_noise_cfg
+
+    rng = np.random.default_rng(0)
+    per_sample = lambda *v: np.float32(v).reshape(-1, 1, 1, 1)  # noqa: E731
+    text = rng.standard_normal((3, 5, 6, 4)).astype(np.float32) * per_sample(0.5, 1.0, 3.0)
+    cfg = rng.standard_normal((3, 5, 6, 4)).astype(np.float32) * per_sample(2.0, 1.0, 0.25) + per_sample(0.3, 0, -1)
+    for guidance_rescale in (0.0, 0.7, 1.0):
+        ref = rescale_noise_cfg(torch.from_numpy(cfg), torch.from_numpy(text), guidance_rescale).numpy()
+        assert rel(sample.rescale_noise_cfg(cfg, text, np.float32(guidance_rescale)), ref) <= STEP_TOLERANCE
+
+
+def test_guidance_rescale_reaches_the_guided_loop(pipe, noise, monkeypatch):
+    """generate(guidance_rescale=0.7) turns the rescale on in the guided denoising loop and hands it that
+    value (the formula: above). Stopped where the loop's trace calls it, so nothing compiles; which half of
+    the prediction it gets (text, not unconditional) would need the compiled loop and is not checked."""
+    real, seen = sample._denoise, {}
+
+    class Reached(Exception):
+        pass
+
+    def denoise(*args):
+        given = inspect.signature(real.__wrapped__).bind(*args).arguments
+        seen["rescale"], seen["value"] = given["rescale"], float(given["guidance_rescale"])
+        return real.__wrapped__(*args)  # traced afresh, not served from jit's cache
+
+    def rescale(noise_cfg, noise_pred_text, guidance_rescale):
+        seen["shapes"] = noise_cfg.shape, noise_pred_text.shape
+        raise Reached
+
+    monkeypatch.setattr(sample, "_denoise", denoise)
+    monkeypatch.setattr(sample, "rescale_noise_cfg", rescale)
+    with pytest.raises(Reached):
+        generate(pipe, PROMPTS, latents=noise, steps=STEPS, guidance=5.0, guidance_rescale=0.7, height=HEIGHT,
+                 width=WIDTH)
+    assert seen == {"rescale": True, "value": pytest.approx(0.7), "shapes": (noise.shape, noise.shape)}
+
+
 def test_guidance_off_and_negative_prompts_match_diffusers(pipe, torch_pipe, noise):
     # guidance 1: no classifier-free guidance (a batch of B, no negative conditioning)
     images, latents = run_diffusers(torch_pipe, "euler", noise, guidance=1.0)
@@ -315,3 +356,50 @@ def test_unet_folders_and_checkpoints_as_models(pipeline_dir, pipe, noise, tmp_p
     shared = load_pipeline(pipeline_dir / "unet", parts=from_unet)
     assert shared.text_encoders is from_unet.text_encoders and shared.vae_params is from_unet.vae_params
     assert shared.name == str(pipeline_dir / "unet")
+
+
+def test_cli_refuses_bad_input_before_loading(pipeline_dir, tmp_path, capsys):
+    """Usage errors (exit 2) that name the flag and what to do; an earlier run's folder is left as it was."""
+    run = tmp_path / "run"
+    for step in (1, 2):  # finished steps, as orbax marks them (nothing is read from them)
+        (run / "checkpoints" / "main" / str(step)).mkdir(parents=True)
+        (run / "checkpoints" / "main" / str(step) / "_CHECKPOINT_METADATA").write_text("{}")
+    earlier = tmp_path / "samples"
+    (earlier / "teacher").mkdir(parents=True)
+    (earlier / "000_seed1.png").write_bytes(b"an earlier run's")
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "prompts.txt").write_text("a cat\n")
+    common = ["--model", str(pipeline_dir), "--steps", str(STEPS)]
+    new = ["--out", str(tmp_path / "out")]
+    for args, reason in [
+            ([*common, "--prompt", "x", "--seed", str(2 ** 32 - 1), "--num-images", "2", *new],
+             "--seed 4294967295 with --num-images 2: seed 4294967296: seeds are integers"),
+            ([*common, "--prompts", str(tmp_path / "none.txt"), *new],
+             f"--prompts: cannot read {tmp_path / 'none.txt'}: No such file"),
+            (["--model", str(run / "checkpoints" / "main" / "9"), "--prompt", "x", *new],
+             f"does not exist; finished steps in {run / 'checkpoints' / 'main'}: 1, 2"),
+            ([*common, "--prompt", "x", "--out", str(earlier)], "not empty; choose another folder or add --overwrite"),
+            # replacing --out would delete the prompt file it is made from
+            ([*common, "--prompts", str(mine / "prompts.txt"), "--out", str(mine), "--overwrite"],
+             "which is read to make it")]:
+        with pytest.raises(SystemExit) as info:
+            sample.main(args)
+        assert info.value.code == 2 and reason in capsys.readouterr().err, args
+    assert sorted(p.name for p in earlier.iterdir()) == ["000_seed1.png", "teacher"]
+    assert [p.name for p in mine.iterdir()] == ["prompts.txt"] and not (tmp_path / "out").exists()
+
+
+def test_cli_overwrite_replaces_an_earlier_run_whole(pipeline_dir, tmp_path):
+    """--overwrite: the new images replace the whole folder; none of the earlier run's files (another seed,
+    a teacher, a side-by-side) stays to be taken for this run's."""
+    out = tmp_path / "samples"
+    (out / "teacher").mkdir(parents=True)
+    for name in ("000_seed1.png", "teacher/000_seed1.png", "side_by_side.png"):
+        (out / name).write_bytes(b"an earlier run's")
+    code = sample.main(["--model", str(pipeline_dir), "--prompt", PROMPTS[0], "--num-images", "2", "--seed", "3",
+                        "--steps", str(STEPS), "--height", str(HEIGHT), "--width", str(WIDTH), "--batch-size", "2",
+                        "--out", str(out), "--overwrite"])
+    assert code == 0
+    assert sorted(p.name for p in out.iterdir()) == ["000_seed3.png", "000_seed4.png", "grid.png"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["samples"]  # nothing half-written beside it

@@ -256,3 +256,16 @@ def test_sdxl_sizes():
         spec = text.TextEncoderSpec.from_transformers_config(config)
         assert sum(int(np.prod(s)) for s in text.state_dict_shapes(spec).values()) == count
         assert sum(x.size for x in jax.tree.leaves(text.abstract_params(spec))) == count
+
+
+def test_random_pipeline_is_sized_to_the_unet_it_is_for(tmp_path):
+    """The README's tiny pipeline for sampling the tiny run: text encoders that fit its UNet (the default
+    test pipeline's 80-wide context does not)."""
+    from jaxdistill import presets
+    from jaxdistill.reference import write_random_pipeline
+    from jaxdistill.sample import load_pipeline
+
+    spec = presets.tiny()
+    pipe = load_pipeline(write_random_pipeline(tmp_path / "pipeline", spec))  # refuses encoders that do not fit
+    e1, e2 = pipe.text_encoders.specs
+    assert (e1.hidden_size + e2.hidden_size, e2.projection_dim) == (spec.cross_attention_dim, 32)

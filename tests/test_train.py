@@ -302,6 +302,10 @@ def test_bad_command_line_override_is_reported(tmp_path):
     in_file = subprocess.run([sys.executable, "-m", "jaxdistill.train", "--config", str(tmp_path / "bad.py"),
                               "--workdir", str(tmp_path)], env=ENV, capture_output=True, text=True)
     assert in_file.returncode != 0 and "bad.py" in in_file.stderr and "command line" not in in_file.stderr
+    missing = subprocess.run([sys.executable, "-m", "jaxdistill.train", f"--config={tmp_path}/tinyy.py",
+                              "--workdir", str(tmp_path)], env=ENV, capture_output=True, text=True)
+    assert missing.returncode == 2 and "Traceback" not in missing.stderr
+    assert f"--config {tmp_path}/tinyy.py: no such file" in missing.stderr
 
 
 def test_command_line_values_apply_to_every_stage():
@@ -410,6 +414,17 @@ def test_every_stage_is_checked_before_the_first_trains(unet_folders, plan_file,
         with pytest.raises((ValueError, FileNotFoundError), match=error):
             run(config, tmp_path / "run")
         assert not (tmp_path / "run" / "stages").exists() and not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_another_runs_workdir_is_refused(unet_folders, tmp_path):
+    """Stages are compared by name on a resume: a workdir holding stages this config does not name (the
+    tiny run's, given to the ssd1b config) would otherwise take a new stage beside them without a word."""
+    (tmp_path / "run" / "stages" / "teacher").mkdir(parents=True)
+    (tmp_path / "run" / "checkpoints" / "ssd1b").mkdir(parents=True)
+    config = small_config(unet_folders["micro"], "", steps=2)
+    with pytest.raises(ValueError, match=r"holds stages this config does not define \(ssd1b, teacher; it defines "):
+        run(config, tmp_path / "run")
+    assert not (tmp_path / "run" / "config.json").exists()
 
 
 def test_a_second_ctrl_c_stops_at_once():

@@ -2,8 +2,10 @@
 diffusers, read by `load_unet`), fresh random inputs. Tolerance in float32, on the prediction and on
 every feature tap: max |ours − diffusers| ≤ 1e-4 · max |diffusers|."""
 
+import contextlib
 import zlib
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -16,24 +18,90 @@ from jaxdistill.reference import TOLERANCE, random_inputs, relative_errors, tap_
 
 assert TOLERANCE == 1e-4
 
+# GroupNorm(s·x; eps) = GroupNorm(x; eps / s²). On random inputs the activations' variance is ~1, and an
+# epsilon of 1e-5 instead of 1e-6 moves the outputs ~5e-6, under the tolerance; with every GroupNorm's
+# input shrunk by SHRINK on both sides, each epsilon weighs 10⁴× more and that mistake moves them ~5 %.
+SHRINK = 1e-2
+
+
+def group_norm_inputs_scaled(scale):
+    """A Flax method interceptor (`nn.intercept_methods`) that multiplies every GroupNorm's input by `scale`
+    (a number or a traced scalar). Interceptors act while a function is traced: enter it inside the jit."""
+    def interceptor(next_fun, args, kwargs, context):
+        if isinstance(context.module, nn.GroupNorm) and context.method_name == "__call__":
+            args = (args[0] * scale, *args[1:])
+        return next_fun(*args, **kwargs)
+    return interceptor
+
+
+@contextlib.contextmanager
+def torch_group_norm_inputs_scaled(model, scale: float):
+    """Inside the `with`, every `torch.nn.GroupNorm` of `model` multiplies its input by `scale` first."""
+    import torch
+
+    hooks = [m.register_forward_pre_hook(lambda _m, args: (args[0] * scale, *args[1:]))
+             for m in model.modules() if isinstance(m, torch.nn.GroupNorm)]
+    try:
+        yield
+    finally:
+        for hook in hooks:
+            hook.remove()
+
 
 @pytest.mark.parametrize("name", sorted(TINY))
 def test_forward_and_every_feature_match_diffusers(name, unet_folders):
+    """Also with every GroupNorm's input shrunk by SHRINK on both sides (resnets' norm1/norm2, each
+    Transformer2DModel's norm, conv_norm_out), where a wrong epsilon shows."""
     spec, params = load_unet(unet_folders[name])
     assert spec == TINY[name]
     reference = UNet2DConditionModel.from_pretrained(unet_folders[name], low_cpu_mem_usage=False).eval()
     # Non-square latents catch a height/width mix-up; the seed differs per architecture.
     height, width = 2 ** (spec.num_blocks - 1) * 2, 2 ** (spec.num_blocks - 1) * 3
     inputs = random_inputs(spec, batch=2, size=(height, width), seq_len=7, seed=zlib.crc32(name.encode()))
-    out = jax.jit(lambda p, x: UNet(spec).apply({"params": p}, **x))(params, inputs)
+
+    @jax.jit
+    def forward(p, x, scale):  # scale traced: one compilation serves both runs
+        with nn.intercept_methods(group_norm_inputs_scaled(scale)):
+            return UNet(spec).apply({"params": p}, **x)
+
+    out = forward(params, inputs, 1.0)  # × 1.0 is exact: the plain forward
     ref_sample, ref_features = torch_forward(reference, inputs)
 
     assert out.sample.shape == (2, height, width, spec.out_channels)
     assert set(out.features) == set(tap_names(reference)), "our taps are exactly diffusers' modules"
     assert np.max(np.abs(ref_sample)) > 0.1, "a degenerate (near-zero) output would make the check vacuous"
     errors = relative_errors({"sample": out.sample, **out.features}, {"sample": ref_sample, **ref_features})
+
+    small = forward(params, inputs, SHRINK)
+    with torch_group_norm_inputs_scaled(reference, SHRINK):
+        small_sample, small_features = torch_forward(reference, inputs)
+    # not vacuous: the epsilons now move diffusers' own prediction far beyond the tolerance
+    assert relative_errors({"sample": ref_sample}, {"sample": small_sample})["sample"] > 100 * TOLERANCE
+    errors |= {f"{k} (GroupNorm inputs × {SHRINK:g})": v for k, v in relative_errors(
+        {"sample": small.sample, **small.features}, {"sample": small_sample, **small_features}).items()}
     bad = {k: v for k, v in errors.items() if v > TOLERANCE}
     assert not bad, f"beyond {TOLERANCE:g} relative: {bad}"
+
+
+@pytest.mark.parametrize("flip_sin_to_cos", [True, False])
+@pytest.mark.parametrize("freq_shift", [0, 1])
+@pytest.mark.parametrize("dim", [16, 9])
+def test_timestep_embedding_matches_diffusers(flip_sin_to_cos, freq_shift, dim):
+    """SDXL has flip_sin_to_cos=True, freq_shift=0; a spec may say otherwise (diffusers' defaults are the
+    opposite). Odd widths end in a zero column. Random float timesteps across [0, 1000): float32 arguments
+    near 1000 round to ~6e-5 (XLA's and torch's exp differ by an ulp), which sin and cos pass on, so the
+    tolerance is absolute, 1e-4 (measured 1.5e-5); a swapped half or a shifted frequency is O(1) off."""
+    import torch
+    from diffusers.models.embeddings import get_timestep_embedding
+
+    from jaxdistill.layers import timestep_embedding
+
+    t = np.random.default_rng(dim).uniform(0, 1000, 6).astype(np.float32)
+    ref = get_timestep_embedding(torch.from_numpy(t), dim, flip_sin_to_cos=flip_sin_to_cos,
+                                 downscale_freq_shift=freq_shift).numpy()
+    ours = np.asarray(timestep_embedding(jnp.asarray(t), dim, flip_sin_to_cos, freq_shift))
+    assert ours.shape == ref.shape == (6, dim)
+    np.testing.assert_allclose(ours, ref, rtol=0, atol=1e-4)
 
 
 def test_a_non_finite_output_fails_the_parity_check():

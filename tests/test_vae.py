@@ -4,10 +4,12 @@ the decoded images and the down/mid/up block outputs: max |ours − diffusers| �
 Also: latent scaling and sampling, the logvar clamp, loading (pipeline folder, shards, fp16 variant,
 pre-0.14 attention names, strict errors), config refusals and the SDXL preset's parameter count."""
 
+import functools
 import json
 import shutil
 import zlib
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -15,6 +17,7 @@ import pytest
 import torch
 from diffusers import AutoencoderKL as TorchAutoencoderKL
 from safetensors.numpy import load_file, save_file
+from test_unet_parity import SHRINK, group_norm_inputs_scaled, torch_group_norm_inputs_scaled
 
 from jaxdistill.convert import WeightsError
 from jaxdistill.reference import TOLERANCE, capture_features, relative_errors, write_random_vae
@@ -75,18 +78,12 @@ def _block_names(spec: VAESpec) -> list[str]:
             + [f"decoder.up_blocks.{i}" for i in range(spec.num_blocks)])
 
 
-def _our_block_outputs(spec, params, images, z) -> dict[str, np.ndarray]:
-    """Every block's output, read with Flax's `capture_intermediates` (no sow in the model)."""
-    model = AutoencoderKL(spec)
-
-    @jax.jit
-    def run(p, images, z):
-        _, enc = model.apply({"params": p}, images, method=AutoencoderKL.encode, capture_intermediates=True)
-        _, dec = model.apply({"params": p}, z, method=AutoencoderKL.decode, capture_intermediates=True)
-        return enc["intermediates"]["encoder"], dec["intermediates"]["decoder"]
-
-    trees = dict(zip(("encoder", "decoder"), run(params, images, z), strict=True))
-    out = {}
+def _our_outputs(spec, params, images, z, scale: float = 1.0) -> dict[str, np.ndarray]:
+    """mean, logvar, decoded (from unscaled z) and every block's output, read with Flax's
+    `capture_intermediates` (no sow in the model); every GroupNorm's input multiplied by `scale`."""
+    outputs, enc, dec = _run_with_intermediates(spec, params, images, z, scale)
+    trees = {"encoder": enc, "decoder": dec}
+    out = {k: np.asarray(v) for k, v in outputs.items()}
     for name in _block_names(spec):
         part, *path = name.split(".")
         key = "_".join(path) if len(path) == 2 else path[0]  # down_blocks.1 → down_blocks_1
@@ -94,8 +91,30 @@ def _our_block_outputs(spec, params, images, z) -> dict[str, np.ndarray]:
     return out
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _run_with_intermediates(spec, params, images, z, scale):  # scale traced: one compilation for all scales
+    model = AutoencoderKL(spec)
+    with nn.intercept_methods(group_norm_inputs_scaled(scale)):
+        (mean, logvar), enc = model.apply({"params": params}, images, method=AutoencoderKL.encode,
+                                          capture_intermediates=True)
+        decoded, dec = model.apply({"params": params}, z, method=AutoencoderKL.decode, capture_intermediates=True)
+    outputs = {"mean": mean, "logvar": logvar, "decoded": decoded}
+    return outputs, enc["intermediates"]["encoder"], dec["intermediates"]["decoder"]
+
+
+def _torch_outputs(reference, spec, images, z) -> dict[str, np.ndarray]:
+    """diffusers' mean, logvar, decoded (from unscaled z) and block outputs, NHWC."""
+    with capture_features(reference, _block_names(spec)) as blocks, torch.no_grad():
+        posterior = reference.encode(_nchw(images)).latent_dist
+        decoded = reference.decode(_nchw(z)).sample
+    return {"mean": _nhwc(posterior.mean), "logvar": _nhwc(posterior.logvar), "decoded": _nhwc(decoded),
+            **{k: _nhwc(v) for k, v in blocks.items()}}
+
+
 @pytest.mark.parametrize("name", sorted(TINY))
 def test_encoder_decoder_and_blocks_match_diffusers(name, vae_folders):
+    """Also with every GroupNorm's input shrunk by SHRINK on both sides, where a wrong epsilon shows
+    (`test_unet_parity.SHRINK`)."""
     spec, params = load_vae(vae_folders[name])
     reference = _torch_vae(vae_folders[name])
     assert spec == VAESpec.from_diffusers_config(dict(reference.config))
@@ -106,17 +125,23 @@ def test_encoder_decoder_and_blocks_match_diffusers(name, vae_folders):
 
     mean, logvar = encode(spec, params, images)
     decoded = decode(spec, params, latents)
-    with capture_features(reference, _block_names(spec)) as ref_blocks, torch.no_grad():
-        posterior = reference.encode(_nchw(images)).latent_dist
-        ref_decoded = reference.decode(_nchw(z)).sample
+    reference_out = _torch_outputs(reference, spec, images, z)
 
     assert mean.shape == logvar.shape == (2, HEIGHT // spec.downscale, WIDTH // spec.downscale, 4)
     assert decoded.shape == (2, HEIGHT, WIDTH, 3)
-    reference_out = {"mean": _nhwc(posterior.mean), "logvar": _nhwc(posterior.logvar), "decoded": _nhwc(ref_decoded)}
-    assert all(np.max(np.abs(v)) > 0.1 for v in reference_out.values()), "a near-zero output makes the check vacuous"
-    ours = {"mean": mean, "logvar": logvar, "decoded": decoded} | _our_block_outputs(spec, params, images, z)
-    errors = relative_errors(ours, reference_out | {k: _nhwc(v) for k, v in ref_blocks.items()})
+    assert all(np.max(np.abs(reference_out[k])) > 0.1 for k in ("mean", "logvar", "decoded")), (
+        "a near-zero output makes the check vacuous")
+    ours = _our_outputs(spec, params, images, z) | {"mean": mean, "logvar": logvar, "decoded": decoded}
+    errors = relative_errors(ours, reference_out)
     assert set(errors) == {"mean", "logvar", "decoded", *_block_names(spec)}
+
+    with torch_group_norm_inputs_scaled(reference, SHRINK):
+        small_reference = _torch_outputs(reference, spec, images, z)
+    # not vacuous: the epsilons now move diffusers' own outputs far beyond the tolerance
+    moved = relative_errors(reference_out, {k: small_reference[k] for k in ("mean", "decoded")})
+    assert min(moved.values()) > 100 * TOLERANCE, moved
+    errors |= {f"{k} (GroupNorm inputs × {SHRINK:g})": v for k, v in relative_errors(
+        _our_outputs(spec, params, images, z, SHRINK), small_reference).items()}
     bad = {k: v for k, v in errors.items() if v > TOLERANCE}
     assert not bad, f"beyond {TOLERANCE:g} relative: {bad}"
 
