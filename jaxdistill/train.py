@@ -106,7 +106,8 @@ def check_stages(stages: list[ml_collections.ConfigDict], workdir: Path) -> tupl
     whether it was made (finished) or is being made (checkpoints) as this config would make it, on the same
     data. → (a `StageCheck` per stage name, notes on settings a resumed stage changes)."""
     # a workdir holding stages this config does not define is another run's (resumes compare stage by name)
-    held = {p.name for d in ("stages", "checkpoints") if (workdir / d).is_dir() for p in (workdir / d).iterdir()}
+    held = {p.name for d in ("stages", "checkpoints") if (workdir / d).is_dir() for p in (workdir / d).iterdir()
+            if p.is_dir()}  # a stray file (.DS_Store) is no stage
     foreign = sorted(held - {c.name for c in stages})
     if foreign:
         raise ValueError(f"{workdir} holds stages this config does not define ({', '.join(foreign)}; it defines "

@@ -421,6 +421,7 @@ def test_another_runs_workdir_is_refused(unet_folders, tmp_path):
     tiny run's, given to the ssd1b config) would otherwise take a new stage beside them without a word."""
     (tmp_path / "run" / "stages" / "teacher").mkdir(parents=True)
     (tmp_path / "run" / "checkpoints" / "ssd1b").mkdir(parents=True)
+    (tmp_path / "run" / "stages" / ".DS_Store").write_text("")  # not a stage: not named below
     config = small_config(unet_folders["micro"], "", steps=2)
     with pytest.raises(ValueError, match=r"holds stages this config does not define \(ssd1b, teacher; it defines "):
         run(config, tmp_path / "run")
