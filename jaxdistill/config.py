@@ -209,6 +209,9 @@ def command_line_wins(config: ml_collections.ConfigDict, fields: Sequence[str]) 
             continue
         stage = _plain(stage)
         name = stage.get("name", f"#{i}")
+        if config.teacher and stage.get("model"):  # stages_of skips it: the teacher takes its place
+            stages.append(stage)
+            continue
         for field in fields:
             path = ["lr"] if field == "optimizer.lr" and "lr" in stage else field.split(".")
             node = stage

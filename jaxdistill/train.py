@@ -11,6 +11,7 @@ Each stage's student is written as a diffusers UNet folder to `WORKDIR/stages/NA
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -28,6 +29,7 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
 from jaxdistill import presets
+from jaxdistill.checkpoint import finished_steps
 from jaxdistill.config import command_line_wins, stages_of, tap_list, validate
 from jaxdistill.convert import CONFIG_NAME, load_unet, resolve_unet_folder, save_unet
 from jaxdistill.data import check_same_data, make_data
@@ -67,7 +69,8 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any
     validate(config)
     workdir = Path(workdir)
     stages = stages_of(config)
-    checked, notes = check_stages(stages, workdir)
+    # hosts agree: one whose data or folders are missing stops them all, not only itself
+    checked, notes = _agreed(lambda: check_stages(stages, workdir), "could not check the stages before training")
     workdir.mkdir(parents=True, exist_ok=True)
     # after the checks: a refused start leaves the record of the run that trained as it was
     (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
@@ -174,13 +177,13 @@ def _check_resume(c: ml_collections.ConfigDict, workdir: Path, spec: UNetSpec, i
     same, and so must `RESUME_FIXED` (unless allowed) and the fields that shape the training state. →
     (notes on the other changes, the checkpoint's step; 0 without one)."""
     directory = workdir / "checkpoints" / c.name
-    manager = _checkpoint_manager(directory, c, create=False) if directory.is_dir() else None
-    step = manager.latest_step() if manager else None
-    if step is None:
+    steps = finished_steps(directory)
+    if not steps:
         return [], 0
-    meta = dict(manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta)
-    manager.close()
-    where = directory / str(step)
+    step, where = max(steps), directory / str(max(steps))
+    # the meta item alone, by its handler: a manager's restore waits for every process, and this runs before
+    # the processes agree that all of them passed their checks (`run`)
+    meta = dict(ocp.JsonCheckpointHandler().restore(where / "meta"))
     remedy = "use a new --workdir, or restore the old config"
     if UNetSpec.from_diffusers_config(meta["student_config"]) != spec:
         raise ValueError(f"the checkpoint {where} holds a different student architecture than this config builds "
@@ -384,7 +387,9 @@ def run_stage(c: ml_collections.ConfigDict, workdir: Path, previous: Model | Non
         # The mesh as context: layers that must place work per device themselves (splash attention) see it.
         with stop, jax.set_mesh(mesh):
             while step < c.steps:
-                host_batch = _first_batch(data, step) if step == start else data.batch(step)
+                # the first batch of a fresh or resumed stream is where a host's share of the data fails
+                host_batch = (_agreed(functools.partial(data.batch, step), f"could not read its batch of step {step}")
+                              if step == start else data.batch(step))
                 flop = step_flops(teacher.spec if distil else None, student.spec, host_batch, c.batch_size)
                 batch = global_batch(host_batch, mesh)
                 profiler.before(step + 1)
@@ -468,9 +473,8 @@ class _Profiler:
             self.tracing = False
 
 
-def _checkpoint_manager(directory: Path, c, create: bool = True) -> ocp.CheckpointManager:
-    options = ocp.CheckpointManagerOptions(max_to_keep=c.keep_checkpoints, enable_async_checkpointing=True,
-                                           create=create)
+def _checkpoint_manager(directory: Path, c) -> ocp.CheckpointManager:
+    options = ocp.CheckpointManagerOptions(max_to_keep=c.keep_checkpoints, enable_async_checkpointing=True)
     return ocp.CheckpointManager(directory.absolute(), options=options, item_names=("state", "meta"))
 
 
@@ -500,28 +504,31 @@ def _any_process(flag: bool) -> bool:
     return bool(multihost_utils.process_allgather(np.int32(flag)).any())
 
 
-def _first_batch(data, step: int) -> dict[str, np.ndarray]:
-    """`data.batch(step)` for the first batch of a fresh or resumed stream, where a host whose share of a
-    streamed source has no usable example (or cannot be read) raises. The hosts agree on it first, so all
-    of them stop with the same error instead of the others waiting in the step's collectives until the
-    heartbeat gives up."""
+def _agreed(fn, what: str):
+    """`fn()` on every process, where one process can fail alone (its data, its share of a streamed source,
+    its view of a folder): when it raises on any of them, all raise one error naming those processes and
+    their reasons, instead of the others going on to wait in the next collective until the distributed
+    heartbeat gives up. `fn` itself must not wait for the other processes."""
     if jax.process_count() == 1:
-        return data.batch(step)
+        return fn()
     try:
-        batch, error = data.batch(step), ""
-    except Exception as e:  # any of them (an unreadable shard too): the other hosts would wait as well
-        batch, error = None, str(e) if isinstance(e, ValueError) else f"{type(e).__name__}: {e}"
-    # collectives move arrays: each host's error text as fixed-size bytes (empty: it read its batch)
+        result, error, own = fn(), "", None
+    except Exception as e:  # any kind (an unreadable shard too): the other hosts would wait as well
+        result, own = None, e
+        error = str(e) if isinstance(e, ValueError) else f"{type(e).__name__}: {e}"
+    # collectives move arrays: each host's error text as fixed-size bytes (empty: it succeeded)
     text = np.zeros(4096, np.uint8)
     encoded = error.encode()[:text.size]
     text[:len(encoded)] = np.frombuffer(encoded, np.uint8)
     texts = [bytes(t).rstrip(b"\0").decode(errors="replace") for t in multihost_utils.process_allgather(text)]
     failed = [i for i, t in enumerate(texts) if t]
+    if own is not None and not isinstance(own, (ValueError, OSError)):
+        raise own  # a bug: its traceback, here; the others stop with the message below
     if failed:
-        reasons = "\n".join(texts[i] for i in failed)
-        raise ValueError(f"process {', '.join(map(str, failed))} of {len(texts)} could not read its batch of step "
-                         f"{step}, so every process stops:\n{reasons}")
-    return batch
+        reasons = "\n".join(f"process {i}: {texts[i]}" for i in failed)
+        raise ValueError(f"process {', '.join(map(str, failed))} of {len(texts)} {what}, so every process "
+                         f"stops:\n{reasons}")
+    return result
 
 
 def _agreement_fn(student: UNet, teacher: UNet, acp, data, c, mesh, encode=None, encoder_params=None):

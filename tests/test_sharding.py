@@ -210,6 +210,14 @@ def test_two_processes_train_and_one_process_continues(runs, unet_folders, tmp_p
     c.steps = 4
     (workdir / "stages" / "main" / "jaxdistill_stage.json").unlink()  # let the stage continue past step 2
     config = write_config_file(tmp_path / "more.py", c)
+    # one host without the teacher: both stop at once, naming it and why (alone, process 0 would read the
+    # checkpoint's meta and wait in the step's collectives for the other until the heartbeat gave up)
+    missing = tmp_path / "not_mounted"
+    logs = _both_stop(_two_processes(config, workdir, [], [f"--config.teacher={missing}"]))
+    for log in logs:
+        assert "process 1 of 2 could not check the stages before training, so every process stops" in log, log
+        assert "process 1: FileNotFoundError" in log and str(missing) in log, log[-2000:]
+    assert sorted(p.name for p in (workdir / "checkpoints" / "main").iterdir()) == ["2"]  # nothing lost
     result = subprocess.run([sys.executable, "-m", "jaxdistill.train", "--config", config, "--workdir", str(workdir)],
                             env=ONE, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -227,13 +235,7 @@ def test_sigterm_to_one_of_two_processes_checkpoints_both(unet_folders, tmp_path
     c = small_config(unet_folders["micro"], str(plan), batch_size=8, steps=10_000, checkpoint_every=10_000)
     config = write_config_file(tmp_path / "long.py", c)
     workdir = tmp_path / "run"
-    with socket.socket() as free:
-        free.bind(("127.0.0.1", 0))
-        port = free.getsockname()[1]
-    procs = [subprocess.Popen([sys.executable, "-m", "jaxdistill.train", "--config", config, "--workdir",
-                               str(workdir)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                              env=ONE | {"JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}", "JAX_NUM_PROCESSES": "2",
-                                         "JAX_PROCESS_ID": str(i)}) for i in range(2)]
+    procs = _two_processes(config, workdir)
     deadline = time.time() + 300
     while time.time() < deadline and all(p.poll() is None for p in procs) and len(_losses_if_any(workdir)) < 3:
         time.sleep(0.5)
@@ -245,6 +247,36 @@ def test_sigterm_to_one_of_two_processes_checkpoints_both(unet_folders, tmp_path
     stopped = int(logs[1].split("stopped by SIGTERM at step ")[1].split(";")[0])
     assert f"at step {stopped};" in logs[0]
     assert (workdir / "checkpoints" / "main" / str(stopped)).is_dir()
+
+
+def _two_processes(config: str, workdir, *extra: list[str]) -> list[subprocess.Popen]:
+    """Two training processes of one run (gloo on this machine), started as a multi-host launcher would;
+    `extra`: each process's own further arguments."""
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    extra = extra or ([], [])
+    return [subprocess.Popen([sys.executable, "-m", "jaxdistill.train", "--config", config, "--workdir",
+                              str(workdir), *extra[i]], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                             env=ONE | {"JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}", "JAX_NUM_PROCESSES": "2",
+                                        "JAX_PROCESS_ID": str(i)}) for i in range(2)]
+
+
+def _both_stop(procs: list[subprocess.Popen]) -> list[str]:
+    """The logs of two processes that must both fail (exit 1), the second within seconds of the first, not
+    after the distributed heartbeat's minutes."""
+    deadline = time.time() + 300
+    while time.time() < deadline and all(p.poll() is None for p in procs):
+        time.sleep(0.2)
+    try:
+        logs = [p.communicate(timeout=30)[0] for p in procs]
+    except subprocess.TimeoutExpired:
+        for p in procs:
+            p.kill()
+        logs = [p.communicate()[0] for p in procs]
+        pytest.fail("the processes did not both stop promptly:\n" + "\n----\n".join(log[-2000:] for log in logs))
+    assert [p.returncode for p in procs] == [1, 1], "\n----\n".join(log[-3000:] for log in logs)
+    return logs
 
 
 def _losses_if_any(workdir) -> list:
@@ -267,24 +299,7 @@ def test_a_process_without_usable_images_stops_both(tmp_path):
     c = small_config(pipeline, "", batch_size=2, steps=2, **{"loss.output": 0.0, "loss.feature": 0.0})
     c.data.update(source="images", path=f"folder:{images}", pipeline=pipeline, resolution=32)
     config = write_config_file(tmp_path / "images.py", c)
-    with socket.socket() as free:
-        free.bind(("127.0.0.1", 0))
-        port = free.getsockname()[1]
-    procs = [subprocess.Popen([sys.executable, "-m", "jaxdistill.train", "--config", config, "--workdir",
-                               str(tmp_path / "run")], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                              env=ONE | {"JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}", "JAX_NUM_PROCESSES": "2",
-                                         "JAX_PROCESS_ID": str(i)}) for i in range(2)]
-    deadline = time.time() + 300
-    while time.time() < deadline and all(p.poll() is None for p in procs):
-        time.sleep(0.2)
-    try:  # once one has stopped, the other must follow within seconds, not the heartbeat's minutes
-        logs = [p.communicate(timeout=30)[0] for p in procs]
-    except subprocess.TimeoutExpired:
-        for p in procs:
-            p.kill()
-        logs = [p.communicate()[0] for p in procs]
-        pytest.fail("the processes did not both stop promptly:\n" + "\n----\n".join(log[-2000:] for log in logs))
-    assert [p.returncode for p in procs] == [1, 1], "\n----\n".join(log[-3000:] for log in logs)
+    logs = _both_stop(_two_processes(config, tmp_path / "run"))
     for log in logs:
         assert "could not read its batch of step 0, so every process stops" in log, log[-3000:]
         assert "no usable example for process" in log and "caption_missing" in log, log[-3000:]

@@ -327,6 +327,12 @@ def test_command_line_values_apply_to_every_stage():
     assert a.optimizer.schedule == "cosine" and a.loss.output == 0.0  # what the command line did not set stays
     # the stages keep what makes them: their plans, and b distils from a's student, not from --config.teacher
     assert (a.plan, b.plan, a.teacher, b.teacher) == ("ssd1b", "vega", "SDXL_DIR", "previous")
+    # a stage that trains from scratch is skipped when --config.teacher is given (tiny.py's "teacher"): no
+    # note about its values
+    c.stages = [dict(name="scratch", model="tiny-sdxl", steps=400), dict(name="b", teacher="previous", steps=150)]
+    notes = command_line_wins(c, ["teacher", "steps"])
+    assert len(notes) == 1 and "stage b's steps=150" in notes[0], notes
+    assert [s.name for s in stages_of(c)] == ["b"]
 
 
 def test_distillation_without_a_teacher_is_refused(tmp_path):
