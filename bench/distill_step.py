@@ -444,7 +444,7 @@ def attempt(fn, *args) -> dict:
         return {"error": error_text(e)}
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--width", type=int, default=64, help="first block width of the reduced SDXL (SDXL: 320)")
     parser.add_argument("--full", action="store_true", help="full-size SDXL → SSD-1B (an accelerator's job)")
@@ -471,7 +471,7 @@ def main() -> int:
     parser.add_argument("--breakdown", action="store_true", help="also time the step's parts alone (teacher "
                         "forward, student forward, student forward + backward, AdamW) as the first variant, at --batch")
     parser.add_argument("--json", help="write every figure here (rewritten after each phase)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     variants = [parse_variant(v, args) for v in args.variant or [""]]
     if args.torch_accumulation is not None and (args.torch_accumulation < 1 or args.batch % args.torch_accumulation):
         parser.error(f"--torch-accumulation {args.torch_accumulation} does not divide --batch {args.batch}")
@@ -485,8 +485,9 @@ def main() -> int:
     dtype = compute_dtype(args)
 
     peak = peak_before = peak_matmul_flops(dtype)
-    teacher_flops = flops(teacher_spec, args.batch, side, SEQ_LEN)
-    student_flops = flops(student_spec, args.batch, side, SEQ_LEN)
+    # linear in the batch: per sample, as step_flops counts them (cached), so each model is lowered once
+    teacher_flops = flops(teacher_spec, 1, side, SEQ_LEN) * args.batch
+    student_flops = flops(student_spec, 1, side, SEQ_LEN) * args.batch
     model_flops = step_flops(teacher_spec, student_spec, batch, args.batch)  # the trainer's count, as it logs
     progress(f"peak {peak / 1e12:.3f} TFLOP/s, {model_flops / 1e12:.3f} TFLOP per step at batch {args.batch}")
     device = jax.devices()[0]

@@ -10,7 +10,7 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import TINY
+from conftest import TINY, cpu_env
 
 SAVE = """
 import json, sys
@@ -78,16 +78,14 @@ print(json.dumps(out))
 def saved(tmp_path_factory):
     """A workdir with stage `ema` (state with EMA) and stage `plain` (without), step 3, written on 8 devices."""
     workdir = tmp_path_factory.mktemp("workdir")
-    env = os.environ | {"JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
     result = subprocess.run([sys.executable, "-c", SAVE, str(workdir), json.dumps(TINY["micro"].to_diffusers_config())],
-                            env=env, capture_output=True, text=True)
+                            env=cpu_env(8), capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
     return workdir
 
 
 def test_a_checkpoint_saved_on_8_devices_loads_on_one_without_the_optimizer_state(saved):
-    env = os.environ | {"JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
-    result = subprocess.run([sys.executable, "-c", LOAD, str(saved)], env=env, capture_output=True, text=True)
+    result = subprocess.run([sys.executable, "-c", LOAD, str(saved)], env=cpu_env(), capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
     out = json.loads(result.stdout.strip().splitlines()[-1])
     assert out["devices"] == 1

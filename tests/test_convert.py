@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from conftest import TINY
+from conftest import TINY, cpu_env
 from diffusers import UNet2DConditionModel
 from flax.traverse_util import flatten_dict
 from safetensors.numpy import load_file, save_file
@@ -165,7 +165,7 @@ def test_loading_and_saving_need_no_pytorch(unet_folders, tmp_path):
     script = (f"import sys, jaxdistill; s, p = jaxdistill.load_unet({unet_folders['no_mid_conv_proj']!r}); "
               f"jaxdistill.save_unet({str(tmp_path / 'out')!r}, s, p); "
               "assert 'torch' not in sys.modules and 'diffusers' not in sys.modules, 'torch imported'")
-    subprocess.run([sys.executable, "-c", script], check=True, env=os.environ | {"JAX_PLATFORMS": "cpu"})
+    subprocess.run([sys.executable, "-c", script], check=True, env=cpu_env())
 
 
 def test_a_folder_holds_one_set_of_weights(unet_folders, tmp_path):

@@ -3,19 +3,19 @@ evaluate command comparing a student with its teacher on a tiny pipeline."""
 
 import csv
 import json
-import os
 import subprocess
 import sys
 
 import numpy as np
 import pytest
+from conftest import cpu_env
 from PIL import Image
 from skimage.metrics import structural_similarity
 
 from jaxdistill.evaluate import Evaluation, psnr, ssim, write_report
 from jaxdistill.sample import read_prompts
 
-ENV = os.environ | {"JAX_PLATFORMS": "cpu"}
+ENV = cpu_env()
 
 
 def _pair(seed, noise):

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from conftest import cpu_env
 from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
 
 from jaxdistill import abstract_params, count_params, presets, save_unet
@@ -26,7 +27,7 @@ from jaxdistill.prune import PrunePlan
 from jaxdistill.reference import PIPELINE_UNET, write_random_pipeline
 from jaxdistill.train import run
 
-ENV = os.environ | {"JAX_PLATFORMS": "cpu"}
+ENV = cpu_env()
 KEPT = [1]  # of up_blocks.0.attentions.0's two layers
 
 

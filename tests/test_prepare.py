@@ -3,14 +3,13 @@ embeddings and time ids through the real VAE and text encoders; resume; the trai
 
 import dataclasses
 import json
-import os
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
-from conftest import TINY
+from conftest import TINY, cpu_env
 from test_sources import RULES, _bad_files, _encode, _good_files, _noise, _write, write_image_folder
 
 from jaxdistill import prepare as P
@@ -22,7 +21,7 @@ from jaxdistill.reference import write_random_text_encoders, write_random_vae
 from jaxdistill.vae import encode
 
 RES = 32  # pixels; the tiny VAE halves once: 16×16 latents
-ENV = os.environ | {"JAX_PLATFORMS": "cpu"}
+ENV = cpu_env()
 EXPECTED_SKIPS = {reason for _, _, reason in _bad_files().values() if reason}
 
 

@@ -2,7 +2,6 @@
 loads in diffusers and matches our forward, feature pairing, refused plans."""
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -10,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import TINY
+from conftest import TINY, cpu_env
 from diffusers import UNet2DConditionModel
 from flax.traverse_util import flatten_dict
 
@@ -88,7 +87,7 @@ def test_every_kept_weight_is_the_chosen_teacher_weight(unet_folders):
 def test_prune_command_writes_a_diffusers_folder_that_matches_our_forward(unet_folders, tmp_path):
     out = tmp_path / "student"
     subprocess.run([sys.executable, "-m", "jaxdistill.prune", "--teacher", unet_folders["sdxl"], "--plan", "ssd1b",
-                    "--out", str(out)], check=True, env=os.environ | {"JAX_PLATFORMS": "cpu"})
+                    "--out", str(out)], check=True, env=cpu_env())
     model = UNet2DConditionModel.from_pretrained(out, low_cpu_mem_usage=False)
     assert model.config.reverse_transformer_layers_per_block == [[4, 4, 10], [2, 1, 1], 1]
     assert model.config.mid_block_type == "UNetMidBlock2D"
@@ -229,7 +228,7 @@ def test_prune_command_refuses_a_bad_plan_clearly(unet_folders, tmp_path):
     PrunePlan(attentions={"up_blocks.0.attentions.0": 11}).save(plan)
     result = subprocess.run([sys.executable, "-m", "jaxdistill.prune", "--teacher", unet_folders["sdxl"], "--plan",
                              str(plan), "--out", str(tmp_path / "out")], capture_output=True, text=True,
-                            env=os.environ | {"JAX_PLATFORMS": "cpu"})
+                            env=cpu_env())
     assert result.returncode == 2
     assert "up_blocks.0.attentions.0: keeps 11 layers, the teacher has 10" in result.stdout + result.stderr
     assert not (tmp_path / "out").exists()
@@ -241,7 +240,7 @@ def test_prune_command_measures_sensitivity_and_meets_a_budget(unet_folders, tmp
     subprocess.run([sys.executable, "-m", "jaxdistill.prune", "--teacher", unet_folders["micro"], "--sensitivity",
                     str(report), "--budget-params", str(teacher - 20_000), "--out", str(out), "--resolution", "64",
                     "--calibration-batch", "2", "--calibration-size", "8"], check=True,
-                   env=os.environ | {"JAX_PLATFORMS": "cpu"})
+                   env=cpu_env())
     assert {p.name for p in report.iterdir()} >= {"sensitivity.csv", "sensitivity.md", "sensitivity.png",
                                                   "sensitivity.json", "plan.json"}
     plan = load_plan(report / "plan.json")

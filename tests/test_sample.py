@@ -72,7 +72,8 @@ def noise():
     return np.concatenate([initial_latents(s, HEIGHT, WIDTH, vae_scale_factor=2) for s in range(len(PROMPTS))])
 
 
-def run_diffusers(torch_pipe, scheduler: str, latents: np.ndarray, guidance: float, negative_prompt=None):
+def run_diffusers(torch_pipe, scheduler: str, latents: np.ndarray, guidance: float, negative_prompt=None,
+                  guidance_rescale: float = 0.0):
     """diffusers' pipeline from NHWC noise → (float images [B, H, W, 3] in [0, 1], final latents NHWC)."""
     base = diffusers.EulerDiscreteScheduler.from_config(SDXL_SCHEDULER)
     torch_pipe.scheduler = base if scheduler == "euler" else diffusers.DDIMScheduler.from_config(base.config)
@@ -84,7 +85,8 @@ def run_diffusers(torch_pipe, scheduler: str, latents: np.ndarray, guidance: flo
 
     with torch.no_grad():
         images = torch_pipe(PROMPTS, height=HEIGHT, width=WIDTH, num_inference_steps=STEPS, guidance_scale=guidance,
-                            negative_prompt=negative_prompt, output_type="np", callback_on_step_end=keep_latents,
+                            negative_prompt=negative_prompt, guidance_rescale=guidance_rescale, output_type="np",
+                            callback_on_step_end=keep_latents,
                             latents=torch.from_numpy(latents.transpose(0, 3, 1, 2).copy())).images
     return images, final["latents"].permute(0, 2, 3, 1).numpy()
 
@@ -155,11 +157,11 @@ def test_unsupported_scheduler_settings_are_refused(cls, changes, field):
 
 # ---- the whole pipeline ---------------------------------------------------------------------------
 
-@pytest.mark.parametrize("scheduler", ["euler", "ddim"])
-def test_generate_matches_diffusers(pipe, torch_pipe, noise, scheduler):
-    images, latents = run_diffusers(torch_pipe, scheduler, noise, guidance=5.0)
+@pytest.mark.parametrize("scheduler,guidance_rescale", [("euler", 0.0), ("ddim", 0.0), ("euler", 0.7)])
+def test_generate_matches_diffusers(pipe, torch_pipe, noise, scheduler, guidance_rescale):
+    images, latents = run_diffusers(torch_pipe, scheduler, noise, guidance=5.0, guidance_rescale=guidance_rescale)
     out = generate(pipe, PROMPTS, latents=noise, steps=STEPS, guidance=5.0, scheduler=scheduler,
-                   height=HEIGHT, width=WIDTH)
+                   guidance_rescale=guidance_rescale, height=HEIGHT, width=WIDTH)
     assert out.images.shape == (2, HEIGHT, WIDTH, 3) and out.images.dtype == np.uint8
     assert out.latents.shape == (2, HEIGHT // 2, WIDTH // 2, 4) and out.latents.dtype == np.float32
     assert rel(out.latents, latents) <= PIPELINE_TOLERANCE
@@ -184,7 +186,7 @@ def test_rescale_noise_cfg_matches_diffusers():
 def test_guidance_rescale_reaches_the_guided_loop(pipe, noise, monkeypatch):
     """generate(guidance_rescale=0.7) turns the rescale on in the guided denoising loop and hands it that
     value (the formula: above). Stopped where the loop's trace calls it, so nothing compiles; which half of
-    the prediction it gets (text, not unconditional) would need the compiled loop and is not checked."""
+    the prediction it gets (text, not unconditional): test_generate_matches_diffusers with a rescale."""
     real, seen = sample._denoise, {}
 
     class Reached(Exception):

@@ -14,7 +14,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-from conftest import TINY
+from conftest import TINY, cpu_env
 from flax.traverse_util import flatten_dict
 from test_train import small_config, write_config_file
 
@@ -23,8 +23,7 @@ from jaxdistill.prune import PrunePlan
 from jaxdistill.sharding import logical_axes, mesh_shape
 from jaxdistill.unet import abstract_params
 
-EIGHT = os.environ | {"JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
-ONE = os.environ | {"JAX_PLATFORMS": "cpu"}
+EIGHT, ONE = cpu_env(8), cpu_env()
 # float32 sums in another order: losses agree to ~1e-6; Adam divides by √v, so a parameter whose gradient
 # is ~0 can move differently by up to ~lr — parameters are compared relative to the update size.
 LOSS_RTOL = 1e-5

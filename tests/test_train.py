@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import cpu_env
 from diffusers import DDPMScheduler
 from flax.traverse_util import flatten_dict
 
@@ -25,7 +26,7 @@ from jaxdistill.schedule import add_noise, alphas_cumprod, prediction_target
 from jaxdistill.train import STAGE_MARKER, NonFiniteLoss, check_stages, run
 from jaxdistill.unet import flops
 
-ENV = os.environ | {"JAX_PLATFORMS": "cpu"}
+ENV = cpu_env()
 
 
 @pytest.fixture(scope="module")
@@ -42,6 +43,8 @@ def small_config(teacher: str, plan: str, **changes):
     c.precision.teacher = c.precision.student_compute = "float32"
     c.data.resolution, c.data.seq_len, c.data.num_examples = 64, 8, 16
     c.steps, c.log_every, c.checkpoint_every = 6, 1, 3
+    # training commands the tests start read the programs other runs compiled (conftest's session cache)
+    c.compilation_cache = os.environ.get("JAX_COMPILATION_CACHE_DIR", "auto")
     for key, value in changes.items():
         node = c
         *parents, leaf = key.split(".")
@@ -158,7 +161,7 @@ def test_resume_continues_exactly(unet_folders, plan_file, tmp_path):
 def test_sigterm_checkpoints_and_the_command_resumes(unet_folders, plan_file, tmp_path):
     config = write_config_file(tmp_path / "config.py",
                                small_config(unet_folders["micro"], plan_file, steps=10_000,
-                                            checkpoint_every=10_000))
+                                            checkpoint_every=10_000, compilation_cache="auto"))
     cmd = [sys.executable, "-m", "jaxdistill.train", "--config", config, "--workdir", str(tmp_path / "run")]
     proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 300
@@ -176,8 +179,8 @@ def test_sigterm_checkpoints_and_the_command_resumes(unet_folders, plan_file, tm
     entries = set(os.listdir(cache))
     assert any("step" in name for name in entries), entries
     # the same command, now with a reachable end, resumes where it stopped
-    write_config_file(tmp_path / "config.py", small_config(unet_folders["micro"], plan_file,
-                                                          steps=stopped + 2, checkpoint_every=10_000))
+    write_config_file(tmp_path / "config.py", small_config(unet_folders["micro"], plan_file, steps=stopped + 2,
+                                                          checkpoint_every=10_000, compilation_cache="auto"))
     out = subprocess.run(cmd, env=ENV, capture_output=True, text=True, check=True).stdout
     assert f"resumed from step {stopped}" in out
     assert [r["step"] for r in metrics(tmp_path / "run")][-2:] == [stopped + 1, stopped + 2]
