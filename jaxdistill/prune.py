@@ -494,8 +494,13 @@ def _run(args, auto: bool):
         print(f"sensitivity: {len(report.rows)} units measured → {report_dir}/sensitivity.{{csv,md,png,json}}")
     if auto:
         plan = sens.auto_plan(spec, report, budget_params=args.budget_params, budget_flops=args.budget_flops)
-        plan.save(report_dir / "plan.json")
-        print(f"automatic plan → {report_dir / 'plan.json'}: {plan.note}")
+        path = report_dir / "plan.json"
+        earlier = load_plan(path) if path.is_file() else None
+        plan.save(path)
+        print(f"automatic plan → {path}: {plan.note}")
+        if earlier is not None and load_plan(path) != earlier:  # a run may train on the earlier one: say so
+            print(f"  (it replaces the earlier automatic plan there: {earlier.note}; a training run that names "
+                  f"{path} and resumes will refuse a student cut otherwise)")
     if not args.out:
         return
 

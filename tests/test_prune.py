@@ -256,6 +256,7 @@ def test_prune_command_measures_sensitivity_and_meets_a_budget(unet_folders, tmp
     assert main(again + ["--budget-flops", str(budget), "--resolution", "128"]) == 0
     plan = load_plan(report / "plan.json")
     assert "16×16 latents" in plan.note
+    assert "it replaces the earlier automatic plan there: " in capsys.readouterr().out  # the params budget's
     assert flops(student_spec(TINY["micro"], plan, resolve_plan(TINY["micro"], plan)), 1, 16) <= budget
     assert read_report(report).flops_size == (8, 8)  # the measurement's record is left as it was
     # another calibration, or another teacher: refused, not silently reused
