@@ -106,15 +106,24 @@ def load_student(path: str | os.PathLike, *, ema: bool | None = None, stage: str
 
 def which_weights(path: str | os.PathLike, *, ema: bool | None = None,
                   stage: str | None = None) -> tuple[Path, bool | None]:
-    """Which weights `load_student(path, ema=, stage=)` reads, without reading them: (the UNet folder, None) for
-    a model folder (one set of weights), (the checkpoint's step folder, `ema`) for a training checkpoint; both
-    paths resolved, so two equal answers are the same weights. Raises CheckpointError as `load_student`."""
+    """Which weights `load_student(path, ema=, stage=)` reads, without reading them, so that two equal answers
+    are the same weights: (the training checkpoint's step folder, whether its EMA weights) for a checkpoint
+    (`ema` None: as its run hands them on) and for a finished stage's folder (its run's last checkpoint, while
+    that is there: the stage folder is those weights); (the UNet folder, None) for any other model folder.
+    Paths resolved. Raises CheckpointError as `load_student`."""
     path = Path(path)
     folder = _unet_folder(path)
     if folder is not None:
+        prov = folder_provenance(path, folder)
+        if (folder / STAGE_MARKER).is_file() and prov.get("stage") and prov.get("step"):
+            stage_dir = Path(prov["workdir"]) / "checkpoints" / prov["stage"]
+            if prov["step"] in finished_steps(stage_dir):
+                return (stage_dir / str(prov["step"])).resolve(), bool(prov.get("ema"))
         return folder.resolve(), None
     _check_stage_and_step(path, stage)
     stage_dir, step = resolve_checkpoint(path, stage)
+    if ema is None:  # the weights its run handed on: EMA when it kept them
+        ema = (_stage_config(stage_dir.parents[1], stage_dir.name) or {}).get("ema_decay", 0) > 0
     return (stage_dir / str(step)).resolve(), ema
 
 

@@ -3,6 +3,7 @@ evaluate command comparing a student with its teacher on a tiny pipeline."""
 
 import csv
 import json
+import shutil
 import subprocess
 import sys
 
@@ -153,35 +154,52 @@ def test_evaluate_command_refuses_bad_input_before_sampling(pipeline, tmp_path, 
 
 
 def test_evaluate_refuses_a_student_compared_with_itself(pipeline, tmp_path, capsys):
-    """The same folder, or the same checkpoint with the same --ema choice, as student and teacher: refused
-    before anything loads, naming the teacher the run records (for a progressive stage, the stage before's
-    folder). The checkpoints here are only their folders: nothing is read from them."""
+    """The same folder, the same checkpoint with the same weights chosen (--ema or not, or as the run hands
+    them on), or a finished stage's folder and its last checkpoint, as student and teacher: refused before
+    anything loads, naming the teacher the run records (for a progressive stage, the stage before's folder).
+    The checkpoints here are only their folders: nothing is read from them."""
     from jaxdistill.config import base_config
     from jaxdistill.evaluate import main
+    from jaxdistill.train import STAGE_MARKER
 
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a cat\n")
     run = tmp_path / "run"
     c = base_config()
-    c.stages = [dict(name="teacher", teacher=str(pipeline), steps=2), dict(name="ssd1b", teacher="previous", steps=2)]
+    c.ema_decay = 0.999
+    c.stages = [dict(name="teacher", teacher=str(pipeline), steps=2), dict(name="ssd1b", teacher="previous", steps=4)]
     (run / "checkpoints" / "ssd1b" / "4").mkdir(parents=True)
     (run / "checkpoints" / "ssd1b" / "4" / "_CHECKPOINT_METADATA").write_text("{}")
     (run / "config.json").write_text(c.to_json_best_effort())
+    stage = run / "stages" / "ssd1b"  # the finished stage: a UNet folder beside its marker
+    stage.mkdir(parents=True)
+    shutil.copy(pipeline / "unet" / "config.json", stage / "config.json")
+    (stage / STAGE_MARKER).write_text(json.dumps({"stage": "ssd1b", "steps": 4, "teacher": "previous"}))
     common = ["--prompts", str(prompts), "--pipeline", str(pipeline), "--out", str(tmp_path / "out")]
     cases = [(pipeline, pipeline, "Give the teacher it was distilled from: --teacher (its SDXL pipeline"),
              (pipeline / "unet", pipeline, "same weights"),  # a pipeline's UNet is its unet/ folder
              (run, run, f"--teacher {run / 'stages' / 'teacher'} (as its run records it)"),
-             (run / "checkpoints" / "ssd1b", run, "same weights")]  # the run's latest checkpoint
+             (run / "checkpoints" / "ssd1b", run, "same weights"),  # the run's latest checkpoint
+             (stage, run, "same weights"), (run, stage, "same weights")]  # the stage is its last checkpoint
     for student, teacher, reason in cases:
         with pytest.raises(SystemExit) as info:
             main(["--student", str(student), "--teacher", str(teacher), *common])
         err = capsys.readouterr().err
         assert info.value.code == 2 and "would be compared with itself" in err and reason in err, err
+    # --ema asks for what the run hands on anyway (it kept EMA weights)
+    with pytest.raises(SystemExit):
+        main(["--student", str(run), "--ema", "--teacher", str(stage), *common])
+    assert "would be compared with itself" in capsys.readouterr().err
     # the trained weights against the weights the run hands on (its EMA weights when it kept them): allowed
     with pytest.raises(SystemExit):
         main(["--student", str(run), "--no-ema", "--teacher", str(run), *common])
     err = capsys.readouterr().err
     assert "compared with itself" not in err and "cannot read checkpoint" in err, err  # no weights in this one
+    c.ema_decay = 0.0  # a run without EMA hands on its trained weights: --no-ema names the same ones
+    (run / "config.json").write_text(c.to_json_best_effort())
+    with pytest.raises(SystemExit):
+        main(["--student", str(run), "--no-ema", "--teacher", str(run), *common])
+    assert "would be compared with itself" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 
 
