@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy: bf16 safetensors read and write)
 import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
+from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
 from jaxdistill.spec import UNetSpec
@@ -116,10 +117,10 @@ def read_safetensors(folder: Path, variant: str | None = None, name: str = WEIGH
             weight_map = json.loads(index.read_text())["weight_map"]
             state = {}
             for shard in sorted(set(weight_map.values())):
-                state |= load_file(folder / shard)
+                state |= _load_file(folder / shard)
             return state
         if single.is_file():
-            return load_file(single)
+            return _load_file(single)
     pickled = sorted(p.name for p in folder.glob("*.bin")) + sorted(p.name for p in folder.glob("*.ckpt"))
     if pickled:
         raise WeightsError(
@@ -129,6 +130,14 @@ def read_safetensors(folder: Path, variant: str | None = None, name: str = WEIGH
             f"U.from_pretrained('{folder}').save_pretrained('{folder}', safe_serialization=True)\"")
     wanted = " or ".join(_variant(name, v) for v in candidates)
     raise FileNotFoundError(f"{folder} has no weights: expected {wanted} (or a sharded index).")
+
+
+def _load_file(path: Path) -> dict[str, np.ndarray]:
+    try:
+        return load_file(path)
+    except SafetensorError as e:  # a partial download or copy, or another format under this name
+        raise WeightsError(f"cannot read {path}: {e} (a truncated or damaged file? copy or download it "
+                           "again)") from e
 
 
 def write_safetensors(folder: Path, state: Mapping[str, np.ndarray], variant: str | None = None,

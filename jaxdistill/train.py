@@ -308,7 +308,12 @@ def run_stage(c: ml_collections.ConfigDict, workdir: Path, previous: Model | Non
               checked: StageCheck) -> tuple[Model, dict]:
     """Trains (or resumes) one stage `check_stages` passed."""
     identity, data = checked.identity, checked.data
-    teacher, student, kept = build_models(c, previous)
+
+    def read_weights():  # each host reads its own copy (a TPU VM's local disk): one broken copy stops all
+        images = c.data.source == "images"  # encoded inside the step with the frozen VAE and text encoders
+        return build_models(c, previous), load_encoders(c.data.pipeline, c.precision.encoders) if images else None
+
+    (teacher, student, kept), encoders = _agreed(read_weights, "could not read its weights")
     distil = c.loss.output > 0 or c.loss.feature > 0
     pairs = feature_pairs(teacher.spec, student.spec, tap_list(c.loss.taps), kept) if distil else []
     tx, lr_fn = make_optimizer(c.optimizer.lr, c.optimizer.warmup_steps, c.optimizer.weight_decay,
@@ -333,8 +338,7 @@ def run_stage(c: ml_collections.ConfigDict, workdir: Path, previous: Model | Non
               f"optimizer.accumulation) does not split over {shards} batch shards (data × fsdp): every micro-batch "
               "is gathered across devices each step. It trains the same; make it a multiple for speed.")
     encode, encoder_params = None, None
-    if c.data.source == "images":  # encode inside the step with the frozen VAE and text encoders
-        encoders = load_encoders(c.data.pipeline, c.precision.encoders)
+    if encoders is not None:
         encode, encoder_params = make_encode(encoders, c.precision.encoders), encoders.params
     step_fn = make_train_step(student_model, teacher_model, tx, lr_fn, acp, pairs=pairs,
                               weights={"task": c.loss.task, "output": c.loss.output, "feature": c.loss.feature},

@@ -143,6 +143,16 @@ def test_pickled_weights_are_refused_and_never_opened(unet_folders, tmp_path):
     assert not (tmp_path / "executed").exists()
 
 
+def test_a_truncated_weights_file_is_named(unet_folders, tmp_path):
+    """A partial download or copy: a WeightsError (the commands' clear-error type) naming the file."""
+    folder = tmp_path / "partial"
+    shutil.copytree(unet_folders["micro"], folder)
+    weights = folder / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(WeightsError, match=f"cannot read {weights}: .*truncated or damaged"):
+        load_unet(folder)
+
+
 def test_missing_folder_or_weights(tmp_path, unet_folders):
     with pytest.raises(FileNotFoundError, match="config.json"):
         load_unet(tmp_path / "nowhere")

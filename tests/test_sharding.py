@@ -4,6 +4,7 @@ devices, fsdp=8 and data=2 × fsdp=4), per-device memory falling with fsdp, and 
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -216,6 +217,15 @@ def test_two_processes_train_and_one_process_continues(runs, unet_folders, tmp_p
     for log in logs:
         assert "process 1 of 2 could not check the stages before training, so every process stops" in log, log
         assert "process 1: FileNotFoundError" in log and str(missing) in log, log[-2000:]
+    # one host's copy of the teacher is damaged (its config reads, its weights do not): the same
+    broken = tmp_path / "partial_copy"
+    shutil.copytree(unet_folders["micro"], broken)
+    weights = broken / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    logs = _both_stop(_two_processes(config, workdir, [], [f"--config.teacher={broken}"]))
+    for log in logs:
+        assert "process 1 of 2 could not read its weights, so every process stops" in log, log[-2000:]
+        assert f"process 1: cannot read {weights}" in log, log[-2000:]
     assert sorted(p.name for p in (workdir / "checkpoints" / "main").iterdir()) == ["2"]  # nothing lost
     result = subprocess.run([sys.executable, "-m", "jaxdistill.train", "--config", config, "--workdir", str(workdir)],
                             env=ONE, capture_output=True, text=True)
