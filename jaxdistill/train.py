@@ -519,7 +519,7 @@ def _agreed(fn, what: str):
         result, error, own = fn(), "", None
     except Exception as e:  # any kind (an unreadable shard too): the other hosts would wait as well
         result, own = None, e
-        error = str(e) if isinstance(e, ValueError) else f"{type(e).__name__}: {e}"
+        error = (str(e) if isinstance(e, ValueError) else f"{type(e).__name__}: {e}") or type(e).__name__  # not ""
     # collectives move arrays: each host's error text as fixed-size bytes (empty: it succeeded)
     text = np.zeros(4096, np.uint8)
     encoded = error.encode()[:text.size]
