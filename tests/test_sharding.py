@@ -1,6 +1,7 @@
 """The mesh: parameter placement by logical axes, the sharded step equal to one device (8 simulated CPU
 devices, fsdp=8 and data=2 × fsdp=4), per-device memory falling with fsdp, and a real two-process run
-(gloo collectives) whose checkpoint a one-process run on another mesh restores and continues."""
+(gloo collectives) whose checkpoint a one-process run on another mesh restores and continues; two processes
+stop together when one of them cannot start, read its weights or its first batch, or is signalled."""
 
 import json
 import os
