@@ -308,13 +308,15 @@ def run_stage(c: ml_collections.ConfigDict, workdir: Path, previous: Model | Non
               checked: StageCheck) -> tuple[Model, dict]:
     """Trains (or resumes) one stage `check_stages` passed."""
     identity, data = checked.identity, checked.data
+    distil = c.loss.output > 0 or c.loss.feature > 0
 
     def read_weights():  # each host reads its own copy (a TPU VM's local disk): one broken copy stops all
-        images = c.data.source == "images"  # encoded inside the step with the frozen VAE and text encoders
-        return build_models(c, previous), load_encoders(c.data.pipeline, c.precision.encoders) if images else None
+        teacher, student, kept = build_models(c, previous)
+        # images are encoded inside the step with the frozen VAE and text encoders
+        encoders = load_encoders(c.data.pipeline, c.precision.encoders) if c.data.source == "images" else None
+        return teacher, student, kept, encoders, _validation(c, teacher, workdir) if distil else None
 
-    (teacher, student, kept), encoders = _agreed(read_weights, "could not read its weights")
-    distil = c.loss.output > 0 or c.loss.feature > 0
+    teacher, student, kept, encoders, validation = _agreed(read_weights, "could not read its weights")
     pairs = feature_pairs(teacher.spec, student.spec, tap_list(c.loss.taps), kept) if distil else []
     tx, lr_fn = make_optimizer(c.optimizer.lr, c.optimizer.warmup_steps, c.optimizer.weight_decay,
                                c.optimizer.b1, c.optimizer.b2, c.optimizer.eps, c.optimizer.grad_clip,
@@ -372,7 +374,6 @@ def run_stage(c: ml_collections.ConfigDict, workdir: Path, previous: Model | Non
     before = agreement(state.params, teacher_params) if distil and start == 0 else saved.get("agreement_before")
     meta["agreement_before"] = before
     logger = _Logger(workdir, c.name, c.steps, start, c.batch_size)
-    validation = _validation(c, teacher, workdir) if distil else None
     unstack = jax.jit(unstack_layers) if c.scan_layers else (lambda p: p)
 
     def validate_now(step):
