@@ -211,8 +211,8 @@ def test_two_processes_train_and_one_process_continues(runs, unet_folders, tmp_p
     c.steps = 4
     (workdir / "stages" / "main" / "jaxdistill_stage.json").unlink()  # let the stage continue past step 2
     config = write_config_file(tmp_path / "more.py", c)
-    # one host without the teacher: both stop at once, naming it and why (alone, process 0 would read the
-    # checkpoint's meta and wait in the step's collectives for the other until the heartbeat gave up)
+    # one host without the teacher: both stop at once, naming it and why (before, process 0 went on into
+    # orbax's barrier and died there ~30 s later with a Gloo timeout that named neither)
     missing = tmp_path / "not_mounted"
     logs = _both_stop(_two_processes(config, workdir, [], [f"--config.teacher={missing}"]))
     for log in logs:
