@@ -181,7 +181,12 @@ class PreparedLatents:
 
     def _read(self, step: int, whole: bool = False) -> dict[str, np.ndarray]:
         indices = self.indices(step) if whole else self.indices(step)[self.host]
-        records = self.source.__getitems__(indices.tolist())
+        try:
+            records = self.source.__getitems__(indices.tolist())
+        except Exception as e:  # array_record's RuntimeError for a damaged chunk, OSError for a lost file
+            raise ValueError(f"data.path {self.path}: cannot read examples {indices.tolist()} ({type(e).__name__}: "
+                             f"{str(e)[:300]}): a damaged or incomplete copy of the data set? copy it again, or "
+                             "prepare it again into a new folder") from e
         return {k: np.stack([np.asarray(r[k], np.float32) for r in records])
                 for k in ("latents", "encoder_hidden_states", "text_embeds", "time_ids")}
 

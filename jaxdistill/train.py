@@ -368,7 +368,8 @@ def run_stage(c: ml_collections.ConfigDict, workdir: Path, previous: Model | Non
              ", plain diffusion training (no teacher)"))
 
     rng = jax.random.key(c.seed)
-    agreement = (_agreement_fn(student_model, teacher_model, acp, data, c, mesh, encode, encoder_params) if distil
+    held_out = _agreed(data.validation_batch, "could not read the validation batch") if distil else None
+    agreement = (_agreement_fn(student_model, teacher_model, acp, held_out, c, mesh, encode, encoder_params) if distil
                  else None)
     # measured on the initial student: a resumed run reads it from its checkpoint
     before = agreement(state.params, teacher_params) if distil and start == 0 else saved.get("agreement_before")
@@ -391,10 +392,10 @@ def run_stage(c: ml_collections.ConfigDict, workdir: Path, previous: Model | Non
     try:
         # The mesh as context: layers that must place work per device themselves (splash attention) see it.
         with stop, jax.set_mesh(mesh):
+            # One host can fail to read its share of a batch alone (a damaged copy of the data on its disk):
+            # every host reads the next batch before the step's collective of flags, so all learn it there.
+            host_batch = _agreed(functools.partial(data.batch, step), f"could not read its batch for step {step + 1}")
             while step < c.steps:
-                # the first batch of a fresh or resumed stream is where a host's share of the data fails
-                host_batch = (_agreed(functools.partial(data.batch, step), f"could not read its batch of step {step}")
-                              if step == start else data.batch(step))
                 flop = step_flops(teacher.spec if distil else None, student.spec, host_batch, c.batch_size)
                 batch = global_batch(host_batch, mesh)
                 profiler.before(step + 1)
@@ -411,10 +412,16 @@ def run_stage(c: ml_collections.ConfigDict, workdir: Path, previous: Model | Non
                         f"The run stopped; {kept_at}. Lower optimizer.lr, enable grad clipping, or check the data.")
                 logger.step(step, values, log=step % c.log_every == 0 or step == c.steps, flop=flop)
                 logger.note(data.skip_report())  # the inputs a streamed source skipped, once its first epoch is read
-                stopping = _any_process(stop.requested is not None)  # all hosts save the same step together
-                if step % c.checkpoint_every == 0 or step == c.steps or stopping:
+                host_batch, unread = _attempt(functools.partial(data.batch, step)) if step < c.steps else (None, None)
+                failures, stopping = _gather_failures(unread, stop.requested is not None)  # the same on all hosts
+                if step % c.checkpoint_every == 0 or step == c.steps or stopping or failures:
                     manager.save(step, args=_save_args(state, meta | {"data_position": step}))
                     last_good = step
+                if failures:
+                    manager.wait_until_finished()
+                    _raise_failures(unread, failures, f"could not read its batch for step {step + 1}",
+                                    then=f"stage {c.name}: the checkpoint of step {step} is saved in "
+                                         f"{manager.directory}; once the data reads, run the same command to resume.")
                 if stopping:
                     manager.wait_until_finished()
                     print(f"\nstage {c.name}: stopped by {stop.requested or 'a signal to another process'} at step "
@@ -509,39 +516,67 @@ def _any_process(flag: bool) -> bool:
     return bool(multihost_utils.process_allgather(np.int32(flag)).any())
 
 
+def _attempt(fn) -> tuple[Any, Exception | None]:
+    """(fn(), None), or (None, what it raised): a host keeps going to the collective where all hosts learn it."""
+    try:
+        return fn(), None
+    except Exception as e:  # any kind (an unreadable shard too): the other hosts would wait as well
+        return None, e
+
+
+def _gather_failures(own: Exception | None, stop: bool = False) -> tuple[dict[int, str], bool]:
+    """({process: why it failed} over all processes, whether any process asked to stop), the same on every
+    process. One small collective of flags; the reasons travel only when some process failed."""
+    def why(e):
+        return (str(e) if isinstance(e, ValueError) else f"{type(e).__name__}: {e}") or type(e).__name__  # not ""
+
+    if jax.process_count() == 1:
+        return ({0: why(own)} if own is not None else {}), stop
+    flags = multihost_utils.process_allgather(np.array([own is not None, stop], np.int32))
+    failed = np.flatnonzero(flags[:, 0])
+    if not failed.size:
+        return {}, bool(flags[:, 1].any())
+    # collectives move arrays: each host's reason as fixed-size bytes (empty: it succeeded)
+    text = np.zeros(4096, np.uint8)
+    encoded = (why(own) if own is not None else "").encode()[:text.size]
+    text[:len(encoded)] = np.frombuffer(encoded, np.uint8)
+    texts = multihost_utils.process_allgather(text)
+    return {int(i): bytes(texts[i]).rstrip(b"\0").decode(errors="replace") for i in failed}, bool(flags[:, 1].any())
+
+
+def _raise_failures(own: Exception | None, failures: dict[int, str], what: str, then: str = ""):
+    """Every process raises when any failed: a bug (not a ValueError / OSError) with its own traceback on its
+    process, otherwise one error naming the failed processes and their reasons. `then`: what was kept."""
+    if own is not None and not isinstance(own, (ValueError, OSError)):
+        raise own
+    if not failures:
+        return
+    if jax.process_count() == 1:
+        if not then:
+            raise own
+        raise ValueError(f"{failures[0]}\n{then}") from own
+    reasons = "\n".join(f"process {i}: {text}" for i, text in failures.items())
+    raise ValueError(f"process {', '.join(map(str, failures))} of {jax.process_count()} {what}, so every process "
+                     f"stops:\n{reasons}" + (f"\n{then}" if then else ""))
+
+
 def _agreed(fn, what: str):
     """`fn()` on every process, where one process can fail alone (its data, its share of a streamed source,
     its view of a folder): when it raises on any of them, all raise one error naming those processes and
     their reasons, instead of the others going on to wait in the next collective until the distributed
     heartbeat gives up. `fn` itself must not wait for the other processes."""
-    if jax.process_count() == 1:
-        return fn()
-    try:
-        result, error, own = fn(), "", None
-    except Exception as e:  # any kind (an unreadable shard too): the other hosts would wait as well
-        result, own = None, e
-        error = (str(e) if isinstance(e, ValueError) else f"{type(e).__name__}: {e}") or type(e).__name__  # not ""
-    # collectives move arrays: each host's error text as fixed-size bytes (empty: it succeeded)
-    text = np.zeros(4096, np.uint8)
-    encoded = error.encode()[:text.size]
-    text[:len(encoded)] = np.frombuffer(encoded, np.uint8)
-    texts = [bytes(t).rstrip(b"\0").decode(errors="replace") for t in multihost_utils.process_allgather(text)]
-    failed = [i for i, t in enumerate(texts) if t]
-    if own is not None and not isinstance(own, (ValueError, OSError)):
-        raise own  # a bug: its traceback, here; the others stop with the message below
-    if failed:
-        reasons = "\n".join(f"process {i}: {texts[i]}" for i in failed)
-        raise ValueError(f"process {', '.join(map(str, failed))} of {len(texts)} {what}, so every process "
-                         f"stops:\n{reasons}")
+    result, own = _attempt(fn)
+    _raise_failures(own, _gather_failures(own)[0], what)
     return result
 
 
-def _agreement_fn(student: UNet, teacher: UNet, acp, data, c, mesh, encode=None, encoder_params=None):
+def _agreement_fn(student: UNet, teacher: UNet, acp, validation_batch: dict[str, np.ndarray], c, mesh, encode=None,
+                  encoder_params=None):
     """Relative MSE between student and teacher predictions on a fixed validation batch spread over timesteps:
     one micro-batch of the global batch (what a training step holds at once), split over the mesh as in
     training."""
     micro = c.batch_size // c.optimizer.accumulation
-    batch = {k: v[:micro] for k, v in data.validation_batch().items()}  # fixed for the whole run, at fixed noise
+    batch = {k: v[:micro] for k, v in validation_batch.items()}  # fixed for the whole run, at fixed noise
     if encode is not None:  # on-the-fly data: pixels and token ids → latents (the mean) and embeddings
         batch = dict(jax.jit(encode)(encoder_params, batch["pixels"], batch["input_ids"], batch["input_ids_2"])) | {
             "time_ids": batch["time_ids"]}

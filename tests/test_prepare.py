@@ -3,6 +3,7 @@ embeddings and time ids through the real VAE and text encoders; resume; the trai
 
 import dataclasses
 import json
+import shutil
 import subprocess
 import sys
 
@@ -292,18 +293,67 @@ def test_buckets_give_batches_of_one_shape(images, pipeline, tmp_path, capsys):
     assert unread and f"data: {unread} of {sum(counts)} examples are in latent shapes" in capsys.readouterr().out
 
 
-def test_the_trainer_reads_a_prepared_set(prepared, tmp_path):
+def test_the_trainer_reads_a_prepared_set_and_stops_at_a_damaged_batch_losing_nothing(prepared, tmp_path):
     """A micro UNet with the tiny pipeline's conditioning widths trains on the prepared set; a mismatched
-    UNet is refused before anything heavy runs."""
+    UNet is refused before anything heavy runs. One array_record file of a copy of the set zeroed in its
+    middle (a bad disk, a copy cut short): alone, the run stops at the first batch that touches it, naming
+    the data set, after saving the step before; with the file mended the same run resumes there. Two
+    processes, only process 1's copy damaged (a TPU VM reads from its own disk): both stop after the same
+    step and both save it (before, process 0 would wait in the next step's collectives)."""
+    from test_sharding import _both_stop, _two_processes
+    from test_train import metrics, small_config, write_config_file
+
+    from jaxdistill.reference import write_random_unet
+    from jaxdistill.train import run
 
     _, _, out = prepared
-    spec = TINY["micro"].replace(cross_attention_dim=80, projection_class_embeddings_input_dim=40 + 6 * 8)
     with pytest.raises(ValueError, match="cross_attention_dim is 32") as info:
         check_fits(PreparedLatents(out, batch_size=4), TINY["micro"])
     assert f"prepared data set {out} (encoded with" in str(info.value)  # the data set's folder, not the pipeline's
-    _train_micro(tmp_path / "run", spec, steps=3, accumulation=1, source="prepared", path=str(out))
-    lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert len(lines) == 3 and all(np.isfinite(line["loss"]) for line in lines)
+    lengths = [int(n) for n in tfds.builder_from_directory(str(out)).info.splits["train"].shard_lengths]
+    first = np.cumsum([0, *lengths])
+
+    def reads(seed, file, rows):  # which of global batches 0, 1 read `rows` of their examples from `file`
+        data = PreparedLatents(out, batch_size=4, seed=seed)
+        return [bool(np.any((data.indices(s)[rows] >= first[file]) & (data.indices(s)[rows] < first[file + 1])))
+                for s in (0, 1)]
+
+    # a seed and a file that batch 0 does not read, batch 1 does: alone (all 4 rows) and on process 1 (rows 2, 3)
+    seed, file = next((s, f) for s in range(200) for f in range(len(lengths))
+                      if reads(s, f, slice(None)) == reads(s, f, slice(2, 4)) == [False, True])
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    damaged = sorted(copy.glob("*.array_record-*"))[file]
+    whole = damaged.read_bytes()
+    zeroed = whole[:1000] + bytes(len(whole) // 2 - 1000) + whole[len(whole) // 2:]  # every record in it
+    damaged.write_bytes(zeroed)
+
+    spec = TINY["micro"].replace(cross_attention_dim=80, projection_class_embeddings_input_dim=40 + 6 * 8)
+    unet = str(write_random_unet(tmp_path / "unet", spec, seed=0))
+    c = small_config(unet, "", steps=3, seed=seed, **{"loss.output": 0.0, "loss.feature": 0.0})
+    c.data.update(source="prepared", path=str(copy))
+    with pytest.raises(ValueError) as info:
+        run(c, tmp_path / "alone")
+    message = str(info.value)
+    assert f"data.path {copy}: cannot read examples" in message and "damaged" in message, message
+    assert "the checkpoint of step 1 is saved" in message, message
+    saved = tmp_path / "alone" / "checkpoints" / "main"
+    assert sorted(p.name for p in saved.iterdir() if p.name.isdigit()) == ["1"]
+    damaged.write_bytes(whole)
+    run(c, tmp_path / "alone")
+    steps = [json.loads(line)["step"] for line in open(tmp_path / "alone" / "metrics.jsonl") if '"loss"' in line]
+    assert steps == [1, 2, 3]
+    assert all(np.isfinite(line["loss"]) for line in metrics(tmp_path / "alone") if "loss" in line)
+
+    damaged.write_bytes(zeroed)
+    c.data.path = str(out)
+    config = write_config_file(tmp_path / "two.py", c)
+    logs = _both_stop(_two_processes(config, tmp_path / "two", [], [f"--config.data.path={copy}"]))
+    for log in logs:
+        assert "process 1 of 2 could not read its batch for step 2, so every process stops" in log, log[-3000:]
+        assert f"process 1: data.path {copy}: cannot read examples" in log, log[-3000:]
+        assert "the checkpoint of step 1 is saved" in log, log[-3000:]
+    assert (tmp_path / "two" / "checkpoints" / "main" / "1").is_dir()
 
 
 def _train_micro(workdir, spec, *, steps: int, accumulation: int, **data):

@@ -1,7 +1,8 @@
 """The mesh: parameter placement by logical axes, the sharded step equal to one device (8 simulated CPU
 devices, fsdp=8 and data=2 × fsdp=4), per-device memory falling with fsdp, and a real two-process run
 (gloo collectives) whose checkpoint a one-process run on another mesh restores and continues; two processes
-stop together when one of them cannot start, read its weights or its first batch, or is signalled."""
+stop together when one of them cannot start, read its weights or its first batch, or is signalled
+(a batch that fails mid-run on one host: test_prepare)."""
 
 import json
 import os
@@ -311,7 +312,7 @@ def test_a_process_without_usable_images_stops_both(tmp_path):
     config = write_config_file(tmp_path / "images.py", c)
     logs = _both_stop(_two_processes(config, tmp_path / "run"))
     for log in logs:
-        assert "could not read its batch of step 0, so every process stops" in log, log[-3000:]
+        assert "could not read its batch for step 1, so every process stops" in log, log[-3000:]
         assert "no usable example for process" in log and "caption_missing" in log, log[-3000:]
     saved = tmp_path / "run" / "checkpoints" / "main"
     assert not (saved.is_dir() and any(p.name.isdigit() for p in saved.iterdir()))  # nothing saved
