@@ -16,7 +16,9 @@ interrupted run resumes where it stopped, a shard whose input changed is redone,
 or lost shards (images added to a folder, another tar downloaded) resumes too: only its new and changed
 shards are encoded. When every shard is done, the TFDS file names (`...-00000-of-00012`, in source order)
 are linked to the shard files and the metadata written. A resume with other settings (preprocessing,
-decode rules, seed, dtypes, pipeline) is refused.
+decode rules, seed, dtypes, pipeline) is refused. A host that cannot open its pipeline or source, see the
+settings, read the weights or finish a shard stops every host with one error naming it (`sharding.agreed`);
+where a shard failed, the others first finish their own.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ import numpy as np
 from jaxdistill import sources as S
 from jaxdistill.convert import WeightsError
 from jaxdistill.records import atomic_json, changes, describe
-from jaxdistill.sharding import initialize_distributed
+from jaxdistill.sharding import agreed, attempt, gather_failures, initialize_distributed, raise_failures
 from jaxdistill.text import TextEncoders, load_text_encoders
 from jaxdistill.vae import VAESpec, encode_latents, load_vae
 
@@ -130,18 +132,23 @@ def prepare(source: S.Source, pipeline: str | os.PathLike, out: str | os.PathLik
     prep, rules = prep or S.Preprocessing(), rules or S.DecodeRules()
     if storage_dtype not in STORAGE_DTYPES:
         raise PrepareError(f"storage dtype {storage_dtype!r}: expected one of {STORAGE_DTYPES}")
-    _check_pipeline(pipeline)
     local = jax.local_devices()
     if batch_size < 1 or batch_size % len(local):
         raise PrepareError(f"batch size {batch_size} must be a positive multiple of the {len(local)} local devices")
     pi = jax.process_index() if process_index is None else process_index
     pc = jax.process_count() if process_count is None else process_count
-    try:
-        all_shards = source.shards()
-    except ValueError as e:  # an empty folder: the user's input, not a bug
-        raise PrepareError(str(e)) from None
-    if not all_shards:
-        raise PrepareError(f"source {source.description} has no shards: nothing to prepare")
+
+    def open_inputs():  # each host reads its own copy of the pipeline and lists the source itself
+        _check_pipeline(pipeline)
+        try:
+            shards = source.shards()
+        except ValueError as e:  # an empty folder: the user's input, not a bug
+            raise PrepareError(str(e)) from None
+        if not shards:
+            raise PrepareError(f"source {source.description} has no shards: nothing to prepare")
+        return shards
+
+    all_shards = agreed(open_inputs, "could not open its pipeline or source", error=PrepareError)
     out = Path(out)
     (out / "progress").mkdir(parents=True, exist_ok=True)
     # No shard count here: a source that gained or lost shards resumes (shard files are keyed by name).
@@ -150,7 +157,8 @@ def prepare(source: S.Source, pipeline: str | os.PathLike, out: str | os.PathLik
                 "storage_dtype": storage_dtype, "compute_dtype": compute_dtype}
     _check_settings(out, settings, process_index=pi, process_count=pc)  # before the costly model load
     fingerprints = {s.index: source.fingerprint(s) for s in all_shards}
-    encoders = load_encoders(pipeline, compute_dtype)
+    encoders = agreed(lambda: load_encoders(pipeline, compute_dtype), "could not read its pipeline's weights",
+                      error=PrepareError)
     feats = features(encoders.latent_channels, encoders.text.tokenizers[0].model_max_length,
                      sum(s.hidden_size for s in encoders.text.specs), encoders.text.specs[1].projection_dim,
                      storage_dtype)
@@ -169,19 +177,23 @@ def prepare(source: S.Source, pipeline: str | os.PathLike, out: str | os.PathLik
           f"{len(mine) - len(todo)} already done"
           + (f", {changed} redone because their input changed since they were written" if changed else ""))
     bar = tqdm(total=len(todo), unit="shard", disable=not progress, dynamic_ncols=True)
-    kept_total, start = 0, time.perf_counter()
-    for shard in todo:
-        kept_total += _prepare_shard(source, shard, out, encoders, params, encode, feats,
-                                     prep=prep, rules=rules, batch_size=batch_size, seed=seed,
-                                     storage_dtype=storage_dtype, fingerprint=fingerprints[shard.index])
-        bar.update(1)
-        bar.set_postfix(examples=kept_total, rate=f"{kept_total / (time.perf_counter() - start):.1f}/s")
+    start = time.perf_counter()
+
+    def encode_mine():
+        kept_total = 0
+        for shard in todo:
+            kept_total += _prepare_shard(source, shard, out, encoders, params, encode, feats,
+                                         prep=prep, rules=rules, batch_size=batch_size, seed=seed,
+                                         storage_dtype=storage_dtype, fingerprint=fingerprints[shard.index])
+            bar.update(1)
+            bar.set_postfix(examples=kept_total, rate=f"{kept_total / (time.perf_counter() - start):.1f}/s")
+
+    _, failed = attempt(encode_mine)
     bar.close()
-
-    if pc > 1:
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices("jaxdistill.prepare: all shards written")
+    # Every host meets here once its shards are written (or one failed: the others finish theirs, nothing
+    # done is lost); one that failed stops all with its reason.
+    raise_failures(failed, gather_failures(failed)[0], "could not prepare its shards", error=PrepareError,
+                   then=f"prepare: the shards finished in {out} are kept; run the same command to resume.")
     records = [done_record(out, s, fingerprints[s.index]) for s in all_shards]
     missing = [s.name for s, r in zip(all_shards, records, strict=True) if r is None]
     if missing:
@@ -338,17 +350,21 @@ def _check_settings(out: Path, settings: Mapping[str, Any], *, process_index: in
         from jax.experimental import multihost_utils
 
         multihost_utils.sync_global_devices("jaxdistill.prepare: settings written")
-    if not path.is_file():
-        raise PrepareError(f"{path} is missing after process 0 wrote it: is {out} on a file system all hosts "
-                           "share?")
-    before = json.loads(path.read_text())
-    changed = changes(before, settings)
-    if changed:
-        if before.get("format") != settings.get("format"):  # no settings bring those files back
-            raise PrepareError(f"{out} holds shards prepared by an older version of prepare (format "
-                               f"{before.get('format')!r}, now {settings['format']}); prepare into a new --out")
-        raise PrepareError(f"{out} holds shards prepared with other settings ({describe(changed)}); use a new "
-                           "--out, or rerun with the original settings to resume")
+
+    def compare():  # each host reads the file: one that does not see it (storage not shared) stops all
+        if not path.is_file():
+            raise PrepareError(f"{path} is missing after process 0 wrote it: is {out} on a file system all hosts "
+                               "share?")
+        before = json.loads(path.read_text())
+        changed = changes(before, settings)
+        if changed:
+            if before.get("format") != settings.get("format"):  # no settings bring those files back
+                raise PrepareError(f"{out} holds shards prepared by an older version of prepare (format "
+                                   f"{before.get('format')!r}, now {settings['format']}); prepare into a new --out")
+            raise PrepareError(f"{out} holds shards prepared with other settings ({describe(changed)}); use a new "
+                               "--out, or rerun with the original settings to resume")
+
+    agreed(compare, f"could not take up the settings of {out}", error=PrepareError)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -373,6 +389,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--storage-dtype", choices=STORAGE_DTYPES, default="float16")
     parser.add_argument("--compute-dtype", choices=("float32", "bfloat16"), default="float32")
     parser.add_argument("--caption-column", default="text", help="metadata.jsonl/csv caption column (folders)")
+    parser.add_argument("--files-per-shard", type=int, default=1000,
+                        help="folders: images per shard; hosts share the work by shards, so give a multi-host "
+                             "run at least as many shards as hosts")
     parser.add_argument("--image-key", default="image", help="TFDS sources: the image feature (dotted if nested)")
     parser.add_argument("--text-key", default="text", help="TFDS sources: the caption feature (dotted if nested)")
     parser.add_argument("--data-dir", help="TFDS sources: tfds data_dir")
@@ -383,6 +402,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.resolution < 8 or args.resolution % 8:
         parser.error(f"--resolution {args.resolution}: must be a positive multiple of 8 (the VAE's downscale)")
+    if args.files_per_shard < 1:
+        parser.error(f"--files-per-shard {args.files_per_shard}: must be at least 1")
     if not initialize_distributed() and args.distributed:  # as train does; the flag covers other clusters
         jax.distributed.initialize()
     kind = args.source.partition(":")[0]
@@ -391,7 +412,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         options = {"image_key": args.image_key, "text_key": args.text_key, "data_dir": args.data_dir}
     elif kind == "folder" or (kind not in ("tar", "tfds") and Path(args.source).is_dir()
                               and not list(Path(args.source).glob("*.tar"))):
-        options = {"caption_column": args.caption_column}
+        options = {"caption_column": args.caption_column, "files_per_shard": args.files_per_shard}
     try:
         source = S.open_source(args.source, **options)
     except (ValueError, FileNotFoundError) as e:

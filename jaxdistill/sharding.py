@@ -11,7 +11,10 @@ models, odd widths). Batches are split over `data` × `fsdp`.
 
 Multi-host: `initialize_distributed()` starts JAX's runtime (TPU VMs by themselves; SLURM from its
 environment; anywhere from JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID), and
-`global_batch` assembles each host's slice of a batch into one global array.
+`global_batch` assembles each host's slice of a batch into one global array. Where one host can fail
+alone (its copy of the weights or the data, its share of a source), `agreed` / `gather_failures` let every
+host learn it in one collective and stop with one error naming it, instead of the others waiting in the
+next collective until the distributed heartbeat gives up.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from typing import Any
 import jax
 import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 AXES = ("data", "fsdp", "tensor")
@@ -224,6 +228,68 @@ def distributed_args(env: Mapping[str, str]) -> dict[str, Any] | None:
     if env.get("TPU_WORKER_HOSTNAMES", "").count(",") > 0:
         return {}  # JAX reads the TPU VM's environment itself
     return None
+
+
+# ---- processes that agree: one host's failure stops every host at once ----------------------------
+
+def any_process(flag: bool) -> bool:
+    """Whether `flag` is set on any process (the same answer on all of them)."""
+    return gather_failures(None, flag)[1]
+
+
+def attempt(fn) -> tuple[Any, Exception | None]:
+    """(fn(), None), or (None, what it raised): a host keeps going to the collective where all hosts learn it."""
+    try:
+        return fn(), None
+    except Exception as e:  # any kind (an unreadable shard too): the other hosts would wait as well
+        return None, e
+
+
+def gather_failures(own: Exception | None, stop: bool = False) -> tuple[dict[int, str], bool]:
+    """({process: why it failed} over all processes, whether any process asked to stop), the same on every
+    process. One small collective of flags; the reasons travel only when some process failed."""
+    def why(e):
+        return (str(e) if isinstance(e, ValueError) else f"{type(e).__name__}: {e}") or type(e).__name__  # not ""
+
+    if jax.process_count() == 1:
+        return ({0: why(own)} if own is not None else {}), stop
+    flags = multihost_utils.process_allgather(np.array([own is not None, stop], np.int32))
+    failed = np.flatnonzero(flags[:, 0])
+    if not failed.size:
+        return {}, bool(flags[:, 1].any())
+    # collectives move arrays: each host's reason as fixed-size bytes (empty: it succeeded)
+    text = np.zeros(4096, np.uint8)
+    encoded = (why(own) if own is not None else "").encode()[:text.size]
+    text[:len(encoded)] = np.frombuffer(encoded, np.uint8)
+    texts = multihost_utils.process_allgather(text)
+    return {int(i): bytes(texts[i]).rstrip(b"\0").decode(errors="replace") for i in failed}, bool(flags[:, 1].any())
+
+
+def raise_failures(own: Exception | None, failures: dict[int, str], what: str, then: str = "",
+                   error: type[ValueError] = ValueError):
+    """Every process raises when any failed: a bug (not a ValueError / OSError) with its own traceback on its
+    process, otherwise one `error` naming the failed processes and their reasons. `then`: what was kept."""
+    if own is not None and not isinstance(own, (ValueError, OSError)):
+        raise own
+    if not failures:
+        return
+    if jax.process_count() == 1:
+        if not then:
+            raise own
+        raise error(f"{failures[0]}\n{then}") from own
+    reasons = "\n".join(f"process {i}: {text}" for i, text in failures.items())
+    raise error(f"process {', '.join(map(str, failures))} of {jax.process_count()} {what}, so every process "
+                f"stops:\n{reasons}" + (f"\n{then}" if then else ""))
+
+
+def agreed(fn, what: str, error: type[ValueError] = ValueError):
+    """`fn()` on every process, where one process can fail alone (its data, its share of a streamed source,
+    its view of a folder): when it raises on any of them, all raise one error naming those processes and
+    their reasons, instead of the others going on to wait in the next collective until the distributed
+    heartbeat gives up. `fn` itself must not wait for the other processes."""
+    result, own = attempt(fn)
+    raise_failures(own, gather_failures(own)[0], what, error=error)
+    return result
 
 
 def _leaf_axes(path: tuple[str, ...], rank: int) -> tuple[str | None, ...]:

@@ -39,10 +39,15 @@ from jaxdistill.prune import feature_pairs, load_plan, prune
 from jaxdistill.records import atomic_json, changes, describe
 from jaxdistill.schedule import add_noise, alphas_cumprod, schedule_mismatches
 from jaxdistill.sharding import (
+    agreed,
+    any_process,
+    attempt,
     batch_sharding,
+    gather_failures,
     global_batch,
     initialize_distributed,
     make_mesh,
+    raise_failures,
     replicated,
     shard_params,
 )
@@ -70,7 +75,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any
     workdir = Path(workdir)
     stages = stages_of(config)
     # hosts agree: one whose data or folders are missing stops them all, not only itself
-    checked, notes = _agreed(lambda: check_stages(stages, workdir), "could not check the stages before training")
+    checked, notes = agreed(lambda: check_stages(stages, workdir), "could not check the stages before training")
     workdir.mkdir(parents=True, exist_ok=True)
     # after the checks: a refused start leaves the record of the run that trained as it was
     (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
@@ -316,7 +321,7 @@ def run_stage(c: ml_collections.ConfigDict, workdir: Path, previous: Model | Non
         encoders = load_encoders(c.data.pipeline, c.precision.encoders) if c.data.source == "images" else None
         return teacher, student, kept, encoders, _validation(c, teacher, workdir) if distil else None
 
-    teacher, student, kept, encoders, validation = _agreed(read_weights, "could not read its weights")
+    teacher, student, kept, encoders, validation = agreed(read_weights, "could not read its weights")
     pairs = feature_pairs(teacher.spec, student.spec, tap_list(c.loss.taps), kept) if distil else []
     tx, lr_fn = make_optimizer(c.optimizer.lr, c.optimizer.warmup_steps, c.optimizer.weight_decay,
                                c.optimizer.b1, c.optimizer.b2, c.optimizer.eps, c.optimizer.grad_clip,
@@ -368,7 +373,7 @@ def run_stage(c: ml_collections.ConfigDict, workdir: Path, previous: Model | Non
              ", plain diffusion training (no teacher)"))
 
     rng = jax.random.key(c.seed)
-    held_out = _agreed(data.validation_batch, "could not read the validation batch") if distil else None
+    held_out = agreed(data.validation_batch, "could not read the validation batch") if distil else None
     agreement = (_agreement_fn(student_model, teacher_model, acp, held_out, c, mesh, encode, encoder_params) if distil
                  else None)
     # measured on the initial student: a resumed run reads it from its checkpoint
@@ -394,7 +399,7 @@ def run_stage(c: ml_collections.ConfigDict, workdir: Path, previous: Model | Non
         with stop, jax.set_mesh(mesh):
             # One host can fail to read its share of a batch alone (a damaged copy of the data on its disk):
             # every host reads the next batch before the step's collective of flags, so all learn it there.
-            host_batch = _agreed(functools.partial(data.batch, step), f"could not read its batch for step {step + 1}")
+            host_batch = agreed(functools.partial(data.batch, step), f"could not read its batch for step {step + 1}")
             while step < c.steps:
                 flop = step_flops(teacher.spec if distil else None, student.spec, host_batch, c.batch_size)
                 batch = global_batch(host_batch, mesh)
@@ -412,14 +417,14 @@ def run_stage(c: ml_collections.ConfigDict, workdir: Path, previous: Model | Non
                         f"The run stopped; {kept_at}. Lower optimizer.lr, enable grad clipping, or check the data.")
                 logger.step(step, values, log=step % c.log_every == 0 or step == c.steps, flop=flop)
                 logger.note(data.skip_report())  # the inputs a streamed source skipped, once its first epoch is read
-                host_batch, unread = _attempt(functools.partial(data.batch, step)) if step < c.steps else (None, None)
-                failures, stopping = _gather_failures(unread, stop.requested is not None)  # the same on all hosts
+                host_batch, unread = attempt(functools.partial(data.batch, step)) if step < c.steps else (None, None)
+                failures, stopping = gather_failures(unread, stop.requested is not None)  # the same on all hosts
                 if step % c.checkpoint_every == 0 or step == c.steps or stopping or failures:
                     manager.save(step, args=_save_args(state, meta | {"data_position": step}))
                     last_good = step
                 if failures:
                     manager.wait_until_finished()
-                    _raise_failures(unread, failures, f"could not read its batch for step {step + 1}",
+                    raise_failures(unread, failures, f"could not read its batch for step {step + 1}",
                                     then=f"stage {c.name}: the checkpoint of step {step} is saved in "
                                          f"{manager.directory}; once the data reads, run the same command to resume.")
                 if stopping:
@@ -430,7 +435,7 @@ def run_stage(c: ml_collections.ConfigDict, workdir: Path, previous: Model | Non
                 # after the checkpoint: a failing validation costs no training; a stop request (a preemption
                 # notice gives seconds) does not wait for one
                 due = distil and c.eval.every and (step % c.eval.every == 0 or step == c.steps)
-                if due and not _any_process(stop.requested is not None):  # all hosts validate, or none
+                if due and not any_process(stop.requested is not None):  # all hosts validate, or none
                     validate_now(step)
                     logger.restart_clock()  # rates count training steps, not validation
     finally:
@@ -507,67 +512,6 @@ def _restore(manager: ocp.CheckpointManager, state: TrainState) -> tuple[TrainSt
                          "than this config builds (ema_decay, scan_layers, the plan or the optimizer changed?): "
                          f"{type(e).__name__}: {str(e)[:300]}. Use a new --workdir, or restore the old config.") from e
     return restored.state, int(restored.meta["data_position"]), dict(restored.meta)
-
-
-def _any_process(flag: bool) -> bool:
-    """Whether `flag` is set on any process (the same answer on all of them)."""
-    if jax.process_count() == 1:
-        return flag
-    return bool(multihost_utils.process_allgather(np.int32(flag)).any())
-
-
-def _attempt(fn) -> tuple[Any, Exception | None]:
-    """(fn(), None), or (None, what it raised): a host keeps going to the collective where all hosts learn it."""
-    try:
-        return fn(), None
-    except Exception as e:  # any kind (an unreadable shard too): the other hosts would wait as well
-        return None, e
-
-
-def _gather_failures(own: Exception | None, stop: bool = False) -> tuple[dict[int, str], bool]:
-    """({process: why it failed} over all processes, whether any process asked to stop), the same on every
-    process. One small collective of flags; the reasons travel only when some process failed."""
-    def why(e):
-        return (str(e) if isinstance(e, ValueError) else f"{type(e).__name__}: {e}") or type(e).__name__  # not ""
-
-    if jax.process_count() == 1:
-        return ({0: why(own)} if own is not None else {}), stop
-    flags = multihost_utils.process_allgather(np.array([own is not None, stop], np.int32))
-    failed = np.flatnonzero(flags[:, 0])
-    if not failed.size:
-        return {}, bool(flags[:, 1].any())
-    # collectives move arrays: each host's reason as fixed-size bytes (empty: it succeeded)
-    text = np.zeros(4096, np.uint8)
-    encoded = (why(own) if own is not None else "").encode()[:text.size]
-    text[:len(encoded)] = np.frombuffer(encoded, np.uint8)
-    texts = multihost_utils.process_allgather(text)
-    return {int(i): bytes(texts[i]).rstrip(b"\0").decode(errors="replace") for i in failed}, bool(flags[:, 1].any())
-
-
-def _raise_failures(own: Exception | None, failures: dict[int, str], what: str, then: str = ""):
-    """Every process raises when any failed: a bug (not a ValueError / OSError) with its own traceback on its
-    process, otherwise one error naming the failed processes and their reasons. `then`: what was kept."""
-    if own is not None and not isinstance(own, (ValueError, OSError)):
-        raise own
-    if not failures:
-        return
-    if jax.process_count() == 1:
-        if not then:
-            raise own
-        raise ValueError(f"{failures[0]}\n{then}") from own
-    reasons = "\n".join(f"process {i}: {text}" for i, text in failures.items())
-    raise ValueError(f"process {', '.join(map(str, failures))} of {jax.process_count()} {what}, so every process "
-                     f"stops:\n{reasons}" + (f"\n{then}" if then else ""))
-
-
-def _agreed(fn, what: str):
-    """`fn()` on every process, where one process can fail alone (its data, its share of a streamed source,
-    its view of a folder): when it raises on any of them, all raise one error naming those processes and
-    their reasons, instead of the others going on to wait in the next collective until the distributed
-    heartbeat gives up. `fn` itself must not wait for the other processes."""
-    result, own = _attempt(fn)
-    _raise_failures(own, _gather_failures(own)[0], what)
-    return result
 
 
 def _agreement_fn(student: UNet, teacher: UNet, acp, validation_batch: dict[str, np.ndarray], c, mesh, encode=None,

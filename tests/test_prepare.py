@@ -300,7 +300,7 @@ def test_the_trainer_reads_a_prepared_set_and_stops_at_a_damaged_batch_losing_no
     the data set, after saving the step before; with the file mended the same run resumes there. Two
     processes, only process 1's copy damaged (a TPU VM reads from its own disk): both stop after the same
     step and both save it (before, process 0 would wait in the next step's collectives)."""
-    from test_sharding import _both_stop, _two_processes
+    from test_sharding import _both_stop, _train, _two_processes
     from test_train import metrics, small_config, write_config_file
 
     from jaxdistill.reference import write_random_unet
@@ -348,7 +348,7 @@ def test_the_trainer_reads_a_prepared_set_and_stops_at_a_damaged_batch_losing_no
     damaged.write_bytes(zeroed)
     c.data.path = str(out)
     config = write_config_file(tmp_path / "two.py", c)
-    logs = _both_stop(_two_processes(config, tmp_path / "two", [], [f"--config.data.path={copy}"]))
+    logs = _both_stop(_two_processes(_train(config, tmp_path / "two"), [], [f"--config.data.path={copy}"]))
     for log in logs:
         assert "process 1 of 2 could not read its batch for step 2, so every process stops" in log, log[-3000:]
         assert f"process 1: data.path {copy}: cannot read examples" in log, log[-3000:]
@@ -375,12 +375,18 @@ def _train_micro(workdir, spec, *, steps: int, accumulation: int, **data):
         del MODELS["test-data"]
 
 
-def test_prepare_command(images, pipeline, tmp_path):
+def test_prepare_command_alone_and_on_two_hosts_that_stop_together(images, pipeline, tmp_path):
+    """The command, one process. Then two real processes (gloo), each encoding its shards into one folder:
+    when process 1 cannot finish its shard (its progress file's place is taken: a full or read-only disk),
+    process 0 finishes its own, then both stop with one error naming process 1, keeping what was done; run
+    again, they finish and the data set equals the one-process one."""
+    from test_sharding import _both_stop, _two_processes
+
+    args = ["-m", "jaxdistill.prepare", "--source", images, "--pipeline", pipeline, "--resolution", str(RES),
+            "--batch-size", "4", "--max-pixels", str(RULES.max_pixels), "--min-size", str(RULES.min_size),
+            "--files-per-shard", "8"]
     out = tmp_path / "cli"
-    result = subprocess.run([sys.executable, "-m", "jaxdistill.prepare", "--source", images, "--pipeline", pipeline,
-                             "--out", str(out), "--resolution", str(RES), "--batch-size", "4", "--max-pixels",
-                             str(RULES.max_pixels), "--min-size", str(RULES.min_size)],
-                            capture_output=True, text=True, env=ENV)
+    result = subprocess.run([sys.executable, *args, "--out", str(out)], capture_output=True, text=True, env=ENV)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "13 examples" in result.stdout and "too_many_pixels" in result.stdout
     info = json.loads((out / "jaxdistill_data.json").read_text())
@@ -390,7 +396,25 @@ def test_prepare_command(images, pipeline, tmp_path):
                           "--pipeline", pipeline, "--out", str(out)], capture_output=True, text=True, env=ENV)
     assert bad.returncode == 2 and "cannot open source" in bad.stderr
 
-
+    two = tmp_path / "two"
+    shards = S.open_source(f"folder:{images}", files_per_shard=8).shards()
+    blocked = P._progress_file(two, S.shards_for_process(shards, 1, 2)[0])
+    blocked.mkdir(parents=True)
+    logs = _both_stop(_two_processes([*args, "--out", str(two)]), code=2)
+    for log in logs:
+        assert "process 1 of 2 could not prepare its shards, so every process stops" in log, log[-3000:]
+        assert "process 1: IsADirectoryError" in log and f"the shards finished in {two} are kept" in log, log[-3000:]
+    assert all(P._progress_file(two, s).is_file() for s in S.shards_for_process(shards, 0, 2))  # process 0's
+    blocked.rmdir()
+    procs = _two_processes([*args, "--out", str(two)])
+    logs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], "\n----\n".join(log[-3000:] for log in logs)
+    ours, theirs = (tfds.builder_from_directory(str(d)).as_data_source(split="train") for d in (two, out))
+    ours, theirs = ({r["key"]: r for r in (data[i] for i in range(len(data)))} for data in (ours, theirs))
+    assert sorted(ours) == sorted(theirs) and len(ours) == 13
+    for key, record in theirs.items():
+        for name, value in record.items():
+            np.testing.assert_array_equal(ours[key][name], value, err_msg=f"{key}: {name}")
 
 
 def test_on_the_fly_encoding_inside_the_train_step(images, pipeline, tmp_path):

@@ -215,7 +215,7 @@ def test_two_processes_train_and_one_process_continues(runs, unet_folders, tmp_p
     # one host without the teacher: both stop at once, naming it and why (before, process 0 went on into
     # orbax's barrier and died there ~30 s later with a Gloo timeout that named neither)
     missing = tmp_path / "not_mounted"
-    logs = _both_stop(_two_processes(config, workdir, [], [f"--config.teacher={missing}"]))
+    logs = _both_stop(_two_processes(_train(config, workdir), [], [f"--config.teacher={missing}"]))
     for log in logs:
         assert "process 1 of 2 could not check the stages before training, so every process stops" in log, log
         assert "process 1: FileNotFoundError" in log and str(missing) in log, log[-2000:]
@@ -224,7 +224,7 @@ def test_two_processes_train_and_one_process_continues(runs, unet_folders, tmp_p
     shutil.copytree(unet_folders["micro"], broken)
     weights = broken / "diffusion_pytorch_model.safetensors"
     weights.write_bytes(weights.read_bytes()[:1000])
-    logs = _both_stop(_two_processes(config, workdir, [], [f"--config.teacher={broken}"]))
+    logs = _both_stop(_two_processes(_train(config, workdir), [], [f"--config.teacher={broken}"]))
     for log in logs:
         assert "process 1 of 2 could not read its weights, so every process stops" in log, log[-2000:]
         assert f"process 1: cannot read {weights}" in log, log[-2000:]
@@ -246,7 +246,7 @@ def test_sigterm_to_one_of_two_processes_checkpoints_both(unet_folders, tmp_path
     c = small_config(unet_folders["micro"], str(plan), batch_size=8, steps=10_000, checkpoint_every=10_000)
     config = write_config_file(tmp_path / "long.py", c)
     workdir = tmp_path / "run"
-    procs = _two_processes(config, workdir)
+    procs = _two_processes(_train(config, workdir))
     deadline = time.time() + 300
     while time.time() < deadline and all(p.poll() is None for p in procs) and len(_losses_if_any(workdir)) < 3:
         time.sleep(0.5)
@@ -260,22 +260,26 @@ def test_sigterm_to_one_of_two_processes_checkpoints_both(unet_folders, tmp_path
     assert (workdir / "checkpoints" / "main" / str(stopped)).is_dir()
 
 
-def _two_processes(config: str, workdir, *extra: list[str]) -> list[subprocess.Popen]:
-    """Two training processes of one run (gloo on this machine), started as a multi-host launcher would;
-    `extra`: each process's own further arguments."""
+def _two_processes(command: list[str], *extra: list[str]) -> list[subprocess.Popen]:
+    """Two processes of one multi-host job (gloo on this machine), started as a launcher would: `python
+    COMMAND` on each, `extra` each process's own further arguments."""
     with socket.socket() as free:
         free.bind(("127.0.0.1", 0))
         port = free.getsockname()[1]
     extra = extra or ([], [])
-    return [subprocess.Popen([sys.executable, "-m", "jaxdistill.train", "--config", config, "--workdir",
-                              str(workdir), *extra[i]], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    return [subprocess.Popen([sys.executable, *command, *extra[i]], stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True,
                              env=ONE | {"JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}", "JAX_NUM_PROCESSES": "2",
                                         "JAX_PROCESS_ID": str(i)}) for i in range(2)]
 
 
-def _both_stop(procs: list[subprocess.Popen]) -> list[str]:
-    """The logs of two processes that must both fail (exit 1), the second within seconds of the first, not
-    after the distributed heartbeat's minutes."""
+def _train(config: str, workdir) -> list[str]:
+    return ["-m", "jaxdistill.train", "--config", config, "--workdir", str(workdir)]
+
+
+def _both_stop(procs: list[subprocess.Popen], code: int = 1) -> list[str]:
+    """The logs of two processes that must both fail (exit `code`), the second within seconds of the first,
+    not after the distributed heartbeat's minutes."""
     deadline = time.time() + 300
     while time.time() < deadline and all(p.poll() is None for p in procs):
         time.sleep(0.2)
@@ -286,7 +290,7 @@ def _both_stop(procs: list[subprocess.Popen]) -> list[str]:
             p.kill()
         logs = [p.communicate()[0] for p in procs]
         pytest.fail("the processes did not both stop promptly:\n" + "\n----\n".join(log[-2000:] for log in logs))
-    assert [p.returncode for p in procs] == [1, 1], "\n----\n".join(log[-3000:] for log in logs)
+    assert [p.returncode for p in procs] == [code, code], "\n----\n".join(log[-3000:] for log in logs)
     return logs
 
 
@@ -310,7 +314,7 @@ def test_a_process_without_usable_images_stops_both(tmp_path):
     c = small_config(pipeline, "", batch_size=2, steps=2, **{"loss.output": 0.0, "loss.feature": 0.0})
     c.data.update(source="images", path=f"folder:{images}", pipeline=pipeline, resolution=32)
     config = write_config_file(tmp_path / "images.py", c)
-    logs = _both_stop(_two_processes(config, tmp_path / "run"))
+    logs = _both_stop(_two_processes(_train(config, tmp_path / "run")))
     for log in logs:
         assert "could not read its batch for step 1, so every process stops" in log, log[-3000:]
         assert "no usable example for process" in log and "caption_missing" in log, log[-3000:]
