@@ -5,6 +5,7 @@
 #   export TPU_NAME=jaxdistill ZONE=us-central2-b ACCELERATOR=v4-32 RUNTIME=tpu-ubuntu2204-base
 #   launch/tpu_vm.sh create
 #   launch/tpu_vm.sh setup
+#   launch/tpu_vm.sh prepare --source 'tar:/mnt/shared/laion/*.tar' --pipeline /mnt/shared/sdxl --out /mnt/shared/laion
 #   launch/tpu_vm.sh run --config configs/ssd1b.py --workdir /mnt/shared/runs/ssd1b --config.teacher=/mnt/shared/sdxl
 #   launch/tpu_vm.sh ssh 'tail -f jaxdistill/run.log'        # any command on all workers
 #   launch/tpu_vm.sh delete
@@ -12,7 +13,7 @@
 # The workdir (checkpoints, written by all workers together) and the data must be on storage every worker
 # sees: a Filestore/NFS mount, or a bucket mounted with gcsfuse. `run` keeps going after you disconnect
 # (nohup); its output goes to ~/jaxdistill/run.log on each worker, its pid to ~/jaxdistill/train.pid
-# (what `stop` signals).
+# (what `stop` signals); `prepare` likewise to prepare.log and prepare.pid (it resumes where it stopped).
 set -euo pipefail
 : "${TPU_NAME:?set TPU_NAME}" "${ZONE:?set ZONE}"
 ACCELERATOR=${ACCELERATOR:-v4-8}
@@ -28,19 +29,23 @@ case "${1:-}" in
     "${tpu[@]}" scp /tmp/jaxdistill.tgz "$TPU_NAME":~/ --zone "$ZONE" --worker=all
     on_all "mkdir -p jaxdistill && tar -C jaxdistill -xzf jaxdistill.tgz && cd jaxdistill && python3 -m venv .venv \
             && . .venv/bin/activate && pip install -q -e '.[tpu]'" ;;
-  run)
+  run|prepare)  # run: the trainer (run.log, train.pid); prepare: the data set encoder (prepare.log, prepare.pid)
+    task=$([[ $1 == run ]] && echo train || echo prepare)
+    log=$([[ $1 == run ]] && echo run.log || echo prepare.log)
     shift
     args=$(printf '%q ' "$@")
-    on_all "cd jaxdistill && . .venv/bin/activate && { nohup python -m jaxdistill.train $args > run.log 2>&1 & \
-            echo \$! > train.pid; }" ;;
+    on_all "cd jaxdistill && . .venv/bin/activate && { nohup python -m jaxdistill.$task $args > $log 2>&1 & \
+            echo \$! > $task.pid; }" ;;
   ssh)
     on_all "${2:?launch/tpu_vm.sh ssh COMMAND}" ;;
-  stop)  # the trainer checkpoints, then exits. By the pid `run` wrote (if that process is still the trainer):
-         # `pkill -f jaxdistill.train` would match, and kill, the remote shell whose command line holds it.
-    on_all 'pid=$(cat jaxdistill/train.pid 2>/dev/null) && grep -qs jaxdistill.train "/proc/$pid/cmdline" \
-            && kill -TERM "$pid"; rm -f jaxdistill/train.pid' ;;
+  stop)  # the trainer checkpoints, then exits; prepare stops (finished shards are kept). By the pid `run` or
+         # `prepare` wrote (if that process is still the one): `pkill -f jaxdistill.train` would match, and
+         # kill, the remote shell whose command line holds it.
+    on_all 'for task in train prepare; do pid=$(cat jaxdistill/$task.pid 2>/dev/null) \
+              && grep -qs jaxdistill.$task "/proc/$pid/cmdline" && kill -TERM "$pid"; rm -f jaxdistill/$task.pid; \
+            done' ;;
   delete)
     "${tpu[@]}" delete "$TPU_NAME" --zone "$ZONE" --quiet ;;
   *)
-    echo "usage: $0 create|setup|run ARGS...|ssh COMMAND|stop|delete" >&2; exit 2 ;;
+    echo "usage: $0 create|setup|run ARGS...|prepare ARGS...|ssh COMMAND|stop|delete" >&2; exit 2 ;;
 esac

@@ -12,11 +12,12 @@ from pathlib import Path
 import pytest
 
 LAUNCH = Path(__file__).parents[1] / "launch"
-# `$PYTHON -m jaxdistill.train ARGS` → this script. Process 1 fails at once under FAKE=fail1; otherwise each
-# process runs until SIGTERM, then "checkpoints" (process 0 for 2 s) and exits 0. FAKE=quick: one step, exit 0.
+# `$PYTHON -m jaxdistill.train ARGS` (or .prepare) → this script. Process 1 fails at once under FAKE=fail1;
+# otherwise each process runs until SIGTERM, then "checkpoints" (process 0 for 2 s) and exits 0. FAKE=quick:
+# one step, exit 0.
 FAKE_TRAINER = """#!/usr/bin/env bash
 trap 'echo "got TERM"; kill $sleeper; sleep $(( ${JAX_PROCESS_ID:-0} == 0 ? 2 : 0 )); echo checkpointed; exit 0' TERM
-[[ "$1 $2" == "-m jaxdistill.train" ]] || { echo "not called as python -m jaxdistill.train: $*"; exit 9; }
+case "$1 $2" in "-m jaxdistill.train" | "-m jaxdistill.prepare") ;; *) echo "not python -m: $*"; exit 9 ;; esac
 shift 2
 echo "process $JAX_PROCESS_ID of $JAX_NUM_PROCESSES at $JAX_COORDINATOR_ADDRESS started: $*"
 case "${FAKE:-}" in
@@ -106,9 +107,10 @@ def test_bad_arguments_are_named(tmp_path, args, message):
     assert result.returncode == 2 and message in result.stderr, result.stderr
 
 
-def test_tpu_vm_run_and_stop_signal_the_trainer_and_succeed(trainer, tmp_path):
+def test_tpu_vm_run_prepare_and_stop_signal_the_process_and_succeed(trainer, tmp_path):
     """`stop` signals the trainer `run` started and exits 0, with or without a trainer running (a `pkill -f`
-    for the trainer's name killed the worker's own shell, so `stop` failed every time)."""
+    for the trainer's name killed the worker's own shell, so `stop` failed every time); `prepare` starts the
+    encoder the same way and `stop` reaches it too."""
     home, bin_dir = tmp_path / "worker", tmp_path / "gcloud-bin"
     (home / "jaxdistill" / ".venv" / "bin").mkdir(parents=True)
     (home / "jaxdistill" / ".venv" / "bin" / "activate").write_text(f'PATH="{trainer.parent}:$PATH"\n')
@@ -119,24 +121,28 @@ def test_tpu_vm_run_and_stop_signal_the_trainer_and_succeed(trainer, tmp_path):
     (bin_dir / "gcloud").chmod(0o755)
     env = os.environ | {"HOME": str(home), "PATH": f"{bin_dir}:{os.environ['PATH']}", "TPU_NAME": "t", "ZONE": "z"}
     tpu_vm = ["bash", str(LAUNCH / "tpu_vm.sh")]
-    log, pid_file = home / "jaxdistill" / "run.log", home / "jaxdistill" / "train.pid"
-    result = subprocess.run([*tpu_vm, "run", "--config", "a b.py"], env=env, capture_output=True, text=True, timeout=20)
-    assert result.returncode == 0, result.stderr
-    pid = int(pid_file.read_text())
-    try:
+
+    def until(path, text):  # the worker's log, once it holds `text` (or 10 s passed)
         deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and "started" not in log.read_text():
+        while time.monotonic() < deadline and text not in path.read_text():
             time.sleep(0.1)
-        assert "started: --config a b.py" in log.read_text()
-        result = subprocess.run([*tpu_vm, "stop"], env=env, capture_output=True, text=True, timeout=20)
+        return path.read_text()
+
+    # `prepare` like `run`, into its own log and pid file, which `stop` signals too; a glob arrives unexpanded
+    for command, args, log, pid_file in (("run", ["--config", "a b.py"], "run.log", "train.pid"),
+                                         ("prepare", ["--source", "tar:/d/*.tar"], "prepare.log", "prepare.pid")):
+        log, pid_file = home / "jaxdistill" / log, home / "jaxdistill" / pid_file
+        result = subprocess.run([*tpu_vm, command, *args], env=env, capture_output=True, text=True, timeout=20)
         assert result.returncode == 0, result.stderr
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and "checkpointed" not in log.read_text():
-            time.sleep(0.1)
-        assert "got TERM" in log.read_text() and "checkpointed" in log.read_text()
-        assert not pid_file.exists()
-        result = subprocess.run([*tpu_vm, "stop"], env=env, capture_output=True, text=True, timeout=20)
-        assert result.returncode == 0, result.stderr  # nothing to stop: still a success
-    finally:
-        if "checkpointed" not in log.read_text():  # not stopped: do not leave it running
-            os.kill(pid, signal.SIGKILL)
+        pid = int(pid_file.read_text())
+        try:
+            assert f"started: {' '.join(args)}" in until(log, "started")
+            result = subprocess.run([*tpu_vm, "stop"], env=env, capture_output=True, text=True, timeout=20)
+            assert result.returncode == 0, result.stderr
+            assert "got TERM" in until(log, "checkpointed") and "checkpointed" in log.read_text()
+            assert not pid_file.exists()
+            result = subprocess.run([*tpu_vm, "stop"], env=env, capture_output=True, text=True, timeout=20)
+            assert result.returncode == 0, result.stderr  # nothing to stop: still a success
+        finally:
+            if "checkpointed" not in log.read_text():  # not stopped: do not leave it running
+                os.kill(pid, signal.SIGKILL)
