@@ -425,8 +425,8 @@ def run_stage(c: ml_collections.ConfigDict, workdir: Path, previous: Model | Non
                 if failures:
                     manager.wait_until_finished()
                     raise_failures(unread, failures, f"could not read its batch for step {step + 1}",
-                                    then=f"stage {c.name}: the checkpoint of step {step} is saved in "
-                                         f"{manager.directory}; once the data reads, run the same command to resume.")
+                                   then=f"stage {c.name}: the checkpoint of step {step} is saved in "
+                                        f"{manager.directory}; once the data reads, run the same command to resume.")
                 if stopping:
                     manager.wait_until_finished()
                     print(f"\nstage {c.name}: stopped by {stop.requested or 'a signal to another process'} at step "
