@@ -393,6 +393,11 @@ def run_stage(c: ml_collections.ConfigDict, workdir: Path, previous: Model | Non
     stop = _StopFlag()
     step = start
     last_good = start if start else None
+
+    def kept_at():
+        return (f"the last good checkpoint is step {last_good} in {manager.directory}" if last_good
+                else "no checkpoint was written before it")
+
     profiler = _Profiler(c.profile.first, c.profile.steps, workdir / "tensorboard" / c.name)
     try:
         # The mesh as context: layers that must place work per device themselves (splash attention) see it.
@@ -410,11 +415,9 @@ def run_stage(c: ml_collections.ConfigDict, workdir: Path, previous: Model | Non
                 profiler.after(step)  # after the metrics came back: the step has finished on the device
                 bad = [k for k, v in values.items() if not math.isfinite(v) and k not in ("lr",)]
                 if bad:
-                    kept_at = (f"the last good checkpoint is step {last_good} in {manager.directory}" if last_good
-                               else "no checkpoint was written before it")
                     raise NonFiniteLoss(
                         f"stage {c.name}, step {step}: non-finite {', '.join(f'{k}={values[k]}' for k in bad)}. "
-                        f"The run stopped; {kept_at}. Lower optimizer.lr, enable grad clipping, or check the data.")
+                        f"The run stopped; {kept_at()}. Lower optimizer.lr, enable grad clipping, or check the data.")
                 logger.step(step, values, log=step % c.log_every == 0 or step == c.steps, flop=flop)
                 logger.note(data.skip_report())  # the inputs a streamed source skipped, once its first epoch is read
                 host_batch, unread = attempt(functools.partial(data.batch, step)) if step < c.steps else (None, None)
@@ -436,7 +439,11 @@ def run_stage(c: ml_collections.ConfigDict, workdir: Path, previous: Model | Non
                 # notice gives seconds) does not wait for one
                 due = distil and c.eval.every and (step % c.eval.every == 0 or step == c.steps)
                 if due and not any_process(stop.requested is not None):  # all hosts validate, or none
-                    validate_now(step)
+                    # process 0 alone writes the grid and scalars: a failure there stops every host with it
+                    _, failed = attempt(functools.partial(validate_now, step))
+                    raise_failures(failed, gather_failures(failed)[0], f"could not validate step {step}",
+                                   then=f"stage {c.name}: the run stopped; {kept_at()}. Set eval.every=0 to train "
+                                        "without validation, or mend the cause; then run the same command to resume.")
                     logger.restart_clock()  # rates count training steps, not validation
     finally:
         profiler.close()
