@@ -3,9 +3,10 @@
 generates a small latent set for the tiny config and tests.
 
 All are deterministic in (seed, step): `batch(step)` always returns the same examples, so a resumed run
-continues exactly, and the position saved with a checkpoint is the step. Each has an `identity` (a small
-JSON-able dict to store with a checkpoint: `check_same_data` refuses a resume onto other data) and a
-`skip_report()` (the skipped-input summary, once). The prepared set is read by
+continues exactly. The position saved with a checkpoint is the step, and for a stream each host's
+`state(step)`, which `seek` takes back so that a resume goes on from there without decoding what came
+before. Each has an `identity` (a small JSON-able dict to store with a checkpoint: `check_same_data`
+refuses a resume onto other data) and a `skip_report()` (the skipped-input summary, once). The prepared set is read by
 index (TFDS's ArrayRecord data source: random access, no TensorFlow): every epoch is a fresh permutation
 drawn from (seed, epoch), batches never mix latent shapes (aspect-ratio buckets), and each host reads
 only its slice of every global batch. The next batch is read in a background thread while the current
@@ -107,7 +108,21 @@ def check_fits(data: PreparedLatents, spec: UNetSpec):
                          + "; ".join(problems) + ". Prepare it with the teacher's own pipeline folder.")
 
 
-class PreparedLatents:
+class _Indexed:
+    """A data set read by index: batch `step` is read directly, so the step is all a resume needs."""
+
+    def skip_report(self, *, final: bool = False) -> str | None:
+        """None: nothing to report (prepare reported a prepared set's skips; generated data skips none)."""
+        return None
+
+    def state(self, step: int) -> dict | None:
+        return None
+
+    def seek(self, step: int, states: list | None) -> None:
+        pass
+
+
+class PreparedLatents(_Indexed):
     """Batches of a prepared data set: {latents [b, h, w, 4], encoder_hidden_states [b, 77, D], text_embeds
     [b, P], time_ids [b, 6]} in float32, b = batch_size / process_count (this host's slice). `identity`:
     the number of examples and a digest of the shard lengths and latent shapes the order is drawn from."""
@@ -152,10 +167,6 @@ class PreparedLatents:
 
     def __len__(self) -> int:
         return len(self.source)
-
-    def skip_report(self, *, final: bool = False) -> str | None:
-        """None: prepare reported the skipped inputs (they are in INFO_NAME)."""
-        return None
 
     def _epoch(self, epoch: int) -> list[np.ndarray]:
         """The batches of one epoch: each shape group permuted and cut into full batches (the remainder
@@ -214,8 +225,10 @@ class StreamedImages:
     and draws each example's crop, flip and caption choice from (seed, key, epoch). Every host reads the
     same order and takes every process_count-th record of each shard (decoding only its own), so one
     shard is enough for any number of hosts. `batch(step)` continues the stream; any other step (a
-    resumed run) replays the stream from the start, decoding the images it skips: exact, but its cost
-    grows with the position — for long runs prepare the data set once instead.
+    resumed run) goes on from the position `seek` gives it (`state(step)` of the run that saved the
+    checkpoint): the records before it are passed over undecoded (a tar's are still read through its
+    shuffle buffer). Without one (a checkpoint saved on another number of hosts) the stream is replayed
+    from the start, decoding the images it skips: exact all the same, but its cost grows with the step.
 
     Opening it lists the source (a folder's files are walked) and checks it has shards: a wrong path or
     an empty folder is a ValueError here, before any reading.
@@ -241,61 +254,102 @@ class StreamedImages:
         self.skips = S.Skips()  # this host's records of the first epoch
         self._first_epoch_read, self._reported = False, False
         self._stream, self._next = None, None
+        self._at = _START  # where the stream stands: after the last example it gave
+        self._before: tuple[int, dict] | None = None  # (step, the state before that step's batch)
+        self._seek: tuple[int, dict] | None = None  # (step, a checkpoint's state at it)
 
     def epoch_examples(self, epoch: int, skips: Skips | None = None) -> Iterator[Example]:
         """This host's good examples of one epoch, in order (`sources.Example`s); skips counted in `skips`."""
+        return (ex for ex, _ in self._epoch(epoch, skips))
+
+    def _epoch(self, epoch: int, skips: Skips | None, shard: int = 0, taken: int = 0
+               ) -> Iterator[tuple[Example, tuple[int, int]]]:
+        """(example, (its shard's place in the epoch, records of this host's share of that shard read)) from
+        the place `shard`, after its first `taken` records, which are passed over undecoded."""
         from jaxdistill import sources as S
 
         index, count = self.host
-        for k, i in enumerate(np.random.default_rng([self.seed, epoch]).permutation(len(self.shards))):
-            shard = self.shards[i]
+        order = np.random.default_rng([self.seed, epoch]).permutation(len(self.shards))
+        for k in range(shard, len(order)):
+            shard_k = self.shards[order[k]]
+            skip = taken if k == shard else 0
             # start rotates with the shard's place in the epoch: the hosts' shares of records differ by
             # at most one per shard, and that one does not always fall to the same host
-            records = S.shuffled_records(self.source, shard, np.random.default_rng([self.seed, epoch, shard.index]),
-                                         start=(index - k) % count, step=count)
-            for record in records:
+            records = S.shuffled_records(self.source, shard_k, np.random.default_rng([self.seed, epoch, shard_k.index]),
+                                         start=(index - k) % count, step=count, skip=skip)
+            for read, record in enumerate(records, skip + 1):
                 ex = S.process_record(record, seed=self.seed, prep=self.prep, rules=self.rules, skips=skips,
                                       epoch=epoch)
                 if ex is not None:
-                    yield ex
+                    yield ex, (k, read)
 
-    def _examples(self) -> Iterator[Example]:
+    def _open(self, at: dict) -> Iterator[tuple[Example, dict]]:
+        """The stream from position `at` on, with the first epoch's skips counted up to it."""
         from jaxdistill import sources as S
 
-        # A new stream (a fresh start or a resume's replay) counts the first epoch again from zero.
-        self.skips, self._first_epoch_read = S.Skips(), False
-        epoch = 0
+        self.skips, self._first_epoch_read = S.Skips.from_dict(at["skips"]), at["epoch"] > 0
+        self._at = at
+        return self._examples(at["epoch"], at["shard"], at["taken"])
+
+    def _examples(self, epoch: int, shard: int, taken: int) -> Iterator[tuple[Example, dict]]:
+        from jaxdistill import sources as S
+
+        found = (shard, taken) != (0, 0)  # a position inside an epoch comes after one of its examples
         while True:
             skips = self.skips if epoch == 0 else S.Skips()  # the first epoch only: later ones repeat it
-            found = False
-            for ex in self.epoch_examples(epoch, skips):
+            for ex, (k, read) in self._epoch(epoch, skips, shard, taken):
                 found = True
-                yield ex
+                yield ex, {"epoch": epoch, "shard": k, "taken": read}
             if not found:
                 raise ValueError(f"{self.source.description}: no usable example for process {self.host[0]} of "
                                  f"{self.host[1]} ({skips.summary()}); check the images and captions, or give "
                                  "more data")
             if epoch == 0:
                 self._first_epoch_read = True
-            epoch += 1
+            epoch, shard, taken, found = epoch + 1, 0, 0, False
 
     def skip_report(self, *, final: bool = False) -> str | None:
         """The summary of the inputs this host skipped in its first epoch (`sources.Skips.summary()`), once:
         as soon as that epoch has been read — call it after every step — or, with `final` (at the end of a
         run), what was counted of it so far. None before that, and after it was given once. Later epochs
-        and a resume's replay of the stream are not counted again."""
+        are not counted again; a resumed run counts on from its checkpoint (or its replay)."""
         if self._reported or not (self._first_epoch_read or final) or self._stream is None:
             return None
         self._reported = True
         return self.skips.summary() + ("" if self._first_epoch_read else "\n  (of the part of the first epoch read)")
 
+    def state(self, step: int) -> dict | None:
+        """Where this host's stream stood before batch `step` (JSON-able; None unless that batch was the
+        last one asked for): what a checkpoint at `step` stores."""
+        return self._before[1] if self._before and self._before[0] == step else None
+
+    def seek(self, step: int, states: list | None) -> None:
+        """Makes `batch(step)` go on from this host's entry of `states` (every host's `state(step)`, as a
+        checkpoint stores them), not replay the stream. None, or states of another number of hosts: the
+        stream is replayed, and this says so."""
+        if states is not None and len(states) == self.host[1] and states[self.host[0]] is not None:
+            self._seek = (step, states[self.host[0]])
+        elif step and self.host[0] == 0:
+            why = (f"it was saved by {len(states)} process{'es' * (len(states) != 1)}, this run has {self.host[1]}"
+                   if states else "it holds no stream position")
+            print(f"data: the checkpoint cannot say where the stream of images stands ({why}): replaying it up to "
+                  f"step {step}, decoding the {step * self.per_host * self.host[1]:,} images it skips")
+
     def batch(self, step: int) -> dict[str, np.ndarray]:
-        if self._next != step:  # a fresh start or a resume: replay the stream up to `step`
-            self._stream, self._next = self._examples(), 0
-            for _ in range(step * self.per_host):
-                next(self._stream)
+        if self._next != step:  # a fresh start or a resume
+            if self._seek and self._seek[0] == step:
+                self._stream = self._open(self._seek[1])
+            else:  # replay the stream up to `step`
+                self._stream = self._open(_START)
+                for _ in range(step * self.per_host):
+                    self._at = next(self._stream)[1]
             self._next = step
-        examples = [next(self._stream) for _ in range(self.per_host)]
+        # a copy: the skip counters go on counting
+        self._before = (step, self._at | {"skips": json.loads(json.dumps(self.skips.to_dict()))})
+        examples, self._next = [], None  # a batch that fails to read opens the stream again
+        for _ in range(self.per_host):
+            example, self._at = next(self._stream)
+            examples.append(example)
         self._next = step + 1
         from jaxdistill.text import tokenize
 
@@ -309,7 +363,10 @@ class StreamedImages:
                               seed=self.seed, rules=self.rules).batch(0)
 
 
-class SyntheticLatents:
+_START = {"epoch": 0, "shard": 0, "taken": 0, "skips": {}}  # a stream's position before its first example
+
+
+class SyntheticLatents(_Indexed):
     """A small generated data set in latent space: `num_classes` smooth prototype patterns (each with its
     own caption embedding, pooled embedding and SDXL size/crop time ids), every example a prototype plus
     smooth variation. A diffusion model can learn it in minutes on a CPU, so a tiny teacher trained on it
@@ -343,10 +400,6 @@ class SyntheticLatents:
         if spec.addition_embed_type == "text_time":
             pooled_dim = spec.projection_class_embeddings_input_dim - 6 * spec.addition_time_embed_dim
             self.text_embeds = rng.standard_normal((num_classes, pooled_dim)).astype(np.float32)[labels]
-
-    def skip_report(self, *, final: bool = False) -> str | None:
-        """None: generated data skips nothing."""
-        return None
 
     def validation_batch(self) -> dict[str, np.ndarray]:
         """A fixed batch for monitoring, the same on every host (all of global batch 10⁶: beyond any run)."""

@@ -257,12 +257,21 @@ def gather_failures(own: Exception | None, stop: bool = False) -> tuple[dict[int
     failed = np.flatnonzero(flags[:, 0])
     if not failed.size:
         return {}, bool(flags[:, 1].any())
-    # collectives move arrays: each host's reason as fixed-size bytes (empty: it succeeded)
-    text = np.zeros(4096, np.uint8)
-    encoded = (why(own) if own is not None else "").encode()[:text.size]
-    text[:len(encoded)] = np.frombuffer(encoded, np.uint8)
-    texts = multihost_utils.process_allgather(text)
-    return {int(i): bytes(texts[i]).rstrip(b"\0").decode(errors="replace") for i in failed}, bool(flags[:, 1].any())
+    texts = gather_texts(why(own)[:4096] if own is not None else "")
+    return {int(i): texts[i] for i in failed}, bool(flags[:, 1].any())
+
+
+def gather_texts(text: str) -> list[str]:
+    """Every process's `text`, in process order (the same list on every process)."""
+    if jax.process_count() == 1:
+        return [text]
+    # collectives move arrays of one shape: the lengths first, then each text as bytes padded to the longest
+    encoded = np.frombuffer(text.encode(), np.uint8)
+    sizes = multihost_utils.process_allgather(np.array([encoded.size], np.int32))[:, 0]
+    padded = np.zeros(max(int(sizes.max()), 1), np.uint8)
+    padded[:encoded.size] = encoded
+    texts = multihost_utils.process_allgather(padded)
+    return [bytes(t[:n]).decode(errors="replace") for t, n in zip(texts, sizes, strict=True)]
 
 
 def raise_failures(own: Exception | None, failures: dict[int, str], what: str, then: str = "",

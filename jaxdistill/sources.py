@@ -445,16 +445,17 @@ def read_examples(source: Source, shard: Shard, *, seed: int, prep: Preprocessin
 
 
 def shuffled_records(source: Source, shard: Shard, rng: np.random.Generator, *, start: int = 0, step: int = 1,
-                     buffer_size: int = SHUFFLE_BUFFER) -> Iterator[Record]:
+                     skip: int = 0, buffer_size: int = SHUFFLE_BUFFER) -> Iterator[Record]:
     """The shard's records in an order drawn from `rng`, and of that order only the records start,
-    start + step, ... (one host's share; the others are not decoded). A folder shard lists its records:
-    they are permuted, and the other hosts' files are not even read. Tar and TFDS shards are read in one
-    pass, through a shuffle buffer of `buffer_size` records (raw bytes, not decoded pixels)."""
+    start + step, ... (one host's share; the others are not decoded), less the first `skip` of those (a
+    resumed stream's). A folder shard lists its records: they are permuted, and the files of other hosts
+    and of skipped records are not even read. Tar and TFDS shards are read in one pass, through a shuffle
+    buffer of `buffer_size` records (raw bytes, not decoded pixels)."""
     if isinstance(source, FolderSource):
-        entries = [shard.data[i] for i in rng.permutation(len(shard.data))][start::step]
+        entries = [shard.data[i] for i in rng.permutation(len(shard.data))][start::step][skip:]
         yield from source.read(Shard(shard.name, shard.index, len(entries), tuple(entries)))
         return
-    yield from itertools.islice(_buffer_shuffle(source.read(shard), rng, buffer_size), start, None, step)
+    yield from itertools.islice(_buffer_shuffle(source.read(shard), rng, buffer_size), start + skip * step, None, step)
 
 
 def _buffer_shuffle(records: Iterator[Record], rng: np.random.Generator, size: int) -> Iterator[Record]:

@@ -44,6 +44,7 @@ from jaxdistill.sharding import (
     attempt,
     batch_sharding,
     gather_failures,
+    gather_texts,
     global_batch,
     initialize_distributed,
     make_mesh,
@@ -367,6 +368,7 @@ def run_stage(c: ml_collections.ConfigDict, workdir: Path, previous: Model | Non
     start, saved = 0, {}
     if manager.latest_step() is not None:
         state, start, saved = _restore(manager, state)
+        data.seek(start, saved.get("data_state"))
         print(f"stage {c.name}: resumed from step {start} ({manager.directory})")
     print(f"stage {c.name}: student {count_params(student.spec):,} parameters"
           + (f", teacher {count_params(teacher.spec):,}, {len(pairs)} feature pairs" if distil else
@@ -398,6 +400,23 @@ def run_stage(c: ml_collections.ConfigDict, workdir: Path, previous: Model | Non
         return (f"the last good checkpoint is step {last_good} in {manager.directory}" if last_good
                 else "no checkpoint was written before it")
 
+    def save(step):  # at most once per step
+        nonlocal last_good
+        if last_good != step:
+            # with every host's place in a stream of images (None: data read by index), so a resume goes on
+            # from there instead of decoding the stream again up to `step`
+            streams = [json.loads(text) for text in gather_texts(json.dumps(data.state(step)))]
+            manager.save(step, args=_save_args(state, meta | {"data_position": step, "data_state": streams}))
+            last_good = step
+
+    def stop_on(own, failures, what, remedy):
+        """Every host saves the finished step, then all raise the same error (they agreed on `failures`)."""
+        if failures:
+            save(step)
+            manager.wait_until_finished()
+            raise_failures(own, failures, what, then=f"stage {c.name}: the checkpoint of step {step} is saved in "
+                                                     f"{manager.directory}; {remedy} run the same command to resume.")
+
     profiler = _Profiler(c.profile.first, c.profile.steps, workdir / "tensorboard" / c.name)
     try:
         # The mesh as context: layers that must place work per device themselves (splash attention) see it.
@@ -422,14 +441,9 @@ def run_stage(c: ml_collections.ConfigDict, workdir: Path, previous: Model | Non
                 logger.note(data.skip_report())  # the inputs a streamed source skipped, once its first epoch is read
                 host_batch, unread = attempt(functools.partial(data.batch, step)) if step < c.steps else (None, None)
                 failures, stopping = gather_failures(unread, stop.requested is not None)  # the same on all hosts
-                if step % c.checkpoint_every == 0 or step == c.steps or stopping or failures:
-                    manager.save(step, args=_save_args(state, meta | {"data_position": step}))
-                    last_good = step
-                if failures:
-                    manager.wait_until_finished()
-                    raise_failures(unread, failures, f"could not read its batch for step {step + 1}",
-                                   then=f"stage {c.name}: the checkpoint of step {step} is saved in "
-                                        f"{manager.directory}; once the data reads, run the same command to resume.")
+                if step % c.checkpoint_every == 0 or step == c.steps or stopping:
+                    save(step)
+                stop_on(unread, failures, f"could not read its batch for step {step + 1}", "once the data reads,")
                 if stopping:
                     manager.wait_until_finished()
                     print(f"\nstage {c.name}: stopped by {stop.requested or 'a signal to another process'} at step "
@@ -441,9 +455,8 @@ def run_stage(c: ml_collections.ConfigDict, workdir: Path, previous: Model | Non
                 if due and not any_process(stop.requested is not None):  # all hosts validate, or none
                     # process 0 alone writes the grid and scalars: a failure there stops every host with it
                     _, failed = attempt(functools.partial(validate_now, step))
-                    raise_failures(failed, gather_failures(failed)[0], f"could not validate step {step}",
-                                   then=f"stage {c.name}: the run stopped; {kept_at()}. Set eval.every=0 to train "
-                                        "without validation, or mend the cause; then run the same command to resume.")
+                    stop_on(failed, gather_failures(failed)[0], f"could not validate step {step}",
+                            "set eval.every=0 to train without validation or mend the cause, then")
                     logger.restart_clock()  # rates count training steps, not validation
     finally:
         profiler.close()

@@ -224,12 +224,19 @@ def test_training_writes_a_validation_grid_and_agreement(pipeline, tmp_path):
     assert all(0 < line["eval/agreement"] and line["eval/ssim"] <= 1 for line in evals)
     assert sorted(p.name for p in (tmp_path / "run" / "samples" / "main").iterdir()) == [
         "validation_0000001.png", "validation_0000002.png"]
-    # a validation that cannot write its grid (on a multi-host run, process 0's disk) stops the run, saying what
-    # was kept (every host stops with it: they meet in one collective after each validation)
-    (tmp_path / "blocked" / "samples" / "main" / "validation_0000002.png").mkdir(parents=True)
+    # a validation that cannot write its grid (on a multi-host run, process 0's disk) stops the run (every host
+    # stops with it: they meet in one collective after each validation), saving its step first, though step 1
+    # is not a checkpoint step; once mended, the same command resumes there and finishes
+    blocked = tmp_path / "blocked" / "samples" / "main" / "validation_0000001.png"
+    blocked.mkdir(parents=True)
     with pytest.raises(ValueError, match="IsADirectoryError") as info:
         run(c, tmp_path / "blocked")
-    assert "the last good checkpoint is step 2" in str(info.value) and "eval.every=0" in str(info.value)
+    assert "the checkpoint of step 1 is saved" in str(info.value) and "eval.every=0" in str(info.value)
+    assert sorted(p.name for p in (tmp_path / "blocked" / "checkpoints" / "main").iterdir()) == ["1"]
+    blocked.rmdir()
+    assert run(c, tmp_path / "blocked")["main"]["steps"] == 2
+    resumed = [json.loads(line) for line in (tmp_path / "blocked" / "metrics.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in resumed if "eval/ssim" in line] == [2]  # step 1 was not validated twice
 
 
 def test_clip_score_from_a_clip_folder(tmp_path):

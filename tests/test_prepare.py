@@ -355,7 +355,8 @@ def test_the_trainer_reads_a_prepared_set_and_stops_at_a_damaged_batch_losing_no
 
 
 def _train_micro(workdir, spec, *, steps: int, accumulation: int, **data):
-    """Plain diffusion training of `spec` for a few steps, batch 4, on the data `data` describes."""
+    """Plain diffusion training of `spec` for a few steps, batch 4, on the data `data` describes; returns
+    its config."""
     from jaxdistill.config import base_config
     from jaxdistill.train import MODELS, run
 
@@ -371,6 +372,7 @@ def _train_micro(workdir, spec, *, steps: int, accumulation: int, **data):
         run(c, workdir)
     finally:
         del MODELS["test-data"]
+    return c
 
 
 def test_prepare_command_alone_and_on_two_hosts_that_stop_together(images, pipeline, tmp_path):
@@ -415,27 +417,53 @@ def test_prepare_command_alone_and_on_two_hosts_that_stop_together(images, pipel
             np.testing.assert_array_equal(ours[key][name], value, err_msg=f"{key}: {name}")
 
 
-def test_on_the_fly_encoding_inside_the_train_step(images, pipeline, tmp_path):
-    """data.source = "images": the stream replays exactly from any step, and the student trains on pixels
-    and token ids encoded inside the step by the same VAE and text encoders."""
-    from jaxdistill.data import StreamedImages
+def test_on_the_fly_encoding_inside_the_train_step(images, pipeline, tmp_path, monkeypatch):
+    """data.source = "images": the stream replays exactly from any step, or goes on from a saved position
+    without decoding what came before; the student trains on pixels and token ids encoded inside the step
+    by the same VAE and text encoders, and its checkpoint holds the stream's position."""
+    from jaxdistill.checkpoint import load_checkpoint
+    from jaxdistill.data import StreamedImages, make_data
     from jaxdistill.text import load_tokenizers
 
     source = S.open_source(f"folder:{images}", files_per_shard=8)
     stream = lambda: StreamedImages(source, load_tokenizers(pipeline), prep=S.Preprocessing(resolution=RES),  # noqa: E731
                                     batch_size=4, seed=1, rules=RULES)
-    first, fresh = stream(), stream()
+    first, fresh, sought = stream(), stream(), stream()
     batches = [first.batch(step) for step in range(5)]  # 20 examples: the 13 good ones, then a second epoch
     assert batches[0]["pixels"].shape == (4, RES, RES, 3) and batches[0]["input_ids_2"].shape == (4, 77)
-    for k, v in fresh.batch(4).items():  # a resumed run replays the stream to step 4
-        np.testing.assert_array_equal(v, batches[4][k])
     assert set(first.skips.counts) == EXPECTED_SKIPS  # every broken input counted, none raised
+    decoded = _count_decodes(monkeypatch)
+    for k, v in fresh.batch(4).items():  # without a saved position, a resumed run replays the stream to step 4
+        np.testing.assert_array_equal(v, batches[4][k])
+    replayed, decoded[0] = decoded[0], 0
+    sought.seek(4, [first.state(4)])  # with one (a checkpoint's), it goes on from there
+    for k, v in sought.batch(4).items():
+        np.testing.assert_array_equal(v, batches[4][k])
+    assert replayed >= 20 and decoded[0] < 4 + len(_bad_files()), (replayed, decoded)
 
     spec = TINY["micro"].replace(cross_attention_dim=80, projection_class_embeddings_input_dim=40 + 6 * 8)
-    _train_micro(tmp_path / "run", spec, steps=2, accumulation=2, source="images", path=f"folder:{images}",
-                 pipeline=pipeline, resolution=RES)
+    c = _train_micro(tmp_path / "run", spec, steps=2, accumulation=2, source="images", path=f"folder:{images}",
+                     pipeline=pipeline, resolution=RES)
     lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert len(lines) == 2 and all(np.isfinite(line["loss"]) for line in lines)
+    # its checkpoint holds where the stream stood: a stream sent there reads the batch a replay reads
+    *_, meta = load_checkpoint(tmp_path / "run")
+    again, resumed = make_data(c, spec), make_data(c, spec)
+    resumed.seek(2, meta["data_state"])
+    for k, v in resumed.batch(2).items():
+        np.testing.assert_array_equal(v, again.batch(2)[k])
+
+
+def _count_decodes(monkeypatch) -> list[int]:
+    """[records decoded since], counted from now on."""
+    count, process = [0], S.process_record
+
+    def counted(*args, **kwargs):
+        count[0] += 1
+        return process(*args, **kwargs)
+
+    monkeypatch.setattr(S, "process_record", counted)
+    return count
 
 
 def _stream(source, tokenizers=None, **kw):
@@ -481,6 +509,27 @@ def test_every_host_reads_its_share_of_every_shard(tmp_path):
             assert abs(len(keys[0]) - len(keys[1])) <= 1
 
 
+def test_hosts_go_on_from_their_saved_positions(tmp_path, pipeline, capsys):
+    """Two hosts over three shards, into later epochs: each goes on from its own saved position; positions
+    saved by another number of hosts are not taken — the stream is replayed, and the log says so."""
+    from jaxdistill.text import load_tokenizers
+
+    _captioned(tmp_path, [f"{i:03d}" for i in range(9)])
+    tokenizers = load_tokenizers(pipeline)
+    hosts = lambda: [_stream(S.open_source(f"folder:{tmp_path}", files_per_shard=3), tokenizers, process_index=i,  # noqa: E731
+                             process_count=2) for i in range(2)]
+    first = hosts()
+    batches = [[host.batch(step) for step in range(8)] for host in first]  # 16 each of its 4 or 5 an epoch
+    states = [host.state(7) for host in first]
+    assert states[0] != states[1] and min(state["epoch"] for state in states) >= 2
+    for sought, wanted in ((hosts(), states), (hosts(), states[:1])):
+        for i, host in enumerate(sought):
+            host.seek(7, wanted)
+            for k, v in host.batch(7).items():
+                np.testing.assert_array_equal(v, batches[i][7][k])
+    assert "(it was saved by 1 process, this run has 2): replaying it up to step 7" in capsys.readouterr().out
+
+
 def test_the_stream_reports_its_skipped_inputs_once(images, pipeline):
     """The first epoch's skips, once: not counted again in later epochs or by a resume's replay."""
     from jaxdistill.text import load_tokenizers
@@ -491,8 +540,10 @@ def test_the_stream_reports_its_skipped_inputs_once(images, pipeline):
     first = stream()
     first.batch(0)
     assert first.skip_report() is None  # 4 of the 13 good examples read: the first epoch goes on
-    for step in range(1, 4):  # 16 examples: into the second epoch
-        first.batch(step)
+    first.batch(1)
+    first.batch(2)
+    midway = first.state(2)  # the position before batch 2, inside the first epoch
+    first.batch(3)  # 16 examples: into the second epoch
     report = first.skip_report()
     assert report.startswith(f"kept 13 of {13 + len(_bad_files()) - 1} records")
     assert first.skip_report() is None
@@ -502,6 +553,15 @@ def test_the_stream_reports_its_skipped_inputs_once(images, pipeline):
     resumed = stream()
     resumed.batch(9)  # replays the stream from the start
     assert resumed.skip_report() == report
+    # a stream sent to a saved position carries the counts up to it: the same report, in or past the first epoch
+    for step, state in ((2, midway), (9, first.state(9))):
+        sought = stream()
+        sought.seek(step, [state])
+        sought.batch(step)
+        if step == 2:
+            assert sought.skip_report() is None
+            sought.batch(3)
+        assert sought.skip_report() == report
     short = stream()
     short.batch(0)
     assert "(of the part of the first epoch read)" in short.skip_report(final=True)

@@ -418,6 +418,10 @@ def test_shuffled_records_permute_a_shard_and_split_it_between_hosts(tmp_path):
         hosts = [[r.key for r in sources.shuffled_records(source, shard, np.random.default_rng(0), start=i, step=3)]
                  for i in range(3)]
         assert [k for keys in zip(*hosts, strict=True) for k in keys] == order  # every third record of that order
+        # a resumed stream passes over the first records of its share (a folder's are not read at all)
+        resumed = [r.key for r in sources.shuffled_records(source, shard, np.random.default_rng(0), start=1, step=3,
+                                                           skip=2)]
+        assert resumed == hosts[1][2:]
 
 
 def test_preprocessing_sizes_must_be_positive():
