@@ -122,7 +122,29 @@ class _Indexed:
         pass
 
 
-class PreparedLatents(_Indexed):
+class _ReadAhead:
+    """`batch(step)` from `_read(step)`, reading batch `step + 1` in a background thread meanwhile, so
+    that the next batch is ready when the step that trains on this one ends."""
+
+    _pool: concurrent.futures.ThreadPoolExecutor | None = None
+    _ahead: tuple[int, concurrent.futures.Future] | None = None
+
+    def batch(self, step: int) -> dict[str, np.ndarray]:
+        """This host's part of global batch `step`; starts reading batch `step + 1` in the background."""
+        if self._pool is None:
+            self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="read-ahead")
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None and ahead[0] == step:
+            out = ahead[1].result()
+        else:
+            if ahead is not None:  # one reader at a time: a stream is read in order
+                concurrent.futures.wait([ahead[1]])
+            out = self._read(step)
+        self._ahead = (step + 1, self._pool.submit(self._read, step + 1))
+        return out
+
+
+class PreparedLatents(_ReadAhead, _Indexed):
     """Batches of a prepared data set: {latents [b, h, w, 4], encoder_hidden_states [b, 77, D], text_embeds
     [b, P], time_ids [b, 6]} in float32, b = batch_size / process_count (this host's slice). `identity`:
     the number of examples and a digest of the shard lengths and latent shapes the order is drawn from."""
@@ -161,8 +183,6 @@ class PreparedLatents(_Indexed):
             print(f"data: {sum(small.values())} of {total} examples are in latent shapes with fewer examples "
                   f"than a batch of {batch_size} and are never read: {small}. Prepare with fewer --buckets "
                   "shapes or more data, or lower batch_size.")
-        self._pool = concurrent.futures.ThreadPoolExecutor(1)
-        self._ahead: tuple[int, concurrent.futures.Future] | None = None
         self._cached: tuple[int, list[np.ndarray]] = (-1, [])
 
     def __len__(self) -> int:
@@ -205,17 +225,8 @@ class PreparedLatents(_Indexed):
         """A fixed batch for monitoring, the same on every host (all of global batch 10⁶: beyond any run)."""
         return self._read(10**6, whole=True)
 
-    def batch(self, step: int) -> dict[str, np.ndarray]:
-        """This host's part of global batch `step`; starts reading batch `step + 1` in the background."""
-        if self._ahead is not None and self._ahead[0] == step:
-            out = self._ahead[1].result()
-        else:
-            out = self._read(step)
-        self._ahead = (step + 1, self._pool.submit(self._read, step + 1))
-        return out
 
-
-class StreamedImages:
+class StreamedImages(_ReadAhead):
     """Pixels and token ids straight from an image–caption source, for encoding inside the train step
     (`config.data.source = "images"`): {pixels [b, H, W, 3], input_ids [b, 77], input_ids_2 [b, 77],
     time_ids [b, 6]}, b = batch_size / process_count.
@@ -254,8 +265,10 @@ class StreamedImages:
         self.skips = S.Skips()  # this host's records of the first epoch
         self._first_epoch_read, self._reported = False, False
         self._stream, self._next = None, None
+        # The reader thread alone moves the stream; the training loop sees it through these snapshots.
         self._at = _START  # where the stream stands: after the last example it gave
-        self._before: tuple[int, dict] | None = None  # (step, the state before that step's batch)
+        self._before: dict[int, dict] = {}  # step → the state before its batch, for the latest steps
+        self._read_so_far: tuple[bool, dict] | None = None  # (first epoch read, its skips) after the last batch
         self._seek: tuple[int, dict] | None = None  # (step, a checkpoint's state at it)
 
     def epoch_examples(self, epoch: int, skips: Skips | None = None) -> Iterator[Example]:
@@ -313,15 +326,20 @@ class StreamedImages:
         as soon as that epoch has been read — call it after every step — or, with `final` (at the end of a
         run), what was counted of it so far. None before that, and after it was given once. Later epochs
         are not counted again; a resumed run counts on from its checkpoint (or its replay)."""
-        if self._reported or not (self._first_epoch_read or final) or self._stream is None:
+        from jaxdistill import sources as S
+
+        if self._reported or self._read_so_far is None:
+            return None
+        whole, skips = self._read_so_far
+        if not (whole or final):
             return None
         self._reported = True
-        return self.skips.summary() + ("" if self._first_epoch_read else "\n  (of the part of the first epoch read)")
+        return S.Skips.from_dict(skips).summary() + ("" if whole else "\n  (of the part of the first epoch read)")
 
     def state(self, step: int) -> dict | None:
         """Where this host's stream stood before batch `step` (JSON-able; None unless that batch was the
-        last one asked for): what a checkpoint at `step` stores."""
-        return self._before[1] if self._before and self._before[0] == step else None
+        last one asked for, or the one read ahead): what a checkpoint at `step` stores."""
+        return self._before.get(step)
 
     def seek(self, step: int, states: list | None) -> None:
         """Makes `batch(step)` go on from this host's entry of `states` (every host's `state(step)`, as a
@@ -335,7 +353,7 @@ class StreamedImages:
             print(f"data: the checkpoint cannot say where the stream of images stands ({why}): replaying it up to "
                   f"step {step}, decoding the {step * self.per_host * self.host[1]:,} images it skips")
 
-    def batch(self, step: int) -> dict[str, np.ndarray]:
+    def _read(self, step: int) -> dict[str, np.ndarray]:
         if self._next != step:  # a fresh start or a resume
             if self._seek and self._seek[0] == step:
                 self._stream = self._open(self._seek[1])
@@ -344,13 +362,14 @@ class StreamedImages:
                 for _ in range(step * self.per_host):
                     self._at = next(self._stream)[1]
             self._next = step
-        # a copy: the skip counters go on counting
-        self._before = (step, self._at | {"skips": json.loads(json.dumps(self.skips.to_dict()))})
+        kept = {k: v for k, v in self._before.items() if k >= step - 1}  # the batch asked for, and this one
+        self._before = kept | {step: self._at | {"skips": _copy(self.skips)}}
         examples, self._next = [], None  # a batch that fails to read opens the stream again
         for _ in range(self.per_host):
             example, self._at = next(self._stream)
             examples.append(example)
         self._next = step + 1
+        self._read_so_far = (self._first_epoch_read, _copy(self.skips))
         from jaxdistill.text import tokenize
 
         ids = tokenize(self.tokenizers, [e.caption for e in examples])
@@ -360,10 +379,14 @@ class StreamedImages:
     def validation_batch(self) -> dict[str, np.ndarray]:
         """A fixed batch for monitoring: the first of the stream (read apart from the training stream)."""
         return StreamedImages(self.source, self.tokenizers, prep=self.prep, batch_size=self.per_host,
-                              seed=self.seed, rules=self.rules).batch(0)
+                              seed=self.seed, rules=self.rules)._read(0)  # not `batch`: nothing to read ahead
 
 
 _START = {"epoch": 0, "shard": 0, "taken": 0, "skips": {}}  # a stream's position before its first example
+
+
+def _copy(skips: Skips) -> dict:  # a snapshot: the counters go on counting
+    return json.loads(json.dumps(skips.to_dict()))
 
 
 class SyntheticLatents(_Indexed):

@@ -439,7 +439,9 @@ def run_stage(c: ml_collections.ConfigDict, workdir: Path, previous: Model | Non
                         f"The run stopped; {kept_at()}. Lower optimizer.lr, enable grad clipping, or check the data.")
                 logger.step(step, values, log=step % c.log_every == 0 or step == c.steps, flop=flop)
                 logger.note(data.skip_report())  # the inputs a streamed source skipped, once its first epoch is read
+                waiting = time.perf_counter()
                 host_batch, unread = attempt(functools.partial(data.batch, step)) if step < c.steps else (None, None)
+                logger.waited(time.perf_counter() - waiting)
                 failures, stopping = gather_failures(unread, stop.requested is not None)  # the same on all hosts
                 if step % c.checkpoint_every == 0 or step == c.steps or stopping:
                     save(step)
@@ -645,12 +647,16 @@ class _Logger:
 
     def restart_clock(self):
         """Rates count from here (after validation or the first step, which includes compilation)."""
-        self.t0, self.steps, self.flop = time.perf_counter(), 0, 0.0
+        self.t0, self.steps, self.flop, self.wait = time.perf_counter(), 0, 0.0, 0.0
+
+    def waited(self, seconds: float):
+        """The loop waited `seconds` for its next batch (read ahead: nothing, unless the input is slower)."""
+        self.wait += seconds
 
     def step(self, step: int, values: dict[str, float], log: bool, flop: float):
-        """After `step` (of `flop` model FLOPs) finished: the bar, and on `log` the scalars, with samples/s and
-        model TFLOP/s per device over the steps since the last log (the first step's compilation, and
-        validation, excluded)."""
+        """After `step` (of `flop` model FLOPs) finished: the bar, and on `log` the scalars, with samples/s,
+        model TFLOP/s per device and the share of the time spent waiting for batches over the steps since
+        the last log (the first step's compilation, and validation, excluded)."""
         self.bar.update(1)
         if not self.timing:
             self.timing = True
@@ -663,7 +669,8 @@ class _Logger:
         if self.steps:
             elapsed = max(time.perf_counter() - self.t0, 1e-9)
             rates = {"samples_per_s": self.steps * self.batch_size / elapsed,
-                     "tflop_per_s_per_device": self.flop / elapsed / jax.device_count() / 1e12}
+                     "tflop_per_s_per_device": self.flop / elapsed / jax.device_count() / 1e12,
+                     "data_wait": self.wait / elapsed}  # > 0.1: the input pipeline holds the device back
             self.rates_text = {"samples_s": f"{rates['samples_per_s']:.1f}",
                                "tflop_s": f"{rates['tflop_per_s_per_device']:.3g}"}
             self.restart_clock()

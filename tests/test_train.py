@@ -232,6 +232,7 @@ def test_student_loss_falls_over_30_steps_and_progressive_stages(unet_folders, p
         if "samples_per_s" in r and r["step"] > 1:
             expected = per_sample[r["stage"]] * r["samples_per_s"] / jax.device_count() / 1e12
             assert expected > 0 and r["tflop_per_s_per_device"] == pytest.approx(expected, rel=1e-9), r
+            assert 0 <= r["data_wait"] < 1, r  # a share of the time since the last record
     # the whole sequence resumes like a single run: finished stages are not trained again, and need only their
     # own folders (the first stage's source may be gone by then)
     shutil.rmtree(tmp_path / "micro")
