@@ -215,28 +215,25 @@ def test_training_writes_a_validation_grid_and_agreement(pipeline, tmp_path):
     c.batch_size, c.optimizer.accumulation, c.optimizer.lr = 2, 1, 1e-3
     c.precision.teacher = c.precision.student_compute = "float32"
     c.data.resolution, c.data.seq_len, c.data.num_examples = 32, 8, 4
-    c.steps, c.log_every, c.checkpoint_every = 2, 1, 2
+    c.steps, c.log_every, c.checkpoint_every = 3, 1, 2
     c.eval.every, c.eval.steps, c.eval.prompts, c.eval.seeds = 1, 2, ["a cat"], [0, 1]
-    run(c, tmp_path / "run")
-    lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    evals = [line for line in lines if "eval/ssim" in line]
-    assert [line["step"] for line in evals] == [1, 2]
-    assert all(0 < line["eval/agreement"] and line["eval/ssim"] <= 1 for line in evals)
-    assert sorted(p.name for p in (tmp_path / "run" / "samples" / "main").iterdir()) == [
-        "validation_0000001.png", "validation_0000002.png"]
     # a validation that cannot write its grid (on a multi-host run, process 0's disk) stops the run (every host
     # stops with it: they meet in one collective after each validation), saving its step first, though step 1
-    # is not a checkpoint step; once mended, the same command resumes there and finishes
-    blocked = tmp_path / "blocked" / "samples" / "main" / "validation_0000001.png"
+    # is not a checkpoint step; once mended, the same command resumes there and validates every step after it
+    blocked = tmp_path / "run" / "samples" / "main" / "validation_0000001.png"
     blocked.mkdir(parents=True)
     with pytest.raises(ValueError, match="IsADirectoryError") as info:
-        run(c, tmp_path / "blocked")
+        run(c, tmp_path / "run")
     assert "the checkpoint of step 1 is saved" in str(info.value) and "eval.every=0" in str(info.value)
-    assert sorted(p.name for p in (tmp_path / "blocked" / "checkpoints" / "main").iterdir()) == ["1"]
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints" / "main").iterdir()) == ["1"]
     blocked.rmdir()
-    assert run(c, tmp_path / "blocked")["main"]["steps"] == 2
-    resumed = [json.loads(line) for line in (tmp_path / "blocked" / "metrics.jsonl").read_text().splitlines()]
-    assert [line["step"] for line in resumed if "eval/ssim" in line] == [2]  # step 1 was not validated twice
+    assert run(c, tmp_path / "run")["main"]["steps"] == 3
+    lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    evals = [line for line in lines if "eval/ssim" in line]
+    assert [line["step"] for line in evals] == [2, 3]
+    assert all(0 < line["eval/agreement"] and line["eval/ssim"] <= 1 for line in evals)
+    assert sorted(p.name for p in (tmp_path / "run" / "samples" / "main").iterdir()) == [
+        "validation_0000002.png", "validation_0000003.png"]
 
 
 def test_clip_score_from_a_clip_folder(tmp_path):
