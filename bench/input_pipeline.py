@@ -14,7 +14,7 @@ smaller here than beside an accelerator.
 
 Run (from the repository root, PYTHONPATH=. or jaxdistill installed):
     python bench/input_pipeline.py                           # 64 images of 768², 256² training, batch 8
-    python bench/input_pipeline.py --steps 30 --json bench/out/input.json
+    python bench/input_pipeline.py --size 2048 --workers 1 --json bench/out/input.json
 """
 
 from __future__ import annotations
@@ -52,6 +52,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--resolution", type=int, default=256, help="training resolution (crop and resize)")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--steps", type=int, default=16)
+    parser.add_argument("--workers", type=int, default=0, help="threads decoding images (data.workers; 0: a core each)")
     parser.add_argument("--json", help="write the figures here")
     args = parser.parse_args(argv)
 
@@ -80,7 +81,7 @@ def main(argv=None) -> dict:
     c.model, c.plan = "bench-input", ""
     c.loss.output = c.loss.feature = 0.0
     c.data.update(source="images", path=f"folder:{root / 'images'}", pipeline=str(pipeline),
-                  resolution=args.resolution)
+                  resolution=args.resolution, workers=args.workers)
     c.batch_size, c.optimizer.accumulation = args.batch, 1
     c.precision.teacher = c.precision.student_compute = "float32"
     c.steps, c.log_every, c.checkpoint_every, c.eval.every = args.steps, 1, args.steps, 0
@@ -89,7 +90,8 @@ def main(argv=None) -> dict:
     timed = [r for r in rows if "samples_per_s" in r]
 
     stream = StreamedImages(S.open_source(f"folder:{root / 'images'}"), load_tokenizers(str(pipeline)),
-                            prep=S.Preprocessing(resolution=args.resolution), batch_size=args.batch)
+                            prep=S.Preprocessing(resolution=args.resolution), batch_size=args.batch,
+                            workers=S.decode_workers(args.workers))
     t0 = time.perf_counter()
     for step in range(args.steps):
         stream.batch(step)  # the input alone: nothing beside it (a batch read ahead is waited for)
@@ -98,6 +100,7 @@ def main(argv=None) -> dict:
     figures = {
         "device": f"{jax.devices()[0].platform}: {platform.processor() or platform.machine()}",
         "images": args.images, "size": args.size, "resolution": args.resolution, "batch": args.batch,
+        "workers": S.decode_workers(args.workers),
         "steps_timed": len(timed),
         "samples_per_s": statistics.median(r["samples_per_s"] for r in timed),
         "step_s": args.batch / statistics.median(r["samples_per_s"] for r in timed),

@@ -55,8 +55,9 @@ def base_config() -> ml_collections.ConfigDict:
     # caption source spec in `path` (folder:, tar:, tfds:), encoded inside the train step by the VAE and
     # text encoders of the SDXL pipeline folder `pipeline`; "synthetic": a generated latent set (seq_len
     # and num_examples apply to it only). resolution: pixels (images, synthetic).
+    # data.workers: threads decoding images for source "images" (0: one per CPU core, up to 16)
     c.data = ml_collections.ConfigDict(dict(source="synthetic", path="", pipeline="", resolution=1024, seq_len=77,
-                                            num_examples=64, center_crop=False, random_flip=False))
+                                            num_examples=64, center_crop=False, random_flip=False, workers=0))
     # Validation during training, every `every` steps (0: only before and after): the student-vs-teacher
     # agreement on a fixed batch, and — with an SDXL pipeline folder for the VAE and text encoders
     # (`pipeline`, default data.pipeline or the teacher when it is one) — a teacher | student image grid for
@@ -168,6 +169,7 @@ def _field_errors(c: ml_collections.ConfigDict) -> list[str]:
     # orbax's max_to_keep=0 deletes every checkpoint as it is written
     check(c.keep_checkpoints >= 1, "keep_checkpoints", "≥ 1 (the latest checkpoints kept; resuming needs one)")
     check(c.data.source != "synthetic" or c.data.num_examples >= 1, "data.num_examples", "≥ 1")
+    check(isinstance(c.data.workers, int) and c.data.workers >= 0, "data.workers", "≥ 0 (0: one per CPU core)")
     check(c.data.source != "synthetic" or c.data.seq_len >= 1, "data.seq_len", "≥ 1")
     return errors
 

@@ -56,7 +56,7 @@ def make_data(c, spec: UNetSpec) -> PreparedLatents | StreamedImages | Synthetic
                                random_flip=c.data.random_flip)
         return StreamedImages(S.open_source(c.data.path), load_tokenizers(c.data.pipeline), prep=prep,
                               batch_size=c.batch_size, seed=c.seed, process_index=jax.process_index(),
-                              process_count=jax.process_count())
+                              process_count=jax.process_count(), workers=S.decode_workers(c.data.workers))
     return SyntheticLatents(spec, resolution=c.data.resolution, seq_len=c.data.seq_len,
                             num_examples=c.data.num_examples, batch_size=c.batch_size, seed=c.seed,
                             process_index=jax.process_index(), process_count=jax.process_count())
@@ -246,14 +246,14 @@ class StreamedImages(_ReadAhead):
     """
 
     def __init__(self, source, tokenizers, *, prep, batch_size: int, seed: int = 0, process_index: int = 0,
-                 process_count: int = 1, rules=None):
+                 process_count: int = 1, rules=None, workers: int = 1):
         from jaxdistill import sources as S
 
         if batch_size % process_count:
             raise ValueError(f"batch_size {batch_size} must be divisible by the {process_count} processes")
         self.source, self.tokenizers, self.prep = source, tokenizers, prep
         self.rules = rules or S.DecodeRules()
-        self.per_host, self.seed = batch_size // process_count, seed
+        self.per_host, self.seed, self.workers = batch_size // process_count, seed, workers
         self.host = (process_index, process_count)
         self.shards = source.shards()
         if not self.shards:
@@ -290,9 +290,9 @@ class StreamedImages(_ReadAhead):
             # at most one per shard, and that one does not always fall to the same host
             records = S.shuffled_records(self.source, shard_k, np.random.default_rng([self.seed, epoch, shard_k.index]),
                                          start=(index - k) % count, step=count, skip=skip)
-            for read, record in enumerate(records, skip + 1):
-                ex = S.process_record(record, seed=self.seed, prep=self.prep, rules=self.rules, skips=skips,
-                                      epoch=epoch)
+            examples = S.process_records(records, seed=self.seed, prep=self.prep, rules=self.rules, skips=skips,
+                                         epoch=epoch, workers=self.workers)
+            for read, ex in enumerate(examples, skip + 1):
                 if ex is not None:
                     yield ex, (k, read)
 
@@ -377,9 +377,10 @@ class StreamedImages(_ReadAhead):
                 "time_ids": np.stack([e.time_ids for e in examples]).astype(np.float32)}
 
     def validation_batch(self) -> dict[str, np.ndarray]:
-        """A fixed batch for monitoring: the first of the stream (read apart from the training stream)."""
+        """A fixed batch for monitoring: the first of the stream (read apart from the training stream; not
+        by `batch`, which would read the next one ahead)."""
         return StreamedImages(self.source, self.tokenizers, prep=self.prep, batch_size=self.per_host,
-                              seed=self.seed, rules=self.rules)._read(0)  # not `batch`: nothing to read ahead
+                              seed=self.seed, rules=self.rules, workers=self.workers)._read(0)
 
 
 _START = {"epoch": 0, "shard": 0, "taken": 0, "skips": {}}  # a stream's position before its first example

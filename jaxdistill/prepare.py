@@ -121,11 +121,12 @@ def prepare(source: S.Source, pipeline: str | os.PathLike, out: str | os.PathLik
             prep: S.Preprocessing | None = None, rules: S.DecodeRules | None = None,
             batch_size: int = 16, seed: int = 0, storage_dtype: str = "float16", compute_dtype: str = "float32",
             process_index: int | None = None, process_count: int | None = None,
-            progress: bool = True) -> dict[str, Any]:
+            progress: bool = True, workers: int = 0) -> dict[str, Any]:
     """Encodes this process's shards of `source` into `out` (skipping shards already done from the same
     input) and, once every shard of every process is done, writes the TFDS metadata. Returns the summary
     (also in INFO_NAME). A pipeline folder without its parts, or `out` holding shards made with other
-    settings, raises `PrepareError` before the models load."""
+    settings, raises `PrepareError` before the models load. `workers`: threads decoding images (0: one per
+    CPU core, up to 16); the data set is the same for any number."""
     import tensorflow_datasets as tfds
     from tqdm import tqdm
 
@@ -184,7 +185,8 @@ def prepare(source: S.Source, pipeline: str | os.PathLike, out: str | os.PathLik
         for shard in todo:
             kept_total += _prepare_shard(source, shard, out, encoders, params, encode, feats,
                                          prep=prep, rules=rules, batch_size=batch_size, seed=seed,
-                                         storage_dtype=storage_dtype, fingerprint=fingerprints[shard.index])
+                                         storage_dtype=storage_dtype, fingerprint=fingerprints[shard.index],
+                                         workers=S.decode_workers(workers))
             bar.update(1)
             bar.set_postfix(examples=kept_total, rate=f"{kept_total / (time.perf_counter() - start):.1f}/s")
 
@@ -241,7 +243,8 @@ def done_record(out: str | os.PathLike, shard: S.Shard, fingerprint: str) -> dic
 # ---- helpers ------------------------------------------------------------------------------------
 
 def _prepare_shard(source, shard: S.Shard, out: Path, encoders: Encoders, params, encode, feats, *,
-                   prep, rules, batch_size: int, seed: int, storage_dtype: str, fingerprint: str) -> int:
+                   prep, rules, batch_size: int, seed: int, storage_dtype: str, fingerprint: str,
+                   workers: int = 1) -> int:
     """Encodes one shard into its ArrayRecord file, then writes its progress file (the shard is done).
     Examples are batched by pixel shape (buckets); the latent noise is a function of (seed, shard name,
     batch). The file is named by the shard's name and input fingerprint: the progress file of an earlier
@@ -281,7 +284,7 @@ def _prepare_shard(source, shard: S.Shard, out: Path, encoders: Encoders, params
                 runs.append([h, w, 1])
 
     pending: dict[tuple[int, ...], list[S.Example]] = {}
-    for example in S.read_examples(source, shard, seed=seed, prep=prep, rules=rules, skips=skips):
+    for example in S.read_examples(source, shard, seed=seed, prep=prep, rules=rules, skips=skips, workers=workers):
         group = pending.setdefault(example.pixels.shape, [])
         group.append(example)
         if len(group) == batch_size:
@@ -396,6 +399,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--text-key", default="text", help="TFDS sources: the caption feature (dotted if nested)")
     parser.add_argument("--data-dir", help="TFDS sources: tfds data_dir")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--workers", type=int, default=0,
+                        help="threads decoding images (0, the default: one per CPU core, up to 16)")
     parser.add_argument("--distributed", action="store_true",
                         help="jax.distributed.initialize() even where no multi-host environment is detected "
                              "(JAX_COORDINATOR_ADDRESS, SLURM and TPU VM slices are detected without it)")
@@ -404,6 +409,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"--resolution {args.resolution}: must be a positive multiple of 8 (the VAE's downscale)")
     if args.files_per_shard < 1:
         parser.error(f"--files-per-shard {args.files_per_shard}: must be at least 1")
+    if args.workers < 0:
+        parser.error(f"--workers {args.workers}: must be 0 (one per CPU core) or more")
     if not initialize_distributed() and args.distributed:  # as train does; the flag covers other clusters
         jax.distributed.initialize()
     kind = args.source.partition(":")[0]
@@ -422,7 +429,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     rules = S.DecodeRules(max_pixels=args.max_pixels, min_size=args.min_size)
     try:
         summary = prepare(source, args.pipeline, args.out, prep=prep, rules=rules, batch_size=args.batch_size,
-                          seed=args.seed, storage_dtype=args.storage_dtype, compute_dtype=args.compute_dtype)
+                          seed=args.seed, storage_dtype=args.storage_dtype, compute_dtype=args.compute_dtype,
+                          workers=args.workers)
     except (PrepareError, FileNotFoundError, WeightsError) as e:  # bad settings or pipeline, not a bug
         parser.error(str(e))
     return 0 if summary["done"] else 3

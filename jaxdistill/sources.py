@@ -50,6 +50,7 @@ clipped, a 16-bit transparent value kept; F (float) is taken as [0, 1] when its 
 
 from __future__ import annotations
 
+import concurrent.futures
 import csv
 import glob
 import hashlib
@@ -61,8 +62,8 @@ import os
 import posixpath
 import re
 import tarfile
-from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections import Counter, deque
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Protocol
 
@@ -435,11 +436,44 @@ def process_record(record: Record, *, seed: int, prep: Preprocessing, rules: Dec
     return Example(record.key, pixels, time_ids, caption, record.extra)
 
 
+def process_records(records: Iterable[Record], *, seed: int, prep: Preprocessing, rules: DecodeRules = DecodeRules(),
+                    skips: Skips | None = None, epoch: int | None = None, workers: int = 1
+                    ) -> Iterator[Example | None]:
+    """`process_record` of each record, in their order (None for a skipped one, counted in `skips` in that
+    order too): the same results for any `workers`. With `workers` > 1, that many threads decode at once
+    (Pillow and numpy let go of the GIL while they decode and resize), at most 2 × workers records ahead
+    of what was taken."""
+    skips = skips if skips is not None else Skips()
+    if workers <= 1:
+        for record in records:
+            yield process_record(record, seed=seed, prep=prep, rules=rules, skips=skips, epoch=epoch)
+        return
+
+    def alone(record):  # its own counter: merged in order below, whatever thread finishes first
+        own = Skips()
+        return process_record(record, seed=seed, prep=prep, rules=rules, skips=own, epoch=epoch), own
+
+    with concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="decode") as pool:
+        pending: deque = deque()
+        for record in itertools.chain(records, [None]):
+            if record is not None:
+                pending.append(pool.submit(alone, record))
+            while pending and (record is None or len(pending) >= 2 * workers):
+                example, own = pending.popleft().result()
+                skips.merge(own)
+                yield example
+
+
+def decode_workers(setting: int) -> int:
+    """Threads that decode images (`data.workers`, prepare's --workers): 0 picks one per CPU core, up to 16."""
+    return setting if setting > 0 else min(os.cpu_count() or 1, 16)
+
+
 def read_examples(source: Source, shard: Shard, *, seed: int, prep: Preprocessing,
-                  rules: DecodeRules = DecodeRules(), skips: Skips | None = None) -> Iterator[Example]:
+                  rules: DecodeRules = DecodeRules(), skips: Skips | None = None, workers: int = 1
+                  ) -> Iterator[Example]:
     """The good examples of one shard, in the source's order; skips counted in `skips`."""
-    for record in source.read(shard):
-        ex = process_record(record, seed=seed, prep=prep, rules=rules, skips=skips)
+    for ex in process_records(source.read(shard), seed=seed, prep=prep, rules=rules, skips=skips, workers=workers):
         if ex is not None:
             yield ex
 

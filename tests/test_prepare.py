@@ -241,6 +241,7 @@ def test_prepare_command_ends_bad_input_with_a_usage_error(prepared, images, pip
     assert "multiple of 8" in usage_error("--resolution", "36")
     assert "positive multiple of 8" in usage_error("--resolution", "0")
     assert "positive multiple of 8" in usage_error("--resolution", "-8")
+    assert "--workers -2: must be 0" in usage_error("--workers", "-2")
     assert not started  # checked first
     assert "no such folder" in usage_error("--pipeline", str(tmp_path / "nowhere"))
     assert "no text_encoder/config.json" in usage_error("--pipeline", str(tmp_path / "half"))
@@ -517,19 +518,20 @@ def test_every_host_reads_its_share_of_every_shard(tmp_path):
 
 
 def test_hosts_go_on_from_their_saved_positions(tmp_path, pipeline, capsys):
-    """Two hosts over three shards, into later epochs: each goes on from its own saved position; positions
-    saved by another number of hosts are not taken — the stream is replayed, and the log says so."""
+    """Two hosts over three shards, into later epochs: each goes on from its own saved position (here with
+    three threads decoding, where the first run had one); positions saved by another number of hosts are not
+    taken — the stream is replayed, and the log says so."""
     from jaxdistill.text import load_tokenizers
 
     _captioned(tmp_path, [f"{i:03d}" for i in range(9)])
     tokenizers = load_tokenizers(pipeline)
-    hosts = lambda: [_stream(S.open_source(f"folder:{tmp_path}", files_per_shard=3), tokenizers, process_index=i,  # noqa: E731
-                             process_count=2) for i in range(2)]
+    hosts = lambda workers=1: [_stream(S.open_source(f"folder:{tmp_path}", files_per_shard=3), tokenizers,  # noqa: E731
+                                       process_index=i, process_count=2, workers=workers) for i in range(2)]
     first = hosts()
     batches = [[host.batch(step) for step in range(8)] for host in first]  # 16 each of its 4 or 5 an epoch
     states = [host.state(7) for host in first]
     assert states[0] != states[1] and min(state["epoch"] for state in states) >= 2
-    for sought, wanted in ((hosts(), states), (hosts(), states[:1])):
+    for sought, wanted in ((hosts(workers=3), states), (hosts(), states[:1])):
         for i, host in enumerate(sought):
             host.seek(7, wanted)
             for k, v in host.batch(7).items():

@@ -112,13 +112,24 @@ def folder(tmp_path_factory):
     return write_image_folder(tmp_path_factory.mktemp("folder"))
 
 
-def _run(source, prep=None, rules=RULES, seed=0):
+def _run(source, prep=None, rules=RULES, seed=0, workers=1):
     prep, skips, examples = prep or Preprocessing(resolution=RES), Skips(), {}
     for shard in source.shards():
-        for ex in read_examples(source, shard, seed=seed, prep=prep, rules=rules, skips=skips):
+        for ex in read_examples(source, shard, seed=seed, prep=prep, rules=rules, skips=skips, workers=workers):
             assert ex.key not in examples
             examples[ex.key] = ex
     return examples, skips
+
+
+def test_threads_decode_the_same_examples_and_count_the_same_skips(folder):
+    """Decoding in threads changes nothing: the same examples (pixels, crops, captions) in the same order, the
+    same skip counts and example keys (merged in the records' order, whichever thread finished first)."""
+    source = open_source(f"folder:{folder}", files_per_shard=5)
+    (one, skips_one), (many, skips_many) = (_run(source, workers=n) for n in (1, 3))
+    assert list(one) == list(many) and skips_one.to_dict() == skips_many.to_dict() and skips_one.skipped > 3
+    for key, ex in one.items():
+        assert np.array_equal(ex.pixels, many[key].pixels) and np.array_equal(ex.time_ids, many[key].time_ids)
+        assert ex.caption == many[key].caption
 
 
 def test_folder_keeps_good_inputs_and_counts_bad_ones(folder):

@@ -273,6 +273,7 @@ def test_student_loss_falls_over_30_steps_and_progressive_stages(unet_folders, p
     ({"seed": 2**32, "optimizer.b2": 1.0, "optimizer.eps": 0.0, "optimizer.weight_decay": -0.1},
      ["config.seed=4294967296", "config.optimizer.b2=1.0", "config.optimizer.eps=0.0", "optimizer.weight_decay"]),
     ({"loss.taps": " , "}, ["config.loss.taps"]),
+    ({"data.workers": -1}, ["config.data.workers=-1"]),
 ])
 def test_bad_config_values_are_named(changes, fields):
     config = small_config("some/teacher", "ssd1b")
