@@ -6,11 +6,11 @@ All are deterministic in (seed, step): `batch(step)` always returns the same exa
 continues exactly. The position saved with a checkpoint is the step, and for a stream each host's
 `state(step)`, which `seek` takes back so that a resume goes on from there without decoding what came
 before. Each has an `identity` (a small JSON-able dict to store with a checkpoint: `check_same_data`
-refuses a resume onto other data) and a `skip_report()` (the skipped-input summary, once). The prepared set is read by
-index (TFDS's ArrayRecord data source: random access, no TensorFlow): every epoch is a fresh permutation
-drawn from (seed, epoch), batches never mix latent shapes (aspect-ratio buckets), and each host reads
-only its slice of every global batch. The next batch is read in a background thread while the current
-one trains.
+refuses a resume onto other data) and a `skip_report()` (the skipped-input summary, once). The prepared
+set is read by index (TFDS's ArrayRecord data source: random access, no TensorFlow): every epoch is a
+fresh permutation drawn from (seed, epoch), batches never mix latent shapes (aspect-ratio buckets), and
+each host reads only its slice of every global batch. Both read the next batch in a background thread
+while the current one trains.
 """
 
 from __future__ import annotations
