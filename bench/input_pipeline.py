@@ -6,7 +6,9 @@ four blocks downsampling 8× as SDXL's), then runs
 the trainer itself on them — plain diffusion training of a small UNet, the VAE and text encoders inside
 the step — and reads its metrics.jsonl: samples/s and `data_wait` (the share of the time the loop spent
 waiting for its next batch) over the steps after compilation. The input alone is timed as well:
-StreamedImages reading the same batches with nothing else running (decode, crop, resize, tokenize).
+StreamedImages reading the same batches with nothing else running (decode, crop, resize, tokenize), and
+the first batch of a resume at the last step, replaying the stream up to it or going on from the
+position a checkpoint there would hold (`state` / `seek`).
 
 With the next batch read in a background thread while the step runs, the wait is what the input takes
 beyond the step; without it, the whole read. A CPU shares its cores between the two, so the overlap is
@@ -89,13 +91,25 @@ def main(argv=None) -> dict:
     rows = [json.loads(line) for line in (root / "run" / "metrics.jsonl").read_text().splitlines()]
     timed = [r for r in rows if "samples_per_s" in r]
 
-    stream = StreamedImages(S.open_source(f"folder:{root / 'images'}"), load_tokenizers(str(pipeline)),
-                            prep=S.Preprocessing(resolution=args.resolution), batch_size=args.batch,
-                            workers=S.decode_workers(args.workers))
+    def stream():
+        return StreamedImages(S.open_source(f"folder:{root / 'images'}"), load_tokenizers(str(pipeline)),
+                              prep=S.Preprocessing(resolution=args.resolution), batch_size=args.batch,
+                              workers=S.decode_workers(args.workers))
+
+    first = stream()
     t0 = time.perf_counter()
     for step in range(args.steps):
-        stream.batch(step)  # the input alone: nothing beside it (a batch read ahead is waited for)
+        first.batch(step)  # the input alone: nothing beside it (a batch read ahead is waited for)
     read_s = (time.perf_counter() - t0) / args.steps
+    # a resume at the last step: replaying the stream up to it, or going on from the position saved there
+    resume_s = {}
+    for how in ("replay", "seek"):
+        resumed = stream()
+        if how == "seek":
+            resumed.seek(args.steps - 1, [first.state(args.steps - 1)])
+        t0 = time.perf_counter()
+        resumed.batch(args.steps - 1)
+        resume_s[how] = time.perf_counter() - t0
 
     figures = {
         "device": f"{jax.devices()[0].platform}: {platform.processor() or platform.machine()}",
@@ -106,6 +120,8 @@ def main(argv=None) -> dict:
         "step_s": args.batch / statistics.median(r["samples_per_s"] for r in timed),
         "data_wait": statistics.median(r["data_wait"] for r in timed) if timed and "data_wait" in timed[0] else None,
         "input_alone_s_per_batch": read_s,
+        "resume_replay_s": resume_s["replay"],
+        "resume_seek_s": resume_s["seek"],
     }
     for k, v in figures.items():
         print(f"{k:<26} {v:.4g}" if isinstance(v, float) else f"{k:<26} {v}")
