@@ -181,12 +181,12 @@ def prepare(source: S.Source, pipeline: str | os.PathLike, out: str | os.PathLik
     start = time.perf_counter()
 
     def encode_mine():
-        kept_total = 0
+        kept_total, threads = 0, S.decode_workers(workers)
         for shard in todo:
             kept_total += _prepare_shard(source, shard, out, encoders, params, encode, feats,
                                          prep=prep, rules=rules, batch_size=batch_size, seed=seed,
                                          storage_dtype=storage_dtype, fingerprint=fingerprints[shard.index],
-                                         workers=S.decode_workers(workers))
+                                         workers=threads)
             bar.update(1)
             bar.set_postfix(examples=kept_total, rate=f"{kept_total / (time.perf_counter() - start):.1f}/s")
 
