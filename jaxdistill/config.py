@@ -30,12 +30,20 @@ def base_config() -> ml_collections.ConfigDict:
     c.sensitivity = ""  # a sensitivity report folder, for plans with strategy "sensitivity"
     c.model = ""  # with no teacher: a preset to train from scratch ("tiny-sdxl", "sdxl", ...)
 
-    c.loss = ml_collections.ConfigDict(dict(task=1.0, output=0.5, feature=0.5, taps="all", normalize="none"))
+    # snr_gamma: min-SNR-γ weights on the task term (diffusers' --snr_gamma; 5.0 is the paper's), 0: off
+    c.loss = ml_collections.ConfigDict(dict(task=1.0, output=0.5, feature=0.5, taps="all", normalize="none",
+                                            snr_gamma=0.0))
     c.schedule = ml_collections.ConfigDict(dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
                                                 beta_schedule="scaled_linear", prediction_type="epsilon"))
     c.optimizer = ml_collections.ConfigDict(dict(lr=1e-5, warmup_steps=0, weight_decay=1e-2, b1=0.9, b2=0.999,
                                                  eps=1e-8, grad_clip=1.0, schedule="constant", accumulation=4))
     c.ema_decay = 0.0  # 0: no EMA of the student
+    # diffusers' --noise_offset: noise + noise_offset · N(0, 1) per example and channel (e.g. 0.0357), 0: off
+    c.noise_offset = 0.0
+    # diffusers' --proportion_empty_prompts: that share of the examples trains with the empty prompt (zero text
+    # embeddings, as SDXL pipelines sample it), student and teacher alike: the unconditional prediction that
+    # classifier-free guidance uses is distilled too. 0: off
+    c.empty_prompt_rate = 0.0
     c.precision = ml_collections.ConfigDict(dict(teacher="bfloat16", student_compute="bfloat16",
                                                  encoders="float32"))  # SDXL's VAE overflows in float16
     # The device mesh (jaxdistill/sharding.py): sizes of data / fsdp / tensor (one may be -1: the rest of
@@ -136,6 +144,9 @@ def _field_errors(c: ml_collections.ConfigDict) -> list[str]:
     check(isinstance(c.seed, int) and 0 <= c.seed < 2**32, "seed", "0 … 2**32 − 1 (jax keeps 32 bits of it)")
     check(c.optimizer.schedule in ("constant", "cosine"), "optimizer.schedule", "'constant' or 'cosine'")
     check(0 <= c.ema_decay < 1, "ema_decay", "in [0, 1)")
+    check(c.noise_offset >= 0, "noise_offset", "≥ 0 (0: off)")
+    check(0 <= c.empty_prompt_rate <= 1, "empty_prompt_rate", "in [0, 1] (the share of examples; 0: off)")
+    check(c.loss.snr_gamma >= 0, "loss.snr_gamma", "≥ 0 (0: off; 5.0 is the min-SNR paper's)")
     for name in ("task", "output", "feature"):
         check(c.loss[name] >= 0, f"loss.{name}", "≥ 0")
     check(c.loss.normalize in NORMALIZATIONS, "loss.normalize", f"one of {NORMALIZATIONS}")

@@ -5,6 +5,7 @@ training or inference imports this module.
 
 from __future__ import annotations
 
+import types
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -152,7 +153,9 @@ def relative_errors(ours: Mapping[str, np.ndarray], reference: Mapping[str, np.n
 def torch_distill_step(teacher, student, optimizer, batch: Mapping[str, np.ndarray], noise: np.ndarray,
                        timesteps: np.ndarray, alphas_cumprod: np.ndarray, pairs, weights: Mapping[str, float] | None,
                        normalize: str = "none", prediction_type: str = "epsilon",
-                       grad_clip: float | None = 1.0, accumulation: int = 1) -> dict[str, float]:
+                       grad_clip: float | None = 1.0, accumulation: int = 1, noise_offset: float = 0.0,
+                       offset_noise: np.ndarray | None = None, snr_gamma: float = 0.0,
+                       dropped: np.ndarray | None = None) -> dict[str, float]:
     """One distillation step the usual PyTorch way (diffusers' training scripts, Segmind's distill script):
     the reference for `jaxdistill.step` and a baseline for benchmarks.
 
@@ -165,6 +168,10 @@ def torch_distill_step(teacher, student, optimizer, batch: Mapping[str, np.ndarr
     runs under `no_grad`, taps are read by forward hooks, the loss is
 
         w_task · MSE(s, target) + w_out · MSE(s, t) + w_feat · Σ_pairs MSE(s_f, t_f) [/ (mean(t_f²) + 1e-8)]
+
+    The options of diffusers' `train_text_to_image_sdxl.py`, its way: `noise_offset` (noise += noise_offset ·
+    `offset_noise` [B, 1, 1, 4], the draw), `snr_gamma` (min-SNR-γ weights on the task term from diffusers'
+    `compute_snr`) and `dropped` [B] bool (examples whose text embeddings are the empty prompt's: zeros).
 
     With `accumulation` A, micro-batch i is examples i, i + A, ... (as in our step), each runs forward and
     backward on loss / A (diffusers' scripts' accumulation), then `clip_grad_norm_` (when `grad_clip`) and
@@ -197,6 +204,8 @@ def torch_distill_step(teacher, student, optimizer, batch: Mapping[str, np.ndarr
 
     def micro_loss(i):
         latents, eps = nchw(batch["latents"][i::accumulation]), nchw(noise[i::accumulation])
+        if noise_offset:
+            eps = eps + noise_offset * nchw(offset_noise[i::accumulation])
         t = tensor(timesteps[i::accumulation], torch.long)
         acp = tensor(alphas_cumprod)[t].view(-1, 1, 1, 1)
         noisy = acp.sqrt() * latents + (1 - acp).sqrt() * eps  # DDPMScheduler.add_noise
@@ -204,6 +213,11 @@ def torch_distill_step(teacher, student, optimizer, batch: Mapping[str, np.ndarr
         target = eps if prediction_type == "epsilon" else acp.sqrt() * eps - (1 - acp).sqrt() * latents
         context = tensor(batch["encoder_hidden_states"][i::accumulation])
         added = {k: tensor(batch[k][i::accumulation]) for k in ("text_embeds", "time_ids") if k in batch} or None
+        if dropped is not None:
+            keep = tensor(~np.asarray(dropped[i::accumulation]))
+            context = context * keep.view(-1, 1, 1)
+            if added and "text_embeds" in added:
+                added["text_embeds"] = added["text_embeds"] * keep.view(-1, 1)
         t_pred = None
         with capture_features(teacher, {t_name for _, t_name in pairs}) as t_feats, torch.no_grad():
             if use_teacher:
@@ -211,7 +225,16 @@ def torch_distill_step(teacher, student, optimizer, batch: Mapping[str, np.ndarr
         with capture_features(student, {s_name for s_name, _ in pairs}) as s_feats:
             s_pred = student(noisy, t, context, added_cond_kwargs=added).sample
 
-        terms = {"task": mse(s_pred, target)}
+        if snr_gamma:  # diffusers' min-SNR weighting, as in its training scripts
+            from diffusers.training_utils import compute_snr
+
+            snr = compute_snr(types.SimpleNamespace(alphas_cumprod=tensor(alphas_cumprod)), t)
+            weights = torch.stack([snr, snr_gamma * torch.ones_like(t)], dim=1).min(dim=1)[0]
+            weights = weights / (snr if prediction_type == "epsilon" else snr + 1)
+            task = F.mse_loss(s_pred.float(), target.float(), reduction="none")
+            terms = {"task": (task.mean(dim=list(range(1, task.ndim))) * weights).mean()}
+        else:
+            terms = {"task": mse(s_pred, target)}
         loss = w["task"] * terms["task"]
         if w["output"]:
             terms["output_kd"] = mse(s_pred, t_pred)

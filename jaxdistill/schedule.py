@@ -59,6 +59,17 @@ def prediction_target(acp: jax.Array, x0: jax.Array, noise: jax.Array, timesteps
     raise ValueError(f"prediction_type={prediction_type!r}: expected one of {PREDICTION_TYPES}.")
 
 
+def min_snr_weights(acp: jax.Array, timesteps: jax.Array, gamma: float, prediction_type: str) -> jax.Array:
+    """Min-SNR-γ loss weights [B] (Hang et al. 2023, as diffusers' `--snr_gamma`): min(SNR_t, γ) / SNR_t for
+    ε-prediction, min(SNR_t, γ) / (SNR_t + 1) for v-prediction, SNR_t = ᾱ_t / (1 − ᾱ_t). Low-noise steps,
+    whose targets are easy and whose gradients would otherwise dominate, are weighted down."""
+    a = acp[timesteps].astype(jnp.float32)
+    snr = a / (1.0 - a)
+    if prediction_type not in PREDICTION_TYPES:
+        raise ValueError(f"prediction_type={prediction_type!r}: expected one of {PREDICTION_TYPES}.")
+    return jnp.minimum(snr, gamma) / (snr if prediction_type == "epsilon" else snr + 1.0)
+
+
 def schedule_mismatches(schedule: Mapping[str, Any], scheduler_config: Mapping[str, Any]) -> list[str]:
     """How a diffusers scheduler config (a pipeline's `scheduler/scheduler_config.json`) describes another
     training schedule than `schedule` (config.schedule): one line per differing field the file sets, and

@@ -8,6 +8,13 @@ Gradient accumulation is a `lax.scan` over micro-batches inside the step, so one
 update. With output and feature weights at 0 and no teacher this is plain diffusion training. With
 `encode` (on-the-fly data) the batch holds pixels and token ids, encoded into latents and embeddings by
 the frozen VAE and text encoders inside the step, per micro-batch.
+
+Three options of diffusers' SDXL training script, each off at 0: `noise_offset` (ε + offset · a normal draw
+per example and channel: the model learns to change an image's mean brightness), `snr_gamma` (min-SNR-γ
+weights on the task term) and `empty_prompt_rate` (that share of the examples, drawn per example, trained
+with the empty prompt's conditioning — zero text embeddings, SDXL's `force_zeros_for_empty_prompt` — by
+student and teacher alike: the student learns the unconditional prediction classifier-free guidance uses).
+Their draws have streams of their own, so the noise and timesteps do not change with them.
 """
 
 from __future__ import annotations
@@ -21,7 +28,7 @@ import jax.numpy as jnp
 import optax
 
 from jaxdistill.losses import distill_loss
-from jaxdistill.schedule import add_noise, prediction_target
+from jaxdistill.schedule import add_noise, min_snr_weights, prediction_target
 from jaxdistill.sharding import BATCH, like_params
 from jaxdistill.unet import UNet
 
@@ -99,19 +106,40 @@ def init_state(params: Any, tx: optax.GradientTransformation, ema: bool) -> Trai
     return jax.jit(build, out_shardings=out)(params)
 
 
+def offset_noise(rng: jax.Array, shape: Sequence[int]) -> jax.Array:
+    """The noise offset's draw [B, 1, 1, C] for a micro-batch's `rng` (diffusers: randn(B, C, 1, 1))."""
+    return jax.random.normal(jax.random.fold_in(rng, 3), (shape[0], 1, 1, shape[-1]), jnp.float32)
+
+
+def dropped_prompts(rng: jax.Array, batch: int, rate: float) -> jax.Array:
+    """Which examples of a micro-batch train with the empty prompt [B] bool, for the micro-batch's `rng`."""
+    return jax.random.bernoulli(jax.random.fold_in(rng, 2), rate, (batch,))
+
+
+def empty_prompts(cond: Mapping[str, jax.Array], dropped: jax.Array) -> dict[str, jax.Array]:
+    """The conditioning with the text embeddings of the `dropped` examples zeroed (the empty prompt under
+    SDXL's force_zeros_for_empty_prompt); time ids stay, as the pipeline's unconditional half keeps them."""
+    def zero(x):
+        return jnp.where(dropped.reshape(-1, *(1,) * (x.ndim - 1)), jnp.zeros((), x.dtype), x)
+
+    return {k: zero(v) if k != "time_ids" else v for k, v in cond.items()}
+
+
 def make_train_step(student: UNet, teacher: UNet | None, tx: optax.GradientTransformation, lr_fn: optax.Schedule,
                     alphas_cumprod: jax.Array, *, pairs: Sequence[tuple[str, str]] = (),
                     weights: Mapping[str, float] | None = None, normalize: str = "none",
                     prediction_type: str = "epsilon", accumulation: int = 1, ema_decay: float = 0.0,
                     encode: Callable | None = None, mesh: jax.sharding.Mesh | None = None,
-                    scan_accumulation: bool | None = None,
+                    scan_accumulation: bool | None = None, noise_offset: float = 0.0, snr_gamma: float = 0.0,
+                    empty_prompt_rate: float = 0.0,
                     ) -> Callable[[TrainState, Any, Batch, jax.Array], tuple[TrainState, dict[str, jax.Array]]]:
     """Builds the (unjitted) step. `teacher` None (or output and feature weights 0): plain diffusion.
     `encode(encoder_params, pixels, ids1, ids2, rng) → {latents, encoder_hidden_states, text_embeds}`
     (`jaxdistill.prepare.make_encode`): the batch is {pixels, input_ids, input_ids_2, time_ids}.
     `mesh`: keep every micro-batch split over data × fsdp (`jaxdistill.sharding`) inside the scan.
     `scan_accumulation`: micro-batches as a `lax.scan` (True) or straight-line code (False); default: scan
-    for several micro-batches, straight-line for one. Both compute the same step."""
+    for several micro-batches, straight-line for one. Both compute the same step. `noise_offset`, `snr_gamma`,
+    `empty_prompt_rate`: see the module's docstring (0: off)."""
     weights = {"task": 1.0, "output": 0.5, "feature": 0.5} | dict(weights or {})
     uses_teacher = teacher is not None and (weights["output"] or (weights["feature"] and pairs))
     if (weights["output"] or weights["feature"]) and teacher is None:
@@ -129,16 +157,22 @@ def make_train_step(student: UNet, teacher: UNet | None, tx: optax.GradientTrans
         noise_rng, t_rng = jax.random.split(rng)
         noise = jax.random.normal(noise_rng, latents.shape, jnp.float32)
         timesteps = jax.random.randint(t_rng, (latents.shape[0],), 0, acp.shape[0])
+        if noise_offset:
+            noise = noise + noise_offset * offset_noise(rng, latents.shape)
         noisy = add_noise(acp, latents, noise, timesteps)
         target = prediction_target(acp, latents, noise, timesteps, prediction_type)
         cond = {k: batch[k] for k in CONDITIONING if k in batch}
+        if empty_prompt_rate:
+            cond = empty_prompts(cond, dropped_prompts(rng, latents.shape[0], empty_prompt_rate))
+        task_weights = min_snr_weights(acp, timesteps, snr_gamma, prediction_type) if snr_gamma else None
         t_out = None
         if uses_teacher:
             t_out = jax.lax.stop_gradient(teacher.apply({"params": teacher_params}, noisy, timesteps, **cond))
         s_out = student.apply({"params": params}, noisy, timesteps, **cond)
         return distill_loss(s_out.sample, target, teacher_pred=None if t_out is None else t_out.sample,
                             student_features=s_out.features, teacher_features=None if t_out is None else t_out.features,
-                            pairs=pairs if uses_teacher else (), weights=weights, normalize=normalize)
+                            pairs=pairs if uses_teacher else (), weights=weights, normalize=normalize,
+                            task_weights=task_weights)
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     # the terms distill_loss returns (known up front: tracing the models once more to ask costs seconds)

@@ -352,7 +352,8 @@ def run_stage(c: ml_collections.ConfigDict, workdir: Path, previous: Model | Non
                               weights={"task": c.loss.task, "output": c.loss.output, "feature": c.loss.feature},
                               normalize=c.loss.normalize, prediction_type=c.schedule.prediction_type,
                               accumulation=c.optimizer.accumulation, ema_decay=c.ema_decay, encode=encode,
-                              mesh=mesh)
+                              mesh=mesh, noise_offset=c.noise_offset, snr_gamma=c.loss.snr_gamma,
+                              empty_prompt_rate=c.empty_prompt_rate)
     teacher_params = shard_params(layout(teacher.params), mesh, rules) if distil else None
     frozen = {"teacher": teacher_params, "encoders": shard_params(encoder_params, mesh, rules)}
 

@@ -41,7 +41,14 @@ from jaxdistill.prune import PrunePlan, feature_pairs, prune
 from jaxdistill.reference import random_inputs, torch_distill_step, write_random_unet
 from jaxdistill.schedule import alphas_cumprod
 from jaxdistill.spec import CROSS_ATTN_MID, RESNET_MID, UNetSpec
-from jaxdistill.step import clip_by_global_norm, init_state, make_optimizer, make_train_step
+from jaxdistill.step import (
+    clip_by_global_norm,
+    dropped_prompts,
+    init_state,
+    make_optimizer,
+    make_train_step,
+    offset_noise,
+)
 from jaxdistill.unet import UNet
 
 TEACHER = UNetSpec(block_out_channels=(32, 64), down_depths=((0,), (2,)), up_depths=((2, 2), (0, 0)),
@@ -79,33 +86,40 @@ def models(tmp_path_factory):
     return teacher_spec, teacher, student_spec, {"pruned": student, "perturbed": perturbed}, folders
 
 
-def drawn_noise_and_timesteps(rng, step, latents_shape, num_timesteps, accumulation=1):
+def drawn_noise_and_timesteps(rng, step, latents_shape, num_timesteps, accumulation=1, empty_prompt_rate=0.0):
     """What `make_train_step` draws at `step`, for the whole batch: micro-batch i (examples i, i + A, ...)
-    folds in the step, then i, and splits that into noise and timestep keys."""
+    folds in the step, then i, and splits that into noise and timestep keys; the noise offset's draw and
+    the examples given the empty prompt come from streams of their own (`offset_noise`, `dropped_prompts`)."""
     noise = np.zeros(latents_shape, np.float32)
+    offset = np.zeros((latents_shape[0], 1, 1, latents_shape[-1]), np.float32)
     timesteps = np.zeros(latents_shape[:1], np.int32)
+    dropped = np.zeros(latents_shape[:1], bool)
     micro_shape = (latents_shape[0] // accumulation, *latents_shape[1:])
     for i in range(accumulation):
-        noise_rng, t_rng = jax.random.split(jax.random.fold_in(jax.random.fold_in(rng, step), i))
+        micro_rng = jax.random.fold_in(jax.random.fold_in(rng, step), i)
+        noise_rng, t_rng = jax.random.split(micro_rng)
         noise[i::accumulation] = jax.random.normal(noise_rng, micro_shape, jnp.float32)
         timesteps[i::accumulation] = jax.random.randint(t_rng, micro_shape[:1], 0, num_timesteps)
-    return noise, timesteps
+        offset[i::accumulation] = offset_noise(micro_rng, micro_shape)
+        dropped[i::accumulation] = dropped_prompts(micro_rng, micro_shape[0], empty_prompt_rate)
+    return noise, timesteps, offset, dropped
 
 
 def rel(a, b):
     return abs(a - b) / max(abs(b), 1e-30)
 
 
-# prediction_type and ema_decay ride on these two cases: a third would compile another step (~50 s).
+# prediction_type, ema_decay and the options ride on these two cases: a third would compile another step (~50 s).
 @pytest.mark.parametrize("student_name, scan_layers, normalize, eps, compare_above, accumulation, prediction_type, "
-                         "ema_decay", [
+                         "ema_decay, options", [
     # the defaults; updates compared where |ĝ| ≥ 1e3 · eps; the EMA's second decay is the warm-up's 2/11
-    ("pruned", False, "none", 1e-8, 1e-5, 1, "epsilon", 0.9),
-    # everywhere; two micro-batches of 2; the EMA's second decay is the cap, 0.1
-    ("perturbed", True, "teacher_ms", 1e-3, 0.0, 2, "v_prediction", 0.1),
+    ("pruned", False, "none", 1e-8, 1e-5, 1, "epsilon", 0.9, {}),
+    # everywhere; two micro-batches of 2; the EMA's second decay is the cap, 0.1; diffusers' script's options
+    ("perturbed", True, "teacher_ms", 1e-3, 0.0, 2, "v_prediction", 0.1,
+     dict(noise_offset=0.1, snr_gamma=5.0, empty_prompt_rate=0.5)),
 ])
 def test_one_step_matches_the_pytorch_reference(models, student_name, scan_layers, normalize, eps, compare_above,
-                                                accumulation, prediction_type, ema_decay):
+                                                accumulation, prediction_type, ema_decay, options):
     from diffusers.training_utils import EMAModel
 
     teacher_spec, teacher_params, student_spec, students, folders = models
@@ -123,7 +137,7 @@ def test_one_step_matches_the_pytorch_reference(models, student_name, scan_layer
     layout = stack_layers if scan_layers else (lambda p: p)
     step = make_train_step(UNet(student_spec, scan_layers=scan_layers), UNet(teacher_spec, scan_layers=scan_layers),
                            tx, lr_fn, acp, pairs=pairs, normalize=normalize, prediction_type=prediction_type,
-                           accumulation=accumulation, ema_decay=ema_decay)
+                           accumulation=accumulation, ema_decay=ema_decay, **options)
     state = init_state(layout(student_params), tx, ema=True)
     teacher_in = layout(teacher_params)
     teacher_before = jax.tree.map(np.array, teacher_in)
@@ -164,11 +178,18 @@ def test_one_step_matches_the_pytorch_reference(models, student_name, scan_layer
         assert np.array_equal(value, old[name]), name
     for name, value in to_diffusers_state_dict(teacher_params).items():
         assert np.array_equal(value, teacher_old[name].numpy()), name
-    noise, timesteps = drawn_noise_and_timesteps(rng, 0, batch["latents"].shape, acp.shape[0], accumulation)
+    noise, timesteps, offset, dropped = drawn_noise_and_timesteps(rng, 0, batch["latents"].shape, acp.shape[0],
+                                                                  accumulation, options.get("empty_prompt_rate", 0.0))
+    if options.get("empty_prompt_rate"):
+        assert 0 < dropped.sum() < len(dropped), dropped  # both kinds of example in the batch
+    if options.get("snr_gamma"):  # the weights are not all 1: some timesteps have SNR above γ
+        assert np.any(acp[timesteps] / (1 - acp[timesteps]) > options["snr_gamma"]), timesteps
     optimizer = torch.optim.AdamW(student.parameters(), lr=LR, betas=(B1, B2), eps=eps, weight_decay=WEIGHT_DECAY)
     ref = torch_distill_step(teacher, student, optimizer, batch, noise, timesteps, acp, pairs, None,
                              normalize=normalize, prediction_type=prediction_type, grad_clip=GRAD_CLIP,
-                             accumulation=accumulation)
+                             accumulation=accumulation, noise_offset=options.get("noise_offset", 0.0),
+                             offset_noise=offset, snr_gamma=options.get("snr_gamma", 0.0),
+                             dropped=dropped if options.get("empty_prompt_rate") else None)
     new = {k: v.detach().numpy() for k, v in student.state_dict().items()}
 
     # ---- loss terms (the task term agreeing also shows the noise and timesteps are the ones the step drew)
@@ -278,3 +299,23 @@ def test_ema_follows_diffusers_ema_model():
         ours = ema_update(ours, {"w": jnp.asarray(w)}, jnp.int32(step), 0.5)
         np.testing.assert_allclose(np.asarray(ours["w"]), reference.shadow_params[0].numpy(), rtol=1e-6, atol=1e-6)
     assert float(reference.cur_decay_value) == 0.5  # the cap was reached within the sequence
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_min_snr_weights_follow_diffusers(prediction_type):
+    """`schedule.min_snr_weights` against diffusers' scripts' weighting, from its `compute_snr`, at every 7th
+    timestep (SNR falls from ~1e3 to ~5e-3 over SDXL's schedule, so γ = 5 is both above and below it)."""
+    from types import SimpleNamespace
+
+    from diffusers.training_utils import compute_snr
+
+    from jaxdistill.schedule import min_snr_weights
+
+    acp, gamma = alphas_cumprod(), 5.0
+    t = torch.arange(0, 1000, 7)
+    snr = compute_snr(SimpleNamespace(alphas_cumprod=torch.from_numpy(acp)), t)
+    theirs = torch.stack([snr, gamma * torch.ones_like(t)], dim=1).min(dim=1)[0]
+    theirs = (theirs / (snr if prediction_type == "epsilon" else snr + 1)).numpy()
+    assert theirs.min() < 0.1 and theirs.max() > 0.15  # weights reach both sides of the cap
+    ours = np.asarray(min_snr_weights(jnp.asarray(acp), jnp.asarray(t.numpy()), gamma, prediction_type))
+    np.testing.assert_allclose(ours, theirs, rtol=1e-5)

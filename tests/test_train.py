@@ -108,10 +108,12 @@ def test_schedule_matches_diffusers():
 
 def test_resume_continues_exactly(unet_folders, plan_file, tmp_path):
     teacher = unet_folders["micro"]
-    # EMA on: its state must resume exactly too (the stage's output is the EMA). The straight run also
-    # traces steps 2–3 (config.profile): the trace must hold the step's XLA ops and change nothing.
-    straight_summary = run(small_config(teacher, plan_file, ema_decay=0.9,
-                                        **{"profile.first": 2, "profile.steps": 2}), tmp_path / "straight")
+    # EMA on: its state must resume exactly too (the stage's output is the EMA), and so must the draws of
+    # diffusers' script's options. The straight run also traces steps 2–3 (config.profile): the trace must
+    # hold the step's XLA ops and change nothing.
+    options = {"ema_decay": 0.9, "noise_offset": 0.05, "empty_prompt_rate": 0.3, "loss.snr_gamma": 5.0}
+    straight_summary = run(small_config(teacher, plan_file, **options, **{"profile.first": 2, "profile.steps": 2}),
+                           tmp_path / "straight")
     traces = list((tmp_path / "straight" / "tensorboard" / "main" / "plugins" / "profile").glob("*/*.xplane.pb"))
     assert len(traces) == 1, traces
     planes = jax.profiler.ProfileData.from_file(str(traces[0])).planes
@@ -119,10 +121,10 @@ def test_resume_continues_exactly(unet_folders, plan_file, tmp_path):
     (tmp_path / "resumed").mkdir()
     with open(tmp_path / "resumed" / "metrics.jsonl", "w") as f:  # a run killed before its first checkpoint
         f.write(json.dumps({"stage": "main", "step": 1, "loss": 5.0}) + '\n{"stage": "ma')
-    run(small_config(teacher, plan_file, ema_decay=0.9, steps=3), tmp_path / "resumed")  # checkpoint at 3, stop
+    run(small_config(teacher, plan_file, **options, steps=3), tmp_path / "resumed")  # checkpoint at 3, stop
     with open(tmp_path / "resumed" / "metrics.jsonl", "a") as f:  # what a killed run logged after its checkpoint
         f.write(json.dumps({"stage": "main", "step": 4, "loss": 123.0}) + '\n{"stage": "ma')
-    resumed_summary = run(small_config(teacher, plan_file, ema_decay=0.9), tmp_path / "resumed")  # at 3: 4..6
+    resumed_summary = run(small_config(teacher, plan_file, **options), tmp_path / "resumed")  # at 3: 4..6
     _, straight = load_unet(tmp_path / "straight" / "stages" / "main")
     _, resumed = load_unet(tmp_path / "resumed" / "stages" / "main")
     for k, v in flatten_dict(straight).items():
@@ -274,6 +276,8 @@ def test_student_loss_falls_over_30_steps_and_progressive_stages(unet_folders, p
      ["config.seed=4294967296", "config.optimizer.b2=1.0", "config.optimizer.eps=0.0", "optimizer.weight_decay"]),
     ({"loss.taps": " , "}, ["config.loss.taps"]),
     ({"data.workers": -1}, ["config.data.workers=-1"]),
+    ({"noise_offset": -0.1, "empty_prompt_rate": 1.5, "loss.snr_gamma": -5.0},
+     ["config.noise_offset=-0.1", "config.empty_prompt_rate=1.5", "config.loss.snr_gamma=-5.0"]),
 ])
 def test_bad_config_values_are_named(changes, fields):
     config = small_config("some/teacher", "ssd1b")
