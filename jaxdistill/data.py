@@ -129,18 +129,20 @@ class _ReadAhead:
     _pool: concurrent.futures.ThreadPoolExecutor | None = None
     _ahead: tuple[int, concurrent.futures.Future] | None = None
 
-    def batch(self, step: int) -> dict[str, np.ndarray]:
-        """This host's part of global batch `step`; starts reading batch `step + 1` in the background."""
+    def batch(self, step: int, ahead: bool = True) -> dict[str, np.ndarray]:
+        """This host's part of global batch `step`; starts reading batch `step + 1` in the background, unless
+        not `ahead` (the trainer's last step)."""
         if self._pool is None:
             self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="read-ahead")
-        ahead, self._ahead = self._ahead, None
-        if ahead is not None and ahead[0] == step:
-            out = ahead[1].result()
+        pending, self._ahead = self._ahead, None
+        if pending is not None and pending[0] == step:
+            out = pending[1].result()
         else:
-            if ahead is not None:  # one reader at a time: a stream is read in order
-                concurrent.futures.wait([ahead[1]])
+            if pending is not None:  # one reader at a time: a stream is read in order
+                concurrent.futures.wait([pending[1]])
             out = self._read(step)
-        self._ahead = (step + 1, self._pool.submit(self._read, step + 1))
+        if ahead:
+            self._ahead = (step + 1, self._pool.submit(self._read, step + 1))
         return out
 
 
@@ -429,8 +431,9 @@ class SyntheticLatents(_Indexed):
         """A fixed batch for monitoring, the same on every host (all of global batch 10⁶: beyond any run)."""
         return self.batch(10**6, whole=True)
 
-    def batch(self, step: int, whole: bool = False) -> dict[str, np.ndarray]:
-        """This host's part of global batch `step` (`whole`: all of it): a fresh permutation every epoch."""
+    def batch(self, step: int, ahead: bool = True, whole: bool = False) -> dict[str, np.ndarray]:
+        """This host's part of global batch `step` (`whole`: all of it): a fresh permutation every epoch.
+        Generated in memory: nothing to read ahead (`ahead` is for the readers of files)."""
         per_epoch = max(self.num_examples // self.batch_size, 1)
         epoch, offset = divmod(step, per_epoch)
         order = np.random.default_rng([self.seed, epoch]).permutation(self.num_examples)

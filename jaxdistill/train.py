@@ -424,7 +424,9 @@ def run_stage(c: ml_collections.ConfigDict, workdir: Path, previous: Model | Non
         with stop, jax.set_mesh(mesh):
             # One host can fail to read its share of a batch alone (a damaged copy of the data on its disk):
             # every host reads the next batch before the step's collective of flags, so all learn it there.
-            host_batch = agreed(functools.partial(data.batch, step), f"could not read its batch for step {step + 1}")
+            # The last step's batch reads nothing ahead: there is no next step.
+            host_batch = agreed(functools.partial(data.batch, step, step + 1 < c.steps),
+                                f"could not read its batch for step {step + 1}")
             while step < c.steps:
                 flop = step_flops(teacher.spec if distil else None, student.spec, host_batch, c.batch_size)
                 batch = global_batch(host_batch, mesh)
@@ -441,7 +443,8 @@ def run_stage(c: ml_collections.ConfigDict, workdir: Path, previous: Model | Non
                 logger.step(step, values, log=step % c.log_every == 0 or step == c.steps, flop=flop)
                 logger.note(data.skip_report())  # the inputs a streamed source skipped, once its first epoch is read
                 waiting = time.perf_counter()
-                host_batch, unread = attempt(functools.partial(data.batch, step)) if step < c.steps else (None, None)
+                host_batch, unread = (attempt(functools.partial(data.batch, step, step + 1 < c.steps))
+                                      if step < c.steps else (None, None))
                 logger.waited(time.perf_counter() - waiting)
                 failures, stopping = gather_failures(unread, stop.requested is not None)  # the same on all hosts
                 if step % c.checkpoint_every == 0 or step == c.steps or stopping:
