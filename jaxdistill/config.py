@@ -15,6 +15,7 @@ from jaxdistill.layers import ATTENTION
 from jaxdistill.losses import NORMALIZATIONS
 from jaxdistill.schedule import PREDICTION_TYPES
 from jaxdistill.sharding import AXES, DEFAULT_RULES, rule_errors
+from jaxdistill.step import LR_SCHEDULES
 
 DTYPES = ("float32", "bfloat16")
 REMAT = ("none", "full", "dots")
@@ -35,6 +36,7 @@ def base_config() -> ml_collections.ConfigDict:
                                             snr_gamma=0.0))
     c.schedule = ml_collections.ConfigDict(dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
                                                 beta_schedule="scaled_linear", prediction_type="epsilon"))
+    # optimizer.schedule: constant | cosine | linear (cosine and linear reach 0 at `steps`), after a linear warmup
     c.optimizer = ml_collections.ConfigDict(dict(lr=1e-5, warmup_steps=0, weight_decay=1e-2, b1=0.9, b2=0.999,
                                                  eps=1e-8, grad_clip=1.0, schedule="constant", accumulation=4))
     c.ema_decay = 0.0  # 0: no EMA of the student
@@ -142,7 +144,7 @@ def _field_errors(c: ml_collections.ConfigDict) -> list[str]:
     check(0 <= c.optimizer.b2 < 1, "optimizer.b2", "in [0, 1)")
     check(c.optimizer.eps > 0, "optimizer.eps", "> 0")
     check(isinstance(c.seed, int) and 0 <= c.seed < 2**32, "seed", "0 … 2**32 − 1 (jax keeps 32 bits of it)")
-    check(c.optimizer.schedule in ("constant", "cosine"), "optimizer.schedule", "'constant' or 'cosine'")
+    check(c.optimizer.schedule in LR_SCHEDULES, "optimizer.schedule", f"one of {LR_SCHEDULES}")
     check(0 <= c.ema_decay < 1, "ema_decay", "in [0, 1)")
     check(c.noise_offset >= 0, "noise_offset", "≥ 0 (0: off)")
     check(0 <= c.empty_prompt_rate <= 1, "empty_prompt_rate", "in [0, 1] (the share of examples; 0: off)")

@@ -36,6 +36,9 @@ Batch = Mapping[str, jax.Array]  # latents [B, H, W, 4], encoder_hidden_states, 
 CONDITIONING = ("encoder_hidden_states", "text_embeds", "time_ids")
 
 
+LR_SCHEDULES = ("constant", "cosine", "linear")  # diffusers' get_scheduler names (each with warmup)
+
+
 class TrainState(flax.struct.PyTreeNode):
     step: jax.Array
     params: Any  # the student's float32 master weights
@@ -60,13 +63,20 @@ def make_optimizer(lr: float = 1e-5, warmup_steps: int = 0, weight_decay: float 
                    b2: float = 0.999, eps: float = 1e-8, grad_clip: float = 1.0,
                    schedule: str = "constant", total_steps: int = 0) -> tuple[optax.GradientTransformation,
                                                                               optax.Schedule]:
-    """AdamW (diffusers' defaults) behind global-norm clipping, with linear warmup → constant or cosine."""
+    """AdamW (diffusers' defaults) behind global-norm clipping, with a linear warmup from 0 over `warmup_steps`,
+    then the rate `schedule` names (`LR_SCHEDULES`), as diffusers' `get_scheduler` of that name (with warmup)
+    gives it: constant, cosine (half a cosine to 0 at `total_steps`) or linear (to 0 at `total_steps`)."""
+    end = max(total_steps, warmup_steps + 1)
     if schedule == "constant":
         lr_fn = optax.warmup_constant_schedule(0.0, lr, warmup_steps) if warmup_steps else optax.constant_schedule(lr)
     elif schedule == "cosine":
-        lr_fn = optax.warmup_cosine_decay_schedule(0.0, lr, warmup_steps, max(total_steps, warmup_steps + 1))
+        lr_fn = optax.warmup_cosine_decay_schedule(0.0, lr, warmup_steps, end)
+    elif schedule == "linear":
+        decay = optax.linear_schedule(lr, 0.0, end - warmup_steps)
+        lr_fn = (optax.join_schedules([optax.linear_schedule(0.0, lr, warmup_steps), decay], [warmup_steps])
+                 if warmup_steps else decay)
     else:
-        raise ValueError(f"optimizer.schedule={schedule!r}: expected 'constant' or 'cosine'.")
+        raise ValueError(f"optimizer.schedule={schedule!r}: expected one of {LR_SCHEDULES}.")
     parts = [clip_by_global_norm(grad_clip)] if grad_clip else []
     tx = optax.chain(*parts, optax.adamw(lr_fn, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay))
     return tx, lr_fn

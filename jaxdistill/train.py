@@ -217,9 +217,9 @@ def _check_resume(c: ml_collections.ConfigDict, workdir: Path, spec: UNetSpec, i
         except ValueError as e:
             raise ValueError(f"stage {c.name}: {e}; or resume anyway with --config.allow_resume_changes=True") from None
     notes = [f"stage {c.name}: resuming from step {step} with changed settings: {describe(changed)}"] if changed else []
-    if "steps" in changed and c.optimizer.schedule == "cosine":
-        notes.append(f"stage {c.name}: the cosine learning-rate schedule now spans {c.steps} steps, not "
-                     f"{changed['steps'][0]}: from step {step} on the rate differs from the first run's plan")
+    if "steps" in changed and c.optimizer.schedule != "constant":
+        notes.append(f"stage {c.name}: the {c.optimizer.schedule} learning-rate schedule now spans {c.steps} steps, "
+                     f"not {changed['steps'][0]}: from step {step} on the rate differs from the first run's plan")
     return notes, step
 
 

@@ -42,6 +42,7 @@ from jaxdistill.reference import random_inputs, torch_distill_step, write_random
 from jaxdistill.schedule import alphas_cumprod
 from jaxdistill.spec import CROSS_ATTN_MID, RESNET_MID, UNetSpec
 from jaxdistill.step import (
+    LR_SCHEDULES,
     clip_by_global_norm,
     dropped_prompts,
     init_state,
@@ -319,3 +320,27 @@ def test_min_snr_weights_follow_diffusers(prediction_type):
     assert theirs.min() < 0.1 and theirs.max() > 0.15  # weights reach both sides of the cap
     ours = np.asarray(min_snr_weights(jnp.asarray(acp), jnp.asarray(t.numpy()), gamma, prediction_type))
     np.testing.assert_allclose(ours, theirs, rtol=1e-5)
+
+
+@pytest.mark.parametrize("schedule", LR_SCHEDULES)
+@pytest.mark.parametrize("warmup", [0, 10])
+def test_lr_schedules_follow_diffusers_get_scheduler(schedule, warmup):
+    """The rate of every update of a 50-step run, ours (`make_optimizer`'s schedule, as logged: lr(step) for the
+    update after `step` earlier ones) against diffusers' `get_scheduler` stepped after each optimizer step (its
+    constant with a warmup is named constant_with_warmup)."""
+    from diffusers.optimization import get_scheduler
+
+    lr, total = 1e-3, 50
+    _, lr_fn = make_optimizer(lr=lr, warmup_steps=warmup, schedule=schedule, total_steps=total)
+    name = "constant_with_warmup" if schedule == "constant" and warmup else schedule
+    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=lr)
+    theirs = get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total)
+    rates = []
+    for _ in range(total):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        theirs.step()
+    ours = [float(lr_fn(step)) for step in range(total)]
+    np.testing.assert_allclose(ours, rates, rtol=1e-5, atol=1e-9)
+    if schedule != "constant" or warmup:
+        assert len(set(np.round(rates, 9))) > 2  # the rate moves: the comparison is not of constants
