@@ -2,7 +2,7 @@
 student has learnt next to its teacher, and as the base of evaluation.
 
     pipe = load_pipeline("runs/ssd1b", pipeline="stable-diffusion-xl-base-1.0")   # checkpoint, UNet or pipeline
-    out = generate(pipe, ["a photo of a cat"], seeds=[0], steps=25, guidance=5.0)  # scheduler="euler" | "ddim"
+    out = generate(pipe, ["a photo of a cat"], seeds=[0], steps=25, guidance=5.0)  # scheduler: euler | ddim | dpm
     out.images                      # uint8 [B, H, W, 3], as diffusers' output_type="pil" gives them
     image_grid(out.images, rows=1, row_labels=["a photo of a cat"]).save("grid.png")
 
@@ -11,7 +11,8 @@ student has learnt next to its teacher, and as the base of evaluation.
     # --out must be new or empty; --overwrite replaces it as a whole once the new images are written
 
 What it reproduces, number for number in float32 (`tests/test_sample.py`): diffusers'
-`StableDiffusionXLPipeline.__call__` with `EulerDiscreteScheduler` or `DDIMScheduler` (eta 0), given the
+`StableDiffusionXLPipeline.__call__` with `EulerDiscreteScheduler`, `DDIMScheduler` (eta 0) or
+`DPMSolverMultistepScheduler` (DPM-Solver++, orders 1 and 2), given the
 same initial latents: SDXL's conditioning (both CLIP encoders, zero negative conditioning for an empty
 negative prompt when the pipeline's `force_zeros_for_empty_prompt` is set), add_time_ids (original size =
 target size = (height, width), crop (0, 0)), classifier-free guidance in one batch of 2B (uncond first),
@@ -19,12 +20,14 @@ optional guidance_rescale, the VAE decode and the image post-processing ((x/2 + 
 ×255, rounded).
 
 The schedulers are pure: their tables (timesteps, sigmas, ᾱ) come from numpy on the host, computed with the
-same float32 operations as diffusers' torch code; each step is a jittable function of the step index, and
-the whole denoising loop is one `jax.lax.fori_loop` inside one jit.
+same float32 operations as diffusers' torch code; each step is a jittable function of the step index and of
+a state it hands the next step (DPM-Solver++'s last x0 prediction), and the whole denoising loop is one
+`jax.lax.fori_loop` inside one jit.
 
-Not here: other schedulers (DPM-Solver, ...), eta > 0, img2img / inpainting / refiner, prompt weighting,
-long prompts (> 77 tokens are truncated, as diffusers does), IP-adapters, the invisible watermark,
-torch's random generator (the noise of a seed is jax.random's, see `initial_latents`).
+Not here: other schedulers (UniPC, DPM-Solver's SDE and third-order variants, ...), eta > 0, img2img /
+inpainting / refiner, prompt weighting, long prompts (> 77 tokens are truncated, as diffusers does),
+IP-adapters, the invisible watermark, torch's random generator (the noise of a seed is jax.random's, see
+`initial_latents`).
 """
 
 from __future__ import annotations
@@ -103,6 +106,32 @@ class _Scheduler:
         """ᾱ [T] float32, bit-equal to diffusers' schedulers' (torch) table."""
         return schedule.alphas_cumprod(self.num_train_timesteps, self.beta_start, self.beta_end, self.beta_schedule)
 
+    def train_sigmas(self) -> np.ndarray:
+        """σ_t = √((1 − ᾱ_t)/ᾱ_t) [T] float32, as torch computes it."""
+        acp = self.alphas_cumprod()
+        return np.sqrt((1 - acp) / acp)
+
+    def init_state(self, sample: jax.Array) -> Any:
+        """What `step` carries from one step to the next (a multistep solver's last prediction); None here."""
+        return None
+
+    def _karras(self, sigmas: np.ndarray, n: int) -> np.ndarray:
+        """Karras et al.'s ρ = 7 spacing from sigmas[0] (σ_max) to sigmas[-1] (σ_min), unless the config sets
+        sigma_min / sigma_max (diffusers' `_convert_to_karras`)."""
+        lo, hi = getattr(self, "sigma_min", None), getattr(self, "sigma_max", None)
+        lo = lo if lo is not None else sigmas[-1].item()
+        hi = hi if hi is not None else sigmas[0].item()
+        rho, ramp = 7.0, np.linspace(0, 1, n)
+        return (hi ** (1 / rho) + ramp * (lo ** (1 / rho) - hi ** (1 / rho))) ** rho
+
+    @staticmethod
+    def _sigma_to_t(sigma: float, log_sigmas: np.ndarray) -> float:
+        """The fractional training timestep of σ, interpolating log σ (diffusers' `_sigma_to_t`)."""
+        log_sigma = np.log(np.maximum(sigma, 1e-10))
+        low = np.cumsum(log_sigma - log_sigmas >= 0).argmax().clip(max=len(log_sigmas) - 2)
+        w = np.clip((log_sigmas[low] - log_sigma) / (log_sigmas[low] - log_sigmas[low + 1]), 0, 1)
+        return (1 - w) * low + w * (low + 1)
+
     def _spaced_timesteps(self, num_inference_steps: int) -> np.ndarray:
         """The inference timesteps [N] (descending, float64 integers), diffusers' `timestep_spacing`."""
         n, train = num_inference_steps, self.num_train_timesteps
@@ -149,8 +178,7 @@ class EulerDiscreteScheduler(_Scheduler):
     def set_timesteps(self, num_inference_steps: int) -> EulerSchedule:
         """diffusers' `set_timesteps(num_inference_steps)`, in numpy with diffusers' dtypes at each stage."""
         timesteps = self._spaced_timesteps(num_inference_steps).astype(np.float32)
-        acp = self.alphas_cumprod()
-        train_sigmas = np.sqrt((1 - acp) / acp)  # float32, as torch computes it
+        train_sigmas = self.train_sigmas()
         sigmas = np.interp(timesteps, np.arange(len(train_sigmas)), train_sigmas)  # float64
         if self.use_karras_sigmas:
             sigmas = self._karras(sigmas, num_inference_steps)
@@ -164,30 +192,15 @@ class EulerDiscreteScheduler(_Scheduler):
         init = max_sigma if self.timestep_spacing in ("linspace", "trailing") else np.sqrt(max_sigma * max_sigma + 1)
         return EulerSchedule(timesteps.astype(np.float32), sigmas, np.asarray(init, np.float32))
 
-    def _karras(self, sigmas: np.ndarray, n: int) -> np.ndarray:
-        """Karras et al.'s ρ = 7 spacing between σ_max and σ_min (diffusers' `_convert_to_karras`)."""
-        lo = self.sigma_min if self.sigma_min is not None else sigmas[-1].item()
-        hi = self.sigma_max if self.sigma_max is not None else sigmas[0].item()
-        rho, ramp = 7.0, np.linspace(0, 1, n)
-        return (hi ** (1 / rho) + ramp * (lo ** (1 / rho) - hi ** (1 / rho))) ** rho
-
-    @staticmethod
-    def _sigma_to_t(sigma: float, log_sigmas: np.ndarray) -> float:
-        """The fractional training timestep of σ, interpolating log σ (diffusers' `_sigma_to_t`)."""
-        log_sigma = np.log(np.maximum(sigma, 1e-10))
-        low = np.cumsum(log_sigma - log_sigmas >= 0).argmax().clip(max=len(log_sigmas) - 2)
-        w = np.clip((log_sigmas[low] - log_sigma) / (log_sigmas[low] - log_sigmas[low + 1]), 0, 1)
-        return (1 - w) * low + w * (low + 1)
-
     def scale_model_input(self, schedule: EulerSchedule, sample: jax.Array, step_index: jax.Array) -> jax.Array:
         """x / √(σ_i² + 1): what the UNet sees at step `step_index`. Jittable."""
         sigma = jnp.asarray(schedule.sigmas)[step_index]
         return sample / jnp.sqrt(sigma * sigma + 1)
 
     def step(self, schedule: EulerSchedule, model_output: jax.Array, step_index: jax.Array,
-             sample: jax.Array) -> jax.Array:
+             sample: jax.Array, state: Any = None) -> tuple[jax.Array, Any]:
         """One Euler step from σ_i to σ_{i+1} (diffusers' `step(...).prev_sample`, same float32 operations,
-        gamma 0). model_output and sample [B, h, w, C] → prev_sample [B, h, w, C]. Jittable."""
+        gamma 0). model_output and sample [B, h, w, C] → (prev_sample [B, h, w, C], state). Jittable."""
         sigmas = jnp.asarray(schedule.sigmas)
         sigma, sigma_next = sigmas[step_index], sigmas[step_index + 1]
         sample = sample.astype(jnp.float32)
@@ -196,7 +209,7 @@ class EulerDiscreteScheduler(_Scheduler):
         else:  # v_prediction
             pred_original_sample = model_output * (-sigma / jnp.sqrt(sigma * sigma + 1)) + sample / (sigma * sigma + 1)
         derivative = (sample - pred_original_sample) / sigma
-        return (sample + derivative * (sigma_next - sigma)).astype(model_output.dtype)
+        return (sample + derivative * (sigma_next - sigma)).astype(model_output.dtype), state
 
 
 class DDIMSchedule(NamedTuple):
@@ -246,9 +259,9 @@ class DDIMScheduler(_Scheduler):
         return sample
 
     def step(self, schedule: DDIMSchedule, model_output: jax.Array, step_index: jax.Array,
-             sample: jax.Array) -> jax.Array:
+             sample: jax.Array, state: Any = None) -> tuple[jax.Array, Any]:
         """One DDIM step, eta 0 (diffusers' `step(...).prev_sample`, same float32 operations).
-        model_output and sample [B, h, w, C] → prev_sample [B, h, w, C]. Jittable."""
+        model_output and sample [B, h, w, C] → (prev_sample [B, h, w, C], state). Jittable."""
         alpha_prod_t = jnp.asarray(schedule.alpha_prod_t)[step_index]
         alpha_prod_t_prev = jnp.asarray(schedule.alpha_prod_t_prev)[step_index]
         beta_prod_t = 1 - alpha_prod_t
@@ -260,11 +273,114 @@ class DDIMScheduler(_Scheduler):
             pred_epsilon = jnp.sqrt(alpha_prod_t) * model_output + jnp.sqrt(beta_prod_t) * sample
         if self.clip_sample:
             pred_original_sample = jnp.clip(pred_original_sample, -self.clip_sample_range, self.clip_sample_range)
-        return jnp.sqrt(alpha_prod_t_prev) * pred_original_sample + jnp.sqrt(1 - alpha_prod_t_prev) * pred_epsilon
+        prev = jnp.sqrt(alpha_prod_t_prev) * pred_original_sample + jnp.sqrt(1 - alpha_prod_t_prev) * pred_epsilon
+        return prev, state
 
 
-SCHEDULERS = {"euler": EulerDiscreteScheduler, "ddim": DDIMScheduler}
-Scheduler = EulerDiscreteScheduler | DDIMScheduler
+class DPMSolverSchedule(NamedTuple):
+    """`DPMSolverMultistepScheduler.set_timesteps`' tables."""
+
+    timesteps: np.ndarray  # [N] int32
+    sigmas: np.ndarray  # [N + 1] float32, descending; the last is 0 (or σ_min with final_sigmas_type)
+    init_noise_sigma: np.ndarray  # () float32: 1
+
+
+@dataclasses.dataclass(frozen=True)
+class DPMSolverMultistepScheduler(_Scheduler):
+    """diffusers' `DPMSolverMultistepScheduler` as DPM-Solver++ (its default algorithm): orders 1 and 2
+    ("DPM++ 2M"; with `use_karras_sigmas`, "DPM++ 2M Karras"), midpoint or heun, epsilon and v_prediction,
+    any spacing, first order at the first step and (`lower_order_final`, `euler_at_final`, a final σ of 0) the
+    last. The sample lives in the VP space (x_t = α_t x0 + σ'_t ε with α_t = 1/√(σ_t² + 1), σ'_t = σ_t α_t):
+    no input scaling, initial noise unscaled. The state is the previous step's x0 prediction."""
+
+    num_train_timesteps: int = 1000
+    beta_start: float = 0.0001
+    beta_end: float = 0.02
+    beta_schedule: str = "linear"
+    solver_order: int = 2
+    prediction_type: str = "epsilon"
+    solver_type: str = "midpoint"
+    lower_order_final: bool = True
+    euler_at_final: bool = False
+    use_karras_sigmas: bool = False
+    final_sigmas_type: str = "zero"
+    timestep_spacing: str = "linspace"
+    steps_offset: int = 0
+
+    _REFUSED = {"trained_betas": (None, (None,)), "algorithm_type": ("dpmsolver++", ("dpmsolver++",)),
+                "solver_order": (2, (1, 2)), "solver_type": ("midpoint", ("midpoint", "heun")),
+                "thresholding": (False, (False,)), "variance_type": (None, (None,)),
+                "use_exponential_sigmas": (False, (False,)), "use_beta_sigmas": (False, (False,)),
+                "use_lu_lambdas": (False, (False,)), "use_flow_sigmas": (False, (False,)),
+                "use_dynamic_shifting": (False, (False,)), "lambda_min_clipped": (-math.inf, (-math.inf,)),
+                "rescale_betas_zero_snr": (False, (False,)), "final_sigmas_type": ("zero", ("zero", "sigma_min"))}
+
+    def set_timesteps(self, num_inference_steps: int) -> DPMSolverSchedule:
+        """diffusers' `set_timesteps(num_inference_steps)` (its own spacing rules: "leading" divides the
+        training steps by N + 1), in numpy."""
+        n, train = num_inference_steps, self.num_train_timesteps
+        if not 1 <= n <= train:
+            raise ValueError(f"num_inference_steps={n}: expected 1 … {train}")
+        if self.timestep_spacing == "linspace":
+            timesteps = np.linspace(0, train - 1, n + 1).round()[::-1][:-1].astype(np.int64)
+        elif self.timestep_spacing == "leading":
+            timesteps = (np.arange(0, n + 1) * (train // (n + 1))).round()[::-1][:-1].astype(np.int64)
+            timesteps += self.steps_offset
+        else:  # trailing
+            timesteps = np.arange(train, 0, -train / n).round().astype(np.int64) - 1
+        train_sigmas = self.train_sigmas()
+        if self.use_karras_sigmas:
+            sigmas = self._karras(np.flip(train_sigmas), n)
+            log_sigmas = np.log(train_sigmas)
+            timesteps = np.array([self._sigma_to_t(sigma, log_sigmas) for sigma in sigmas]).round()
+        else:
+            sigmas = np.interp(timesteps, np.arange(len(train_sigmas)), train_sigmas)
+        last = train_sigmas[0] if self.final_sigmas_type == "sigma_min" else 0.0
+        sigmas = np.concatenate([sigmas, [last]]).astype(np.float32)
+        return DPMSolverSchedule(timesteps.astype(np.int32), sigmas, np.asarray(1.0, np.float32))
+
+    def scale_model_input(self, schedule: DPMSolverSchedule, sample: jax.Array, step_index: jax.Array) -> jax.Array:
+        return sample
+
+    def init_state(self, sample: jax.Array) -> jax.Array:
+        return jnp.zeros(sample.shape, jnp.float32)  # the previous x0 prediction (none before the first step)
+
+    def step(self, schedule: DPMSolverSchedule, model_output: jax.Array, step_index: jax.Array,
+             sample: jax.Array, state: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """One DPM-Solver++ step from σ_i to σ_{i+1} (diffusers' `step(...).prev_sample`, same float32
+        operations); `state` is the x0 prediction of step i − 1, and the new state step i's. Jittable."""
+        sigmas, n = jnp.asarray(schedule.sigmas), len(schedule.timesteps)
+
+        def alpha_sigma_lambda(sigma):
+            alpha = 1 / jnp.sqrt(sigma * sigma + 1)
+            sigma = sigma * alpha
+            return alpha, sigma, jnp.log(alpha) - jnp.log(sigma)
+
+        alpha_s0, sigma_s0, lambda_s0 = alpha_sigma_lambda(sigmas[step_index])
+        alpha_t, sigma_t, lambda_t = alpha_sigma_lambda(sigmas[step_index + 1])
+        if self.prediction_type == "epsilon":
+            x0 = (sample - sigma_s0 * model_output) / alpha_s0
+        else:  # v_prediction
+            x0 = alpha_s0 * sample - sigma_s0 * model_output
+        sample = sample.astype(jnp.float32)
+        h = lambda_t - lambda_s0
+        prev = (sigma_t / sigma_s0) * sample - (alpha_t * (jnp.exp(-h) - 1.0)) * x0
+        if self.solver_order == 2:
+            _, _, lambda_s1 = alpha_sigma_lambda(sigmas[jnp.maximum(step_index - 1, 0)])
+            d1 = (1.0 / ((lambda_s0 - lambda_s1) / h)) * (x0 - state)
+            if self.solver_type == "midpoint":
+                second = prev - 0.5 * (alpha_t * (jnp.exp(-h) - 1.0)) * d1
+            else:  # heun
+                second = prev + (alpha_t * ((jnp.exp(-h) - 1.0) / h + 1.0)) * d1
+            # first order at the first step, and at the last where diffusers lowers the order for stability
+            final_first = self.euler_at_final or (self.lower_order_final and n < 15) or self.final_sigmas_type == "zero"
+            first = (step_index == 0) | ((step_index == n - 1) & final_first)
+            prev = jnp.where(first, prev, second)
+        return prev.astype(model_output.dtype), x0
+
+
+SCHEDULERS = {"euler": EulerDiscreteScheduler, "ddim": DDIMScheduler, "dpm": DPMSolverMultistepScheduler}
+Scheduler = EulerDiscreteScheduler | DDIMScheduler | DPMSolverMultistepScheduler
 
 
 def make_scheduler(name: str, config: Mapping[str, Any] | None = None) -> Scheduler:
@@ -553,7 +669,8 @@ def _denoise(spec: UNetSpec, dtype, scheduler: Scheduler, guided: bool, rescale:
     [B', 77, D], pooled [B', P], time_ids [B', 6] with B' = 2B (uncond, cond) when `guided`, else B."""
     unet = UNet(spec, dtype=dtype)
 
-    def body(i, x):
+    def body(i, carry):
+        x, state = carry
         model_input = jnp.concatenate([x, x]) if guided else x
         model_input = scheduler.scale_model_input(schedule, model_input, i)
         t = jnp.asarray(schedule.timesteps)[i]
@@ -564,10 +681,10 @@ def _denoise(spec: UNetSpec, dtype, scheduler: Scheduler, guided: bool, rescale:
             noise_pred = noise_pred_uncond + guidance * (noise_pred_text - noise_pred_uncond)
             if rescale:
                 noise_pred = rescale_noise_cfg(noise_pred, noise_pred_text, guidance_rescale)
-        return scheduler.step(schedule, noise_pred, i, x)
+        return scheduler.step(schedule, noise_pred, i, x, state)
 
     x = latents.astype(jnp.float32) * schedule.init_noise_sigma
-    return jax.lax.fori_loop(0, len(schedule.timesteps), body, x)
+    return jax.lax.fori_loop(0, len(schedule.timesteps), body, (x, scheduler.init_state(x)))[0]
 
 
 def rescale_noise_cfg(noise_cfg: jax.Array, noise_pred_text: jax.Array, guidance_rescale: jax.Array) -> jax.Array:
@@ -709,7 +826,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--guidance-rescale", type=float, default=0.0)
     parser.add_argument("--seed", type=int, default=0, help="first seed; image k of a prompt uses seed + k")
     parser.add_argument("--num-images", type=int, default=1, help="images per prompt")
-    parser.add_argument("--scheduler", choices=sorted(SCHEDULERS), default="euler")
+    parser.add_argument("--scheduler", choices=sorted(SCHEDULERS), default="euler",
+                        help="euler (SDXL's default), ddim, or dpm (DPM-Solver++ 2M; Karras sigmas when the "
+                             "pipeline's scheduler config sets use_karras_sigmas)")
     parser.add_argument("--height", type=int, help="pixels (default: the UNet's sample size × the VAE's factor)")
     parser.add_argument("--width", type=int)
     parser.add_argument("--batch-size", type=int, default=4, help="images denoised together")
