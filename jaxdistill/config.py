@@ -13,7 +13,7 @@ import ml_collections
 
 from jaxdistill.layers import ATTENTION
 from jaxdistill.losses import NORMALIZATIONS
-from jaxdistill.sample import SCHEDULERS
+from jaxdistill.sample import SCHEDULER_NAMES
 from jaxdistill.schedule import PREDICTION_TYPES
 from jaxdistill.sharding import AXES, DEFAULT_RULES, rule_errors
 from jaxdistill.step import LR_SCHEDULES
@@ -177,7 +177,7 @@ def _field_errors(c: ml_collections.ConfigDict) -> list[str]:
           f"sizes and dcn for each of {AXES}")
     errors += [f"mesh.rules: {problem}" for problem in rule_errors(c.mesh.rules)]
     check(c.eval.every >= 0, "eval.every", "≥ 0 (0: validate only before and after)")
-    check(c.eval.scheduler in SCHEDULERS, "eval.scheduler", f"one of {sorted(SCHEDULERS)}")
+    check(c.eval.scheduler in SCHEDULER_NAMES, "eval.scheduler", f"one of {list(SCHEDULER_NAMES)}")
     check(c.eval.batch_size >= 1, "eval.batch_size", "≥ 1 (images denoised and decoded together)")
     check(c.checkpoint_every >= 1, "checkpoint_every", "≥ 1")
     # orbax's max_to_keep=0 deletes every checkpoint as it is written

@@ -229,7 +229,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seeds", default="0,1", type=sample.seed_list, help="comma-separated seeds (default 0,1)")
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--guidance", type=float, default=5.0)
-    parser.add_argument("--scheduler", choices=sorted(sample.SCHEDULERS), default="euler")
+    parser.add_argument("--scheduler", choices=sample.SCHEDULER_NAMES, default="euler")
     parser.add_argument("--height", type=int)
     parser.add_argument("--width", type=int)
     parser.add_argument("--batch-size", type=int, default=4, help="images denoised and decoded together")

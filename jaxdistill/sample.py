@@ -381,14 +381,21 @@ class DPMSolverMultistepScheduler(_Scheduler):
 
 SCHEDULERS = {"euler": EulerDiscreteScheduler, "ddim": DDIMScheduler, "dpm": DPMSolverMultistepScheduler}
 Scheduler = EulerDiscreteScheduler | DDIMScheduler | DPMSolverMultistepScheduler
+# The names sampling takes: each scheduler, and "-karras" for those with Karras sigmas ("dpm-karras": DPM++ 2M Karras)
+SCHEDULER_NAMES = (*SCHEDULERS, *(f"{name}-karras" for name, cls in SCHEDULERS.items()
+                                  if "use_karras_sigmas" in {f.name for f in dataclasses.fields(cls)}))
 
 
 def make_scheduler(name: str, config: Mapping[str, Any] | None = None) -> Scheduler:
     """`SCHEDULERS[name].from_config(config)` (SDXL's config when None), like diffusers'
-    `EulerDiscreteScheduler.from_config(pipe.scheduler.config)`."""
-    if name not in SCHEDULERS:
-        raise ValueError(f"scheduler {name!r}: expected one of {sorted(SCHEDULERS)}")
-    return SCHEDULERS[name].from_config(SDXL_SCHEDULER_CONFIG if config is None else config)
+    `EulerDiscreteScheduler.from_config(pipe.scheduler.config)`; a name ending in "-karras" adds
+    `use_karras_sigmas=True`, as `DPMSolverMultistepScheduler.from_config(config, use_karras_sigmas=True)`."""
+    if name not in SCHEDULER_NAMES:
+        raise ValueError(f"scheduler {name!r}: expected one of {list(SCHEDULER_NAMES)}")
+    config = dict(SDXL_SCHEDULER_CONFIG if config is None else config)
+    if name.endswith("-karras"):
+        name, config["use_karras_sigmas"] = name.removesuffix("-karras"), True
+    return SCHEDULERS[name].from_config(config)
 
 
 # ---- the pipeline -------------------------------------------------------------------------------
@@ -826,9 +833,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--guidance-rescale", type=float, default=0.0)
     parser.add_argument("--seed", type=int, default=0, help="first seed; image k of a prompt uses seed + k")
     parser.add_argument("--num-images", type=int, default=1, help="images per prompt")
-    parser.add_argument("--scheduler", choices=sorted(SCHEDULERS), default="euler",
-                        help="euler (SDXL's default), ddim, or dpm (DPM-Solver++ 2M; Karras sigmas when the "
-                             "pipeline's scheduler config sets use_karras_sigmas)")
+    parser.add_argument("--scheduler", choices=SCHEDULER_NAMES, default="euler",
+                        help="euler (SDXL's default), ddim, dpm (DPM-Solver++ 2M); -karras: with Karras sigmas "
+                             "(dpm-karras: DPM++ 2M Karras)")
     parser.add_argument("--height", type=int, help="pixels (default: the UNet's sample size × the VAE's factor)")
     parser.add_argument("--width", type=int)
     parser.add_argument("--batch-size", type=int, default=4, help="images denoised together")

@@ -102,7 +102,7 @@ def test_evaluate_command_compares_a_student_with_its_teacher(pipeline, tmp_path
     (tmp_path / "report").mkdir()
     (tmp_path / "report" / "old_metrics.csv").write_text("an earlier report's\n")
     for name, model, extra in (("self", str(copy), ["--height", "32", "--width", "48"]),
-                               ("report", str(student), ["--overwrite"])):
+                               ("report", str(student), ["--overwrite", "--scheduler", "dpm-karras"])):
         result = subprocess.run([sys.executable, "-m", "jaxdistill.evaluate", "--student", model, *common, *extra,
                                  "--out", str(tmp_path / name)], capture_output=True, text=True, env=ENV)
         assert result.returncode == 0, result.stderr[-2000:]
@@ -114,6 +114,7 @@ def test_evaluate_command_compares_a_student_with_its_teacher(pipeline, tmp_path
     assert same["means"]["latent_mse"] == 0 and same["means"]["ssim"] == pytest.approx(1.0)
     assert same["means"]["psnr"] is None and same["rows"][0]["psnr"] is None
     assert different["means"]["latent_rel_mse"] > 1e-4 and different["means"]["ssim"] < 1.0
+    assert same["scheduler"] == "euler" and different["scheduler"] == "dpm-karras"
     assert (tmp_path / "report" / "grid.png").is_file()
     teacher_size = spec.sample_size * 2  # the tiny VAE's factor
     assert Image.open(tmp_path / "report" / "grid.png").size[1] > 4 * teacher_size

@@ -163,6 +163,22 @@ def test_dpm_solver_matches_diffusers_step_for_step(changes, steps):
     assert compare_steps(DPMSolverMultistepScheduler.from_config(config), ref, steps) <= STEP_TOLERANCE
 
 
+def test_karras_names_set_karras_sigmas():
+    """"dpm-karras" is diffusers' `DPMSolverMultistepScheduler.from_config(config, use_karras_sigmas=True)`
+    (DPM++ 2M Karras): the same tables; a scheduler without Karras sigmas has no such name."""
+    assert sample.SCHEDULER_NAMES == ("euler", "ddim", "dpm", "euler-karras", "dpm-karras")
+    for name, cls in (("dpm", diffusers.DPMSolverMultistepScheduler), ("euler", diffusers.EulerDiscreteScheduler)):
+        ours = sample.make_scheduler(f"{name}-karras", SDXL_SCHEDULER).set_timesteps(10)
+        ref = cls.from_config(SDXL_SCHEDULER, use_karras_sigmas=True)
+        ref.set_timesteps(10)
+        np.testing.assert_allclose(ours.sigmas, ref.sigmas.numpy(), rtol=STEP_TOLERANCE)
+        np.testing.assert_allclose(ours.timesteps, ref.timesteps.numpy(), rtol=STEP_TOLERANCE)
+        plain = sample.make_scheduler(name, SDXL_SCHEDULER).set_timesteps(10)
+        assert not np.allclose(plain.sigmas, ours.sigmas)
+    with pytest.raises(ValueError, match="ddim-karras"):
+        sample.make_scheduler("ddim-karras")
+
+
 @pytest.mark.parametrize("cls, changes, field", [
     (DPMSolverMultistepScheduler, {"algorithm_type": "sde-dpmsolver++"}, "algorithm_type"),
     (DPMSolverMultistepScheduler, {"solver_order": 3}, "solver_order"),
