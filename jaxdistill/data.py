@@ -339,8 +339,8 @@ class StreamedImages(_ReadAhead):
         return S.Skips.from_dict(skips).summary() + ("" if whole else "\n  (of the part of the first epoch read)")
 
     def state(self, step: int) -> dict | None:
-        """Where this host's stream stood before batch `step` (JSON-able; None unless that batch was the
-        last one asked for, or the one read ahead): what a checkpoint at `step` stores."""
+        """Where this host's stream stood before batch `step` (JSON-able; None unless that batch is the last
+        one asked for, the one read ahead or the one after the last read): what a checkpoint at `step` stores."""
         return self._before.get(step)
 
     def seek(self, step: int, states: list | None) -> None:
@@ -351,7 +351,7 @@ class StreamedImages(_ReadAhead):
             self._seek = (step, states[self.host[0]])
         elif step and self.host[0] == 0:
             why = (f"it was saved by {len(states)} process{'es' * (len(states) != 1)}, this run has {self.host[1]}"
-                   if states else "it holds no stream position")
+                   if states and len(states) != self.host[1] else "it holds no stream position")
             print(f"data: the checkpoint cannot say where the stream of images stands ({why}): replaying it up to "
                   f"step {step}, decoding the {step * self.per_host * self.host[1]:,} images it skips")
 
@@ -371,6 +371,9 @@ class StreamedImages(_ReadAhead):
             example, self._at = next(self._stream)
             examples.append(example)
         self._next = step + 1
+        # also the place before the next batch: a checkpoint after the last step, whose next batch is not read
+        # ahead, holds it too
+        self._before = self._before | {step + 1: self._at | {"skips": _copy(self.skips)}}
         self._read_so_far = (self._first_epoch_read, _copy(self.skips))
         from jaxdistill.text import tokenize
 

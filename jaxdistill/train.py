@@ -424,9 +424,10 @@ def run_stage(c: ml_collections.ConfigDict, workdir: Path, previous: Model | Non
         with stop, jax.set_mesh(mesh):
             # One host can fail to read its share of a batch alone (a damaged copy of the data on its disk):
             # every host reads the next batch before the step's collective of flags, so all learn it there.
-            # The last step's batch reads nothing ahead: there is no next step.
-            host_batch = agreed(functools.partial(data.batch, step, step + 1 < c.steps),
-                                f"could not read its batch for step {step + 1}")
+            # The last step's batch reads nothing ahead: there is no next step (and a run resumed at its last
+            # step reads no batch at all).
+            host_batch = (agreed(functools.partial(data.batch, step, step + 1 < c.steps),
+                                 f"could not read its batch for step {step + 1}") if step < c.steps else None)
             while step < c.steps:
                 flop = step_flops(teacher.spec if distil else None, student.spec, host_batch, c.batch_size)
                 batch = global_batch(host_batch, mesh)

@@ -447,8 +447,14 @@ def test_on_the_fly_encoding_inside_the_train_step(images, pipeline, tmp_path, m
     assert decoded[0] == 0
     for k, v in ours.items():
         np.testing.assert_array_equal(v, theirs[k])
-    sought.batch(6)  # nothing was read ahead of it: read here
+    after = sought.state(6)  # a checkpoint after the last step still knows where the stream stands
+    assert after is not None
+    six = sought.batch(6)  # nothing was read ahead of it: read here
     assert decoded[0] >= 4, decoded
+    later = stream()
+    later.seek(6, [after])
+    for k, v in later.batch(6, ahead=False).items():
+        np.testing.assert_array_equal(v, six[k])
 
     spec = TINY["micro"].replace(cross_attention_dim=80, projection_class_embeddings_input_dim=40 + 6 * 8)
     c = _train_micro(tmp_path / "run", spec, steps=2, accumulation=2, source="images", path=f"folder:{images}",
@@ -457,6 +463,7 @@ def test_on_the_fly_encoding_inside_the_train_step(images, pipeline, tmp_path, m
     assert len(lines) == 2 and all(np.isfinite(line["loss"]) for line in lines)
     # its checkpoint holds where the stream stood: a stream sent there reads the batch a replay reads
     *_, meta = load_checkpoint(tmp_path / "run")
+    assert meta["data_state"][0] is not None  # saved after the last step, which read nothing ahead
     again, resumed = make_data(c, spec), make_data(c, spec)
     resumed.seek(2, meta["data_state"])
     replayed_2 = again.batch(2)
