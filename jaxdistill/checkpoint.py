@@ -35,7 +35,8 @@ def resolve_checkpoint(path: str | os.PathLike, stage: str | None = None) -> tup
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"checkpoint {path} does not exist")
-    if path.name.isdigit() and not (path / "checkpoints").is_dir():  # a step, not a workdir named by a date
+    # a step: not a workdir named by a date, nor the folder of a stage named by a number (it holds steps)
+    if path.name.isdigit() and not (path / "checkpoints").is_dir() and not finished_steps(path):
         stage_dir, step = path.parent, int(path.name)
         if step not in finished_steps(stage_dir):
             raise CheckpointError(f"checkpoint {path} is incomplete (the run was stopped while writing it, or the "

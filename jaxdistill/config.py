@@ -103,6 +103,11 @@ def validate(c: ml_collections.ConfigDict) -> None:
         if not (c.teacher or c.model):
             errors.append(f"config.teacher={c.teacher!r}: expected a diffusers UNet/pipeline folder "
                           "(--config.teacher=DIR)")
+    bad = [i for i, stage in enumerate(c.stages) if not isinstance(stage, (Mapping, ml_collections.ConfigDict))]
+    if bad:  # nothing else about the stages can be read
+        raise ValueError("invalid config:\n  " + "\n  ".join(
+            errors + [f"config.stages[{i}]={c.stages[i]!r}: expected a dict (name, plan, teacher, steps, ...)"
+                      for i in bad]))
     names = [stage.get("name") for stage in c.stages]
     for i, stage in enumerate(c.stages):
         unknown = set(stage) - set(c) - {"name", "lr"}
@@ -218,7 +223,7 @@ def command_line_wins(config: ml_collections.ConfigDict, fields: Sequence[str]) 
     """Removes from every stage of `config.stages` the values the command line set (`fields`: dotted names,
     `--config.FIELD=VALUE`), so that those apply to every stage — except `STAGE_IDENTITY` fields, which stay
     per stage. Returns one note per value replaced or kept."""
-    notes, stages = [], []
+    notes, stages, first = [], [], True
     for i, stage in enumerate(config.stages or []):
         if not isinstance(stage, (Mapping, ml_collections.ConfigDict)):  # validate() reports it
             stages.append(stage)
@@ -235,7 +240,15 @@ def command_line_wins(config: ml_collections.ConfigDict, fields: Sequence[str]) 
                 node = node.get(part) if isinstance(node, dict) else None
             if not isinstance(node, dict) or path[-1] not in node:
                 continue
-            if path[0] == "teacher":  # stages_of's rule: it stands for the first stage's "previous"
+            if path[0] == "teacher":  # it stands for the first stage's teacher (stages_of: also for "previous")
+                if node["teacher"] == "previous":
+                    continue
+                if first:
+                    notes.append(f"config.teacher from the command line replaces stage {name}'s "
+                                 f"teacher={node.pop('teacher')!r}")
+                else:
+                    notes.append(f"config.teacher from the command line does not apply to stage {name}, which sets "
+                                 f"its own teacher={node['teacher']!r}")
                 continue
             if path[0] in STAGE_IDENTITY:
                 notes.append(f"config.{field} from the command line does not apply to stage {name}, which sets "
@@ -244,6 +257,7 @@ def command_line_wins(config: ml_collections.ConfigDict, fields: Sequence[str]) 
             value = node.pop(path[-1])
             notes.append(f"config.{field} from the command line replaces stage {name}'s {'.'.join(path)}={value!r}")
         stages.append(stage)
+        first = False
     if any("replaces" in note for note in notes):
         config.stages = stages
     return notes

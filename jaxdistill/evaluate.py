@@ -253,6 +253,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         _check_not_the_same(args.student, args.teacher, args.ema)
         teacher = sample.load_pipeline(args.teacher, args.pipeline)
         student = sample.load_pipeline(args.student, ema=args.ema, parts=teacher)  # one VAE and encoder copy
+        check_out(args.out, args.overwrite, (teacher.pipeline_dir,))  # the pipeline a run recorded, too
         height, width = teacher.check_size(args.height, args.width)
         student.check_size(height, width)
         sample.make_scheduler(args.scheduler, teacher.scheduler_config).set_timesteps(args.steps)

@@ -162,6 +162,18 @@ def checkpoint_hint(path: str | os.PathLike) -> str:
     return ""
 
 
+def _read_json(path: Path) -> dict[str, Any]:
+    """A JSON record of a folder (model_index.json, a stage marker, earlier export facts); ExportError naming
+    the file when it cannot be read or is not a JSON object (a truncated copy, say)."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise ExportError(f"cannot read {path} ({e}); restore it from the original folder") from e
+    if not isinstance(data, dict):
+        raise ExportError(f"{path} holds {type(data).__name__}, not a JSON object; restore it from the original folder")
+    return data
+
+
 def pipeline_files(pipeline_dir: str | os.PathLike) -> dict[str, list[Path]]:
     """The files to copy from an SDXL pipeline folder, per component: everything model_index.json lists but
     the UNet, and at least SDXL's six components; each must be there, with safetensors weights where it has
@@ -170,7 +182,7 @@ def pipeline_files(pipeline_dir: str | os.PathLike) -> dict[str, list[Path]]:
     index_file = root / "model_index.json"
     if not index_file.is_file():
         raise ExportError(f"--pipeline-from {root} is not a diffusers pipeline folder (no model_index.json)")
-    index = json.loads(index_file.read_text())
+    index = _read_json(index_file)
     listed = [k for k, v in index.items() if not k.startswith("_") and k != "unet"
               and isinstance(v, list) and v and v[0] is not None]
     components = list(dict.fromkeys((*PIPELINE_COMPONENTS, *listed)))
@@ -422,13 +434,13 @@ def folder_provenance(path: Path, folder: Path) -> dict[str, Any]:
     prov: dict[str, Any] = {"source": str(path)}
     for facts_file in (path / FACTS_NAME, folder / FACTS_NAME):
         if facts_file.is_file():  # re-export: carry the provenance forward
-            old = json.loads(facts_file.read_text())
+            old = _read_json(facts_file)
             keep = ("stage", "step", "ema", "teacher", "first_teacher", "teacher_params", "base_model", "plan",
                     "kept_layers", "training", "agreement")
             return prov | {k: old.get(k) for k in keep} | {"source": f"{path} (exported from {old.get('source')})"}
     marker = folder / STAGE_MARKER
     if marker.is_file():  # WORKDIR/stages/NAME, written by python -m jaxdistill.train
-        done = json.loads(marker.read_text())
+        done = _read_json(marker)
         workdir = folder.parent.parent
         config = done.get("config") or _stage_config(workdir, done.get("stage"))
         prov |= {"stage": done.get("stage"), "step": done.get("steps"), "teacher": done.get("teacher") or None,

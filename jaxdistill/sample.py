@@ -303,6 +303,8 @@ class DPMSolverMultistepScheduler(_Scheduler):
     lower_order_final: bool = True
     euler_at_final: bool = False
     use_karras_sigmas: bool = False
+    sigma_min: float | None = None  # not DPM's own fields, but read by its Karras sigmas (diffusers: hasattr)
+    sigma_max: float | None = None
     final_sigmas_type: str = "zero"
     timestep_spacing: str = "linspace"
     steps_offset: int = 0
@@ -438,7 +440,8 @@ class Pipeline:
 
     def check_size(self, height: int | None, width: int | None) -> tuple[int, int]:
         """(height, width) in pixels, defaults filled in; ValueError when not multiples of `size_multiple`."""
-        height, width = height or self.default_size[0], width or self.default_size[1]
+        height = self.default_size[0] if height is None else height
+        width = self.default_size[1] if width is None else width
         m = self.size_multiple
         for name, value in (("height", height), ("width", width)):
             if value <= 0 or value % m:
@@ -788,7 +791,7 @@ def read_prompts(path: str | os.PathLike) -> list[str]:
     """One prompt per line; blank lines and lines starting with # are ignored. ValueError naming the file when
     it cannot be read or holds no prompts."""
     try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
+        lines = Path(path).read_text(encoding="utf-8-sig").splitlines()  # -sig: a BOM (Windows editors) is no text
     except (OSError, UnicodeDecodeError) as e:  # the file and the reason, not a bare "[Errno 2] ..."
         raise ValueError(f"cannot read {path}: {getattr(e, 'strerror', None) or e}") from e
     prompts = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
@@ -873,6 +876,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         student = load_pipeline(args.model, args.pipeline, ema=args.ema, dtype=args.dtype)
         # The teacher gets the student's VAE, text encoders and scheduler: only the UNets differ.
         teacher = load_pipeline(args.teacher, parts=student, dtype=args.dtype) if args.teacher else None
+        check_out(args.out, args.overwrite, (student.pipeline_dir,))  # the pipeline a run recorded, too
         height, width = student.check_size(args.height, args.width)
         if teacher is not None:
             teacher.check_size(height, width)

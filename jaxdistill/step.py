@@ -37,6 +37,9 @@ CONDITIONING = ("encoder_hidden_states", "text_embeds", "time_ids")
 
 
 LR_SCHEDULES = ("constant", "cosine", "linear")  # diffusers' get_scheduler names (each with warmup)
+# The streams of a micro-batch's key, one number folded in per draw. (Not `jax.random.split`: under jax's default
+# partitionable threefry, split(rng)[i] is fold_in(rng, i), so a split and a fold_in can hand out one key twice.)
+NOISE, TIMESTEPS, EMPTY_PROMPTS, OFFSET_NOISE, LATENT_SAMPLE = range(5)
 
 
 class TrainState(flax.struct.PyTreeNode):
@@ -118,12 +121,12 @@ def init_state(params: Any, tx: optax.GradientTransformation, ema: bool) -> Trai
 
 def offset_noise(rng: jax.Array, shape: Sequence[int]) -> jax.Array:
     """The noise offset's draw [B, 1, 1, C] for a micro-batch's `rng` (diffusers: randn(B, C, 1, 1))."""
-    return jax.random.normal(jax.random.fold_in(rng, 3), (shape[0], 1, 1, shape[-1]), jnp.float32)
+    return jax.random.normal(jax.random.fold_in(rng, OFFSET_NOISE), (shape[0], 1, 1, shape[-1]), jnp.float32)
 
 
 def dropped_prompts(rng: jax.Array, batch: int, rate: float) -> jax.Array:
     """Which examples of a micro-batch train with the empty prompt [B] bool, for the micro-batch's `rng`."""
-    return jax.random.bernoulli(jax.random.fold_in(rng, 2), rate, (batch,))
+    return jax.random.bernoulli(jax.random.fold_in(rng, EMPTY_PROMPTS), rate, (batch,))
 
 
 def empty_prompts(cond: Mapping[str, jax.Array], dropped: jax.Array) -> dict[str, jax.Array]:
@@ -161,10 +164,10 @@ def make_train_step(student: UNet, teacher: UNet | None, tx: optax.GradientTrans
         teacher_params = frozen["teacher"]
         if encode is not None:  # the latent draw has its own stream: noise and timesteps stay as without it
             encoded = encode(frozen["encoders"], batch["pixels"], batch["input_ids"], batch["input_ids_2"],
-                             jax.random.fold_in(rng, 1))
+                             jax.random.fold_in(rng, LATENT_SAMPLE))
             batch = jax.lax.stop_gradient(encoded) | {"time_ids": batch["time_ids"]}
         latents = batch["latents"].astype(jnp.float32)
-        noise_rng, t_rng = jax.random.split(rng)
+        noise_rng, t_rng = jax.random.fold_in(rng, NOISE), jax.random.fold_in(rng, TIMESTEPS)
         noise = jax.random.normal(noise_rng, latents.shape, jnp.float32)
         timesteps = jax.random.randint(t_rng, (latents.shape[0],), 0, acp.shape[0])
         if noise_offset:

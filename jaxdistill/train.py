@@ -126,8 +126,8 @@ def check_stages(stages: list[ml_collections.ConfigDict], workdir: Path) -> tupl
     for c in stages:
         marker = workdir / "stages" / c.name / STAGE_MARKER
         made = json.loads(marker.read_text()) if marker.is_file() else None
-        identity = {"plan": c.plan, "teacher": c.teacher,
-                    "previous": previous_made if c.teacher == "previous" else None}
+        identity = _as_recorded({"plan": c.plan, "teacher": c.teacher,
+                                 "previous": previous_made if c.teacher == "previous" else None}, made)
         what = f"stage {c.name} in {workdir} was finished"
         remedy = (f"use a new --workdir, or delete {marker.parent} (and {workdir}/checkpoints/{c.name}) to train "
                   "that stage again")
@@ -164,6 +164,16 @@ def check_stages(stages: list[ml_collections.ConfigDict], workdir: Path) -> tupl
 
 def _plain_kept(kept) -> dict[str, list[int]]:
     return {k: list(v) for k, v in (kept or {}).items()}
+
+
+def _as_recorded(identity: dict, made: dict | None) -> dict:
+    """`identity` with each path (teacher, plan file) that names the same file as the record's written as the
+    record wrote it: "tp/teacher", "tp/teacher/" and its absolute path are one teacher."""
+    if made is None:
+        return identity
+    same = {k: made[k] for k in ("teacher", "plan") if isinstance(made.get(k), str) and isinstance(identity.get(k), str)
+            and made[k] != identity[k] and os.path.realpath(made[k]) == os.path.realpath(identity[k])}
+    return identity | same
 
 
 def _refuse_changes(what: str, made: dict | None, identity: dict, remedy: str):

@@ -114,3 +114,7 @@ def test_a_workdir_named_by_a_number_is_a_workdir(saved, tmp_path):
     os.symlink(saved / "checkpoints" / "plain", dated / "checkpoints" / "plain")
     assert resolve_checkpoint(dated) == (dated / "checkpoints" / "plain", 3)
     assert resolve_checkpoint(dated / "checkpoints" / "plain" / "3") == (dated / "checkpoints" / "plain", 3)
+    # so is a stage named by a number (progressive stages "1", "2"): its folder holds steps
+    os.symlink(saved / "checkpoints" / "plain", dated / "checkpoints" / "2")
+    assert resolve_checkpoint(dated / "checkpoints" / "2") == (dated / "checkpoints" / "2", 3)
+    assert resolve_checkpoint(dated / "checkpoints" / "2" / "3") == (dated / "checkpoints" / "2", 3)

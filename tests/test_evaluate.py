@@ -62,6 +62,8 @@ def test_prompt_files(tmp_path):
     path = tmp_path / "prompts.txt"
     path.write_text("# comment\na cat\n\n  a dog  \n")
     assert read_prompts(path) == ["a cat", "a dog"]
+    path.write_bytes("\ufeff# a file a Windows editor wrote\r\na cat\r\n".encode())  # BOM and CRLF
+    assert read_prompts(path) == ["a cat"]
     path.write_text("# nothing\n")
     with pytest.raises(ValueError, match="no prompts"):
         read_prompts(path)

@@ -265,6 +265,7 @@ def test_refusals_leave_everything_as_it_was(workdir, tmp_path):
     ("no tokenizer_2", "lacks tokenizer_2/"),
     ("pickled text encoder", "only pickled weights \\(pytorch_model.bin\\)"),
     ("fp16 variant only", "text_encoder/ has only variant weights \\(model.fp16.safetensors\\)"),
+    ("truncated model_index.json", "cannot read .*model_index.json \\(Unterminated string"),
 ])
 def test_a_pipeline_that_does_not_fit_is_refused(workdir, pipeline, tmp_path, damage, message):
     broken = shutil.copytree(pipeline, tmp_path / "broken")
@@ -275,6 +276,9 @@ def test_a_pipeline_that_does_not_fit_is_refused(workdir, pipeline, tmp_path, da
         te2.write_text(json.dumps(json.loads(te2.read_text()) | {"projection_dim": 24}))
     elif damage == "no tokenizer_2":
         shutil.rmtree(broken / "tokenizer_2")
+    elif damage == "truncated model_index.json":
+        index = broken / "model_index.json"
+        index.write_text(index.read_text()[:40])
     else:
         name = "pytorch_model.bin" if damage == "pickled text encoder" else "model.fp16.safetensors"
         (broken / "text_encoder" / "model.safetensors").rename(broken / "text_encoder" / name)

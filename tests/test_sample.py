@@ -156,6 +156,8 @@ def test_ddim_matches_diffusers_step_for_step(changes, steps):
     ({"final_sigmas_type": "sigma_min"}, 20),
     ({"final_sigmas_type": "sigma_min", "euler_at_final": True}, 16),
     ({"solver_order": 1}, 6),
+    # Karras sigmas between the config's σ_min and σ_max (diffusers reads them though DPM does not declare them)
+    ({"use_karras_sigmas": True, "sigma_min": 0.1, "sigma_max": 10.0}, 8),
 ])
 def test_dpm_solver_matches_diffusers_step_for_step(changes, steps):
     config = SDXL_SCHEDULER | changes
@@ -357,7 +359,7 @@ def test_cli_writes_images_grid_and_side_by_side(pipeline_dir, tmp_path, capsys)
         assert info.value.code == 2 and reason in capsys.readouterr().err
 
 
-def test_unet_folders_and_checkpoints_as_models(pipeline_dir, pipe, noise, tmp_path):
+def test_unet_folders_and_checkpoints_as_models(pipeline_dir, pipe, noise, tmp_path, capsys):
     import orbax.checkpoint as ocp
 
     with pytest.raises(FileNotFoundError, match="pipeline"):
@@ -373,11 +375,12 @@ def test_unet_folders_and_checkpoints_as_models(pipeline_dir, pipe, noise, tmp_p
     # A checkpoint as python -m jaxdistill.train writes it (its state and meta items), holding the pipeline's
     # UNet as its EMA weights (zeros as the trained weights); its run config names the pipeline, so none need
     # be given.
+    recorded = shutil.copytree(pipeline_dir, tmp_path / "data" / "pipeline")
     params = jax.tree.map(np.asarray, pipe.unet_params)
     manager = ocp.CheckpointManager((tmp_path / "run" / "checkpoints" / "main").absolute(),
                                     item_names=("state", "meta"))
     meta = {"student_config": pipe.unet_spec.to_diffusers_config(),
-            "config": {"scan_layers": False, "data": {"pipeline": str(pipeline_dir)}}}
+            "config": {"scan_layers": False, "data": {"pipeline": str(recorded)}}}
     state = {"params": jax.tree.map(np.zeros_like, params), "ema_params": params}
     manager.save(5, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                             meta=ocp.args.JsonSave(meta)))
@@ -385,7 +388,12 @@ def test_unet_folders_and_checkpoints_as_models(pipeline_dir, pipe, noise, tmp_p
     manager.close()
     (tmp_path / "run" / "config.json").write_text(json.dumps(meta["config"]))  # train.run writes the run's config
     from_checkpoint = load_pipeline(tmp_path / "run")  # the default follows the run: its EMA weights
-    assert from_checkpoint.unet_spec == pipe.unet_spec and from_checkpoint.pipeline_dir == str(pipeline_dir)
+    assert from_checkpoint.unet_spec == pipe.unet_spec and from_checkpoint.pipeline_dir == str(recorded)
+    # --overwrite of a folder that holds the pipeline the run recorded (not named on the command line) is refused
+    with pytest.raises(SystemExit) as info:
+        sample.main(["--model", str(tmp_path / "run"), "--prompt", "x", "--out", str(tmp_path / "data"), "--overwrite"])
+    assert info.value.code == 2 and "which is read to make it" in capsys.readouterr().err
+    assert (recorded / "model_index.json").is_file()
     assert not any(np.any(x) for x in jax.tree.leaves(load_pipeline(tmp_path / "run", ema=False).unet_params))
     kwargs = dict(latents=noise, steps=STEPS, guidance=5.0, height=HEIGHT, width=WIDTH)
     np.testing.assert_array_equal(generate(from_checkpoint, PROMPTS, **kwargs).images,
@@ -423,6 +431,7 @@ def test_cli_refuses_bad_input_before_loading(pipeline_dir, tmp_path, capsys):
             (["--model", str(run / "checkpoints" / "main" / "9"), "--prompt", "x", *new],
              f"does not exist; finished steps in {run / 'checkpoints' / 'main'}: 1, 2"),
             ([*common, "--prompt", "x", "--out", str(earlier)], "not empty; choose another folder or add --overwrite"),
+            ([*common, "--prompt", "x", "--height", "0", *new], "height=0: must be a positive multiple of 4"),
             # replacing --out would delete the prompt file it is made from
             ([*common, "--prompts", str(mine / "prompts.txt"), "--out", str(mine), "--overwrite"],
              "which is read to make it")]:

@@ -43,6 +43,8 @@ from jaxdistill.schedule import alphas_cumprod
 from jaxdistill.spec import CROSS_ATTN_MID, RESNET_MID, UNetSpec
 from jaxdistill.step import (
     LR_SCHEDULES,
+    NOISE,
+    TIMESTEPS,
     clip_by_global_norm,
     dropped_prompts,
     init_state,
@@ -89,8 +91,7 @@ def models(tmp_path_factory):
 
 def drawn_noise_and_timesteps(rng, step, latents_shape, num_timesteps, accumulation=1, empty_prompt_rate=0.0):
     """What `make_train_step` draws at `step`, for the whole batch: micro-batch i (examples i, i + A, ...)
-    folds in the step, then i, and splits that into noise and timestep keys; the noise offset's draw and
-    the examples given the empty prompt come from streams of their own (`offset_noise`, `dropped_prompts`)."""
+    folds in the step, then i, then the number of each draw's stream (`step.NOISE`, ...)."""
     noise = np.zeros(latents_shape, np.float32)
     offset = np.zeros((latents_shape[0], 1, 1, latents_shape[-1]), np.float32)
     timesteps = np.zeros(latents_shape[:1], np.int32)
@@ -98,9 +99,9 @@ def drawn_noise_and_timesteps(rng, step, latents_shape, num_timesteps, accumulat
     micro_shape = (latents_shape[0] // accumulation, *latents_shape[1:])
     for i in range(accumulation):
         micro_rng = jax.random.fold_in(jax.random.fold_in(rng, step), i)
-        noise_rng, t_rng = jax.random.split(micro_rng)
-        noise[i::accumulation] = jax.random.normal(noise_rng, micro_shape, jnp.float32)
-        timesteps[i::accumulation] = jax.random.randint(t_rng, micro_shape[:1], 0, num_timesteps)
+        noise[i::accumulation] = jax.random.normal(jax.random.fold_in(micro_rng, NOISE), micro_shape, jnp.float32)
+        timesteps[i::accumulation] = jax.random.randint(jax.random.fold_in(micro_rng, TIMESTEPS), micro_shape[:1], 0,
+                                                        num_timesteps)
         offset[i::accumulation] = offset_noise(micro_rng, micro_shape)
         dropped[i::accumulation] = dropped_prompts(micro_rng, micro_shape[0], empty_prompt_rate)
     return noise, timesteps, offset, dropped

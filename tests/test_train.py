@@ -246,6 +246,9 @@ def test_student_loss_falls_over_30_steps_and_progressive_stages(unet_folders, p
     with pytest.raises(ValueError, match=r"stage student in .* was finished with other settings \(plan: "):
         run(config, tmp_path)
     assert (tmp_path / "config.json").read_text() == saved
+    # the same plan file by another spelling of its path is the same plan: still finished
+    config.stages[1]["plan"] = os.path.join(os.path.dirname(plan_file), ".", os.path.basename(plan_file))
+    assert run(config, tmp_path) == {}
     # the student was distilled from the 30-step teacher stage: a longer teacher stage would make another one
     config.stages[1]["plan"] = plan_file
     config.stages[0]["steps"] = 40
@@ -269,6 +272,7 @@ def test_student_loss_falls_over_30_steps_and_progressive_stages(unet_folders, p
     (dict(stages=[dict(name="a", loss=dict(fetaure=0.0))]), ["config.stages[a].loss", "['fetaure']"]),
     (dict(stages=[dict(name="a", steps="ten")]), ["config.stages[a].steps='ten'"]),
     (dict(stages=[dict(name="a"), dict(name="a")]), ["config.stages[1] repeats the name 'a'"]),
+    (dict(stages=[dict(name="a"), "b"], steps=-1), ["config.stages[1]='b': expected a dict", "config.steps=-1"]),
     # orbax's max_to_keep=0 keeps nothing; a negative clip is gradient ascent; a negative warmup holds lr at 0
     ({"keep_checkpoints": 0, "optimizer.grad_clip": -1.0, "optimizer.warmup_steps": -10},
      ["config.keep_checkpoints=0", "config.optimizer.grad_clip=-1.0", "config.optimizer.warmup_steps=-10"]),
@@ -342,6 +346,14 @@ def test_command_line_values_apply_to_every_stage():
     notes = command_line_wins(c, ["teacher", "steps"])
     assert len(notes) == 1 and "stage b's steps=150" in notes[0], notes
     assert [s.name for s in stages_of(c)] == ["b"]
+    # --config.teacher is the first stage's teacher also where that stage names its own; a later one keeps its
+    c.stages = [dict(name="a", teacher="/models/sdxl"), dict(name="b", teacher="previous"),
+                dict(name="c", teacher="/models/other")]
+    notes = command_line_wins(c, ["teacher"])
+    assert notes == ["config.teacher from the command line replaces stage a's teacher='/models/sdxl'",
+                     "config.teacher from the command line does not apply to stage c, which sets its own "
+                     "teacher='/models/other'"], notes
+    assert [s.teacher for s in stages_of(c)] == ["SDXL_DIR", "previous", "/models/other"]
 
 
 def test_distillation_without_a_teacher_is_refused(tmp_path):
