@@ -344,10 +344,11 @@ def _check_pipeline(pipeline: str | os.PathLike):
 
 def _check_settings(out: Path, settings: Mapping[str, Any], *, process_index: int = 0, process_count: int = 1):
     """A resumed run must make the same data set: refuse to mix shards made with other settings. Process 0
-    writes the settings of a new data set; the others wait for it, then check like a resume."""
+    writes the settings of a new data set — also over those of a run that finished no shard (one that failed
+    at its start: a retry with mended settings is no mix) —; the others wait for it, then check like a resume."""
     path = out / "progress" / "settings.json"
     settings = json.loads(json.dumps(settings))  # compare as stored: tuples (buckets) come back as lists
-    if process_index == 0 and not path.is_file():
+    if process_index == 0 and not (path.is_file() and any(path.parent.glob("shard-*.json"))):
         atomic_json(path, settings)
     if process_count > 1:
         from jax.experimental import multihost_utils

@@ -661,7 +661,7 @@ def _list_folder(root: str, caption_column: str) -> list[_Entry]:
     for target, (_, extra) in metadata.items():
         if target not in images:
             errors.append(_Entry(posixpath.splitext(target)[0], None, None, extra, "missing_image"))
-    return sorted([*entries.values(), *errors], key=lambda e: e.key)
+    return sorted([e._replace(key=_printable(e.key)) for e in (*entries.values(), *errors)], key=lambda e: e.key)
 
 
 def _read_metadata(path: str, rel: str) -> list[tuple[str, dict, str | None]]:
@@ -701,9 +701,11 @@ def _metadata_rows(path: str, rel: str) -> Iterator[tuple[str, dict, str | None]
 
 class TarSource:
     """webdataset / img2dataset tar shards: `pattern` is a glob ("/data/*.tar"), a folder (its `*.tar`,
-    recursively) or one tar; each tar is a shard, named by its path relative to the tars' common folder
-    without ".tar". A sample is the files sharing a key, webdataset's rule: key = member path up to the
-    first dot of the basename ("a.b/000123.jpg" → key "a.b/000123", extension "jpg"). Image: the first of
+    recursively) or one tar; each tar is a shard, named by its path without ".tar" relative to the folder
+    the pattern names (the folder given; a glob's part before its first wildcard: "/d/part*/*.tar" names
+    /d/part1/00000.tar "part1/00000"; one tar's folder), so adding tars renames none. A sample is the files
+    sharing a key, webdataset's rule: key = member path up to the first dot of the basename ("a.b/000123.jpg"
+    → key "a.b/000123", extension "jpg"). Image: the first of
     jpg/jpeg/png/webp/bmp present; caption: `.txt`; `.json` (img2dataset's url, size, ...) → extra.
     Files of one sample must be adjacent, as webdataset writes them; a key seen again later in the same
     tar → duplicate_key. Record keys are "<shard name>/<sample key>" ("00001/000123"), unique across
@@ -723,8 +725,13 @@ class TarSource:
             raise ValueError(f"tar source: no tar files match {pattern}; check the path or glob (quote it so the "
                              "shell does not expand it)")
         self.description = f"tar:{os.path.abspath(pattern)}"
-        base = os.path.dirname(self.paths[0]) if len(self.paths) == 1 else os.path.commonpath(self.paths)
-        self._names = [os.path.relpath(p, base).replace(os.sep, "/").removesuffix(".tar") for p in self.paths]
+        # Names relative to the folder the pattern names, not to the tars' common folder: a tar added in
+        # another subfolder renames no shard (prepare's done-markers and the keys stay).
+        base = pattern if os.path.isdir(pattern) else os.path.dirname(pattern)
+        while glob.has_magic(base):
+            base = os.path.dirname(base)
+        self._names = [_printable(os.path.relpath(p, base or ".").replace(os.sep, "/").removesuffix(".tar"))
+                       for p in self.paths]
 
     def shards(self) -> list[Shard]:
         pairs = zip(self._names, self.paths, strict=True)
@@ -750,7 +757,7 @@ class TarSource:
                         continue  # macOS "._x" files, extensionless junk
                     stem, ext = base.split(".", 1)
                     # the shard's name in front: keys unique across tars (two "00000.tar" in different folders)
-                    key = f"{shard.name}/{posixpath.join(dirname, stem).removeprefix('./')}"
+                    key = _printable(f"{shard.name}/{posixpath.join(dirname, stem).removeprefix('./')}")
                     if key != group_key:
                         if group_key is not None:
                             yield _tar_record(group_key, group, seen)
@@ -876,6 +883,12 @@ class TFDSSource:
             if isinstance(image, np.ndarray) and image.dtype == object:  # SkipDecoding bytes in a 0-d array
                 image = image.item()
             yield Record(key, image, text, {"split": splitname, "index": index})
+
+
+def _printable(name: str) -> str:
+    """A path as text that can be written and printed: bytes that are not UTF-8 (which os and tarfile give
+    as surrogates) become \\xNN escapes ("caf\\xe9"); UTF-8 names are unchanged."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def _stat(path: str) -> list[int] | None:

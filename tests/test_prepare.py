@@ -656,7 +656,12 @@ def test_a_folder_of_an_older_prepare_is_refused_as_such(tmp_path):
     (tmp_path / "progress").mkdir()
     old = {"pipeline": "/p", "seed": 0, "num_shards": 3}  # format 1 wrote no "format"
     (tmp_path / "progress" / "settings.json").write_text(json.dumps(old))
+    (tmp_path / "progress" / "shard-00000.json").write_text("{}")  # a shard it finished
     with pytest.raises(P.PrepareError, match=r"older version of prepare \(format None, now 2\); prepare into a new"):
         P._check_settings(tmp_path, {"format": P.FORMAT, "pipeline": "/p", "seed": 0})
     with pytest.raises(P.PrepareError, match=r"other settings \(seed: 0 → 1\); use a new --out, or rerun"):
         P._check_settings(tmp_path, old | {"seed": 1})
+    # settings of a run that finished no shard (it failed at its start: a damaged pipeline) make way for a retry's
+    (tmp_path / "progress" / "shard-00000.json").unlink()
+    P._check_settings(tmp_path, {"format": P.FORMAT, "pipeline": "/mended", "seed": 0})
+    assert json.loads((tmp_path / "progress" / "settings.json").read_text())["pipeline"] == "/mended"

@@ -411,6 +411,28 @@ def test_tar_keys_are_unique_across_tars(tmp_path):
     assert skips.skipped == 0
 
 
+def test_tar_names_stay_when_tars_are_added_and_odd_file_names_become_text(tmp_path):
+    """Shard names are relative to the folder the pattern names, not to the tars found: a tar added in a new
+    subfolder renames none. A file name that is not UTF-8 (os and tarfile hand such bytes over as surrogates)
+    becomes \\xNN escapes in keys, which prepare writes and the skip report prints."""
+    sample = [("000.jpg", _encode(_noise(40, 60), "JPEG")), ("000.txt", b"x")]
+    _tar(tmp_path / "part1" / "00000.tar", [*sample, ("caf\udce9.jpg", sample[0][1]), ("caf\udce9.txt", b"y")])
+    pattern = f"tar:{tmp_path}/part*/*.tar"
+    assert [s.name for s in open_source(pattern).shards()] == ["part1/00000"]
+    _tar(tmp_path / "part2" / "00000.tar", sample)
+    assert [s.name for s in open_source(pattern).shards()] == ["part1/00000", "part2/00000"]
+    keys = [r.key for r in _records(open_source(pattern))]
+    assert keys == ["part1/00000/000", "part1/00000/caf\\xe9", "part2/00000/000"]
+    assert all(k.encode("utf-8") for k in keys)
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    name = os.fsdecode(b"caf\xe9")  # a Latin-1 file name on a UTF-8 system
+    (folder / f"{name}.jpg").write_bytes(sample[0][1])
+    (folder / f"{name}.txt").write_bytes(b"z")
+    examples, skips = _run(open_source(f"folder:{folder}"))
+    assert list(examples) == ["caf\\xe9"] and examples["caf\\xe9"].caption == "z" and skips.skipped == 0
+
+
 def test_shuffled_records_permute_a_shard_and_split_it_between_hosts(tmp_path):
     ok = _encode(_noise(40, 40), "PNG")
     members = []
