@@ -114,7 +114,11 @@ def read_safetensors(folder: Path, variant: str | None = None, name: str = WEIGH
     for v in candidates:
         index, single = folder / _variant(name + ".index.json", v), folder / _variant(name, v)
         if index.is_file():
-            weight_map = json.loads(index.read_text())["weight_map"]
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (UnicodeDecodeError, ValueError, KeyError, TypeError) as e:
+                raise WeightsError(f"cannot read the shard index {index} ({type(e).__name__}: {e}); download or "
+                                   "copy it again") from e
             state = {}
             for shard in sorted(set(weight_map.values())):
                 state |= _load_file(folder / shard)
@@ -306,6 +310,9 @@ def check_out(out: str | os.PathLike, overwrite: bool, sources: Sequence[str | o
     for source in filter(None, sources):
         if out.resolve() in (Path(source).resolve(), *Path(source).resolve().parents):
             raise OutFolderError(f"--out {out} holds {source}, which is read to make it; choose another folder")
+    blocked = next((p for p in out.parents if p.exists() and not p.is_dir()), None)
+    if blocked is not None:
+        raise OutFolderError(f"--out {out} cannot be made: {blocked} is a file; give a folder elsewhere")
     if out.exists() and not out.is_dir():
         raise OutFolderError(f"--out {out} is a file; give a folder")
     if out.is_dir() and any(out.iterdir()) and not overwrite:

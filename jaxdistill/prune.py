@@ -486,6 +486,14 @@ def _run(args, auto: bool):
 
     spec, params = load_unet(args.teacher)
     print(f"teacher: {args.teacher} ({count_params(spec):,} parameters)")
+    if report is not None:  # the architecture matched; the weights must too (a fine-tune has other damages)
+        if report.teacher_digest is None:
+            print(f"sensitivity: {args.sensitivity} does not record its teacher's weights (an older report): reused "
+                  "on the architecture alone")
+        elif report.teacher_digest != sens.weights_digest(params):
+            raise PlanError(f"the sensitivity report {args.sensitivity} was measured on another teacher of the same "
+                            f"architecture (its weights differ from {args.teacher}'s); give another --sensitivity "
+                            "folder to measure this teacher")
     if args.sensitivity and report is None:
         report = sens.sensitivity_report(
             spec, params, batch=args.calibration_batch or 8, size=args.calibration_size or 32, seed=args.seed or 0,

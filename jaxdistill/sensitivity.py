@@ -313,6 +313,7 @@ class Report:
     seq_len: int
     calibration: Mapping[str, Any]
     mid_block_damage: float | None = None
+    teacher_digest: str | None = None  # `weights_digest` of the measured teacher (None: priced only, or older)
 
     def __post_init__(self):
         object.__setattr__(self, "rows", tuple(self.rows))
@@ -333,6 +334,7 @@ class Report:
             "teacher_params": self.teacher_params, "teacher_flops": self.teacher_flops,
             "flops_size": list(self.flops_size), "seq_len": self.seq_len,
             "calibration": dict(self.calibration), "mid_block_damage": self.mid_block_damage,
+            "teacher_digest": self.teacher_digest,
             "rows": [dataclasses.asdict(r.unit) | {"damage": r.damage} for r in self.rows],
         }
 
@@ -346,7 +348,7 @@ class Report:
         return cls(spec=UNetSpec(**data["spec"]), rows=rows, teacher_params=int(data["teacher_params"]),
                    teacher_flops=float(data["teacher_flops"]), flops_size=tuple(data["flops_size"]),
                    seq_len=int(data["seq_len"]), calibration=data["calibration"],
-                   mid_block_damage=data["mid_block_damage"])
+                   mid_block_damage=data["mid_block_damage"], teacher_digest=data.get("teacher_digest"))
 
 
 def priced(spec: UNetSpec, flops_size: int | tuple[int, int] | None = None, flops_seq_len: int = 77,
@@ -382,7 +384,23 @@ def sensitivity_report(spec: UNetSpec, params: Mapping, *, batch: int = 4, size:
         calibration = {"inputs": "random normal latents/context/pooled, SDXL-like time ids", "batch": batch,
                        "size": [size, size], "seq_len": seq_len, "seed": seed,
                        "timesteps": _timesteps(batch).astype(float).round(3).tolist()}
-    return _with_damage(prices, damage, calibration, damage.get(MID_BLOCK))
+    report = _with_damage(prices, damage, calibration, damage.get(MID_BLOCK))
+    return dataclasses.replace(report, teacher_digest=weights_digest(params))
+
+
+def weights_digest(params: Mapping) -> str:
+    """A fingerprint of a teacher's weights, to tell a report's teacher from another of the same architecture (a
+    fine-tune): per tensor, its name, shape, and float64 sum and sum of squares to 10 significant digits."""
+    import hashlib
+
+    from flax.traverse_util import flatten_dict
+
+    h = hashlib.sha256()
+    for name, x in sorted(flatten_dict(dict(params), sep="/").items()):
+        x = np.asarray(x)
+        h.update(f"{name} {x.shape} {np.sum(x, dtype=np.float64):.10g} {np.sum(np.square(x, dtype=np.float64)):.10g}\n"
+                 .encode())
+    return h.hexdigest()[:16]
 
 
 def repriced(report: Report, flops_size: int | tuple[int, int]) -> Report:
@@ -512,7 +530,11 @@ def read_report(path: str | os.PathLike) -> Report:
         path = path / "sensitivity.json"
     if not path.is_file():
         raise FileNotFoundError(f"no sensitivity report at {path} (write one with write_report)")
-    return Report.from_json(json.loads(path.read_text()))
+    try:
+        data = json.loads(path.read_text())
+    except (UnicodeDecodeError, ValueError) as e:
+        raise ValueError(f"cannot read the sensitivity report {path} ({e}); delete it to measure again") from e
+    return Report.from_json(data)
 
 
 # ---- automatic plan -------------------------------------------------------------------------------------

@@ -100,7 +100,10 @@ class UNetSpec:
     def from_diffusers_config(cls, config: Mapping[str, Any] | str | Path) -> UNetSpec:
         """Reads a diffusers `UNet2DConditionModel` config (a dict, or a path to `config.json`)."""
         if not isinstance(config, Mapping):
-            config = json.loads(Path(config).read_text())
+            try:
+                config = json.loads(Path(config).read_text())
+            except (UnicodeDecodeError, ValueError) as e:  # a truncated download, a git-lfs pointer
+                raise UnsupportedConfigError(f"cannot read {config} ({e}); download or copy it again") from e
         return _spec_from_config(dict(config))
 
     def to_diffusers_config(self) -> dict[str, Any]:

@@ -196,3 +196,20 @@ def test_a_folder_holds_one_set_of_weights(unet_folders, tmp_path):
     assert {p.name for p in out.glob("diffusion_pytorch_model*.safetensors")} == {
         *index["weight_map"].values(), "diffusion_pytorch_model.fp16.safetensors"}
     assert_bit_exact(load_unet(out)[1], params)
+
+
+def test_unreadable_records_and_an_out_below_a_file_are_named(tmp_path):
+    """A truncated config.json or shard index (an interrupted download) names its file; an --out whose
+    parent is a file is refused before anything is read."""
+    from jaxdistill.convert import OutFolderError, check_out, read_safetensors
+    from jaxdistill.spec import UNetSpec, UnsupportedConfigError
+
+    (tmp_path / "config.json").write_text('{"_class_name": "UNet2DCon')
+    with pytest.raises(UnsupportedConfigError, match=f"cannot read {tmp_path / 'config.json'}"):
+        UNetSpec.from_diffusers_config(tmp_path / "config.json")
+    (tmp_path / "diffusion_pytorch_model.safetensors.index.json").write_text('{"metadata": {}}')  # no weight_map
+    with pytest.raises(WeightsError, match="cannot read the shard index .*index.json \\(KeyError"):
+        read_safetensors(tmp_path)
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(OutFolderError, match="notes.txt is a file"):
+        check_out(tmp_path / "notes.txt" / "student", overwrite=False)

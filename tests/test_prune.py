@@ -264,6 +264,12 @@ def test_prune_command_measures_sensitivity_and_meets_a_budget(unet_folders, tmp
     assert "--calibration-batch 4 (the report's: 2)" in capsys.readouterr().err
     assert main(["--teacher", unet_folders["sdxl"], "--sensitivity", str(report), "--budget-params", "1e9"]) == 2
     assert "another teacher architecture" in capsys.readouterr().err
+    # the same architecture with other weights (a fine-tune of the teacher) is another teacher too
+    spec, weights = load_unet(unet_folders["micro"])
+    weights["conv_out"]["bias"] = weights["conv_out"]["bias"] + 1e-3
+    tuned = save_unet(tmp_path / "tuned", spec, weights)
+    assert main(["--teacher", str(tuned), "--sensitivity", str(report), "--budget-params", "1e9"]) == 2
+    assert "another teacher of the same architecture" in capsys.readouterr().err
 
 
 # BK-SDM's cut on SDXL: one resnet (with its attention) out of every down block and every up block. Each
