@@ -180,6 +180,8 @@ def _field_errors(c: ml_collections.ConfigDict) -> list[str]:
     check(c.profile.steps >= 0, "profile.steps", "≥ 0 (0: no trace)")
     check(set(c.mesh.sizes) == set(AXES) and set(c.mesh.dcn) == set(AXES), "mesh.sizes",
           f"sizes and dcn for each of {AXES}")
+    check(all(isinstance(v, int) and v >= 1 for v in c.mesh.dcn.values()), "mesh.dcn",
+          "≥ 1 slices per axis (1 everywhere but on multi-slice TPU)")
     errors += [f"mesh.rules: {problem}" for problem in rule_errors(c.mesh.rules)]
     check(c.eval.every >= 0, "eval.every", "≥ 0 (0: validate only before and after)")
     check(c.eval.scheduler in SCHEDULER_NAMES, "eval.scheduler", f"one of {list(SCHEDULER_NAMES)}")

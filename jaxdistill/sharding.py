@@ -103,7 +103,12 @@ def make_mesh(sizes: Mapping[str, int] | None = None, devices: Sequence[jax.Devi
     slices = math.prod(dcn_shape)
     from jax.experimental import mesh_utils
 
+    if min(dcn_shape) < 1:
+        raise ValueError(f"mesh.dcn {dcn}: slices per axis are ≥ 1 (1 everywhere but on multi-slice TPU)")
     if slices > 1:
+        if not hasattr(devices[0], "slice_index"):
+            raise ValueError(f"mesh.dcn {dcn} asks for {slices} slices, but {devices[0].platform} devices have no "
+                             "slices (multi-slice TPU only): keep every mesh.dcn size 1")
         if len(devices) % slices:
             raise ValueError(f"{len(devices)} devices do not split into {slices} slices (mesh.dcn {dcn})")
         ici = mesh_shape(sizes, len(devices) // slices)
@@ -173,13 +178,25 @@ def shard_params(params: Any, mesh: Mesh, rules: Sequence[tuple[str, str | None]
     return jax.device_put(params, param_shardings(params, mesh, rules))
 
 
+def batch_shards(mesh: Mesh) -> int:
+    """data × fsdp: the parts every batch is split into. Each process reads its own part of a batch, so the
+    parts must split over the processes (else each would put its own rows where the others' belong):
+    ValueError otherwise."""
+    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    if shards % jax.process_count():
+        raise ValueError(f"the mesh {dict(mesh.shape)} splits a batch into {shards} part(s) (data × fsdp), which do "
+                         f"not split over the {jax.process_count()} processes, each reading its own part of every "
+                         "batch; make data × fsdp a multiple of the process count (e.g. mesh.sizes.fsdp=-1)")
+    return shards
+
+
 def global_batch(local: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
     """This host's slice of a batch [b, ...] → global arrays [b · process_count, ...] split over data × fsdp."""
     sharding = batch_sharding(mesh)
-    per_host = mesh.shape["data"] * mesh.shape["fsdp"] // jax.process_count()
+    per_host = batch_shards(mesh) // jax.process_count()
     out = {}
     for k, v in local.items():
-        if v.shape[0] % max(per_host, 1):
+        if v.shape[0] % per_host:
             raise ValueError(f"batch of {v.shape[0]} per host does not split over this host's {per_host} batch "
                              "shards (data × fsdp); make batch_size / process_count a multiple of it")
         out[k] = jax.make_array_from_process_local_data(sharding, np.asarray(v))
@@ -208,7 +225,8 @@ def initialize_distributed() -> bool:
 
 def distributed_args(env: Mapping[str, str]) -> dict[str, Any] | None:
     """The keyword arguments of `jax.distributed.initialize()` for environment `env` (os.environ), or None
-    for a single process. JAX_COORDINATOR_ADDRESS & co. are passed on; SLURM (more than one task) and TPU VM
+    for a single process. JAX_COORDINATOR_ADDRESS & co. are passed on; SLURM (an srun step of more than one
+    task; a batch script run directly is one process) and TPU VM
     pod slices are left to JAX's own detection ({}), except that under SLURM with one task per node that
     task gets all of its node's GPUs (`local_device_ids` 0 … N−1): JAX's SLURM rule assumes one task per GPU
     and would give each task the GPU numbered by its SLURM_LOCALID, GPU 0 of 8 (jax-ml/jax#16788)."""
@@ -216,9 +234,10 @@ def distributed_args(env: Mapping[str, str]) -> dict[str, Any] | None:
         return {"coordinator_address": env["JAX_COORDINATOR_ADDRESS"],
                 "num_processes": int(env.get("JAX_NUM_PROCESSES", "1")),
                 "process_id": int(env.get("JAX_PROCESS_ID", "0"))}
-    tasks = int(env.get("SLURM_NTASKS", "1"))
+    # Only inside an srun step: a batch script or salloc shell has SLURM_NTASKS too, but one process runs there
+    tasks = int(env.get("SLURM_STEP_NUM_TASKS") or 1)
     if tasks > 1:
-        nodes = int(env.get("SLURM_STEP_NUM_NODES") or env.get("SLURM_NNODES") or 0)
+        nodes = int(env.get("SLURM_STEP_NUM_NODES") or 0)
         # The GPUs this task can see; CUDA_VISIBLE_DEVICES (set by SLURM) renumbers them 0 … N−1.
         visible = [d for d in env.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
         gpus = len(visible) or int(env.get("SLURM_GPUS_ON_NODE") or 0)

@@ -43,6 +43,7 @@ from jaxdistill.sharding import (
     any_process,
     attempt,
     batch_sharding,
+    batch_shards,
     gather_failures,
     gather_texts,
     global_batch,
@@ -147,7 +148,7 @@ def check_stages(stages: list[ml_collections.ConfigDict], workdir: Path) -> tupl
         if distil:
             feature_pairs(teacher.spec, student.spec, tap_list(c.loss.taps), kept)
         mesh = make_mesh(dict(c.mesh.sizes), dcn=dict(c.mesh.dcn))
-        shards = mesh.shape["data"] * mesh.shape["fsdp"]
+        shards = batch_shards(mesh)
         if c.batch_size % shards:
             raise ValueError(f"stage {c.name}: config.batch_size={c.batch_size} must be a multiple of the mesh's "
                              f"{shards} batch shards (mesh.sizes data × fsdp)")
@@ -350,7 +351,7 @@ def run_stage(c: ml_collections.ConfigDict, workdir: Path, previous: Model | Non
     # optimizer state inherits the parameters' placement from `init_state`.
     mesh = make_mesh(dict(c.mesh.sizes), dcn=dict(c.mesh.dcn))
     rules = [tuple(r) for r in c.mesh.rules]
-    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    shards = batch_shards(mesh)
     if (c.batch_size // c.optimizer.accumulation) % shards:  # (batch_size itself splits: check_stages)
         print(f"stage {c.name}: a micro-batch of {c.batch_size // c.optimizer.accumulation} (batch_size / "
               f"optimizer.accumulation) does not split over {shards} batch shards (data × fsdp): every micro-batch "

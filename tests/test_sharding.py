@@ -45,8 +45,26 @@ def test_mesh_sizes():
         mesh_shape({"data": -1, "tensr": 2}, 8)
 
 
+def test_slices_and_batch_shards_that_cannot_work_are_refused(monkeypatch):
+    """mesh.dcn is for multi-slice TPU (a CPU or GPU device has no slice); a batch split into fewer parts than
+    there are processes would have each process put its own rows where the others' belong."""
+    from jaxdistill.sharding import batch_shards, make_mesh
+
+    devices = jax.devices()[:1]
+    with pytest.raises(ValueError, match="multi-slice TPU only"):
+        make_mesh({"data": 1, "fsdp": -1, "tensor": 1}, devices, dcn={"data": 2, "fsdp": 1, "tensor": 1})
+    with pytest.raises(ValueError, match="slices per axis are ≥ 1"):
+        make_mesh({"data": 1, "fsdp": -1, "tensor": 1}, devices, dcn={"data": 0, "fsdp": 1, "tensor": 1})
+    mesh = make_mesh({"data": 1, "fsdp": -1, "tensor": 1}, devices)
+    assert batch_shards(mesh) == 1
+    monkeypatch.setattr(jax, "process_count", lambda: 2)  # as on the second of two hosts
+    with pytest.raises(ValueError, match="1 part\\(s\\) \\(data × fsdp\\), which do not split over the 2 processes"):
+        batch_shards(mesh)
+
+
 # launch/slurm.sbatch's layout, as srun gives it to the task on the second of two nodes
 SLURM = {"SLURM_JOB_ID": "12345", "SLURM_STEP_NODELIST": "gpu[001-002]", "SLURM_NTASKS": "2", "SLURM_PROCID": "1",
+         "SLURM_STEP_NUM_TASKS": "2",
          "SLURM_LOCALID": "0", "SLURM_STEP_NUM_NODES": "2", "SLURM_NNODES": "2", "SLURM_NTASKS_PER_NODE": "1",
          "SLURM_GPUS_ON_NODE": "8", "CUDA_VISIBLE_DEVICES": "0,1,2,3,4,5,6,7"}
 
@@ -62,10 +80,15 @@ def test_distributed_args_give_one_task_per_node_all_its_gpus():
     assert distributed_args({k: v for k, v in SLURM.items() if k != "CUDA_VISIBLE_DEVICES"}) == {
         "local_device_ids": list(range(8))}
     # one task per GPU: JAX's own rule (GPU SLURM_LOCALID) is right; the user's JAX_LOCAL_DEVICE_IDS wins
-    assert distributed_args(SLURM | {"SLURM_NTASKS": "16", "SLURM_NTASKS_PER_NODE": "8"}) == {}
+    assert distributed_args(SLURM | {"SLURM_NTASKS": "16", "SLURM_STEP_NUM_TASKS": "16", "SLURM_NTASKS_PER_NODE": "8"}
+                            ) == {}
     assert distributed_args(SLURM | {"JAX_LOCAL_DEVICE_IDS": "0,1"}) == {}
     assert distributed_args({k: v for k, v in SLURM.items() if "GPU" not in k and k != "CUDA_VISIBLE_DEVICES"}) == {}
-    assert distributed_args(SLURM | {"SLURM_NTASKS": "1", "SLURM_STEP_NUM_NODES": "1", "SLURM_NNODES": "1"}) is None
+    assert distributed_args(SLURM | {"SLURM_NTASKS": "1", "SLURM_STEP_NUM_TASKS": "1", "SLURM_STEP_NUM_NODES": "1",
+                                     "SLURM_NNODES": "1"}) is None
+    # the batch script itself (or an salloc shell) of a 2-node job, without srun: one process, not a rank of two
+    batch_script = {k: v for k, v in SLURM.items() if not k.startswith("SLURM_STEP_")} | {"SLURM_PROCID": "0"}
+    assert distributed_args(batch_script) is None
     assert distributed_args({"JAX_COORDINATOR_ADDRESS": "h:1", "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "1"}) == {
         "coordinator_address": "h:1", "num_processes": 2, "process_id": 1}
     assert distributed_args({"TPU_WORKER_HOSTNAMES": "w0,w1"}) == {}

@@ -279,7 +279,7 @@ def test_student_loss_falls_over_30_steps_and_progressive_stages(unet_folders, p
     ({"seed": 2**32, "optimizer.b2": 1.0, "optimizer.eps": 0.0, "optimizer.weight_decay": -0.1},
      ["config.seed=4294967296", "config.optimizer.b2=1.0", "config.optimizer.eps=0.0", "optimizer.weight_decay"]),
     ({"loss.taps": " , "}, ["config.loss.taps"]),
-    ({"data.workers": -1}, ["config.data.workers=-1"]),
+    ({"data.workers": -1, "mesh.dcn.data": -1}, ["config.data.workers=-1", "config.mesh.dcn"]),
     ({"noise_offset": -0.1, "empty_prompt_rate": 1.5, "loss.snr_gamma": -5.0},
      ["config.noise_offset=-0.1", "config.empty_prompt_rate=1.5", "config.loss.snr_gamma=-5.0"]),
 ])
