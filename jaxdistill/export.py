@@ -45,6 +45,7 @@ from jaxdistill.convert import (
     whole_folder,
 )
 from jaxdistill.prune import PlanError, load_plan
+from jaxdistill.records import read_json
 from jaxdistill.spec import CROSS_ATTN_MID, UNetSpec, UnsupportedConfigError
 from jaxdistill.train import STAGE_MARKER
 from jaxdistill.unet import count_params
@@ -165,10 +166,7 @@ def checkpoint_hint(path: str | os.PathLike) -> str:
 def _read_json(path: Path) -> dict[str, Any]:
     """A JSON record of a folder (model_index.json, a stage marker, earlier export facts); ExportError naming
     the file when it cannot be read or is not a JSON object (a truncated copy, say)."""
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise ExportError(f"cannot read {path} ({e}); restore it from the original folder") from e
+    data = read_json(path, error=ExportError, remedy="restore it from the original folder")
     if not isinstance(data, dict):
         raise ExportError(f"{path} holds {type(data).__name__}, not a JSON object; restore it from the original folder")
     return data

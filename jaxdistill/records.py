@@ -25,6 +25,15 @@ def atomic_json(path: Path, data: Any):
         raise
 
 
+def read_json(path: Path, *, error: type[Exception] = ValueError, remedy: str = "restore it") -> Any:
+    """The JSON in `path`; `error` naming the file and `remedy` when its text cannot be read or parsed (a
+    truncated download, a git-lfs pointer). A missing file stays an OSError."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (UnicodeDecodeError, ValueError) as e:
+        raise error(f"cannot read {path} ({e}); {remedy}") from e
+
+
 def changes(before: Any, now: Any, *, shared_only: bool = False, name: str = "") -> dict[str, tuple[Any, Any]]:
     """{"dotted.name": (old, new)} for each leaf that differs between two records (dicts compared key by
     key, lists and tuples alike: JSON gives back lists). A key one side lacks is a change from or to None;

@@ -40,6 +40,7 @@ import numpy as np
 from jaxdistill.convert import flax_path
 from jaxdistill.layers import BasicTransformerBlock, ResnetBlock2D, Transformer2DModel
 from jaxdistill.prune import KEEP, PlanError, PrunePlan, attention_modules, resolve_plan, student_spec
+from jaxdistill.records import read_json
 from jaxdistill.spec import CROSS_ATTN_MID, RESNET_MID, UNetSpec
 from jaxdistill.unet import UNet, abstract_params, dummy_inputs, flops
 
@@ -530,11 +531,7 @@ def read_report(path: str | os.PathLike) -> Report:
         path = path / "sensitivity.json"
     if not path.is_file():
         raise FileNotFoundError(f"no sensitivity report at {path} (write one with write_report)")
-    try:
-        data = json.loads(path.read_text())
-    except (UnicodeDecodeError, ValueError) as e:
-        raise ValueError(f"cannot read the sensitivity report {path} ({e}); delete it to measure again") from e
-    return Report.from_json(data)
+    return Report.from_json(read_json(path, remedy="delete it to measure again"))
 
 
 # ---- automatic plan -------------------------------------------------------------------------------------

@@ -9,10 +9,11 @@ with an error that names the field, never half-read.
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+from jaxdistill.records import read_json
 
 CROSS_ATTN_MID = "UNetMidBlock2DCrossAttn"
 RESNET_MID = "UNetMidBlock2D"
@@ -100,10 +101,7 @@ class UNetSpec:
     def from_diffusers_config(cls, config: Mapping[str, Any] | str | Path) -> UNetSpec:
         """Reads a diffusers `UNet2DConditionModel` config (a dict, or a path to `config.json`)."""
         if not isinstance(config, Mapping):
-            try:
-                config = json.loads(Path(config).read_text())
-            except (UnicodeDecodeError, ValueError) as e:  # a truncated download, a git-lfs pointer
-                raise UnsupportedConfigError(f"cannot read {config} ({e}); download or copy it again") from e
+            config = read_json(config, error=UnsupportedConfigError, remedy="download or copy it again")
         return _spec_from_config(dict(config))
 
     def to_diffusers_config(self) -> dict[str, Any]:
