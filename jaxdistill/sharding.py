@@ -206,11 +206,11 @@ def global_batch(local: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.A
 def initialize_distributed() -> bool:
     """Starts JAX's multi-process runtime when the environment describes more than one process: JAX's own
     variables (JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID), SLURM (srun with more than one
-    task) or a TPU VM pod slice (detected by JAX); see `distributed_args`. Returns whether it did. Call before
+    task) or a Cloud TPU VM (its pod slice found by JAX); see `distributed_args`. Returns whether it did. Call before
     using any device. Raises RuntimeError when a SLURM process with one task per node does not see all of its
     node's GPUs."""
     jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU processes talk over gloo; GPU/TPU ignore it
-    kwargs = distributed_args(os.environ)
+    kwargs = distributed_args(os.environ, tpu_vm=_on_cloud_tpu_vm())
     if kwargs is None:
         return False
     jax.distributed.initialize(**kwargs)
@@ -223,13 +223,22 @@ def initialize_distributed() -> bool:
     return True
 
 
-def distributed_args(env: Mapping[str, str]) -> dict[str, Any] | None:
+def _on_cloud_tpu_vm() -> bool:
+    """Whether JAX found TPU chips and libtpu on this host when it was imported (its Cloud TPU VM check)."""
+    from jax._src import cloud_tpu_init  # private, but the very flag JAX's own TPU cluster detection reads
+
+    return bool(getattr(cloud_tpu_init, "running_in_cloud_tpu_vm", False))
+
+
+def distributed_args(env: Mapping[str, str], tpu_vm: bool = False) -> dict[str, Any] | None:
     """The keyword arguments of `jax.distributed.initialize()` for environment `env` (os.environ), or None
     for a single process. JAX_COORDINATOR_ADDRESS & co. are passed on; SLURM (an srun step of more than one
-    task; a batch script run directly is one process) and TPU VM
-    pod slices are left to JAX's own detection ({}), except that under SLURM with one task per node that
-    task gets all of its node's GPUs (`local_device_ids` 0 … N−1): JAX's SLURM rule assumes one task per GPU
-    and would give each task the GPU numbered by its SLURM_LOCALID, GPU 0 of 8 (jax-ml/jax#16788)."""
+    task; a batch script run directly is one process) and Cloud TPU VMs (`tpu_vm`: single host or pod slice;
+    GKE's TPU_WORKER_HOSTNAMES) are left to JAX's own detection ({}), except that under SLURM with one task
+    per node that task gets all of its node's GPUs (`local_device_ids` 0 … N−1): JAX's SLURM rule assumes one
+    task per GPU and would give each task the GPU numbered by its SLURM_LOCALID, GPU 0 of 8 (jax-ml/jax#16788).
+    A TPU VM starts the runtime even alone, as maxtext does: a pod slice's worker list is in the VM's
+    metadata, not always in its environment, and orbax's multi-host checkpoints need the runtime's client."""
     if "JAX_COORDINATOR_ADDRESS" in env:
         return {"coordinator_address": env["JAX_COORDINATOR_ADDRESS"],
                 "num_processes": int(env.get("JAX_NUM_PROCESSES", "1")),
@@ -244,8 +253,8 @@ def distributed_args(env: Mapping[str, str]) -> dict[str, Any] | None:
         if tasks == nodes and gpus and "JAX_LOCAL_DEVICE_IDS" not in env:  # JAX reads that one itself
             return {"local_device_ids": list(range(gpus))}
         return {}
-    if env.get("TPU_WORKER_HOSTNAMES", "").count(",") > 0:
-        return {}  # JAX reads the TPU VM's environment itself
+    if tpu_vm or env.get("TPU_WORKER_HOSTNAMES", "").count(",") > 0:
+        return {}  # JAX reads the workers from the environment or the VM's metadata itself
     return None
 
 

@@ -92,6 +92,8 @@ def test_distributed_args_give_one_task_per_node_all_its_gpus():
     assert distributed_args({"JAX_COORDINATOR_ADDRESS": "h:1", "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "1"}) == {
         "coordinator_address": "h:1", "num_processes": 2, "process_id": 1}
     assert distributed_args({"TPU_WORKER_HOSTNAMES": "w0,w1"}) == {}
+    # a Cloud TPU VM, alone or in a pod slice whose workers are only in the VM's metadata: JAX finds them
+    assert distributed_args({}, tpu_vm=True) == {}
     assert distributed_args({}) is None
 
 
@@ -107,6 +109,12 @@ def test_a_task_that_sees_fewer_gpus_than_its_node_has_stops(monkeypatch):
     assert calls == [{"local_device_ids": list(range(8))}]
     monkeypatch.setattr(jax, "local_device_count", lambda: 8)
     assert sharding.initialize_distributed() is True
+    # a Cloud TPU VM with nothing in its environment: JAX's own detection (the VM's metadata) finds the slice
+    monkeypatch.setattr(os, "environ", {})
+    monkeypatch.setattr(sharding, "_on_cloud_tpu_vm", lambda: True)
+    assert sharding.initialize_distributed() is True and calls[-1] == {}
+    monkeypatch.setattr(sharding, "_on_cloud_tpu_vm", lambda: False)
+    assert sharding.initialize_distributed() is False and len(calls) == 3
 
 
 def test_bad_mesh_rules_are_named_before_anything_runs():
