@@ -8,7 +8,8 @@ the step — and reads its metrics.jsonl: samples/s and `data_wait` (the share o
 waiting for its next batch) over the steps after compilation. The input alone is timed as well:
 StreamedImages reading the same batches with nothing else running (decode, crop, resize, tokenize), and
 the first batch of a resume at the last step, replaying the stream up to it or going on from the
-position a checkpoint there would hold (`state` / `seek`).
+position a checkpoint there would hold (`state` / `seek`), both checked to give the batch the uninterrupted
+stream read (`resume_exact`).
 
 With the next batch read in a background thread while the step runs, the wait is what the input takes
 beyond the step; without it, the whole read. A CPU shares its cores between the two, so the overlap is
@@ -57,7 +58,18 @@ def main(argv=None) -> dict:
     parser.add_argument("--workers", type=int, default=0, help="threads decoding images (data.workers; 0: a core each)")
     parser.add_argument("--json", help="write the figures here")
     args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="input_pipeline_") as tmp:  # images, pipeline and run: gone after
+        figures = measure(args, Path(tmp))
+    for k, v in figures.items():
+        print(f"{k:<26} {v:.4g}" if isinstance(v, float) else f"{k:<26} {v}")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(figures, indent=2))
+    return figures
 
+
+def measure(args: argparse.Namespace, root: Path) -> dict:
+    """The figures of one run in folder `root`."""
     import jax
 
     from jaxdistill import sources as S
@@ -68,7 +80,6 @@ def main(argv=None) -> dict:
     from jaxdistill.text import load_tokenizers
     from jaxdistill.train import MODELS, run
 
-    root = Path(tempfile.mkdtemp(prefix="input_pipeline_"))
     write_images(root / "images", args.images, args.size)
     pipeline = root / "pipeline"
     write_random_text_encoders(pipeline, seed=1)
@@ -99,19 +110,20 @@ def main(argv=None) -> dict:
     first = stream()
     t0 = time.perf_counter()
     for step in range(args.steps):
-        first.batch(step)  # the input alone: nothing beside it (a batch read ahead is waited for)
+        last = first.batch(step, ahead=step + 1 < args.steps)  # the input alone: nothing beside it
     read_s = (time.perf_counter() - t0) / args.steps
     # a resume at the last step: replaying the stream up to it, or going on from the position saved there
-    resume_s = {}
+    resume_s, exact = {}, True
     for how in ("replay", "seek"):
         resumed = stream()
         if how == "seek":
             resumed.seek(args.steps - 1, [first.state(args.steps - 1)])
         t0 = time.perf_counter()
-        resumed.batch(args.steps - 1)
+        batch = resumed.batch(args.steps - 1, ahead=False)
         resume_s[how] = time.perf_counter() - t0
+        exact &= all(np.array_equal(batch[k], last[k]) for k in last)  # the batch the uninterrupted stream read
 
-    figures = {
+    return {
         "device": f"{jax.devices()[0].platform}: {platform.processor() or platform.machine()}",
         "images": args.images, "size": args.size, "resolution": args.resolution, "batch": args.batch,
         "workers": S.decode_workers(args.workers),
@@ -122,13 +134,8 @@ def main(argv=None) -> dict:
         "input_alone_s_per_batch": read_s,
         "resume_replay_s": resume_s["replay"],
         "resume_seek_s": resume_s["seek"],
+        "resume_exact": exact,
     }
-    for k, v in figures.items():
-        print(f"{k:<26} {v:.4g}" if isinstance(v, float) else f"{k:<26} {v}")
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(figures, indent=2))
-    return figures
 
 
 if __name__ == "__main__":

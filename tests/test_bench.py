@@ -80,6 +80,24 @@ def test_distill_step_runs_beside_pytorch(tmp_path):
     assert sum("s per step" in line for line in lines) == 2, lines
 
 
+def test_input_pipeline_bench_times_the_trainer_on_images_and_resumes_exactly(tmp_path):
+    """`bench/input_pipeline.py` at a tiny size: the trainer on a folder of JPEGs, the input alone, and a resume
+    that replays or seeks, each giving the batch the uninterrupted stream read; its temporary folder is gone."""
+    out = tmp_path / "input.json"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TMPDIR": str(tmp_path)}
+    args = ["--images", "6", "--size", "64", "--resolution", "32", "--batch", "2", "--steps", "3", "--workers", "1",
+            "--json", str(out)]
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "input_pipeline.py"), *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    figures = json.loads(out.read_text())
+    assert figures["steps_timed"] == 2 and figures["batch"] == 2 and figures["workers"] == 1  # the compiling step not
+    assert figures["samples_per_s"] > 0 and 0 <= figures["data_wait"] <= 1, figures
+    assert figures["input_alone_s_per_batch"] > 0 and figures["resume_replay_s"] > 0 and figures["resume_seek_s"] > 0
+    assert figures["resume_exact"] is True
+    assert not list(tmp_path.glob("input_pipeline_*"))  # its images, pipeline and run: removed
+
+
 def test_top_level_describes_the_headline_variant():
     """The top level takes the first variant's batch and FLOPs with its figures, also when that variant's
     batch is not --batch (the PyTorch step's, kept as torch_batch), and a new peak rescales every
