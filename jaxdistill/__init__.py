@@ -1,7 +1,7 @@
 """jaxdistill: make SDXL smaller and faster in JAX — prune the UNet, distil it from the full one.
 
 Public API:
-    spec, params = jaxdistill.load_unet(path, dtype=jnp.float32)
+    spec, params = jaxdistill.load_unet(path)   # the file's dtype; dtype=jnp.float32 casts
     jaxdistill.save_unet(path, spec, params)
     out = jaxdistill.UNet(spec).apply({"params": params}, sample, timesteps, encoder_hidden_states,
                                       text_embeds, time_ids)   # out.sample (NHWC), out.features

@@ -53,7 +53,7 @@ def base_config() -> ml_collections.ConfigDict:
     # the devices), slices per axis for multi-slice TPU (dcn), and the logical-axis → mesh-axis rules.
     c.mesh = ml_collections.ConfigDict(dict(sizes=dict(data=1, fsdp=-1, tensor=1),
                                             dcn=dict(data=1, fsdp=1, tensor=1),
-                                            rules=[list(r) for r in DEFAULT_RULES]))
+                                            rules=tuple(tuple(r) for r in DEFAULT_RULES)))
     c.remat = "none"  # none | full | dots (keep matmul outputs)
     c.scan_layers = True  # scan over each attention module's layers: much faster compilation
     c.attention = "auto"  # fused kernel where it applies: auto (cuDNN on GPUs, else none) | xla | cudnn | splash (TPU)
@@ -73,9 +73,9 @@ def base_config() -> ml_collections.ConfigDict:
     # agreement on a fixed batch, and — with an SDXL pipeline folder for the VAE and text encoders
     # (`pipeline`, default data.pipeline or the teacher when it is one) — a teacher | student image grid for
     # `prompts` × `seeds` with latent MSE, PSNR and SSIM, in TensorBoard and WORKDIR/samples/STAGE/.
-    c.eval = ml_collections.ConfigDict(dict(every=0, pipeline="", prompts=["a photo of an astronaut riding a horse",
-                                                                           "a watercolor painting of a lighthouse"],
-                                            seeds=[0], steps=20, guidance=5.0, scheduler="euler", height=0, width=0,
+    c.eval = ml_collections.ConfigDict(dict(every=0, pipeline="", prompts=("a photo of an astronaut riding a horse",
+                                                                           "a watercolor painting of a lighthouse"),
+                                            seeds=(0,), steps=20, guidance=5.0, scheduler="euler", height=0, width=0,
                                             batch_size=4))
     c.batch_size = 128  # global, all micro-batches of one step together (32 × 4 accumulation)
     c.steps = 251_000

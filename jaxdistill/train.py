@@ -587,7 +587,7 @@ class _StopFlag:
     """Turns SIGTERM / SIGINT into a request to checkpoint and stop at the end of the current step."""
 
     def __init__(self):
-        self.requested = None
+        self.requested, self.ctrl_c = None, False
 
     def __enter__(self):
         self._old = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
@@ -600,9 +600,10 @@ class _StopFlag:
     def _handle(self, signum, _frame):
         # a second Ctrl-C: stop now, unsaved (a SIGTERM beside the first one — launch/local.sh forwards Ctrl-C
         # as SIGTERM to processes that also got it from the terminal — is not a second request)
-        if signum == signal.SIGINT and self.requested == "SIGINT":
+        if signum == signal.SIGINT and self.ctrl_c:
             signal.signal(signal.SIGINT, signal.default_int_handler)
             raise KeyboardInterrupt
+        self.ctrl_c |= signum == signal.SIGINT  # kept apart: the SIGTERM after a Ctrl-C must not hide it
         self.requested = signal.Signals(signum).name
         if signum == signal.SIGINT:
             print(f"\n{self.requested}: checkpointing after this step; Ctrl-C again to stop at once, unsaved",

@@ -5,7 +5,9 @@
 #   launch/local.sh 2 --config configs/tiny.py --workdir runs/two-hosts [--config.mesh.sizes.fsdp=-1 ...]
 #
 # Each process gets JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID (read by
-# jaxdistill.sharding.initialize_distributed); $PYTHON (default python) runs them. Logs: WORKDIR/process_I.log;
+# jaxdistill.sharding.initialize_distributed); $PYTHON (default python) runs them, on the CPU unless
+# JAX_PLATFORMS says otherwise (one machine's GPUs are one process's devices: run the trainer itself there).
+# Logs: WORKDIR/process_I.log;
 # process 0 also prints to the terminal. When a process fails, the others are stopped (they would wait for it
 # in a collective until JAX's heartbeat gives up) and the launcher exits with the failed one's status.
 # Ctrl-C or SIGTERM stops all: each checkpoints first, and the launcher waits for every one of them, then

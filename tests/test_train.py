@@ -300,9 +300,12 @@ def test_bad_config_values_are_named(changes, fields):
 
 def test_bad_command_line_override_is_reported(tmp_path):
     result = subprocess.run([sys.executable, "-m", "jaxdistill.train", "--config", "configs/tiny.py",
-                             "--workdir", str(tmp_path), "--config.optimizer.lr=-1"], env=ENV, capture_output=True,
-                            text=True, cwd=os.path.join(os.path.dirname(__file__), ".."))
-    assert result.returncode == 1
+                             "--workdir", str(tmp_path), "--config.optimizer.lr=-1",
+                             # tuple fields take Python's tuple syntax (ml_collections refuses lists)
+                             "--config.eval.prompts=('a cat',)", "--config.eval.seeds=(0, 1)",
+                             "--config.mesh.rules=(('embed', 'fsdp'), ('mlp', 'tensor'))"],
+                            env=ENV, capture_output=True, text=True, cwd=os.path.join(os.path.dirname(__file__), ".."))
+    assert result.returncode == 1 and "parsing error" not in result.stderr, result.stderr[-2000:]
     assert "config.optimizer.lr=-1" in result.stderr
     typo = subprocess.run([sys.executable, "-m", "jaxdistill.train", "--config", "configs/tiny.py",
                            "--workdir", str(tmp_path), "--config.optimzer.lr=1e-3"], env=ENV, capture_output=True,
@@ -458,11 +461,14 @@ def test_another_runs_workdir_is_refused(unet_folders, tmp_path):
 def test_a_second_ctrl_c_stops_at_once():
     from jaxdistill.train import _StopFlag
 
-    with _StopFlag() as stop:
-        for sig in (signal.SIGTERM, signal.SIGINT):  # Ctrl-C under launch/local.sh: both, in either order
-            os.kill(os.getpid(), sig)
-            time.sleep(0.1)
-        assert stop.requested == "SIGINT"  # one request: checkpoint after this step
-        with pytest.raises(KeyboardInterrupt):
-            os.kill(os.getpid(), signal.SIGINT)
-            time.sleep(0.1)
+    for first in ((signal.SIGTERM, signal.SIGINT), (signal.SIGINT, signal.SIGTERM)):
+        # Ctrl-C under launch/local.sh: the terminal's SIGINT and the launcher's SIGTERM, in either order
+        with _StopFlag() as stop:
+            for sig in first:
+                os.kill(os.getpid(), sig)
+                time.sleep(0.1)
+            assert stop.requested in ("SIGINT", "SIGTERM")  # one request: checkpoint after this step
+            with pytest.raises(KeyboardInterrupt):
+                for sig in (signal.SIGINT, signal.SIGTERM):  # the second Ctrl-C, its SIGINT first
+                    os.kill(os.getpid(), sig)
+                    time.sleep(0.1)
