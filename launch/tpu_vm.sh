@@ -27,7 +27,10 @@ case "${1:-}" in
     here=$(cd "$(dirname "$0")/.." && pwd)
     tar -C "$here" --exclude=.venv --exclude=runs --exclude=.git -czf /tmp/jaxdistill.tgz .
     "${tpu[@]}" scp /tmp/jaxdistill.tgz "$TPU_NAME":~/ --zone "$ZONE" --worker=all
-    on_all "mkdir -p jaxdistill && tar -C jaxdistill -xzf jaxdistill.tgz && cd jaxdistill && python3 -m venv .venv \
+    # jaxdistill needs Python ≥ 3.11; tpu-ubuntu2204-base has 3.10: uv then fetches a 3.11 for the venv
+    on_all "mkdir -p jaxdistill && tar -C jaxdistill -xzf jaxdistill.tgz && cd jaxdistill \
+            && if python3 -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then python3 -m venv .venv; \
+               else python3 -m pip install -q --user uv && python3 -m uv venv -q --seed --python 3.11 .venv; fi \
             && . .venv/bin/activate && pip install -q -e '.[tpu]'" ;;
   run|prepare)  # run: the trainer (run.log, train.pid); prepare: the data set encoder (prepare.log, prepare.pid)
     task=$([[ $1 == run ]] && echo train || echo prepare)
@@ -40,9 +43,12 @@ case "${1:-}" in
     on_all "${2:?launch/tpu_vm.sh ssh COMMAND}" ;;
   stop)  # the trainer checkpoints, then exits; prepare stops (finished shards are kept). By the pid `run` or
          # `prepare` wrote (if that process is still the one): `pkill -f jaxdistill.train` would match, and
-         # kill, the remote shell whose command line holds it.
+         # kill, the remote shell whose command line holds it. Returns once they have exited (the checkpoint
+         # written): `delete` right after loses nothing.
     on_all 'for task in train prepare; do pid=$(cat jaxdistill/$task.pid 2>/dev/null) \
-              && grep -qs jaxdistill.$task "/proc/$pid/cmdline" && kill -TERM "$pid"; rm -f jaxdistill/$task.pid; \
+              && grep -qs jaxdistill.$task "/proc/$pid/cmdline" && kill -TERM "$pid" \
+              && echo "$(hostname): waiting for $task ($pid) to save and exit" \
+              && while kill -0 "$pid" 2>/dev/null; do sleep 5; done; rm -f jaxdistill/$task.pid; \
             done' ;;
   delete)
     "${tpu[@]}" delete "$TPU_NAME" --zone "$ZONE" --quiet ;;
