@@ -12,6 +12,7 @@ import argparse
 import sys
 import tempfile
 import time
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -19,11 +20,17 @@ import jax.numpy as jnp
 from jaxdistill import presets
 from jaxdistill.convert import WEIGHTS_NAME, load_unet, resolve_unet_folder
 from jaxdistill.reference import TOLERANCE, random_inputs, relative_errors, torch_forward, write_random_unet
+from jaxdistill.spec import UNetSpec
 from jaxdistill.unet import UNet, count_params
 
 
 def check_folder(folder, batch: int = 2, size: int = 16, seq_len: int = 8, seed: int = 0) -> dict[str, float]:
     """Relative errors (ours vs diffusers) of the prediction ("sample") and of every feature."""
+    return compare(*load_pair(folder), batch, size, seq_len, seed)
+
+
+def load_pair(folder) -> tuple[UNetSpec, dict, Any]:
+    """(spec, params) by `load_unet` and diffusers' `UNet2DConditionModel` (float32, eval) of one folder."""
     from diffusers import UNet2DConditionModel
 
     spec, params = load_unet(folder, dtype=jnp.float32)
@@ -32,7 +39,12 @@ def check_folder(folder, batch: int = 2, size: int = 16, seq_len: int = 8, seed:
     plain = any((unet_dir / name).is_file() for name in (WEIGHTS_NAME, WEIGHTS_NAME + ".index.json"))
     reference = UNet2DConditionModel.from_pretrained(str(unet_dir), variant=None if plain else "fp16",
                                                      low_cpu_mem_usage=False)
-    reference = reference.float().eval()
+    return spec, params, reference.float().eval()
+
+
+def compare(spec: UNetSpec, params: dict, reference, batch: int = 2, size: int | tuple[int, int] = 16,
+            seq_len: int = 8, seed: int = 0) -> dict[str, float]:
+    """Relative errors of our forward vs `reference`'s on the same fresh random inputs."""
     inputs = random_inputs(spec, batch, size, seq_len, seed)
     ours = jax.jit(lambda p, x: UNet(spec).apply({"params": p}, **x))(params, inputs)
     ref_sample, ref_features = torch_forward(reference, inputs)
@@ -48,20 +60,31 @@ def main(argv=None) -> int:
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    if args.batch < 1:
+        parser.error(f"--batch {args.batch}: must be at least 1")
+
+    def check_size(spec: UNetSpec):
+        factor = 2 ** (spec.num_blocks - 1)
+        if args.size < 1 or args.size % factor:
+            parser.error(f"--size {args.size}: this UNet downsamples {factor}×, so the latent side must be a "
+                         f"positive multiple of {factor}")
 
     with tempfile.TemporaryDirectory() as tmp:
         folder = args.unet
         if folder is None:
             spec = presets.tiny(presets.PRESETS[args.preset])
+            check_size(spec)
             folder = write_random_unet(tmp, spec, seed=args.seed)
             print(f"random tiny {args.preset}-shaped UNet ({count_params(spec):,} parameters) written by diffusers")
-        start = time.perf_counter()
         try:
-            errors = check_folder(folder, args.batch, args.size, seed=args.seed)
+            pair = load_pair(folder)
         except (OSError, ValueError) as e:  # --unet missing or unreadable: a usage error (ours failing: a bug)
             if args.unet is None:
                 raise
             parser.error(f"--unet: {e}")
+        check_size(pair[0])
+        start = time.perf_counter()
+        errors = compare(*pair, args.batch, args.size, seed=args.seed)
     worst = max(errors, key=errors.get)
     print(f"{'output / feature':<34} {'max|jax-torch| / max|torch|':>28}")
     for name in ["sample"] + sorted(k for k in errors if k != "sample"):

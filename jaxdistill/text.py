@@ -18,7 +18,6 @@ Tokenization is transformers' own `CLIPTokenizer`, read from the pipeline's `tok
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -32,6 +31,7 @@ import numpy as np
 
 from jaxdistill import convert
 from jaxdistill.layers import _Ops
+from jaxdistill.records import read_json
 from jaxdistill.spec import UnsupportedConfigError
 
 Dtype = jnp.dtype | type
@@ -93,7 +93,7 @@ class TextEncoderSpec:
         """Reads transformers' `CLIPTextConfig` (a dict, or a path to `config.json`). `with_projection`:
         whether the model is `CLIPTextModelWithProjection`; None reads it from the config's `architectures`."""
         if not isinstance(config, Mapping):
-            config = json.loads(Path(config).read_text())
+            config = read_json(config, error=UnsupportedConfigError, remedy="download or copy it again")
         if with_projection is None:
             with_projection = "CLIPTextModelWithProjection" in (config.get("architectures") or ())
         fields = {f.name for f in dataclasses.fields(cls)} - {"projection_dim"}
@@ -117,7 +117,8 @@ class _TextLayer(_Ops):
 
 
 class CLIPTextEmbeddings(_TextLayer):
-    """token_embedding(ids) + position_embedding(0 … L-1)."""
+    """token_embedding(ids) + position_embedding(0 … L-1). Ids are not checked under jit (an id past the
+    table gives NaN): `load_text_encoders` checks that the tokenizers' vocabularies fit the tables."""
 
     spec: TextEncoderSpec
 
@@ -344,7 +345,15 @@ def load_text_encoders(pipeline_dir: str | os.PathLike, dtype: Dtype = jnp.float
     for encoder, _, with_projection in ENCODERS:
         spec, params[encoder] = load_text_encoder(root / encoder, with_projection, param_dtype, variant)
         specs.append(spec)
-    return TextEncoders(specs=tuple(specs), params=params, tokenizers=load_tokenizers(root), dtype=dtype)
+    tokenizers = load_tokenizers(root)
+    for (encoder, tokenizer_name, _), spec, tokenizer in zip(ENCODERS, specs, tokenizers, strict=True):
+        # an id past the embedding table gives NaN (jnp.take), a negative one wraps: nothing would say so
+        if len(tokenizer) > spec.vocab_size:
+            raise UnsupportedConfigError(
+                f"{root / tokenizer_name} has {len(tokenizer)} tokens, but {root / encoder} embeds {spec.vocab_size} "
+                "(tokens added to the tokenizer, e.g. by textual inversion, without resizing the encoder's "
+                "embeddings?); give the pipeline folder whose tokenizer and text encoder belong together")
+    return TextEncoders(specs=tuple(specs), params=params, tokenizers=tokenizers, dtype=dtype)
 
 
 def load_tokenizers(pipeline_dir: str | os.PathLike) -> tuple[Any, Any]:

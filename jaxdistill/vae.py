@@ -23,11 +23,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import math
 import os
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import flax.linen as nn
@@ -37,6 +35,7 @@ import numpy as np
 
 from jaxdistill.convert import CONFIG_NAME, check_tree, read_safetensors, resolve_component, torch_to_flax
 from jaxdistill.layers import Downsample2D, ResnetBlock2D, Upsample2D, _Layer, attention
+from jaxdistill.records import read_json
 from jaxdistill.spec import UnsupportedConfigError
 
 DOWN_BLOCK = "DownEncoderBlock2D"
@@ -108,7 +107,7 @@ class VAESpec:
         """Reads a diffusers `AutoencoderKL` config (a dict, or a path to `config.json`). Fields left out
         take diffusers' defaults; unknown fields and values we do not implement are refused."""
         if not isinstance(config, Mapping):
-            config = json.loads(Path(config).read_text())
+            config = read_json(config, error=UnsupportedConfigError, remedy="download or copy it again")
         return _spec_from_config(dict(config))
 
     def to_diffusers_config(self) -> dict[str, Any]:

@@ -350,3 +350,7 @@ def test_commands_say_how_they_are_run_and_parity_refuses_a_missing_unet(tmp_pat
         parity.main(["--unet", str(tmp_path / "nope")])
     assert info.value.code == 2
     assert f"--unet: {tmp_path / 'nope'} is not a diffusers UNet folder" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as info:  # was a traceback (no --unet) or blamed on --unet
+        parity.main(["--size", "6"])
+    assert info.value.code == 2
+    assert "--size 6: this UNet downsamples 4×" in capsys.readouterr().err

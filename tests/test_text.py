@@ -6,6 +6,7 @@ Tolerance (float32): max |ours − reference| ≤ 1e-4 · max |reference|, per o
 """
 
 import json
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -214,12 +215,29 @@ def test_weights_errors(pipeline_dir, encoders, tmp_path):
         text.load_text_encoder(tmp_path)
 
 
-def test_spec_from_config(pipeline_dir):
+def test_spec_from_config(pipeline_dir, tmp_path):
     config = json.loads((pipeline_dir / "text_encoder_2" / "config.json").read_text())
     assert text.TextEncoderSpec.from_transformers_config(config).projection_dim == 40  # from `architectures`
     assert text.TextEncoderSpec.from_transformers_config(config, with_projection=False).projection_dim is None
     with pytest.raises(UnsupportedConfigError, match="hidden_act='silu'"):
         text.TextEncoderSpec.from_transformers_config(config | {"hidden_act": "silu"})
+    truncated = tmp_path / "config.json"
+    truncated.write_text(json.dumps(config)[:40])
+    with pytest.raises(UnsupportedConfigError, match=f"cannot read {truncated}.*download or copy it again"):
+        text.TextEncoderSpec.from_transformers_config(truncated)
+
+
+def test_a_tokenizer_with_more_tokens_than_its_encoder_embeds_is_refused(pipeline_dir, tmp_path):
+    """Tokens added to a tokenizer (textual inversion) without resizing the encoder's table: its ids would
+    embed as NaN under jit, silently; loading the pair says so instead."""
+    copy = tmp_path / "pipeline"
+    shutil.copytree(pipeline_dir, copy)
+    tokenizer = transformers.CLIPTokenizer.from_pretrained(str(copy / "tokenizer_2"))
+    tokenizer.add_tokens(["<cat-toy>"])
+    tokenizer.save_pretrained(str(copy / "tokenizer_2"))
+    with pytest.raises(UnsupportedConfigError, match=f"{copy / 'tokenizer_2'} has 527 tokens, but "
+                                                     f"{copy / 'text_encoder_2'} embeds 526"):
+        text.load_text_encoders(copy)
 
 
 def test_spec_defaults_are_transformers_defaults(encoders):

@@ -300,3 +300,9 @@ def test_config_refusals_name_the_field(change, match):
     assert VAESpec.from_diffusers_config(base).block_out_channels == (16, 32)
     with pytest.raises(UnsupportedConfigError, match=match):
         VAESpec.from_diffusers_config(base | change)
+
+
+def test_a_damaged_config_file_is_named(tmp_path):
+    (tmp_path / "config.json").write_text('{"block_out_channels": [16, ')  # a truncated download
+    with pytest.raises(UnsupportedConfigError, match=f"cannot read {tmp_path / 'config.json'}"):
+        VAESpec.from_diffusers_config(tmp_path / "config.json")
