@@ -48,7 +48,7 @@ case "${1:-}" in
     on_all 'for task in train prepare; do pid=$(cat jaxdistill/$task.pid 2>/dev/null) \
               && grep -qs jaxdistill.$task "/proc/$pid/cmdline" && kill -TERM "$pid" \
               && echo "$(hostname): waiting for $task ($pid) to save and exit" \
-              && while kill -0 "$pid" 2>/dev/null; do sleep 5; done; rm -f jaxdistill/$task.pid; \
+              && while kill -0 "$pid" 2>/dev/null; do sleep 1; done; rm -f jaxdistill/$task.pid; \
             done' ;;
   delete)
     "${tpu[@]}" delete "$TPU_NAME" --zone "$ZONE" --quiet ;;
