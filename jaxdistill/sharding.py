@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -206,14 +207,23 @@ def global_batch(local: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.A
 def initialize_distributed() -> bool:
     """Starts JAX's multi-process runtime when the environment describes more than one process: JAX's own
     variables (JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID), SLURM (srun with more than one
-    task) or a Cloud TPU VM (its pod slice found by JAX); see `distributed_args`. Returns whether it did. Call before
+    task) or a Cloud TPU VM (its pod slice found by JAX; a TPU VM where JAX finds none runs as one process); see
+    `distributed_args`. Returns whether it did. Call before
     using any device. Raises RuntimeError when a SLURM process with one task per node does not see all of its
     node's GPUs."""
     jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU processes talk over gloo; GPU/TPU ignore it
-    kwargs = distributed_args(os.environ, tpu_vm=_on_cloud_tpu_vm())
+    tpu_vm = _on_cloud_tpu_vm()
+    kwargs = distributed_args(os.environ, tpu_vm=tpu_vm)
     if kwargs is None:
         return False
-    jax.distributed.initialize(**kwargs)
+    try:
+        jax.distributed.initialize(**kwargs)
+    except ValueError as e:  # JAX found no cluster to join ("coordinator_address should be defined")
+        if not tpu_vm or distributed_args(os.environ) is not None:
+            raise
+        # a TPU VM that is no GCE pod slice (no worker list in its metadata): one process, as JAX alone runs it
+        print(f"note: this TPU VM runs as one process (JAX found no pod slice to join: {e})", file=sys.stderr)
+        return False
     wanted = len(kwargs.get("local_device_ids", ()))
     if jax.local_device_count() < wanted:
         raise RuntimeError(f"process {jax.process_index()} sees {jax.local_device_count()} local device(s) "

@@ -97,7 +97,7 @@ def test_distributed_args_give_one_task_per_node_all_its_gpus():
     assert distributed_args({}) is None
 
 
-def test_a_task_that_sees_fewer_gpus_than_its_node_has_stops(monkeypatch):
+def test_a_task_that_sees_fewer_gpus_than_its_node_has_stops(monkeypatch, capsys):
     from jaxdistill import sharding
 
     calls = []
@@ -115,6 +115,18 @@ def test_a_task_that_sees_fewer_gpus_than_its_node_has_stops(monkeypatch):
     assert sharding.initialize_distributed() is True and calls[-1] == {}
     monkeypatch.setattr(sharding, "_on_cloud_tpu_vm", lambda: False)
     assert sharding.initialize_distributed() is False and len(calls) == 3
+
+    def no_cluster(**kwargs):
+        raise ValueError("coordinator_address should be defined.")
+
+    # a TPU VM outside a GCE pod slice (JAX detects no cluster): one process, as before, said so
+    monkeypatch.setattr(jax.distributed, "initialize", no_cluster)
+    monkeypatch.setattr(sharding, "_on_cloud_tpu_vm", lambda: True)
+    assert sharding.initialize_distributed() is False
+    assert "runs as one process" in capsys.readouterr().err
+    monkeypatch.setattr(os, "environ", dict(SLURM))  # where the environment names a cluster, the error stands
+    with pytest.raises(ValueError, match="coordinator_address"):
+        sharding.initialize_distributed()
 
 
 def test_bad_mesh_rules_are_named_before_anything_runs():
