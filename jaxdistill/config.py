@@ -7,7 +7,9 @@ bad field by its dotted name before anything heavy runs.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import ml_collections
 
@@ -214,6 +216,49 @@ def stages_of(config: ml_collections.ConfigDict) -> list[ml_collections.ConfigDi
         if stages and stages[0].get("teacher") == "previous":
             stages[0]["teacher"] = config.teacher
     return [_stage(config, s) for s in stages]
+
+
+# Fields that name files or folders. `absolute_paths` writes them out in full before a run records them (config.json,
+# checkpoint meta, stage markers), so that a record read from another working directory names the same files.
+PATH_FIELDS = ("teacher", "student", "plan", "sensitivity", "data.path", "data.pipeline", "eval.pipeline")
+
+
+def absolute_path(field: str, value: Any) -> Any:
+    """`value` of `PATH_FIELDS` entry `field` with a local path made absolute: one that exists, or the folder /
+    glob of a "folder:" / "tar:" source. Empty values, "previous", preset plan names, "tfds:" sources, URLs
+    (gs://) and paths that do not exist (their error names them as typed) stay as they are."""
+    if not isinstance(value, str) or not value or value == "previous" or "://" in value:
+        return value
+    if field == "plan":
+        from jaxdistill.prune import PLANS
+
+        if value in PLANS:
+            return value
+    if field == "data.path":
+        kind, colon, rest = value.partition(":")
+        if colon and kind in ("folder", "tar") and rest and "://" not in rest:
+            return f"{kind}:{os.path.abspath(rest)}"
+        if colon and kind == "tfds":
+            return value
+    return os.path.abspath(value) if os.path.exists(value) else value
+
+
+def absolute_paths(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """A copy of `config` with `absolute_path` applied to its `PATH_FIELDS` and to those its stages set."""
+    config = config.copy_and_resolve_references()
+    stages = [_plain(stage) if isinstance(stage, (Mapping, ml_collections.ConfigDict)) else stage
+              for stage in config.stages or []]
+    for node in [config, *[stage for stage in stages if isinstance(stage, dict)]]:
+        for field in PATH_FIELDS:
+            *parents, leaf = field.split(".")
+            holder = node
+            for part in parents:
+                holder = holder.get(part) if isinstance(holder, (dict, ml_collections.ConfigDict)) else None
+            if isinstance(holder, (dict, ml_collections.ConfigDict)) and leaf in holder:
+                holder[leaf] = absolute_path(field, holder[leaf])
+    if stages:
+        config.stages = stages
+    return config
 
 
 # What makes a stage the stage it is: a command-line value does not replace these (config.teacher has its own

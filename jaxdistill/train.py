@@ -30,7 +30,15 @@ from jax.experimental import multihost_utils
 
 from jaxdistill import presets
 from jaxdistill.checkpoint import finished_steps
-from jaxdistill.config import command_line_wins, stages_of, tap_list, validate
+from jaxdistill.config import (
+    PATH_FIELDS,
+    absolute_path,
+    absolute_paths,
+    command_line_wins,
+    stages_of,
+    tap_list,
+    validate,
+)
 from jaxdistill.convert import CONFIG_NAME, load_unet, resolve_unet_folder, save_unet
 from jaxdistill.data import check_same_data, make_data
 from jaxdistill.layers import stack_layers, unstack_layers
@@ -74,6 +82,7 @@ class Model:
 def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any]:
     """Runs (or resumes) every stage; returns a summary per stage."""
     validate(config)
+    config = absolute_paths(config)  # what the run records names the same files from any working directory
     workdir = Path(workdir)
     stages = stages_of(config)
     # hosts agree: one whose data or folders are missing stops them all, not only itself
@@ -172,9 +181,16 @@ def _as_recorded(identity: dict, made: dict | None) -> dict:
     record wrote it: "tp/teacher", "tp/teacher/" and its absolute path are one teacher."""
     if made is None:
         return identity
-    same = {k: made[k] for k in ("teacher", "plan") if isinstance(made.get(k), str) and isinstance(identity.get(k), str)
-            and made[k] != identity[k] and os.path.realpath(made[k]) == os.path.realpath(identity[k])}
+    same = {k: made[k] for k in ("teacher", "plan") if k in made and k in identity and made[k] != identity[k]
+            and _same_path(k, made[k], identity[k])}
     return identity | same
+
+
+def _same_path(field: str, before: Any, now: Any) -> bool:
+    """Whether two values of `config.PATH_FIELDS` entry `field` name the same file (a record written before paths
+    were recorded in full holds them as typed: read from the working directory, as they were)."""
+    before, now = absolute_path(field, before), absolute_path(field, now)
+    return isinstance(before, str) and isinstance(now, str) and os.path.realpath(before) == os.path.realpath(now)
 
 
 def _refuse_changes(what: str, made: dict | None, identity: dict, remedy: str):
@@ -209,7 +225,8 @@ def _check_resume(c: ml_collections.ConfigDict, workdir: Path, spec: UNetSpec, i
                     remedy)
     # fields the checkpoint's version of the config did not have are not changes
     changed = changes(meta.get("config") or {}, c.to_dict(), shared_only=True)
-    changed = {k: v for k, v in changed.items() if not (k == "stages" or k.startswith("stages."))}
+    changed = {k: v for k, v in changed.items() if not (k == "stages" or k.startswith("stages.")
+                                                        or k in PATH_FIELDS and _same_path(k, *v))}
 
     # on or off, these change what the training state holds (EMA weights, scanned layers, the clip's state)
     layout = [k for k in ("ema_decay", "optimizer.grad_clip", "scan_layers")

@@ -207,16 +207,21 @@ def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(unet_f
     assert not (tmp_path / "stages" / "main").exists()
 
 
-def test_student_loss_falls_over_30_steps_and_progressive_stages(unet_folders, plan_file, tmp_path):
+def test_student_loss_falls_over_30_steps_and_progressive_stages(unet_folders, plan_file, tmp_path, monkeypatch):
     config = small_config("", "", steps=30, checkpoint_every=30)
     config.stages = [
         # plain diffusion training (fine-tuning a UNet): no teacher, output and feature weights 0
         dict(name="teacher", student=str(shutil.copytree(unet_folders["micro"], tmp_path / "micro")), steps=30,
              loss=dict(output=0.0, feature=0.0)),
-        # distil a pruned student from it
-        dict(name="student", teacher="previous", plan=plan_file, steps=30, lr=3e-4),
+        # distil a pruned student from it; the plan named relative to the working directory
+        dict(name="student", teacher="previous", plan=os.path.basename(plan_file), steps=30, lr=3e-4),
     ]
+    monkeypatch.chdir(os.path.dirname(plan_file))
     summary = run(config, tmp_path)
+    # recorded in full: the records name the same files read from any working directory
+    recorded = [json.loads((tmp_path / "config.json").read_text())["stages"][1]["plan"],
+                json.loads((tmp_path / "stages" / "student" / STAGE_MARKER).read_text())["plan"]]
+    assert recorded == [os.path.abspath(plan_file)] * 2
     rows = metrics(tmp_path)
     for stage in ("teacher", "student"):
         losses = [r["loss"] for r in rows if r["stage"] == stage]
@@ -248,6 +253,9 @@ def test_student_loss_falls_over_30_steps_and_progressive_stages(unet_folders, p
     assert (tmp_path / "config.json").read_text() == saved
     # the same plan file by another spelling of its path is the same plan: still finished
     config.stages[1]["plan"] = os.path.join(os.path.dirname(plan_file), ".", os.path.basename(plan_file))
+    assert run(config, tmp_path) == {}
+    monkeypatch.chdir(tmp_path)  # also relative to another working directory (the record was not read from it)
+    config.stages[1]["plan"] = os.path.relpath(plan_file, tmp_path)
     assert run(config, tmp_path) == {}
     # the student was distilled from the 30-step teacher stage: a longer teacher stage would make another one
     config.stages[1]["plan"] = plan_file
@@ -322,6 +330,30 @@ def test_bad_command_line_override_is_reported(tmp_path):
                               "--workdir", str(tmp_path)], env=ENV, capture_output=True, text=True)
     assert missing.returncode == 2 and "Traceback" not in missing.stderr
     assert f"--config {tmp_path}/tinyy.py: no such file" in missing.stderr
+
+
+def test_paths_are_recorded_in_full(tmp_path, monkeypatch):
+    from jaxdistill.config import absolute_path, absolute_paths
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "sdxl").mkdir()
+    (tmp_path / "plan.json").write_text("{}")
+    assert absolute_path("teacher", "sdxl") == str(tmp_path / "sdxl")
+    assert absolute_path("plan", "plan.json") == str(tmp_path / "plan.json")
+    assert absolute_path("data.path", "tar:shards/*.tar") == f"tar:{tmp_path}/shards/*.tar"  # a glob: as given
+    assert absolute_path("data.path", "folder:sdxl") == f"folder:{tmp_path}/sdxl"
+    # kept as typed: presets, "previous", tfds names, URLs, and paths that do not exist (their errors name them)
+    for field, value in (("plan", "ssd1b"), ("teacher", "previous"), ("data.path", "tfds:laion:train"),
+                         ("data.path", "gs://bucket/prepared"), ("data.path", "tar:gs://b/*.tar"), ("teacher", "nope"),
+                         ("teacher", "")):
+        assert absolute_path(field, value) == value, (field, value)
+    c = base_config()
+    c.teacher, c.data.pipeline = "sdxl", "sdxl"
+    c.stages = [dict(name="a", plan="plan.json"), dict(name="b", teacher="previous", plan="vega")]
+    out = absolute_paths(c)
+    assert (out.teacher, out.data.pipeline, out.stages[0]["plan"], out.stages[1]["plan"], out.stages[1]["teacher"]) == (
+        str(tmp_path / "sdxl"), str(tmp_path / "sdxl"), str(tmp_path / "plan.json"), "vega", "previous")
+    assert c.teacher == "sdxl" and c.stages[0]["plan"] == "plan.json"  # the caller's config is left as it was
 
 
 def test_command_line_values_apply_to_every_stage():
