@@ -15,6 +15,7 @@ import functools
 import json
 import math
 import os
+import shutil
 import signal
 import sys
 import time
@@ -546,6 +547,12 @@ class _Profiler:
 
 
 def _checkpoint_manager(directory: Path, c) -> ocp.CheckpointManager:
+    # A save cut short (a second Ctrl-C, a killed job) leaves its STEP.orbax-checkpoint-tmp folder: removed here,
+    # before this run saves anything (orbax's own cleanup_tmp_directories runs in a thread that can outlive the
+    # manager and fail at exit).
+    if jax.process_index() == 0 and directory.is_dir():
+        for stale in directory.glob("*.orbax-checkpoint-tmp*"):
+            shutil.rmtree(stale, ignore_errors=True)
     options = ocp.CheckpointManagerOptions(max_to_keep=c.keep_checkpoints, enable_async_checkpointing=True)
     return ocp.CheckpointManager(directory.absolute(), options=options, item_names=("state", "meta"))
 
@@ -798,6 +805,11 @@ def main(argv=None) -> int:
 
     try:
         app.run(_main, argv=argv)
+    except KeyboardInterrupt:  # a second Ctrl-C (_StopFlag): one line, not tracebacks of the save in flight
+        print("\nstopped at once, unsaved: the run resumes from its last finished checkpoint", file=sys.stderr)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(130)  # orbax's save threads would raise at the interpreter's exit, each with its own traceback
     except (KeyError, AttributeError) as e:
         message = e
         while isinstance(message, BaseException) and message.args:  # ml_collections wraps a KeyError's text

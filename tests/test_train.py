@@ -490,6 +490,27 @@ def test_another_runs_workdir_is_refused(unet_folders, tmp_path):
     assert not (tmp_path / "run" / "config.json").exists()
 
 
+def test_a_second_ctrl_c_exits_with_one_line_and_its_cut_save_is_removed_later(tmp_path):
+    # the trainer's command, interrupted in the middle of the run: 130, one line, no tracebacks
+    script = ("import sys; from jaxdistill import train\n"
+              "def interrupted(config, workdir): raise KeyboardInterrupt\n"
+              "train.run = interrupted\n"
+              f"train.main(['train', '--config', 'configs/tiny.py', '--workdir', {str(tmp_path / 'run')!r}])\n")
+    result = subprocess.run([sys.executable, "-c", script], env=ENV, capture_output=True, text=True,
+                            cwd=os.path.join(os.path.dirname(__file__), ".."))
+    assert result.returncode == 130, result.stderr[-2000:]
+    assert "stopped at once, unsaved" in result.stderr and "Traceback" not in result.stderr
+    # the save it cut short is removed when the next run opens the stage's checkpoints; finished ones stay
+    from jaxdistill.train import _checkpoint_manager
+
+    stage = tmp_path / "checkpoints" / "main"
+    (stage / "4.orbax-checkpoint-tmp-1700000000").mkdir(parents=True)
+    (stage / "4.orbax-checkpoint-tmp-1700000000" / "state").write_text("half")
+    (stage / "2").mkdir()
+    _checkpoint_manager(stage, small_config("", "")).close()
+    assert sorted(p.name for p in stage.iterdir()) == ["2"]
+
+
 def test_a_second_ctrl_c_stops_at_once():
     from jaxdistill.train import _StopFlag
 
