@@ -240,12 +240,18 @@ def _check_resume(c: ml_collections.ConfigDict, workdir: Path, spec: UNetSpec, i
         raise ValueError(f"stage {c.name} would resume from {where} with other {describe(changed, fixed)}: noise, "
                          "timesteps or batches would no longer be the uninterrupted run's. Restore the checkpoint's "
                          "values, use a new --workdir, or resume anyway with --config.allow_resume_changes=True")
-    if not c.allow_resume_changes:
-        try:
-            check_same_data(meta.get("data_identity"), data)
-        except ValueError as e:
+    notes = []
+    try:
+        check_same_data(meta.get("data_identity"), data)
+    except ValueError as e:
+        if not c.allow_resume_changes:
             raise ValueError(f"stage {c.name}: {e}; or resume anyway with --config.allow_resume_changes=True") from None
-    notes = [f"stage {c.name}: resuming from step {step} with changed settings: {describe(changed)}"] if changed else []
+        notes.append(f"stage {c.name}: resuming anyway (allow_resume_changes): {e}")
+    if changed:
+        notes.insert(0, f"stage {c.name}: resuming from step {step} with changed settings: {describe(changed)}")
+    if step > c.steps:
+        notes.append(f"stage {c.name}: its checkpoint is at step {step}, past steps={c.steps}: nothing is trained, "
+                     f"and the stage ends with the student of step {step}")
     if "steps" in changed and c.optimizer.schedule != "constant":
         notes.append(f"stage {c.name}: the {c.optimizer.schedule} learning-rate schedule now spans {c.steps} steps, "
                      f"not {changed['steps'][0]}: from step {step} on the rate differs from the first run's plan")

@@ -158,6 +158,13 @@ def test_resume_continues_exactly(unet_folders, plan_file, tmp_path):
     (tmp_path / "resumed" / "stages" / "main" / STAGE_MARKER).unlink()  # as if killed before the end: the checkpoint
     with pytest.raises(ValueError, match=r"checkpoint .* was trained with other settings \(kept_layers"):
         check_stages(stages_of(small_config(teacher, str(other), ema_decay=0.9, steps=8)), tmp_path / "resumed")
+    # allowed, other data is still said; so is a checkpoint already past the steps asked for
+    allowed = small_config(teacher, plan_file, ema_decay=0.9, steps=8, allow_resume_changes=True,
+                           **{"data.num_examples": 8})
+    _, notes = check_stages(stages_of(allowed), tmp_path / "resumed")
+    assert any("resuming anyway (allow_resume_changes)" in n and "num_examples" in n for n in notes), notes
+    _, notes = check_stages(stages_of(small_config(teacher, plan_file, ema_decay=0.9, steps=2)), tmp_path / "resumed")
+    assert any("its checkpoint is at step 6, past steps=2" in n for n in notes), notes
 
 
 def test_sigterm_checkpoints_and_the_command_resumes(unet_folders, plan_file, tmp_path):
