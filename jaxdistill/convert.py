@@ -304,12 +304,26 @@ def _variant(name: str, variant: str | None) -> str:
 
 
 def check_out(out: str | os.PathLike, overwrite: bool, sources: Sequence[str | os.PathLike | None] = ()):
-    """Raises `OutFolderError` unless `out` may become a new folder: not a file, empty unless `overwrite`,
-    and not holding any of `sources` (replacing `out` must never delete what it is made from)."""
+    """Raises `OutFolderError` unless `out` may become a command's new output folder: not a file, empty unless
+    `overwrite`, not holding any of `sources` (replacing `out` must never delete what it is made from), and
+    neither a training run's workdir nor inside its checkpoints/ or stages/ (the trainer's)."""
     out = Path(out)
     for source in filter(None, sources):
         if out.resolve() in (Path(source).resolve(), *Path(source).resolve().parents):
             raise OutFolderError(f"--out {out} holds {source}, which is read to make it; choose another folder")
+    # a training run's own folders (its checkpoints and finished stages) are the trainer's, whatever is read
+    if _is_workdir(out.resolve()):
+        raise OutFolderError(f"--out {out} is a training run's workdir; choose another folder (a new subfolder of "
+                             "it is fine)")
+    for folder in (out.resolve(), *out.resolve().parents):
+        if folder.name in TRAINER_FOLDERS and _is_workdir(folder.parent):
+            raise OutFolderError(f"--out {out} is inside {folder}, where the training run in {folder.parent} keeps "
+                                 f"its {folder.name}; choose a folder outside it, e.g. {folder.parent / 'export'}")
+    _check_replaceable(out, overwrite)
+
+
+def _check_replaceable(out: Path, overwrite: bool):
+    """`out` can become a new folder: no file in its way, empty unless `overwrite`."""
     blocked = next((p for p in out.parents if p.exists() and not p.is_dir()), None)
     if blocked is not None:
         raise OutFolderError(f"--out {out} cannot be made: {blocked} is a file; give a folder elsewhere")
@@ -320,10 +334,18 @@ def check_out(out: str | os.PathLike, overwrite: bool, sources: Sequence[str | o
                              "(the old content is replaced only once the new folder is complete)")
 
 
+TRAINER_FOLDERS = ("checkpoints", "stages")  # what `python -m jaxdistill.train` keeps in its workdir
+
+
+def _is_workdir(folder: Path) -> bool:
+    """Whether `folder` is a training run's workdir: its config.json beside checkpoints/ or stages/."""
+    return (folder / "config.json").is_file() and any((folder / name).is_dir() for name in TRAINER_FOLDERS)
+
+
 @contextlib.contextmanager
 def whole_folder(out: str | os.PathLike, overwrite: bool) -> Iterator[Path]:
     """Yields a hidden sibling folder of `out` to write into. When the block finishes, the sibling is renamed
-    to `out` (checked again by `check_out`; an old `out` is moved aside first and deleted only afterwards),
+    to `out` (checked again as `check_out` does; an old `out` is moved aside first and deleted only afterwards),
     so `out` appears as a whole or not at all; on an error the sibling is deleted and `out` left as it was."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -346,7 +368,7 @@ def _default_permissions(folder: Path):
 
 def _move_into_place(tmp: Path, out: Path, overwrite: bool):
     """Renames the finished `tmp` to `out`; an old `out` is moved aside first and deleted only afterwards."""
-    check_out(out, overwrite)  # again: something may have appeared while we wrote
+    _check_replaceable(out, overwrite)  # again: something may have appeared while we wrote
     if out.is_dir() and not any(out.iterdir()):
         out.rmdir()
     if not out.exists():

@@ -213,3 +213,21 @@ def test_unreadable_records_and_an_out_below_a_file_are_named(tmp_path):
     (tmp_path / "notes.txt").write_text("mine")
     with pytest.raises(OutFolderError, match="notes.txt is a file"):
         check_out(tmp_path / "notes.txt" / "student", overwrite=False)
+
+
+def test_no_out_folder_replaces_a_training_run_or_lands_in_its_own_folders(tmp_path):
+    """export / sample / evaluate / prune --out --overwrite: a workdir's checkpoints/ and stages/ are the trainer's
+    (`--out WORKDIR/stages --overwrite` deleted a finished stage), the workdir itself too; a new subfolder is fine."""
+    from jaxdistill.convert import OutFolderError, check_out
+
+    run = tmp_path / "runs" / "ssd1b"
+    (run / "stages" / "main").mkdir(parents=True)
+    (run / "config.json").write_text("{}")
+    for out in (run / "stages", run / "stages" / "main", run / "checkpoints" / "new"):
+        with pytest.raises(OutFolderError, match=f"inside {run / out.relative_to(run).parts[0]}, where the training "
+                                                 f"run in {run} keeps"):
+            check_out(out, overwrite=True)
+    with pytest.raises(OutFolderError, match="is a training run's workdir"):
+        check_out(run, overwrite=True)
+    check_out(run / "export", overwrite=False)
+    check_out(tmp_path / "runs", overwrite=True)  # not itself a run (what it holds is not looked through)
