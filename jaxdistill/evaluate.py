@@ -20,6 +20,7 @@ import csv
 import dataclasses
 import json
 import os
+import shlex
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -208,7 +209,7 @@ def _check_not_the_same(student: str, teacher: str, ema: bool | None):
     except CheckpointError:  # not there, or not a checkpoint: loading it says what is wrong
         return
     recorded = recorded_teacher(student)
-    hint = (f"--teacher {recorded} (as its run records it)" if recorded else
+    hint = (f"--teacher {shlex.quote(str(recorded))} (as its run records it)" if recorded else
             "--teacher (its SDXL pipeline or UNet folder, or WORKDIR/stages/NAME of the stage before)")
     raise ValueError(f"--student {student} and --teacher {teacher} are the same weights ({weights[0]}): the "
                      f"student would be compared with itself. Give the teacher it was distilled from: {hint}")
