@@ -98,7 +98,7 @@ def check_fits(data: PreparedLatents, spec: UNetSpec):
         pooled = spec.projection_class_embeddings_input_dim - 6 * spec.addition_time_embed_dim
         if example["text_embeds"].shape[-1] != pooled:
             problems.append(f"pooled embeddings are {example['text_embeds'].shape[-1]}-d, the UNet expects {pooled}")
-    factor = 2 ** (spec.num_blocks - 1)
+    factor = spec.downscale
     bad = sorted({tuple(g) for shard in data.info["shapes"] for *g, _ in shard if g[0] % factor or g[1] % factor})
     if bad:
         problems.append(f"latent shapes {bad} are not divisible by {factor} (the UNet's downsampling)")
@@ -410,9 +410,9 @@ class SyntheticLatents(_Indexed):
         per_host = batch_size // process_count
         self.host = slice(process_index * per_host, (process_index + 1) * per_host)
         side = resolution // 8
-        if side % 2 ** (spec.num_blocks - 1):
+        if side % spec.downscale:
             raise ValueError(f"data.resolution={resolution}: the latent side {side} must be divisible by "
-                             f"{2 ** (spec.num_blocks - 1)} for this UNet")
+                             f"{spec.downscale} for this UNet")
         self.batch_size, self.seed, self.num_examples = batch_size, seed, num_examples
         self.identity = {"source": "synthetic", "seed": seed, "num_examples": num_examples,
                          "num_classes": num_classes, "resolution": resolution, "seq_len": seq_len}

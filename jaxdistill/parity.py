@@ -64,7 +64,7 @@ def main(argv=None) -> int:
         parser.error(f"--batch {args.batch}: must be at least 1")
 
     def check_size(spec: UNetSpec):
-        factor = 2 ** (spec.num_blocks - 1)
+        factor = spec.downscale
         if args.size < 1 or args.size % factor:
             parser.error(f"--size {args.size}: this UNet downsamples {factor}×, so the latent side must be a "
                          f"positive multiple of {factor}")

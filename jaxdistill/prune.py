@@ -455,7 +455,7 @@ def _run(args, auto: bool):
     from jaxdistill.unet import count_params
 
     spec = UNetSpec.from_diffusers_config(resolve_unet_folder(args.teacher) / CONFIG_NAME)
-    factor = 2 ** (spec.num_blocks - 1)  # the UNet's downsampling: latent sides must be multiples of it
+    factor = spec.downscale  # latent sides must be multiples of it
     if (args.resolution // 8) % factor:
         raise ValueError(f"--resolution {args.resolution}: this teacher needs a multiple of {8 * factor} pixels "
                          f"(the VAE's 8× times its {factor}× downsampling)")

@@ -428,7 +428,7 @@ class Pipeline:
     @property
     def size_multiple(self) -> int:
         """Image sides must be multiples of this: the VAE's factor × the UNet's 2^(blocks − 1)."""
-        return self.vae_scale_factor * 2 ** (self.unet_spec.num_blocks - 1)
+        return self.vae_scale_factor * self.unet_spec.downscale
 
     @property
     def default_size(self) -> tuple[int, int]:

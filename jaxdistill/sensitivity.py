@@ -125,7 +125,7 @@ def _layer_flops(spec: UNetSpec, module: str, size: tuple[int, int], seq_len: in
 
 
 def _mid_shape(spec: UNetSpec, size: tuple[int, int]) -> tuple[int, int, int, int]:
-    scale = 2 ** (spec.num_blocks - 1)
+    scale = spec.downscale
     return 1, size[0] // scale, size[1] // scale, spec.block_out_channels[-1]
 
 
@@ -151,7 +151,7 @@ def removable_units(spec: UNetSpec, size: int | tuple[int, int] | None = None, s
     `spec.sample_size`, else 128), batch 1, a `seq_len`-token context. The mid attention's FLOPs and parameters
     include its layers and its wrapper (norm, proj_in, proj_out): removing it removes all of that."""
     hw = _hw(size or spec.sample_size or 128)
-    scale = 2 ** (spec.num_blocks - 1)
+    scale = spec.downscale
     if hw[0] % scale or hw[1] % scale:
         raise ValueError(f"latent size {hw} must be divisible by {scale} for a UNet of {spec.num_blocks} blocks")
     shapes = _shapes(spec)

@@ -77,6 +77,11 @@ class UNetSpec:
         return len(self.block_out_channels)
 
     @property
+    def downscale(self) -> int:
+        """How much the UNet downsamples its latents (2^(blocks − 1)): their sides must be multiples of it."""
+        return 2 ** (self.num_blocks - 1)
+
+    @property
     def layers_per_block(self) -> tuple[int, ...]:
         return tuple(len(d) for d in self.down_depths)
 

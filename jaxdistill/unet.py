@@ -131,7 +131,7 @@ class UNet(_Ops):
         s = self.spec
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, remat=self.remat, attention=self.attention)
         batch = sample.shape[0]
-        factor = 2 ** (s.num_blocks - 1)
+        factor = s.downscale
         if sample.shape[1] % factor or sample.shape[2] % factor:  # shapes are static: checked at trace time
             raise ValueError(f"sample of {sample.shape[1]}×{sample.shape[2]} latents: this UNet downsamples "
                              f"{factor}×, so both sides must be multiples of {factor} (images: of {8 * factor} "
@@ -182,7 +182,7 @@ def dummy_inputs(spec: UNetSpec, batch: int = 1, size: int | tuple[int, int] | N
                  dtype=jnp.float32) -> dict[str, jax.ShapeDtypeStruct]:
     """Abstract inputs for `jax.eval_shape` / lowering: NHWC latents of `size` (side, or (height, width);
     default: the smallest the spec accepts), a `seq_len`-token context and SDXL's 6 time ids."""
-    size = size or 2 ** (spec.num_blocks - 1)
+    size = size or spec.downscale
     height, width = (size, size) if isinstance(size, int) else size
     inputs = {
         "sample": jax.ShapeDtypeStruct((batch, height, width, spec.in_channels), dtype),
