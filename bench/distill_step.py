@@ -90,9 +90,9 @@ def reduced_sdxl(width: int) -> UNetSpec:
                                 norm_num_groups=min(32, width // 2))
 
 
-def peak_matmul_flops(dtype, n: int | None = None, repeats: int = 5) -> float:
-    """Best FLOP/s of an n×n×n matmul in `dtype` on the default device (n: 8192 on accelerators, where
-    several products are queued per timing so that dispatch does not count; 4096 on a CPU)."""
+def peak_matmul_flops(dtype, n: int | None = None, repeats: int = 5) -> tuple[float, int]:
+    """Best FLOP/s of an n×n×n matmul in `dtype` on the default device, and n (default: 8192 on accelerators,
+    where several products are queued per timing so that dispatch does not count; 4096 on a CPU)."""
     accelerator = jax.default_backend() != "cpu"
     n = n or (8192 if accelerator else 4096)
     inner = 10 if accelerator else 1
@@ -107,7 +107,7 @@ def peak_matmul_flops(dtype, n: int | None = None, repeats: int = 5) -> float:
             c = mm(a, b)
         c.block_until_ready()
         best = min(best, (time.perf_counter() - t0) / inner)
-    return 2 * n**3 / best
+    return 2 * n**3 / best, n
 
 
 def batch_for(spec: UNetSpec, batch: int, side: int, seed: int = 0) -> dict[str, np.ndarray]:
@@ -470,6 +470,8 @@ def main(argv: list[str] | None = None) -> int:
                         "reads it) and add a summary: time by JAX primitive, by pass, the top ops")
     parser.add_argument("--breakdown", action="store_true", help="also time the step's parts alone (teacher "
                         "forward, student forward, student forward + backward, AdamW) as the first variant, at --batch")
+    parser.add_argument("--peak-size", type=int, help="side of the square matmul that measures the peak (default: "
+                        "8192 on an accelerator, 4096 on a CPU; smaller reads lower and takes less time)")
     parser.add_argument("--json", help="write every figure here (rewritten after each phase)")
     args = parser.parse_args(argv)
     variants = [parse_variant(v, args) for v in args.variant or [""]]
@@ -484,7 +486,8 @@ def main(argv: list[str] | None = None) -> int:
     batch = batch_for(teacher_spec, args.batch, side)
     dtype = compute_dtype(args)
 
-    peak = peak_before = peak_matmul_flops(dtype)
+    peak_before, peak_size = peak_matmul_flops(dtype, args.peak_size)
+    peak = peak_before
     # linear in the batch: per sample, as step_flops counts them (cached), so each model is lowered once
     teacher_flops = flops(teacher_spec, 1, side, SEQ_LEN) * args.batch
     student_flops = flops(student_spec, 1, side, SEQ_LEN) * args.batch
@@ -503,6 +506,7 @@ def main(argv: list[str] | None = None) -> int:
         **{k: variants[0][k] for k in SETTINGS if k in variants[0]},
         "model_tflop_per_step": model_flops * scale / 1e12, "teacher_tflop": teacher_flops * scale / 1e12,
         "student_tflop": student_flops * scale / 1e12, "peak_matmul_tflops": peak / 1e12,
+        "peak_matmul_size": peak_size,
     }
 
     def report():  # the whole file, replaced at once: a run killed while writing keeps the last complete one
@@ -565,7 +569,7 @@ def main(argv: list[str] | None = None) -> int:
         out["breakdown"] = parts
         report()
     # the peak again: one measured while other jobs held the cores reads low and inflates every utilisation
-    peak_after = peak_matmul_flops(dtype)
+    peak_after, _ = peak_matmul_flops(dtype, peak_size)
     progress(f"peak after the steps {peak_after / 1e12:.3f} TFLOP/s (before: {peak_before / 1e12:.3f})")
     out["peak_matmul_tflops_before_after"] = [peak_before / 1e12, peak_after / 1e12]
     if peak_after > peak:

@@ -24,7 +24,7 @@ def test_distill_step_runs_beside_pytorch(tmp_path):
     out = tmp_path / "step.json"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     args = ["--width", "16", "--resolution", "64", "--iters", "1", "--torch-accumulation", "2",
-            "--variant", "scan_layers=true", "--json", str(out)]
+            "--variant", "scan_layers=true", "--peak-size", "1024", "--json", str(out)]
     with open(tmp_path / "stderr.txt", "w") as stderr:
         proc = subprocess.Popen([sys.executable, str(ROOT / "bench" / "distill_step.py"), *args], cwd=ROOT, env=env,
                                 stdout=subprocess.PIPE, stderr=stderr, text=True)
@@ -69,7 +69,7 @@ def test_distill_step_runs_beside_pytorch(tmp_path):
     # the same precision on both sides, recorded; the noise is drawn before the timing, the copies timed alone
     assert figures["torch_dtype"] == "fp32"
     assert figures["torch_tf32"] is (figures["torch_device"] == "cuda")  # TF32 as XLA's default on a GPU
-    assert len(figures["peak_matmul_tflops_before_after"]) == 2
+    assert len(figures["peak_matmul_tflops_before_after"]) == 2 and figures["peak_matmul_size"] == 1024
     assert figures["peak_matmul_tflops"] == max(figures["peak_matmul_tflops_before_after"])
     # progress as it goes (a run killed by a GPU lease's limit still says how far it got): one line per
     # phase, in order, each variant timed once
