@@ -200,8 +200,9 @@ def resolve_plan(spec: UNetSpec, plan: PrunePlan,
         depth = modules[name]
         if isinstance(target, int):
             if not 1 <= target <= depth:
-                problems.append(f"{name}: keeps {target} layers, the teacher has {depth} (keep 1..{depth}; "
-                                "removing a whole attention module is not supported)")
+                problems.append(f"{name}: keeps {target} layers, the teacher has {depth} (keep 1..{depth}; a whole "
+                                "attention module goes only with its resnet: list the resnets to keep under "
+                                "the plan's \"resnets\")")
                 continue
             try:
                 kept[name] = choose_layers(depth, target, plan.strategy, (sensitivity or {}).get(name))
@@ -211,7 +212,9 @@ def resolve_plan(spec: UNetSpec, plan: PrunePlan,
             bad = [i for i in target if not 0 <= i < depth]
             if bad or not target or len(set(target)) != len(target):
                 problems.append(f"{name}: layer indices {list(target)} must be distinct, non-empty and within "
-                                f"0..{depth - 1} (the teacher has {depth} layers)")
+                                f"0..{depth - 1} (the teacher has {depth} layers"
+                                + ("; indices name the teacher's layers: is this teacher pruned already?)" if bad
+                                   else ")"))
                 continue
             kept[name] = tuple(sorted(target))
     if plan.mid_block_type != KEEP and "mid_block.attentions.0" in plan.attentions:
@@ -303,9 +306,16 @@ def student_spec(spec: UNetSpec, plan: PrunePlan, kept: Mapping[str, tuple[int, 
                                up_depths=depths("up_blocks", spec.up_depths), mid_block_type=mid, mid_depth=mid_depth)
         student.to_diffusers_config()
     except UnsupportedConfigError as e:
+        advice = ""
+        down = depths("down_blocks", spec.down_depths)[-1]
+        if mid == CROSS_ATTN_MID and any(down) and down[0] != mid_depth:  # diffusers' one entry for both depths
+            last = f"down_blocks.{spec.num_blocks - 1}.attentions.0"
+            advice = (f" {last} ({down[0]} layers) and mid_block.attentions.0 ({mid_depth}) must keep the same depth: "
+                      f"prune {last if 'mid_block.attentions.0' in kept else 'mid_block.attentions.0'} to "
+                      f"{mid_depth if 'mid_block.attentions.0' in kept else down[0]} as well, or set mid_block_type "
+                      f"to {RESNET_MID!r}.")
         raise PlanError(f"prune plan {plan.name!r} leaves a UNet that cannot be built or written as a diffusers "
-                        f"folder: {e} Prune mid_block.attentions.0 to the same depth, or set mid_block_type "
-                        f"to {RESNET_MID!r}.") from e
+                        f"folder: {e}{advice}") from e
     return student
 
 
@@ -394,6 +404,9 @@ def _teacher_tap(name: str, kept: Mapping[str, Sequence[int]]) -> str:
 
 def _index(name: str) -> int:
     return int(name.rpartition("_")[2])
+
+
+ANOTHER_REPORT = "give another --sensitivity folder to measure this teacher"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -486,14 +499,10 @@ def _run(args, auto: bool):
 
     spec, params = load_unet(args.teacher)
     print(f"teacher: {args.teacher} ({count_params(spec):,} parameters)")
-    if report is not None:  # the architecture matched; the weights must too (a fine-tune has other damages)
-        if report.teacher_digest is None:
-            print(f"sensitivity: {args.sensitivity} does not record its teacher's weights (an older report): reused "
-                  "on the architecture alone")
-        elif report.teacher_digest != sens.weights_digest(params):
-            raise PlanError(f"the sensitivity report {args.sensitivity} was measured on another teacher of the same "
-                            f"architecture (its weights differ from {args.teacher}'s); give another --sensitivity "
-                            "folder to measure this teacher")
+    if report is not None and not sens.check_teacher(report, spec, params, report_name=args.sensitivity,
+                                                     teacher_name=args.teacher, remedy=ANOTHER_REPORT):
+        print(f"sensitivity: {args.sensitivity} does not record its teacher's weights (an older report): reused "
+              "on the architecture alone")
     if args.sensitivity and report is None:
         report = sens.sensitivity_report(
             spec, params, batch=args.calibration_batch or 8, size=args.calibration_size or 32, seed=args.seed or 0,
@@ -538,10 +547,7 @@ def _reused_report(path: Path, spec: UNetSpec, args) -> tuple[Report | None, Pat
         raise FileNotFoundError(f"--sensitivity {path}: no sensitivity report there; give a folder to measure into")
     else:
         return None, path
-    if report.spec != spec:
-        fields = [f.name for f in dataclasses.fields(spec) if getattr(spec, f.name) != getattr(report.spec, f.name)]
-        raise PlanError(f"the sensitivity report {path} was measured on another teacher architecture (it differs "
-                        f"in {', '.join(fields)}); give another --sensitivity folder to measure this teacher")
+    sens.check_teacher(report, spec, report_name=str(path), teacher_name=args.teacher, remedy=ANOTHER_REPORT)
     cal = report.calibration
     asked = [("--calibration-batch", args.calibration_batch, args.calibration_batch, cal.get("batch")),
              ("--calibration-size", args.calibration_size, [args.calibration_size] * 2, cal.get("size")),

@@ -404,6 +404,23 @@ def weights_digest(params: Mapping) -> str:
     return h.hexdigest()[:16]
 
 
+def check_teacher(report: Report, spec: UNetSpec, params: Mapping | None = None, *, report_name: str,
+                  teacher_name: str, remedy: str) -> bool:
+    """Refuses (PlanError, ending in `remedy`) a report measured on another teacher: another architecture, or
+    (`params` given) other weights — a fine-tune's layers hurt differently. True when the weights were
+    compared; False when they were not given or the report (an older one) does not record them."""
+    if report.spec != spec:
+        fields = [f.name for f in dataclasses.fields(spec) if getattr(spec, f.name) != getattr(report.spec, f.name)]
+        raise PlanError(f"the sensitivity report {report_name} was measured on another teacher architecture than "
+                        f"{teacher_name} (it differs in {', '.join(fields)}); {remedy}")
+    if params is None or report.teacher_digest is None:
+        return False
+    if report.teacher_digest != weights_digest(params):
+        raise PlanError(f"the sensitivity report {report_name} was measured on another teacher of the same "
+                        f"architecture (its weights differ from {teacher_name}'s); {remedy}")
+    return True
+
+
 def repriced(report: Report, flops_size: int | tuple[int, int]) -> Report:
     """`report` with its units' FLOPs and the teacher's counted at latent side `flops_size` instead; the
     measured damages stay (they do not depend on the deployment resolution)."""

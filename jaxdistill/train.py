@@ -44,7 +44,7 @@ from jaxdistill.convert import CONFIG_NAME, load_unet, resolve_unet_folder, save
 from jaxdistill.data import check_same_data, make_data
 from jaxdistill.layers import stack_layers, unstack_layers
 from jaxdistill.prepare import load_encoders, make_encode
-from jaxdistill.prune import feature_pairs, load_plan, prune
+from jaxdistill.prune import PrunePlan, feature_pairs, load_plan, prune
 from jaxdistill.records import atomic_json, changes, describe
 from jaxdistill.schedule import add_noise, alphas_cumprod, schedule_mismatches
 from jaxdistill.sharding import (
@@ -302,7 +302,8 @@ def build_models(c: ml_collections.ConfigDict, previous: Model | None, weights: 
             print(f"stage {c.name}: {c.student} does not say which teacher layers it kept (no prune_plan.json, "
                   "stage marker or export facts): resnet taps pair by position")
     elif teacher is not None and c.plan:
-        spec, params, kept = prune(teacher.spec, teacher.params, load_plan(c.plan), sensitivity=_damage(c))
+        plan = load_plan(c.plan)
+        spec, params, kept = prune(teacher.spec, teacher.params, plan, sensitivity=_damage(c, plan, teacher))
         student = Model(spec, params)
     elif teacher is not None:
         student = Model(teacher.spec, teacher.params)  # fine-tune / distil into a copy of the teacher
@@ -332,17 +333,28 @@ def _stack_on_host(params: Any) -> Any:
         return jax.jit(stack_layers)(params)
 
 
-def _damage(c: ml_collections.ConfigDict) -> dict[str, list[float]] | None:
+def _damage(c: ml_collections.ConfigDict, plan: PrunePlan, teacher: Model) -> dict[str, list[float]] | None:
     """The layer damage of `config.sensitivity` (a `python -m jaxdistill.prune --sensitivity` report folder),
-    for plans of strategy "sensitivity"."""
+    for plans of strategy "sensitivity": measured on this stage's teacher (its architecture, and its weights
+    where they are loaded and the report records them), as `prune --sensitivity` requires."""
+    measure = f"python -m jaxdistill.prune --teacher TEACHER --sensitivity {c.sensitivity or 'REPORT_DIR'}"
     if not c.sensitivity:
+        if plan.strategy == "sensitivity" and any(isinstance(t, int) for t in plan.attentions.values()):
+            raise ValueError(f"stage {c.name}: plan {c.plan} picks layers by measured damage (strategy "
+                             f"'sensitivity'): give --config.sensitivity=REPORT_DIR, a report measured on this "
+                             f"stage's teacher ({measure})")
         return None
     from jaxdistill import sensitivity
 
     if not (Path(c.sensitivity) / "sensitivity.json").is_file():
-        raise ValueError(f"config.sensitivity={c.sensitivity!r} holds no sensitivity.json: measure one with "
-                         f"python -m jaxdistill.prune --teacher TEACHER --sensitivity {c.sensitivity}")
-    return sensitivity.layer_damage(sensitivity.read_report(c.sensitivity))
+        raise ValueError(f"config.sensitivity={c.sensitivity!r} holds no sensitivity.json: measure one with {measure}")
+    report = sensitivity.read_report(c.sensitivity)
+    sensitivity.check_teacher(report, teacher.spec, teacher.params, report_name=f"config.sensitivity={c.sensitivity}",
+                              teacher_name=(f"stage {c.name}'s teacher "
+                                            + ("(the previous stage)" if c.teacher == "previous" else c.teacher)),
+                              remedy="measure this teacher into another folder (python -m jaxdistill.prune "
+                                     "--teacher TEACHER --sensitivity NEW_DIR) and give --config.sensitivity=NEW_DIR")
+    return sensitivity.layer_damage(report)
 
 
 def run_stage(c: ml_collections.ConfigDict, workdir: Path, previous: Model | None,

@@ -462,6 +462,39 @@ def test_taps_and_sensitivity_settings_reach_the_run(unet_folders, plan_file, tm
         run(config, tmp_path / "sensitivity")
 
 
+def test_a_sensitivity_plan_takes_its_layers_from_a_report_of_its_own_teacher(unet_folders, tmp_path):
+    """As `python -m jaxdistill.prune --sensitivity` does: a report of another architecture or of other weights
+    (a fine-tune) is refused, not used to pick the layers; a missing report names the config field."""
+    import dataclasses
+
+    from jaxdistill import sensitivity as S
+    from jaxdistill.train import build_models
+
+    plan = tmp_path / "plan.json"
+    PrunePlan(name="s", strategy="sensitivity", attentions={"up_blocks.0.attentions.0": 1}).save(plan)
+
+    def kept(report=None, weights=True):
+        if report is not None:
+            S.write_report(report, tmp_path / "report")
+        config = small_config(unet_folders["micro"], str(plan), sensitivity=str(tmp_path / "report") if report else "")
+        return build_models(stages_of(config)[0], None, weights=weights)[2]
+
+    with pytest.raises(ValueError, match="give --config.sensitivity=REPORT_DIR"):
+        kept(weights=False)
+    spec, params = load_unet(unet_folders["micro"])
+    priced = S.priced(spec, 8, teacher_flops=1.0)
+    # layer 1 of up_blocks.0.attentions.0 hurts most when removed: the one kept
+    rows = tuple(S.Row(r.unit, 2.0 if (r.unit.module, r.unit.index) == ("up_blocks.0.attentions.0", 1) else 1.0)
+                 for r in priced.rows)
+    report = dataclasses.replace(priced, rows=rows, teacher_digest=S.weights_digest(params))
+    assert kept(report)["up_blocks.0.attentions.0"] == (1,)
+    with pytest.raises(ValueError, match="of the same architecture .its weights differ"):
+        kept(dataclasses.replace(report, teacher_digest="0" * 16))
+    kept(dataclasses.replace(report, teacher_digest="0" * 16), weights=False)  # the weights are not read yet
+    with pytest.raises(ValueError, match="another teacher architecture .* differs in mid_depth"):
+        kept(dataclasses.replace(report, spec=spec.replace(mid_depth=1)), weights=False)
+
+
 def test_a_student_folder_says_which_teacher_layers_it_kept(unet_folders, tmp_path):
     """A finished stage (or an export) as config.student: its marker's kept layers pair the resnet taps."""
     from jaxdistill.train import build_models
