@@ -9,8 +9,8 @@ embed); a leading `layers` axis when transformer layers are scanned. The rule ta
 tensor parallelism `mlp` over `tensor`. A dimension the mesh axis does not divide stays whole (tiny
 models, odd widths). Batches are split over `data` × `fsdp`.
 
-Multi-host: `initialize_distributed()` starts JAX's runtime (TPU VMs by themselves; SLURM from its
-environment; anywhere from JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID), and
+Multi-host: `initialize_distributed()` starts JAX's runtime (TPU VMs by themselves; SLURM and Open MPI from
+their environment; anywhere from JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID), and
 `global_batch` assembles each host's slice of a batch into one global array. Where one host can fail
 alone (its copy of the weights or the data, its share of a source), `agreed` / `gather_failures` let every
 host learn it in one collective and stop with one error naming it, instead of the others waiting in the
@@ -207,8 +207,8 @@ def global_batch(local: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.A
 def initialize_distributed() -> bool:
     """Starts JAX's multi-process runtime when the environment describes more than one process: JAX's own
     variables (JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID), SLURM (srun with more than one
-    task) or a Cloud TPU VM (its pod slice found by JAX; a TPU VM where JAX finds none runs as one process); see
-    `distributed_args`. Returns whether it did. Call before
+    task), Open MPI (mpirun) or a Cloud TPU VM (its pod slice found by JAX; a TPU VM where JAX finds none runs
+    as one process); see `distributed_args`. Returns whether it did. Call before
     using any device. Raises RuntimeError when a SLURM process with one task per node does not see all of its
     node's GPUs."""
     jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU processes talk over gloo; GPU/TPU ignore it
@@ -219,6 +219,10 @@ def initialize_distributed() -> bool:
     try:
         jax.distributed.initialize(**kwargs)
     except ValueError as e:  # JAX found no cluster to join ("coordinator_address should be defined")
+        if "coordinator_address" in kwargs and not {"num_processes", "process_id"} <= set(kwargs):
+            raise ValueError(f"JAX_COORDINATOR_ADDRESS is set, but JAX_NUM_PROCESSES and JAX_PROCESS_ID are not both, "
+                             f"and JAX found no cluster (SLURM, Open MPI, Kubernetes) to read them from ({e}): set "
+                             "both on every process, or unset JAX_COORDINATOR_ADDRESS to run one process") from e
         if not tpu_vm or distributed_args(os.environ) is not None:
             raise
         # a TPU VM that is no GCE pod slice (no worker list in its metadata): one process, as JAX alone runs it
@@ -242,17 +246,18 @@ def _on_cloud_tpu_vm() -> bool:
 
 def distributed_args(env: Mapping[str, str], tpu_vm: bool = False) -> dict[str, Any] | None:
     """The keyword arguments of `jax.distributed.initialize()` for environment `env` (os.environ), or None
-    for a single process. JAX_COORDINATOR_ADDRESS & co. are passed on; SLURM (an srun step of more than one
-    task; a batch script run directly is one process) and Cloud TPU VMs (`tpu_vm`: single host or pod slice;
-    GKE's TPU_WORKER_HOSTNAMES) are left to JAX's own detection ({}), except that under SLURM with one task
-    per node that task gets all of its node's GPUs (`local_device_ids` 0 … N−1): JAX's SLURM rule assumes one
-    task per GPU and would give each task the GPU numbered by its SLURM_LOCALID, GPU 0 of 8 (jax-ml/jax#16788).
-    A TPU VM starts the runtime even alone, as maxtext does: a pod slice's worker list is in the VM's
-    metadata, not always in its environment, and orbax's multi-host checkpoints need the runtime's client."""
-    if "JAX_COORDINATOR_ADDRESS" in env:
-        return {"coordinator_address": env["JAX_COORDINATOR_ADDRESS"],
-                "num_processes": int(env.get("JAX_NUM_PROCESSES", "1")),
-                "process_id": int(env.get("JAX_PROCESS_ID", "0"))}
+    for a single process. JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID are passed on as far
+    as they are set: what is missing JAX fills from the cluster it detects (SLURM, Open MPI, Kubernetes).
+    SLURM (an srun step of more than one task; a batch script run directly is one process), Open MPI (mpirun
+    of more than one rank) and Cloud TPU VMs (`tpu_vm`: single host or pod slice; GKE's TPU_WORKER_HOSTNAMES)
+    are left to JAX's own detection, except that under SLURM with one task per node that task gets all of its
+    node's GPUs (`local_device_ids` 0 … N−1): JAX's SLURM rule assumes one task per GPU and would give each
+    task the GPU numbered by its SLURM_LOCALID, GPU 0 of 8 (jax-ml/jax#16788). A TPU VM starts the runtime
+    even alone, as maxtext does: a pod slice's worker list is in the VM's metadata, not always in its
+    environment, and orbax's multi-host checkpoints need the runtime's client."""
+    given = {key: convert(env[name]) for key, name, convert in (
+        ("coordinator_address", "JAX_COORDINATOR_ADDRESS", str), ("num_processes", "JAX_NUM_PROCESSES", int),
+        ("process_id", "JAX_PROCESS_ID", int)) if name in env}
     # Only inside an srun step: a batch script or salloc shell has SLURM_NTASKS too, but one process runs there
     tasks = int(env.get("SLURM_STEP_NUM_TASKS") or 1)
     if tasks > 1:
@@ -261,8 +266,10 @@ def distributed_args(env: Mapping[str, str], tpu_vm: bool = False) -> dict[str, 
         visible = [d for d in env.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
         gpus = len(visible) or int(env.get("SLURM_GPUS_ON_NODE") or 0)
         if tasks == nodes and gpus and "JAX_LOCAL_DEVICE_IDS" not in env:  # JAX reads that one itself
-            return {"local_device_ids": list(range(gpus))}
-        return {}
+            return given | {"local_device_ids": list(range(gpus))}
+        return given
+    if given or int(env.get("OMPI_COMM_WORLD_SIZE") or 1) > 1:
+        return given
     if tpu_vm or env.get("TPU_WORKER_HOSTNAMES", "").count(",") > 0:
         return {}  # JAX reads the workers from the environment or the VM's metadata itself
     return None

@@ -91,6 +91,13 @@ def test_distributed_args_give_one_task_per_node_all_its_gpus():
     assert distributed_args(batch_script) is None
     assert distributed_args({"JAX_COORDINATOR_ADDRESS": "h:1", "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "1"}) == {
         "coordinator_address": "h:1", "num_processes": 2, "process_id": 1}
+    # a coordinator address alone: JAX takes the count and id from the cluster (not "process 0 of 1" everywhere)
+    assert distributed_args(SLURM | {"JAX_COORDINATOR_ADDRESS": "h:1"}) == {"coordinator_address": "h:1",
+                                                                           "local_device_ids": list(range(8))}
+    assert distributed_args({"JAX_COORDINATOR_ADDRESS": "h:1", "OMPI_COMM_WORLD_SIZE": "2"}) == {
+        "coordinator_address": "h:1"}
+    assert distributed_args({"OMPI_COMM_WORLD_SIZE": "4"}) == {}  # mpirun: JAX's Open MPI rule reads the ranks
+    assert distributed_args({"OMPI_COMM_WORLD_SIZE": "1"}) is None
     assert distributed_args({"TPU_WORKER_HOSTNAMES": "w0,w1"}) == {}
     # a Cloud TPU VM, alone or in a pod slice whose workers are only in the VM's metadata: JAX finds them
     assert distributed_args({}, tpu_vm=True) == {}
@@ -126,6 +133,16 @@ def test_a_task_that_sees_fewer_gpus_than_its_node_has_stops(monkeypatch, capsys
     assert "runs as one process" in capsys.readouterr().err
     monkeypatch.setattr(os, "environ", dict(SLURM))  # where the environment names a cluster, the error stands
     with pytest.raises(ValueError, match="coordinator_address"):
+        sharding.initialize_distributed()
+
+    def no_count(**kwargs):
+        raise ValueError("Number of processes must be defined.")
+
+    # a coordinator address without a count where JAX detects no cluster: what to set, not "process 0 of 1"
+    monkeypatch.setattr(jax.distributed, "initialize", no_count)
+    monkeypatch.setattr(sharding, "_on_cloud_tpu_vm", lambda: False)
+    monkeypatch.setattr(os, "environ", {"JAX_COORDINATOR_ADDRESS": "h:1"})
+    with pytest.raises(ValueError, match="JAX_NUM_PROCESSES and JAX_PROCESS_ID are not both.*set both"):
         sharding.initialize_distributed()
 
 
