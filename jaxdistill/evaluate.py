@@ -21,7 +21,7 @@ import dataclasses
 import json
 import os
 import shlex
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -153,7 +153,19 @@ class Validation:
         self.parts = sample.load_parts(pipeline_dir)  # its VAE, text encoders and scheduler, not its UNet
         self.teacher = sample.with_unet(self.parts, teacher_spec, teacher_params, "teacher")
         self.prompts, self.seeds, self.kwargs = list(prompts), list(seeds), sample_kwargs
-        self._teacher_output = None
+        self._teacher_output, self._put_teacher = None, None
+
+    def place(self, put: Callable[[Any], Any], teacher_params: Any = None) -> None:
+        """The VAE, the text encoders and the teacher's UNet put where `put` places a parameter tree (the
+        trainer: sharded over its mesh, as training holds them, not whole on every device); `teacher_params`:
+        the teacher's, already placed (the trainer's own arrays, where their layout is the UNet's), else the
+        teacher is put there only while its samples are drawn."""
+        encoders = dataclasses.replace(self.parts.text_encoders, params=put(self.parts.text_encoders.params))
+        self.parts = dataclasses.replace(self.parts, text_encoders=encoders, vae_params=put(self.parts.vae_params))
+        self._put_teacher = put if teacher_params is None else None
+        self.teacher = dataclasses.replace(self.parts, unet_spec=self.teacher.unet_spec, name=self.teacher.name,
+                                           unet_params=self.teacher.unet_params if teacher_params is None
+                                           else teacher_params)
 
     def __call__(self, student_spec, student_params) -> tuple[dict[str, float], Any]:
         """→ (mean metrics, the teacher | student grid as a PIL image)."""
@@ -161,8 +173,13 @@ class Validation:
 
         if self._teacher_output is None:
             cases = [(p, s) for p in self.prompts for s in self.seeds]
-            self._teacher_output = sample.generate(self.teacher, [p for p, _ in cases], seeds=[s for _, s in cases],
+            teacher = self.teacher
+            if self._put_teacher is not None:
+                teacher = dataclasses.replace(teacher, unet_params=self._put_teacher(teacher.unet_params))
+            self._teacher_output = sample.generate(teacher, [p for p, _ in cases], seeds=[s for _, s in cases],
                                                    **self.kwargs)
+            # drawn once: the teacher's UNet weights are not needed again
+            self.teacher = dataclasses.replace(self.teacher, unet_params=None)
         student = sample.with_unet(self.parts, student_spec, student_params, "student")
         evaluation = compare(self.teacher, student, self.prompts, self.seeds, teacher_output=self._teacher_output,
                              **self.kwargs)

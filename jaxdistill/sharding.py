@@ -7,7 +7,8 @@ so a leaf's name and rank say what it is: a linear kernel is (embed, mlp) (in, o
 embed); a leading `layers` axis when transformer layers are scanned. The rule table
 (`config.mesh.rules`) maps logical names to mesh axes; FSDP shards `embed` / `conv_out` over `fsdp`,
 tensor parallelism `mlp` over `tensor`. A dimension the mesh axis does not divide stays whole (tiny
-models, odd widths). Batches are split over `data` × `fsdp`.
+models, odd widths); `check_divided` refuses a mesh that would leave most of a model so. Batches are split
+over `data` × `fsdp`.
 
 Multi-host: `initialize_distributed()` starts JAX's runtime (TPU VMs by themselves; SLURM and Open MPI from
 their environment; anywhere from JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID), and
@@ -136,17 +137,58 @@ def param_shardings(params: Mapping, mesh: Mesh, rules: Sequence[tuple[str, str 
     problems = rule_errors(rules)
     if problems:
         raise ValueError("mesh rules: " + "; ".join(problems))
+    out = {path: NamedSharding(mesh, PartitionSpec(*[axis if axis not in whole else None for axis in axes]))
+           for path, (_, axes, whole) in _placements(params, mesh.shape, rules).items()}
+    return unflatten_dict(out)
+
+
+def _placements(params: Mapping, sizes: Mapping[str, int], rules: Sequence[tuple[str, str | None]]) -> dict:
+    """Per parameter path: (its shape; the mesh axis `rules` give each dimension, or None; the axes among them
+    whose size, in `sizes`, does not divide their dimension: that dimension stays whole)."""
     table = dict(rules)
     out = {}
     for path, leaf in flatten_dict(dict(params)).items():
         shape = np.shape(leaf)
-        spec = []
-        for dim, name in zip(shape, _leaf_axes(path, len(shape)), strict=True):
-            axis = table.get(name) if name else None
-            size = mesh.shape[axis] if axis else 1
-            spec.append(axis if axis and size > 1 and dim % size == 0 else None)
-        out[path] = NamedSharding(mesh, PartitionSpec(*spec))
-    return unflatten_dict(out)
+        axes = [table.get(name) if name else None for name in _leaf_axes(path, len(shape))]
+        axes = [axis if axis and sizes[axis] > 1 else None for axis in axes]
+        out[path] = (shape, axes, {axis for dim, axis in zip(shape, axes, strict=True) if axis and dim % sizes[axis]})
+    return out
+
+
+def undivided(params: Mapping, sizes: Mapping[str, int], rules: Sequence[tuple[str, str | None]] = DEFAULT_RULES
+              ) -> dict[str, float]:
+    """Per mesh axis (sizes: axis → devices, e.g. `mesh.shape`): the share of the parameters, by count, that
+    `rules` split over it but whose dimension it does not divide — they stay whole on each of its devices."""
+    total, whole = 0, {}
+    for shape, _, axes in _placements(params, sizes, rules).values():
+        n = math.prod(shape)
+        total += n
+        for axis in axes:
+            whole[axis] = whole.get(axis, 0) + n
+    return {axis: n / total for axis, n in whole.items()}
+
+
+def check_divided(params: Mapping, sizes: Mapping[str, int], rules: Sequence[tuple[str, str | None]] = DEFAULT_RULES,
+                  limit: float = 0.1) -> list[str]:
+    """ValueError when an fsdp or tensor axis of `sizes` leaves more than `limit` of the parameters whole (it
+    does not divide the model's widths — SDXL's are multiples of 64 — so each device would hold them, their
+    optimizer state and EMA in full, as maxtext refuses an indivisible sharding rather than replicate it), naming
+    a size of that axis that divides them on the same devices. Notes where it leaves more than 1 %."""
+    notes = []
+    for axis, share in sorted(undivided(params, sizes, rules).items()):
+        size = int(sizes[axis])
+        if share > limit:
+            fits = max(d for d in range(1, size + 1) if not size % d
+                       and undivided(params, {**sizes, axis: d}, rules).get(axis, 0.0) <= limit)
+            raise ValueError(
+                f"mesh {dict(sizes)}: {share:.0%} of the parameters would stay whole on every device: the rules "
+                f"split them over {axis!r}, whose {size} devices do not divide their widths. Give {axis!r} a size "
+                f"that does, and the rest of the devices to 'data', e.g. mesh.sizes.{axis}={fits} and "
+                f"mesh.sizes.data={int(sizes['data']) * size // fits}")
+        if share > 0.01:
+            notes.append(f"{share:.1%} of the parameters stay whole on every device: mesh.sizes.{axis}={size} does not "
+                         "divide their widths")
+    return notes
 
 
 def like_params(state: Any, params_sharding: Mapping, mesh: Mesh) -> Any:

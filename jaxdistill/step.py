@@ -104,7 +104,9 @@ def init_state(params: Any, tx: optax.GradientTransformation, ema: bool) -> Trai
     """float32 master copies of `params` in buffers of their own (the state is donated to the step, and a
     student fresh from pruning shares its arrays with the teacher). One jitted program, not one per leaf.
     Parameters placed on a mesh keep their placement, and so do their AdamW moments and EMA (zeros do not
-    depend on the parameters, so without explicit output shardings XLA would replicate them)."""
+    depend on the parameters, so without explicit output shardings XLA would replicate them).
+    `jax.ShapeDtypeStruct` parameters (with their shardings) give the state's shapes and shardings alone,
+    nothing allocated: the target a checkpoint restores into."""
     def build(params):
         params = jax.tree.map(lambda x: jnp.array(x, jnp.float32, copy=True), params)
         ema_params = jax.tree.map(lambda x: jnp.array(x, copy=True), params) if ema else None
@@ -112,10 +114,14 @@ def init_state(params: Any, tx: optax.GradientTransformation, ema: bool) -> Trai
                           ema_params=ema_params)
 
     leaves = jax.tree.leaves(params)
+    abstract = bool(leaves) and all(isinstance(x, jax.ShapeDtypeStruct) for x in leaves)
     sharding = getattr(leaves[0], "sharding", None) if leaves else None
     if not isinstance(sharding, jax.sharding.NamedSharding):
-        return jax.jit(build)(params)
-    out = like_params(jax.eval_shape(build, params), jax.tree.map(lambda x: x.sharding, params), sharding.mesh)
+        return jax.eval_shape(build, params) if abstract else jax.jit(build)(params)
+    shapes = jax.eval_shape(build, params)
+    out = like_params(shapes, jax.tree.map(lambda x: x.sharding, params), sharding.mesh)
+    if abstract:
+        return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, out)
     return jax.jit(build, out_shardings=out)(params)
 
 

@@ -53,18 +53,20 @@ from jaxdistill.sharding import (
     attempt,
     batch_sharding,
     batch_shards,
+    check_divided,
     gather_failures,
     gather_texts,
     global_batch,
     initialize_distributed,
     make_mesh,
+    param_shardings,
     raise_failures,
     replicated,
     shard_params,
 )
 from jaxdistill.spec import UNetSpec
 from jaxdistill.step import TrainState, init_state, make_optimizer, make_train_step
-from jaxdistill.unet import UNet, count_params, flops, init_params
+from jaxdistill.unet import UNet, abstract_params, count_params, flops, init_params
 
 STAGE_MARKER = "jaxdistill_stage.json"  # beside a finished stage's diffusers files: what made it
 MODELS = {**presets.PRESETS, **{f"tiny-{name}": presets.tiny(spec) for name, spec in presets.PRESETS.items()}}
@@ -162,6 +164,14 @@ def check_stages(stages: list[ml_collections.ConfigDict], workdir: Path) -> tupl
         if c.batch_size % shards:
             raise ValueError(f"stage {c.name}: config.batch_size={c.batch_size} must be a multiple of the mesh's "
                              f"{shards} batch shards (mesh.sizes data × fsdp)")
+        # the models as the run places them (teacher too: a whole bf16 SDXL per device does not fit small chips)
+        models = {"student": abstract_params(student.spec)} | (
+            {"teacher": abstract_params(teacher.spec)} if distil else {})
+        try:
+            notes += [f"stage {c.name}: {note}" for note in
+                      check_divided(models, mesh.shape, [tuple(r) for r in c.mesh.rules])]
+        except ValueError as e:
+            raise ValueError(f"stage {c.name}: {e}") from None
         identity["kept_layers"] = _plain_kept(kept)
         _refuse_changes(what, made, identity, remedy)
         data = make_data(c, student.spec)
@@ -404,13 +414,22 @@ def run_stage(c: ml_collections.ConfigDict, workdir: Path, previous: Model | Non
     teacher_params = shard_params(layout(teacher.params), mesh, rules) if distil else None
     frozen = {"teacher": teacher_params, "encoders": shard_params(encoder_params, mesh, rules)}
 
-    state = init_state(shard_params(layout(student.params), mesh, rules), tx, ema=c.ema_decay > 0)
+    if validation is not None:  # sharded as training holds them: a whole teacher per device may not fit
+        validation.place(lambda p: shard_params(p, mesh, rules), None if c.scan_layers else teacher_params)
+    manager = _checkpoint_manager(workdir / "checkpoints" / c.name, c)
+    student_params = layout(student.params)
+    if manager.latest_step() is not None:  # restored into its shapes alone: one training state on the devices
+        shardings = param_shardings(student_params, mesh, rules)
+        student_params = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=s),
+                                      student_params, shardings)
+    else:
+        student_params = shard_params(student_params, mesh, rules)
+    state = init_state(student_params, tx, ema=c.ema_decay > 0)
     state_sharding = jax.tree.map(lambda x: x.sharding, state)
     train_step = jax.jit(step_fn, donate_argnums=(0,),
                          in_shardings=(state_sharding, jax.tree.map(lambda x: x.sharding, frozen),
                                        batch_sharding(mesh), replicated(mesh)),
                          out_shardings=(state_sharding, replicated(mesh)))
-    manager = _checkpoint_manager(workdir / "checkpoints" / c.name, c)
     meta = {"stage": c.name, "student_config": student.spec.to_diffusers_config(), "config": c.to_dict(),
             "data_identity": data.identity} | identity
     start, saved = 0, {}

@@ -7,6 +7,8 @@ import shutil
 import subprocess
 import sys
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import cpu_env
@@ -237,6 +239,44 @@ def test_training_writes_a_validation_grid_and_agreement(pipeline, tmp_path):
     assert all(0 < line["eval/agreement"] and line["eval/ssim"] <= 1 for line in evals)
     assert sorted(p.name for p in (tmp_path / "run" / "samples" / "main").iterdir()) == [
         "validation_0000002.png", "validation_0000003.png"]
+
+
+def test_validation_holds_its_models_where_the_trainer_places_them(pipeline, monkeypatch):
+    """The trainer places the validation's VAE, text encoders and teacher UNet on its mesh (sharded as
+    training holds them; whole on every device, a teacher may not fit beside the training state): the
+    samples are drawn with the placed trees, the teacher placed only to draw its samples, once."""
+    from jaxdistill import load_unet, sample
+    from jaxdistill.evaluate import Validation
+
+    spec, params = load_unet(pipeline)
+    placed = []
+
+    def put(tree):
+        placed.append(jax.tree.map(jnp.array, tree))
+        return placed[-1]
+
+    class Drawn(Exception):
+        pass
+
+    def generate(pipe, *args, **kwargs):
+        seen.append((pipe.unet_params, pipe.vae_params, pipe.text_encoders.params))
+        raise Drawn
+
+    seen = []
+    monkeypatch.setattr(sample, "generate", generate)
+    validation = Validation(str(pipeline), spec, params, prompts=["a cat"], seeds=[0], steps=1)
+    validation.place(put)
+    encoders, vae = placed
+    assert validation.parts.text_encoders.params is encoders and validation.parts.vae_params is vae
+    with pytest.raises(Drawn):
+        validation(spec, params)
+    assert seen[0][0] is placed[2] and seen[0][1:] == (vae, encoders) and len(placed) == 3
+    # the trainer's own teacher arrays, where their layout is the UNet's: used as they are, nothing copied
+    own = jax.tree.map(jnp.array, params)
+    validation.place(put, teacher_params=own)
+    with pytest.raises(Drawn):
+        validation(spec, params)
+    assert seen[1][0] is own and len(placed) == 5
 
 
 def test_clip_score_from_a_clip_folder(tmp_path):

@@ -146,6 +146,40 @@ def test_a_task_that_sees_fewer_gpus_than_its_node_has_stops(monkeypatch, capsys
         sharding.initialize_distributed()
 
 
+def test_an_fsdp_size_that_divides_no_width_is_refused_before_training(unet_folders, monkeypatch):
+    """SDXL's widths are multiples of 64: fsdp=24 (3 nodes of 8 GPUs) would leave every parameter whole on
+    every device, silently; the start is refused, naming sizes that split them on the same devices."""
+    from jaxdistill import presets, train
+    from jaxdistill.config import stages_of
+    from jaxdistill.sharding import check_divided, param_shardings, undivided
+
+    sdxl = abstract_params(presets.SDXL)
+    sizes = {n: {"data": 1, "fsdp": n, "tensor": 1} for n in (16, 24, 256)}
+    assert undivided(sdxl, sizes[16]).get("fsdp", 0.0) < 0.01 and undivided(sdxl, sizes[24])["fsdp"] > 0.99
+    with pytest.raises(ValueError, match=r"mesh.sizes.fsdp=8 and mesh.sizes.data=3"):
+        check_divided(sdxl, sizes[24])
+    with pytest.raises(ValueError, match=r"over 'tensor'.*mesh.sizes.tensor=2 and mesh.sizes.data=6"):
+        check_divided(sdxl, {"data": 2, "fsdp": 8, "tensor": 6})
+    notes = check_divided(sdxl, sizes[256])  # small leftovers: said, not refused
+    assert len(notes) == 1 and "mesh.sizes.fsdp=256 does not divide" in notes[0]
+    assert check_divided(sdxl, {"data": 4, "fsdp": 16, "tensor": 2}) == []
+
+    def left_whole(n):  # the share param_shardings does not split over fsdp (norms and biases never are)
+        mesh = jax.sharding.AbstractMesh((1, n, 1), ("data", "fsdp", "tensor"))
+        pairs = zip(jax.tree.leaves(sdxl), jax.tree.leaves(param_shardings(sdxl, mesh)), strict=True)
+        return sum(x.size for x, sh in pairs if "fsdp" not in sh.spec) / sum(x.size for x in jax.tree.leaves(sdxl))
+
+    assert left_whole(24) - left_whole(16) == pytest.approx(
+        undivided(sdxl, sizes[24])["fsdp"] - undivided(sdxl, sizes[16]).get("fsdp", 0.0), abs=1e-9)
+    # the trainer checks it with the stages, before any weights are read (the tiny teacher's widths are 32)
+    config = small_config(unet_folders["micro"], "", batch_size=24, **{"mesh.sizes": {"data": 1, "fsdp": 24,
+                                                                                       "tensor": 1}})
+    monkeypatch.setattr(train, "make_mesh", lambda sizes, dcn=None: jax.sharding.AbstractMesh(
+        tuple(sizes.values()), tuple(sizes)))
+    with pytest.raises(ValueError, match=r"stage .*: mesh .* stay whole .*mesh.sizes.fsdp=8"):
+        train.check_stages(stages_of(config), Path(unet_folders["micro"]).parent / "nowhere")
+
+
 def test_bad_mesh_rules_are_named_before_anything_runs():
     from jaxdistill.config import base_config, validate
     from jaxdistill.sharding import DEFAULT_RULES, rule_errors

@@ -106,8 +106,14 @@ def test_schedule_matches_diffusers():
                                scheduler.get_velocity(*args).numpy(), rtol=1e-5, atol=1e-6)
 
 
-def test_resume_continues_exactly(unet_folders, plan_file, tmp_path):
+def test_resume_continues_exactly(unet_folders, plan_file, tmp_path, monkeypatch):
+    from jaxdistill import train
+
     teacher = unet_folders["micro"]
+    # a resume restores into the training state's shapes alone: no second state on the devices beside it
+    targets = []
+    restore = train._restore
+    monkeypatch.setattr(train, "_restore", lambda manager, state: (targets.append(state), restore(manager, state))[1])
     # EMA on: its state must resume exactly too (the stage's output is the EMA), and so must the draws of
     # diffusers' script's options. The straight run also traces steps 2–3 (config.profile): the trace must
     # hold the step's XLA ops and change nothing.
@@ -125,6 +131,7 @@ def test_resume_continues_exactly(unet_folders, plan_file, tmp_path):
     with open(tmp_path / "resumed" / "metrics.jsonl", "a") as f:  # what a killed run logged after its checkpoint
         f.write(json.dumps({"stage": "main", "step": 4, "loss": 123.0}) + '\n{"stage": "ma')
     resumed_summary = run(small_config(teacher, plan_file, **options), tmp_path / "resumed")  # at 3: 4..6
+    assert len(targets) == 1 and all(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(targets[0]))
     _, straight = load_unet(tmp_path / "straight" / "stages" / "main")
     _, resumed = load_unet(tmp_path / "resumed" / "stages" / "main")
     for k, v in flatten_dict(straight).items():
