@@ -177,7 +177,7 @@ def check_divided(params: Mapping, sizes: Mapping[str, int], rules: Sequence[tup
     notes = []
     for axis, share in sorted(undivided(params, sizes, rules).items()):
         size = int(sizes[axis])
-        if share > limit:
+        if share > limit and axis != "data":  # (a rule table that splits parameters over data: noted only)
             fits = max(d for d in range(1, size + 1) if not size % d
                        and undivided(params, {**sizes, axis: d}, rules).get(axis, 0.0) <= limit)
             raise ValueError(
@@ -310,7 +310,7 @@ def distributed_args(env: Mapping[str, str], tpu_vm: bool = False) -> dict[str, 
         if tasks == nodes and gpus and "JAX_LOCAL_DEVICE_IDS" not in env:  # JAX reads that one itself
             return given | {"local_device_ids": list(range(gpus))}
         return given
-    if given or int(env.get("OMPI_COMM_WORLD_SIZE") or 1) > 1:
+    if "coordinator_address" in given or int(env.get("OMPI_COMM_WORLD_SIZE") or 1) > 1:
         return given
     if tpu_vm or env.get("TPU_WORKER_HOSTNAMES", "").count(",") > 0:
         return {}  # JAX reads the workers from the environment or the VM's metadata itself

@@ -98,6 +98,7 @@ def test_distributed_args_give_one_task_per_node_all_its_gpus():
         "coordinator_address": "h:1"}
     assert distributed_args({"OMPI_COMM_WORLD_SIZE": "4"}) == {}  # mpirun: JAX's Open MPI rule reads the ranks
     assert distributed_args({"OMPI_COMM_WORLD_SIZE": "1"}) is None
+    assert distributed_args({"JAX_NUM_PROCESSES": "1"}) is None  # a count alone starts nothing, as before
     assert distributed_args({"TPU_WORKER_HOSTNAMES": "w0,w1"}) == {}
     # a Cloud TPU VM, alone or in a pod slice whose workers are only in the VM's metadata: JAX finds them
     assert distributed_args({}, tpu_vm=True) == {}
