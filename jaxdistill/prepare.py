@@ -131,6 +131,8 @@ def prepare(source: S.Source, pipeline: str | os.PathLike, out: str | os.PathLik
     from tqdm import tqdm
 
     prep, rules = prep or S.Preprocessing(), rules or S.DecodeRules()
+    if not 0 <= seed < 2**32:  # as config.seed: each record's draws are seeded by it (numpy refuses negatives)
+        raise PrepareError(f"seed {seed}: expected 0 ≤ seed < 2^32")
     if storage_dtype not in STORAGE_DTYPES:
         raise PrepareError(f"storage dtype {storage_dtype!r}: expected one of {STORAGE_DTYPES}")
     local = jax.local_devices()

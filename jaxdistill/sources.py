@@ -716,20 +716,22 @@ class TarSource:
     """
 
     def __init__(self, pattern: str):
+        # Names relative to the folder the pattern names, not to the tars' common folder: a tar added in
+        # another subfolder renames no shard (prepare's done-markers and the keys stay). An existing folder
+        # or file is taken as named, glob characters in its name included.
         if os.path.isdir(pattern):
-            paths = glob.glob(os.path.join(pattern, "**", "*.tar"), recursive=True)
+            paths, base = glob.glob(os.path.join(glob.escape(pattern), "**", "*.tar"), recursive=True), pattern
+        elif os.path.isfile(pattern):
+            paths, base = [pattern], os.path.dirname(pattern)
         else:
-            paths = glob.glob(pattern, recursive=True)
+            paths, base = glob.glob(pattern, recursive=True), os.path.dirname(pattern)
+            while glob.has_magic(base):
+                base = os.path.dirname(base)
         self.paths = sorted(paths)
         if not self.paths:
             raise ValueError(f"tar source: no tar files match {pattern}; check the path or glob (quote it so the "
                              "shell does not expand it)")
         self.description = f"tar:{os.path.abspath(pattern)}"
-        # Names relative to the folder the pattern names, not to the tars' common folder: a tar added in
-        # another subfolder renames no shard (prepare's done-markers and the keys stay).
-        base = pattern if os.path.isdir(pattern) else os.path.dirname(pattern)
-        while glob.has_magic(base):
-            base = os.path.dirname(base)
         self._names = [_printable(os.path.relpath(p, base or ".").replace(os.sep, "/").removesuffix(".tar"))
                        for p in self.paths]
 
@@ -965,10 +967,10 @@ def open_source(spec: str, **options: Any) -> FolderSource | TarSource | TFDSSou
         if m["split"]:
             options = {"split": m["split"], **options}
         return TFDSSource(m["name"], **options)
-    if spec.endswith(".tar") or glob.has_magic(spec):
-        return TarSource(spec, **options)
-    if os.path.isdir(spec):
-        if glob.glob(os.path.join(spec, "*.tar")):
+    if os.path.isdir(spec):  # first: a folder's name may hold glob characters ("imgs[2023]")
+        if glob.glob(os.path.join(glob.escape(spec), "*.tar")):
             return TarSource(spec, **options)
         return FolderSource(spec, **options)
+    if spec.endswith(".tar") or glob.has_magic(spec):
+        return TarSource(spec, **options)
     raise ValueError(f"cannot open source {spec!r}: not folder:/tar:/tfds:, not an existing folder or tar glob")

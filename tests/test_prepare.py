@@ -248,9 +248,10 @@ def test_prepare_command_ends_bad_input_with_a_usage_error(prepared, images, pip
     assert "no such data set" in usage_error("--source", "tfds:no_such_captions", "--data-dir", str(tmp_path))
     assert "storage_dtype: 'float32' → 'float16'" in usage_error("--out", str(done))
     assert "positive multiple" in usage_error("--batch-size", "0")
+    assert "seed -1: expected 0 ≤ seed" in usage_error("--seed", "-1")  # not 'every record skipped', done
     (tmp_path / "empty").mkdir()
     assert "no images (jpg/jpeg/png/webp/bmp) found under" in usage_error("--source", str(tmp_path / "empty"))
-    assert len(started) == 6  # the multi-host runtime is started as train starts it
+    assert len(started) == 7  # the multi-host runtime is started as train starts it
     assert not (tmp_path / "out").exists()
 
 

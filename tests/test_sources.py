@@ -630,5 +630,15 @@ def test_skips_merge_and_never_raise():
 def test_open_source_rejects_what_it_cannot_read(tmp_path):
     with pytest.raises(ValueError):
         open_source(str(tmp_path / "nope"))
+    # a folder (or tar) whose name holds glob characters is taken as named, not as a pattern
+    images = tmp_path / "imgs[2023]"
+    images.mkdir()
+    Image.new("RGB", (8, 8)).save(images / "a.png")
+    (images / "a.txt").write_text("a cat")
+    assert isinstance(open_source(str(images)), sources.FolderSource)
+    _tar(tmp_path / "imgs[2023]" / "s[1].tar", [("b.png", (images / "a.png").read_bytes()), ("b.txt", b"a dog")])
+    for spec in (str(images), str(images / "s[1].tar")):
+        source = open_source(spec)
+        assert isinstance(source, sources.TarSource) and [s.name for s in source.shards()] == ["s[1]"], spec
     with pytest.raises(ValueError, match="no tar files match"):  # ValueError: a usage error for train and prepare
         open_source(f"tar:{tmp_path}/*.tar")
