@@ -77,7 +77,7 @@ def base_config() -> ml_collections.ConfigDict:
     # `prompts` × `seeds` with latent MSE, PSNR and SSIM, in TensorBoard and WORKDIR/samples/STAGE/.
     c.eval = ml_collections.ConfigDict(dict(every=0, pipeline="", prompts=("a photo of an astronaut riding a horse",
                                                                            "a watercolor painting of a lighthouse"),
-                                            seeds=(0,), steps=20, guidance=5.0, scheduler="euler", height=0, width=0,
+                                            seeds=(0,), steps=20, guidance=5.0, scheduler="", height=0, width=0,
                                             batch_size=4))
     c.batch_size = 128  # global, all micro-batches of one step together (32 × 4 accumulation)
     c.steps = 251_000
@@ -186,7 +186,8 @@ def _field_errors(c: ml_collections.ConfigDict) -> list[str]:
           "≥ 1 slices per axis (1 everywhere but on multi-slice TPU)")
     errors += [f"mesh.rules: {problem}" for problem in rule_errors(c.mesh.rules)]
     check(c.eval.every >= 0, "eval.every", "≥ 0 (0: validate only before and after)")
-    check(c.eval.scheduler in SCHEDULER_NAMES, "eval.scheduler", f"one of {list(SCHEDULER_NAMES)}")
+    check(c.eval.scheduler in ("", *SCHEDULER_NAMES), "eval.scheduler",
+          f"one of {list(SCHEDULER_NAMES)}, or '' for the pipeline's own")
     check(c.eval.batch_size >= 1, "eval.batch_size", "≥ 1 (images denoised and decoded together)")
     check(c.checkpoint_every >= 1, "checkpoint_every", "≥ 1")
     # orbax's max_to_keep=0 deletes every checkpoint as it is written

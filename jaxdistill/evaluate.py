@@ -21,6 +21,7 @@ import dataclasses
 import json
 import os
 import shlex
+import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -38,14 +39,21 @@ def psnr(a: np.ndarray, b: np.ndarray, data_range: float = 255.0) -> float:
     return float("inf") if mse == 0 else float(10 * np.log10(data_range ** 2 / mse))
 
 
+def check_ssim_size(height: int, width: int, sigma: float = 1.5) -> int:
+    """ValueError for images smaller than SSIM's Gaussian window (11 pixels at σ = 1.5; scikit-image refuses
+    them too); else the window's radius."""
+    radius = int(3.5 * sigma + 0.5)  # scikit-image's truncate=3.5 → an 11-tap window at σ = 1.5
+    if min(height, width) < 2 * radius + 1:  # np.convolve would swap its operands and return nonsense
+        raise ValueError(f"images of {height}×{width} pixels are smaller than SSIM's {2 * radius + 1}×{2 * radius + 1} "
+                         f"window: give a height and width of at least {2 * radius + 1}")
+    return radius
+
+
 def ssim(a: np.ndarray, b: np.ndarray, data_range: float = 255.0, sigma: float = 1.5) -> float:
     """Structural similarity of two images [H, W, C]: Gaussian-weighted local statistics (window 11 for
     σ = 1.5), averaged over the valid (unpadded) pixels and the channels."""
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    radius = int(3.5 * sigma + 0.5)  # scikit-image's truncate=3.5 → an 11-tap window at σ = 1.5
-    if min(a.shape[:2]) < 2 * radius + 1:  # np.convolve would swap its operands and return nonsense
-        raise ValueError(f"ssim: images of {a.shape[0]}×{a.shape[1]} pixels are smaller than the "
-                         f"{2 * radius + 1}×{2 * radius + 1} window (as scikit-image, which refuses them too)")
+    radius = check_ssim_size(*a.shape[:2], sigma=sigma)
     x = np.arange(-radius, radius + 1)
     g = np.exp(-x ** 2 / (2 * sigma ** 2))
     g /= g.sum()
@@ -106,12 +114,12 @@ class Evaluation:
 
 
 def compare(teacher, student, prompts: Sequence[str], seeds: Sequence[int], *, clip: ClipScore | None = None,
-            teacher_output=None, height: int | None = None, width: int | None = None,
+            teacher_output=None, height: int | None = None, width: int | None = None, progress: bool = False,
             **sample_kwargs) -> Evaluation:
     """Teacher and student (`sample.Pipeline`s) from the same noise for every prompt × seed, at one size
     (default: the teacher's). `sample_kwargs` go to `sample.generate` (steps, guidance, scheduler,
     batch_size). `teacher_output`: the teacher's `SampleOutput` for these prompts and seeds when already
-    computed (training reuses it)."""
+    computed (training reuses it). `progress`: a progress bar per model."""
     from jaxdistill import sample
 
     height, width = teacher.check_size(height, width)
@@ -119,8 +127,9 @@ def compare(teacher, student, prompts: Sequence[str], seeds: Sequence[int], *, c
     cases = [(p, s) for p in prompts for s in seeds]
     case_prompts, case_seeds = [p for p, _ in cases], [s for _, s in cases]
     kwargs = dict(sample_kwargs, height=height, width=width)
-    t = teacher_output or sample.generate(teacher, case_prompts, seeds=case_seeds, **kwargs)
-    s = sample.generate(student, case_prompts, seeds=case_seeds, **kwargs)
+    t = teacher_output or sample.generate(teacher, case_prompts, seeds=case_seeds,
+                                          progress="teacher" if progress else None, **kwargs)
+    s = sample.generate(student, case_prompts, seeds=case_seeds, progress="student" if progress else None, **kwargs)
     rows = []
     for i, (prompt, seed) in enumerate(cases):
         tl, sl = np.asarray(t.latents[i], np.float64), np.asarray(s.latents[i], np.float64)
@@ -152,6 +161,7 @@ class Validation:
 
         self.parts = sample.load_parts(pipeline_dir)  # its VAE, text encoders and scheduler, not its UNet
         self.teacher = sample.with_unet(self.parts, teacher_spec, teacher_params, "teacher")
+        check_ssim_size(*self.teacher.check_size(sample_kwargs.get("height"), sample_kwargs.get("width")))
         self.prompts, self.seeds, self.kwargs = list(prompts), list(seeds), sample_kwargs
         self._teacher_output, self._put_teacher = None, None
 
@@ -196,7 +206,7 @@ def write_report(evaluation: Evaluation, out: str | os.PathLike, info: dict[str,
         writer.writeheader()
         writer.writerows(evaluation.rows)
     means = evaluation.means()
-    fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)  # noqa: E731
+    fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v).replace("|", "\\|")  # noqa: E731 (a prompt's |)
     lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
     lines += ["| " + " | ".join(fmt(r[k]) for k in keys) + " |" for r in evaluation.rows]
     lines.append("| **mean** | | " + " | ".join(fmt(means[k]) for k in keys[2:]) + " |")
@@ -247,7 +257,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seeds", default="0,1", type=sample.seed_list, help="comma-separated seeds (default 0,1)")
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--guidance", type=float, default=5.0)
-    parser.add_argument("--scheduler", choices=sample.SCHEDULER_NAMES, default="euler")
+    parser.add_argument("--scheduler", choices=sample.SCHEDULER_NAMES,
+                        help="default: the pipeline's own, as diffusers runs it (euler where it is none of ours)")
     parser.add_argument("--height", type=int)
     parser.add_argument("--width", type=int)
     parser.add_argument("--batch-size", type=int, default=4, help="images denoised and decoded together")
@@ -274,14 +285,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         check_out(args.out, args.overwrite, (teacher.pipeline_dir,))  # the pipeline a run recorded, too
         height, width = teacher.check_size(args.height, args.width)
         student.check_size(height, width)
+        check_ssim_size(height, width)
         sample.make_scheduler(args.scheduler, teacher.scheduler_config).set_timesteps(args.steps)
         clip = ClipScore(args.clip) if args.clip else None
     except (OSError, ValueError, RuntimeError) as e:  # RuntimeError: --clip without PyTorch
         parser.error(str(e))
+    scheduler = args.scheduler or sample.scheduler_name(teacher.scheduler_config)
+    if not args.scheduler and sample.scheduler_note(teacher.scheduler_config):
+        print(sample.scheduler_note(teacher.scheduler_config), file=sys.stderr)
     evaluation = compare(teacher, student, prompts, args.seeds, clip=clip, steps=args.steps, guidance=args.guidance,
-                         scheduler=args.scheduler, height=height, width=width, batch_size=args.batch_size)
-    info = {"student": args.student, "teacher": args.teacher, "steps": args.steps, "guidance": args.guidance,
-            "scheduler": args.scheduler}
+                         scheduler=scheduler, height=height, width=width, batch_size=args.batch_size, progress=True)
+    info = {"student": args.student, "teacher": args.teacher, "pipeline": teacher.pipeline_dir, "ema": args.ema,
+            "steps": args.steps, "guidance": args.guidance, "scheduler": scheduler, "height": height, "width": width,
+            "seeds": list(args.seeds), "batch_size": args.batch_size}
     out = Path(args.out)
     with whole_folder(out, args.overwrite) as tmp:  # no file of an earlier report is left among the new ones
         write_report(evaluation, tmp, info)

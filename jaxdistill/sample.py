@@ -37,6 +37,7 @@ import functools
 import json
 import math
 import os
+import sys
 import textwrap
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -388,16 +389,37 @@ SCHEDULER_NAMES = (*SCHEDULERS, *(f"{name}-karras" for name, cls in SCHEDULERS.i
                                   if "use_karras_sigmas" in {f.name for f in dataclasses.fields(cls)}))
 
 
-def make_scheduler(name: str, config: Mapping[str, Any] | None = None) -> Scheduler:
+def make_scheduler(name: str | None, config: Mapping[str, Any] | None = None) -> Scheduler:
     """`SCHEDULERS[name].from_config(config)` (SDXL's config when None), like diffusers'
-    `EulerDiscreteScheduler.from_config(pipe.scheduler.config)`; a name ending in "-karras" adds
-    `use_karras_sigmas=True`, as `DPMSolverMultistepScheduler.from_config(config, use_karras_sigmas=True)`."""
+    `EulerDiscreteScheduler.from_config(pipe.scheduler.config)`; a name ending in "-karras" sets
+    `use_karras_sigmas=True`, as `DPMSolverMultistepScheduler.from_config(config, use_karras_sigmas=True)`, and
+    a plain name False (a config's Karras sigmas are not inherited: the name says what runs). `name` None or
+    "": the config's own scheduler (`scheduler_name`)."""
+    config = dict(SDXL_SCHEDULER_CONFIG if config is None else config)
+    name = name or scheduler_name(config)
     if name not in SCHEDULER_NAMES:
         raise ValueError(f"scheduler {name!r}: expected one of {list(SCHEDULER_NAMES)}")
-    config = dict(SDXL_SCHEDULER_CONFIG if config is None else config)
-    if name.endswith("-karras"):
-        name, config["use_karras_sigmas"] = name.removesuffix("-karras"), True
-    return SCHEDULERS[name].from_config(config)
+    base = name.removesuffix("-karras")
+    if "use_karras_sigmas" in {f.name for f in dataclasses.fields(SCHEDULERS[base])}:
+        config["use_karras_sigmas"] = name.endswith("-karras")
+    return SCHEDULERS[base].from_config(config)
+
+
+def scheduler_name(config: Mapping[str, Any]) -> str:
+    """The scheduler a pipeline's scheduler_config.json names (`_class_name`, with its Karras sigmas) as one of
+    `SCHEDULER_NAMES`, what diffusers' `from_pretrained` runs; "euler" (SDXL's) where it names none of them or
+    another class (`scheduler_note` says so)."""
+    name = {cls.__name__: n for n, cls in SCHEDULERS.items()}.get(config.get("_class_name", ""), "euler")
+    karras = f"{name}-karras"
+    return karras if config.get("use_karras_sigmas") and karras in SCHEDULER_NAMES else name
+
+
+def scheduler_note(config: Mapping[str, Any]) -> str | None:
+    """A line for a pipeline whose own scheduler is none of ours: sampling runs Euler instead."""
+    own = config.get("_class_name")
+    if own and own not in {cls.__name__ for cls in SCHEDULERS.values()}:
+        return f"note: the pipeline's scheduler {own} is not implemented here: sampling with euler (see --scheduler)"
+    return None
 
 
 # ---- the pipeline -------------------------------------------------------------------------------
@@ -583,18 +605,22 @@ def check_seeds(seeds: Sequence[int]) -> list[int]:
 
 
 def generate(pipe: Pipeline, prompts: Sequence[str], *, seeds: Sequence[int] | None = None,
-             latents: np.ndarray | None = None, steps: int = 25, guidance: float = 5.0, scheduler: str = "euler",
+             latents: np.ndarray | None = None, steps: int = 25, guidance: float = 5.0, scheduler: str | None = None,
              height: int | None = None, width: int | None = None, negative_prompt: str | Sequence[str] = "",
-             guidance_rescale: float = 0.0, batch_size: int | None = None) -> SampleOutput:
+             guidance_rescale: float = 0.0, batch_size: int | None = None, progress: str | None = None
+             ) -> SampleOutput:
     """Text → images, as diffusers' `StableDiffusionXLPipeline(prompts, ...)` computes them.
 
     One image per prompt: its noise from `seeds[i]` (`initial_latents`; default seeds 0 … B−1) or the given
     `latents` [B, h, w, C] (NHWC, unscaled N(0, 1) noise: diffusers' `latents=`, which both multiply by the
     scheduler's init_noise_sigma). `guidance` > 1 turns on classifier-free guidance (diffusers' rule);
     `negative_prompt` "" means zero negative conditioning when the pipeline's `force_zeros_for_empty_prompt`
-    is set (diffusers' negative_prompt=None), else it is encoded (one string, or one per prompt).
+    is set (diffusers' negative_prompt=None), else it is encoded (one string, or one per prompt: a list is
+    encoded as given, empty strings included, as diffusers encodes a list).
     height/width in pixels (default: the UNet's sample size × the VAE's factor). `batch_size` runs the
-    prompts in chunks of that many (the last chunk padded, so one compilation serves all)."""
+    prompts in chunks of that many (the last chunk padded, so one compilation serves all). `scheduler`: one of
+    `SCHEDULER_NAMES`, default the pipeline's own (`scheduler_name`). `progress`: a label for a progress bar
+    (images done, rate, ETA; the first chunk includes compilation)."""
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     n = len(prompts)
     if not n:
@@ -617,12 +643,15 @@ def generate(pipe: Pipeline, prompts: Sequence[str], *, seeds: Sequence[int] | N
         raise ValueError(f"{len(negatives)} negative prompts for {n} prompts")
     sched = make_scheduler(scheduler, pipe.scheduler_config)
     schedule = sched.set_timesteps(steps)
-    # Decided over all prompts, not per chunk, so an image does not depend on `batch_size`: diffusers encodes
-    # a list of negatives as given, "" included, unless all are empty.
-    zero_negatives = pipe.force_zeros_for_empty_prompt and not any(negatives)
+    # Decided for the call, not per chunk, so an image does not depend on `batch_size`: "" is diffusers'
+    # negative_prompt=None (zeros); a list of negatives is encoded as given, "" included, as diffusers does.
+    zero_negatives = pipe.force_zeros_for_empty_prompt and isinstance(negative_prompt, str) and not negative_prompt
 
     chunk = min(batch_size or n, n)
     outputs = []
+    from tqdm import tqdm
+
+    bar = tqdm(total=n, desc=progress, unit="image", disable=progress is None, dynamic_ncols=True)
     for start in range(0, n, chunk):
         idx = [min(i, n - 1) for i in range(start, start + chunk)]  # pad the last chunk with its last item
         out = _generate_batch(pipe, [prompts[i] for i in idx], [negatives[i] for i in idx], zero_negatives,
@@ -630,6 +659,8 @@ def generate(pipe: Pipeline, prompts: Sequence[str], *, seeds: Sequence[int] | N
         # The VAE decodes chunk by chunk too: SDXL's decoder needs ~3.5 GB of activations per 1024² image.
         keep = min(chunk, n - start)
         outputs.append((out[:keep], _decode(pipe, out)[:keep]))
+        bar.update(keep)
+    bar.close()
     final = np.concatenate([chunk_latents for chunk_latents, _ in outputs])
     # diffusers' VaeImageProcessor.postprocess: denormalize, then ×255 and round for PIL.
     decoded = np.concatenate([chunk_images for _, chunk_images in outputs])
@@ -818,8 +849,8 @@ def seed_list(text: str) -> list[int]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """`python -m jaxdistill.sample`: images from a model (pipeline, UNet folder or training checkpoint)
-    for prompts and seeds: one PNG per image, grid.png (prompts × seeds), and with --teacher the teacher's
-    images and side_by_side.png."""
+    for prompts and seeds: one PNG per image, grid.png (prompts × seeds), sample.json (what made them: model,
+    settings, each file's prompt and seed), and with --teacher the teacher's images and side_by_side.png."""
     import argparse
 
     parser = argparse.ArgumentParser(prog="python -m jaxdistill.sample", description=main.__doc__)
@@ -836,9 +867,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--guidance-rescale", type=float, default=0.0)
     parser.add_argument("--seed", type=int, default=0, help="first seed; image k of a prompt uses seed + k")
     parser.add_argument("--num-images", type=int, default=1, help="images per prompt")
-    parser.add_argument("--scheduler", choices=SCHEDULER_NAMES, default="euler",
-                        help="euler (SDXL's default), ddim, dpm (DPM-Solver++ 2M); -karras: with Karras sigmas "
-                             "(dpm-karras: DPM++ 2M Karras)")
+    parser.add_argument("--scheduler", choices=SCHEDULER_NAMES,
+                        help="euler (SDXL's), ddim, dpm (DPM-Solver++ 2M); -karras: with Karras sigmas (dpm-karras: "
+                             "DPM++ 2M Karras); default: the pipeline's own, as diffusers runs it (euler where it is "
+                             "none of these)")
     parser.add_argument("--height", type=int, help="pixels (default: the UNet's sample size × the VAE's factor)")
     parser.add_argument("--width", type=int)
     parser.add_argument("--batch-size", type=int, default=4, help="images denoised together")
@@ -883,24 +915,35 @@ def main(argv: Sequence[str] | None = None) -> int:
         make_scheduler(args.scheduler, student.scheduler_config).set_timesteps(args.steps)
     except (OSError, ValueError) as e:  # --out, missing folders, incompatible parts, sizes, scheduler configs, steps
         parser.error(str(e))
+    scheduler = args.scheduler or scheduler_name(student.scheduler_config)
+    if not args.scheduler and scheduler_note(student.scheduler_config):
+        print(scheduler_note(student.scheduler_config), file=sys.stderr)
 
     pairs = [(i, p, args.seed + k) for i, p in enumerate(prompts) for k in range(args.num_images)]
-    kwargs = dict(seeds=[s for _, _, s in pairs], steps=args.steps, guidance=args.guidance, scheduler=args.scheduler,
+    kwargs = dict(seeds=[s for _, _, s in pairs], steps=args.steps, guidance=args.guidance, scheduler=scheduler,
                   height=height, width=width, negative_prompt=args.negative_prompt,
                   guidance_rescale=args.guidance_rescale, batch_size=args.batch_size)
     out = Path(args.out)
     names = [f"{i:03d}_seed{s}" for i, _, s in pairs]
-    images = generate(student, [p for _, p, _ in pairs], **kwargs).images
-    teacher_images = generate(teacher, [p for _, p, _ in pairs], **kwargs).images if teacher is not None else None
+    images = generate(student, [p for _, p, _ in pairs], progress="model", **kwargs).images
+    teacher_images = (generate(teacher, [p for _, p, _ in pairs], progress="teacher", **kwargs).images
+                      if teacher is not None else None)
     # Written whole or not at all: no image of an earlier run in --out is left among these.
+    record = {"model": args.model, "pipeline": student.pipeline_dir, "teacher": args.teacher, "ema": args.ema,
+              "dtype": args.dtype, "scheduler": scheduler, "steps": args.steps, "guidance": args.guidance,
+              "guidance_rescale": args.guidance_rescale, "negative_prompt": args.negative_prompt, "height": height,
+              "width": width, "batch_size": args.batch_size,
+              "images": [{"file": f"{name}.png", "prompt": p, "seed": seed} for name, (_, p, seed) in zip(names, pairs,
+                                                                                                      strict=True)]}
     with whole_folder(out, args.overwrite) as tmp:
         save_images(images, tmp, names)
+        (tmp / "sample.json").write_text(json.dumps(record, indent=1, ensure_ascii=False) + "\n")
         image_grid(images, rows=len(prompts), row_labels=prompts,
                    col_labels=[f"seed {args.seed + k}" for k in range(args.num_images)]).save(tmp / "grid.png")
         if teacher_images is not None:
             save_images(teacher_images, tmp / "teacher", names)
             pair_grid(teacher_images, images, [p for _, p, _ in pairs], kwargs["seeds"]).save(tmp / "side_by_side.png")
-    print(f"{len(images)} images ({width}×{height}, {args.steps} {args.scheduler} steps, guidance {args.guidance}) "
+    print(f"{len(images)} images ({width}×{height}, {args.steps} {scheduler} steps, guidance {args.guidance}) "
           f"→ {out}/ and {out / 'grid.png'}")
     if teacher_images is not None:
         print(f"teacher images → {out / 'teacher'}/, side by side → {out / 'side_by_side.png'}")

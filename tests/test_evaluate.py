@@ -3,6 +3,7 @@ evaluate command comparing a student with its teacher on a tiny pipeline."""
 
 import csv
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -48,14 +49,17 @@ def test_psnr_by_hand():
 def test_report_files(tmp_path):
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (4, 16, 16, 3)).astype(np.uint8)
-    rows = [{"prompt": f"p{i}", "seed": i, "latent_mse": 0.1 * i, "latent_rel_mse": 0.01 * i, "psnr": 20.0 + i,
+    rows = [{"prompt": f"p{i} | q", "seed": i, "latent_mse": 0.1 * i, "latent_rel_mse": 0.01 * i, "psnr": 20.0 + i,
              "ssim": 0.5} for i in range(2)]
     evaluation = Evaluation(rows, images[:2], images[2:])
     assert evaluation.means()["psnr"] == 20.5
     out = write_report(evaluation, tmp_path / "report", {"steps": 3})
     with open(out / "metrics.csv") as f:
-        assert [r["prompt"] for r in csv.DictReader(f)] == ["p0", "p1"]
-    assert "**mean**" in (out / "metrics.md").read_text()
+        assert [r["prompt"] for r in csv.DictReader(f)] == ["p0 | q", "p1 | q"]
+    table = [line for line in (out / "metrics.md").read_text().splitlines() if line.startswith("|")]
+    assert "**mean**" in table[-1]
+    # a | in a prompt is escaped: every row has the header's columns
+    assert {len(re.split(r"(?<!\\)\|", line)) for line in table} == {len(rows[0]) + 2}
     assert json.loads((out / "summary.json").read_text())["means"]["psnr"] == 20.5
     assert (out / "grid.png").stat().st_size > 0
 
@@ -118,7 +122,8 @@ def test_evaluate_command_compares_a_student_with_its_teacher(pipeline, tmp_path
     assert same["means"]["latent_mse"] == 0 and same["means"]["ssim"] == pytest.approx(1.0)
     assert same["means"]["psnr"] is None and same["rows"][0]["psnr"] is None
     assert different["means"]["latent_rel_mse"] > 1e-4 and different["means"]["ssim"] < 1.0
-    assert same["scheduler"] == "euler" and different["scheduler"] == "dpm-karras"
+    assert same["scheduler"] == "euler" and different["scheduler"] == "dpm-karras"  # the pipeline's own; as asked
+    assert (same["height"], same["width"], same["seeds"]) == (32, 48, [0, 3]) and same["pipeline"] == str(pipeline)
     assert (tmp_path / "report" / "grid.png").is_file()
     teacher_size = spec.sample_size * 2  # the tiny VAE's factor
     assert Image.open(tmp_path / "report" / "grid.png").size[1] > 4 * teacher_size
@@ -142,6 +147,7 @@ def test_evaluate_command_refuses_bad_input_before_sampling(pipeline, tmp_path, 
                                                                   "folder whose VAE, text encoders and scheduler to "
                                                                   "use (--pipeline DIR"),
                          (["--steps", "0"], "--steps must be"), (["--height", "30"], "multiple of 4"),
+                         (["--height", "8", "--width", "8"], "smaller than SSIM's 11×11 window"),
                          (["--teacher", str(tmp_path / "nothing")], "does not exist"),
                          (["--clip", str(tmp_path / "no-clip")], "no-clip"),
                          (["--steps", "1001"], "expected 1 … 1000"),

@@ -179,6 +179,15 @@ def test_karras_names_set_karras_sigmas():
         assert not np.allclose(plain.sigmas, ours.sigmas)
     with pytest.raises(ValueError, match="ddim-karras"):
         sample.make_scheduler("ddim-karras")
+    # a plain name runs plain sigmas even where the config asks for Karras: the name says what runs
+    karras_config = SDXL_SCHEDULER | {"use_karras_sigmas": True}
+    assert not sample.make_scheduler("dpm", karras_config).use_karras_sigmas
+    # no name: the scheduler the pipeline's config names, as diffusers' from_pretrained runs it
+    assert sample.scheduler_name(karras_config | {"_class_name": "DPMSolverMultistepScheduler"}) == "dpm-karras"
+    assert sample.scheduler_name(SDXL_SCHEDULER | {"_class_name": "DDIMScheduler"}) == "ddim"
+    assert sample.scheduler_name(SDXL_SCHEDULER) == "euler" and sample.scheduler_note(SDXL_SCHEDULER) is None
+    unipc = SDXL_SCHEDULER | {"_class_name": "UniPCMultistepScheduler"}
+    assert sample.scheduler_name(unipc) == "euler" and "UniPCMultistepScheduler" in sample.scheduler_note(unipc)
 
 
 @pytest.mark.parametrize("cls, changes, field", [
@@ -257,12 +266,13 @@ def test_guidance_off_and_negative_prompts_match_diffusers(pipe, torch_pipe, noi
     images, latents = run_diffusers(torch_pipe, "euler", noise, guidance=1.0)
     out = generate(pipe, PROMPTS, latents=noise, steps=STEPS, guidance=1.0, height=HEIGHT, width=WIDTH)
     assert rel(out.latents, latents) <= PIPELINE_TOLERANCE and rel(out.pixels, images) <= PIPELINE_TOLERANCE
-    # an encoded negative prompt, one per prompt
-    negatives = ["blue dog", "oil painting"]
-    images, latents = run_diffusers(torch_pipe, "euler", noise, guidance=5.0, negative_prompt=negatives)
-    out = generate(pipe, PROMPTS, latents=noise, steps=STEPS, guidance=5.0, height=HEIGHT, width=WIDTH,
-                   negative_prompt=negatives)
-    assert rel(out.latents, latents) <= PIPELINE_TOLERANCE and rel(out.pixels, images) <= PIPELINE_TOLERANCE
+    # an encoded negative prompt, one per prompt; a list of empty ones is encoded too (diffusers zeroes only
+    # for negative_prompt=None, our "")
+    for negatives in (["blue dog", "oil painting"], ["", ""]):
+        images, latents = run_diffusers(torch_pipe, "euler", noise, guidance=5.0, negative_prompt=negatives)
+        out = generate(pipe, PROMPTS, latents=noise, steps=STEPS, guidance=5.0, height=HEIGHT, width=WIDTH,
+                       negative_prompt=negatives)
+        assert rel(out.latents, latents) <= PIPELINE_TOLERANCE and rel(out.pixels, images) <= PIPELINE_TOLERANCE
     # force_zeros_for_empty_prompt off: the empty negative prompt is encoded
     torch_pipe.register_to_config(force_zeros_for_empty_prompt=False)
     try:
@@ -272,6 +282,24 @@ def test_guidance_off_and_negative_prompts_match_diffusers(pipe, torch_pipe, noi
     out = generate(dataclasses.replace(pipe, force_zeros_for_empty_prompt=False), PROMPTS, latents=noise,
                    steps=STEPS, guidance=5.0, height=HEIGHT, width=WIDTH)
     assert rel(out.latents, latents) <= PIPELINE_TOLERANCE and rel(out.pixels, images) <= PIPELINE_TOLERANCE
+
+
+def test_the_pipelines_own_scheduler_is_the_default(pipe, torch_pipe, noise):
+    """A pipeline folder whose scheduler is DPM++ 2M Karras samples with it unless told otherwise, as
+    diffusers' from_pretrained does (the default used to be Euler whatever the folder said)."""
+    base = torch_pipe.scheduler
+    torch_pipe.scheduler = diffusers.DPMSolverMultistepScheduler.from_config(
+        diffusers.EulerDiscreteScheduler.from_config(SDXL_SCHEDULER).config, use_karras_sigmas=True)
+    config = dict(torch_pipe.scheduler.config) | {"_class_name": "DPMSolverMultistepScheduler"}  # as saved
+    try:
+        with torch.no_grad():
+            images = torch_pipe(PROMPTS, height=HEIGHT, width=WIDTH, num_inference_steps=STEPS, guidance_scale=5.0,
+                                output_type="np", latents=torch.from_numpy(noise.transpose(0, 3, 1, 2).copy())).images
+    finally:
+        torch_pipe.scheduler = base
+    out = generate(dataclasses.replace(pipe, scheduler_config=config), PROMPTS, latents=noise, steps=STEPS,
+                   guidance=5.0, height=HEIGHT, width=WIDTH)
+    assert rel(out.pixels, images) <= PIPELINE_TOLERANCE
 
 
 def test_seeds_chunks_and_bad_arguments(pipe, noise):
@@ -304,13 +332,13 @@ def test_seeds_chunks_and_bad_arguments(pipe, noise):
 
 
 def test_a_list_of_negatives_means_the_same_in_any_batch_size(pipe, noise):
-    """With negatives ["", "blurry"] the "" is encoded (diffusers, for a list that is not all empty), also
-    when it is alone in its chunk: whether to use zero conditioning is decided over all prompts."""
+    """With negatives ["", "blurry"] the "" is encoded (diffusers encodes a list as given), also when it is
+    alone in its chunk: whether to use zero conditioning is decided for the call, not per chunk."""
     kwargs = dict(latents=noise, steps=STEPS, guidance=5.0, height=HEIGHT, width=WIDTH)
     whole = generate(pipe, PROMPTS, negative_prompt=["", "blurry"], **kwargs)
     chunked = generate(pipe, PROMPTS, negative_prompt=["", "blurry"], batch_size=1, **kwargs)
     np.testing.assert_allclose(chunked.latents, whole.latents, rtol=0, atol=1e-4)  # was 2.08 apart for image 0
-    zero = generate(pipe, PROMPTS, **kwargs)  # all empty: zero conditioning
+    zero = generate(pipe, PROMPTS, **kwargs)  # "": zero conditioning
     assert np.abs(zero.latents[0] - whole.latents[0]).max() > 1e-2
 
 
@@ -340,6 +368,11 @@ def test_cli_writes_images_grid_and_side_by_side(pipeline_dir, tmp_path, capsys)
                                                          "side_by_side.png"]
     assert sorted(p.name for p in (out / "teacher").glob("*.png")) == ["000_seed3.png", "000_seed4.png"]
     assert Image.open(out / "000_seed4.png").size == (WIDTH, HEIGHT)
+    # what made them, each file's prompt and seed; the scheduler the pipeline names (SDXL's Euler)
+    record = json.loads((out / "sample.json").read_text())
+    assert record["images"] == [{"file": f"000_seed{s}.png", "prompt": PROMPTS[0], "seed": s} for s in (3, 4)]
+    assert record["scheduler"] == "euler" and record["steps"] == STEPS and (record["height"], record["width"]) == (
+        HEIGHT, WIDTH) and record["teacher"] == str(pipeline_dir)
     # the teacher is the same model here: both sides are the same image
     assert np.array_equal(np.asarray(Image.open(out / "teacher" / "000_seed3.png")),
                           np.asarray(Image.open(out / "000_seed3.png")))
@@ -453,5 +486,5 @@ def test_cli_overwrite_replaces_an_earlier_run_whole(pipeline_dir, tmp_path):
                         "--steps", str(STEPS), "--height", str(HEIGHT), "--width", str(WIDTH), "--batch-size", "2",
                         "--out", str(out), "--overwrite"])
     assert code == 0
-    assert sorted(p.name for p in out.iterdir()) == ["000_seed3.png", "000_seed4.png", "grid.png"]
+    assert sorted(p.name for p in out.iterdir()) == ["000_seed3.png", "000_seed4.png", "grid.png", "sample.json"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["samples"]  # nothing half-written beside it
