@@ -128,6 +128,7 @@ class _ReadAhead:
 
     _pool: concurrent.futures.ThreadPoolExecutor | None = None
     _ahead: tuple[int, concurrent.futures.Future] | None = None
+    _handed: int | None = None  # the last step `batch` returned (the read-ahead may be a step further)
 
     def batch(self, step: int, ahead: bool = True) -> dict[str, np.ndarray]:
         """This host's part of global batch `step`; starts reading batch `step + 1` in the background, unless
@@ -141,6 +142,7 @@ class _ReadAhead:
             if pending is not None:  # one reader at a time: a stream is read in order
                 concurrent.futures.wait([pending[1]])
             out = self._read(step)
+        self._handed = step
         if ahead:
             self._ahead = (step + 1, self._pool.submit(self._read, step + 1))
         return out
@@ -270,7 +272,7 @@ class StreamedImages(_ReadAhead):
         # The reader thread alone moves the stream; the training loop sees it through these snapshots.
         self._at = _START  # where the stream stands: after the last example it gave
         self._before: dict[int, dict] = {}  # step → the state before its batch, for the latest steps
-        self._read_so_far: tuple[bool, dict] | None = None  # (first epoch read, its skips) after the last batch
+        self._read_so_far: dict[int, tuple[bool, dict]] = {}  # step → (first epoch read, its skips) after its batch
         self._seek: tuple[int, dict] | None = None  # (step, a checkpoint's state at it)
 
     def epoch_examples(self, epoch: int, skips: Skips | None = None) -> Iterator[Example]:
@@ -330,9 +332,10 @@ class StreamedImages(_ReadAhead):
         are not counted again; a resumed run counts on from its checkpoint (or its replay)."""
         from jaxdistill import sources as S
 
-        if self._reported or self._read_so_far is None:
+        # as of the batch handed out, not the one the background thread may already have read after it
+        if self._reported or self._handed not in self._read_so_far:
             return None
-        whole, skips = self._read_so_far
+        whole, skips = self._read_so_far[self._handed]
         if not (whole or final):
             return None
         self._reported = True
@@ -374,7 +377,8 @@ class StreamedImages(_ReadAhead):
         # also the place before the next batch: a checkpoint after the last step, whose next batch is not read
         # ahead, holds it too
         self._before = self._before | {step + 1: self._at | {"skips": _copy(self.skips)}}
-        self._read_so_far = (self._first_epoch_read, _copy(self.skips))
+        self._read_so_far = {k: v for k, v in self._read_so_far.items() if k >= step - 1} | {
+            step: (self._first_epoch_read, _copy(self.skips))}
         from jaxdistill.text import tokenize
 
         ids = tokenize(self.tokenizers, [e.caption for e in examples])
