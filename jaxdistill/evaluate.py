@@ -21,7 +21,6 @@ import dataclasses
 import json
 import os
 import shlex
-import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -290,9 +289,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         clip = ClipScore(args.clip) if args.clip else None
     except (OSError, ValueError, RuntimeError) as e:  # RuntimeError: --clip without PyTorch
         parser.error(str(e))
-    scheduler = args.scheduler or sample.scheduler_name(teacher.scheduler_config)
-    if not args.scheduler and sample.scheduler_note(teacher.scheduler_config):
-        print(sample.scheduler_note(teacher.scheduler_config), file=sys.stderr)
+    scheduler = sample.chosen_scheduler(args.scheduler, teacher.scheduler_config)
     evaluation = compare(teacher, student, prompts, args.seeds, clip=clip, steps=args.steps, guidance=args.guidance,
                          scheduler=scheduler, height=height, width=width, batch_size=args.batch_size, progress=True)
     info = {"student": args.student, "teacher": args.teacher, "pipeline": teacher.pipeline_dir, "ema": args.ema,

@@ -408,18 +408,22 @@ def make_scheduler(name: str | None, config: Mapping[str, Any] | None = None) ->
 def scheduler_name(config: Mapping[str, Any]) -> str:
     """The scheduler a pipeline's scheduler_config.json names (`_class_name`, with its Karras sigmas) as one of
     `SCHEDULER_NAMES`, what diffusers' `from_pretrained` runs; "euler" (SDXL's) where it names none of them or
-    another class (`scheduler_note` says so)."""
+    another class (`chosen_scheduler` says so)."""
     name = {cls.__name__: n for n, cls in SCHEDULERS.items()}.get(config.get("_class_name", ""), "euler")
     karras = f"{name}-karras"
     return karras if config.get("use_karras_sigmas") and karras in SCHEDULER_NAMES else name
 
 
-def scheduler_note(config: Mapping[str, Any]) -> str | None:
-    """A line for a pipeline whose own scheduler is none of ours: sampling runs Euler instead."""
+def chosen_scheduler(name: str | None, config: Mapping[str, Any]) -> str:
+    """`name`, or else the pipeline's own (`scheduler_name`), saying so on stderr where the pipeline names a
+    scheduler that is not implemented here."""
+    if name:
+        return name
     own = config.get("_class_name")
     if own and own not in {cls.__name__ for cls in SCHEDULERS.values()}:
-        return f"note: the pipeline's scheduler {own} is not implemented here: sampling with euler (see --scheduler)"
-    return None
+        print(f"note: the pipeline's scheduler {own} is not implemented here: sampling with "
+              f"{scheduler_name(config)} (see --scheduler)", file=sys.stderr)
+    return scheduler_name(config)
 
 
 # ---- the pipeline -------------------------------------------------------------------------------
@@ -915,9 +919,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         make_scheduler(args.scheduler, student.scheduler_config).set_timesteps(args.steps)
     except (OSError, ValueError) as e:  # --out, missing folders, incompatible parts, sizes, scheduler configs, steps
         parser.error(str(e))
-    scheduler = args.scheduler or scheduler_name(student.scheduler_config)
-    if not args.scheduler and scheduler_note(student.scheduler_config):
-        print(scheduler_note(student.scheduler_config), file=sys.stderr)
+    scheduler = chosen_scheduler(args.scheduler, student.scheduler_config)
 
     pairs = [(i, p, args.seed + k) for i, p in enumerate(prompts) for k in range(args.num_images)]
     kwargs = dict(seeds=[s for _, _, s in pairs], steps=args.steps, guidance=args.guidance, scheduler=scheduler,

@@ -165,7 +165,7 @@ def test_dpm_solver_matches_diffusers_step_for_step(changes, steps):
     assert compare_steps(DPMSolverMultistepScheduler.from_config(config), ref, steps) <= STEP_TOLERANCE
 
 
-def test_karras_names_set_karras_sigmas():
+def test_karras_names_set_karras_sigmas(capsys):
     """"dpm-karras" is diffusers' `DPMSolverMultistepScheduler.from_config(config, use_karras_sigmas=True)`
     (DPM++ 2M Karras): the same tables; a scheduler without Karras sigmas has no such name."""
     assert sample.SCHEDULER_NAMES == ("euler", "ddim", "dpm", "euler-karras", "dpm-karras")
@@ -185,9 +185,11 @@ def test_karras_names_set_karras_sigmas():
     # no name: the scheduler the pipeline's config names, as diffusers' from_pretrained runs it
     assert sample.scheduler_name(karras_config | {"_class_name": "DPMSolverMultistepScheduler"}) == "dpm-karras"
     assert sample.scheduler_name(SDXL_SCHEDULER | {"_class_name": "DDIMScheduler"}) == "ddim"
-    assert sample.scheduler_name(SDXL_SCHEDULER) == "euler" and sample.scheduler_note(SDXL_SCHEDULER) is None
-    unipc = SDXL_SCHEDULER | {"_class_name": "UniPCMultistepScheduler"}
-    assert sample.scheduler_name(unipc) == "euler" and "UniPCMultistepScheduler" in sample.scheduler_note(unipc)
+    assert sample.chosen_scheduler(None, SDXL_SCHEDULER) == "euler" and not capsys.readouterr().err
+    assert sample.chosen_scheduler("ddim", karras_config | {"_class_name": "DPMSolverMultistepScheduler"}) == "ddim"
+    unipc = SDXL_SCHEDULER | {"_class_name": "UniPCMultistepScheduler"}  # not ours: Euler, said
+    assert sample.chosen_scheduler(None, unipc) == "euler"
+    assert "scheduler UniPCMultistepScheduler is not implemented here: sampling with euler" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("cls, changes, field", [
