@@ -171,10 +171,11 @@ class Validation:
         teacher is put there only while its samples are drawn."""
         encoders = dataclasses.replace(self.parts.text_encoders, params=put(self.parts.text_encoders.params))
         self.parts = dataclasses.replace(self.parts, text_encoders=encoders, vae_params=put(self.parts.vae_params))
+        from jaxdistill import sample
+
         self._put_teacher = put if teacher_params is None else None
-        self.teacher = dataclasses.replace(self.parts, unet_spec=self.teacher.unet_spec, name=self.teacher.name,
-                                           unet_params=self.teacher.unet_params if teacher_params is None
-                                           else teacher_params)
+        self.teacher = sample.with_unet(self.parts, self.teacher.unet_spec, self.teacher.unet_params
+                                        if teacher_params is None else teacher_params, self.teacher.name)
 
     def __call__(self, student_spec, student_params) -> tuple[dict[str, float], Any]:
         """→ (mean metrics, the teacher | student grid as a PIL image)."""
