@@ -14,10 +14,11 @@ What it reproduces, number for number in float32 (`tests/test_sample.py`): diffu
 `StableDiffusionXLPipeline.__call__` with `EulerDiscreteScheduler`, `DDIMScheduler` (eta 0) or
 `DPMSolverMultistepScheduler` (DPM-Solver++, orders 1 and 2), given the
 same initial latents: SDXL's conditioning (both CLIP encoders, zero negative conditioning for an empty
-negative prompt when the pipeline's `force_zeros_for_empty_prompt` is set), add_time_ids (original size =
-target size = (height, width), crop (0, 0)), classifier-free guidance in one batch of 2B (uncond first),
-optional guidance_rescale, the VAE decode and the image post-processing ((x/2 + 0.5) clipped to [0, 1],
-×255, rounded).
+negative prompt when the pipeline's `force_zeros_for_empty_prompt` is set), add_time_ids (SDXL's
+micro-conditioning: original size, crop top-left and target size, by default (height, width), (0, 0),
+(height, width); the negative's own only when both its sizes are given, as diffusers), classifier-free
+guidance in one batch of 2B (uncond first), optional guidance_rescale, the VAE decode and the image
+post-processing ((x/2 + 0.5) clipped to [0, 1], ×255, rounded).
 
 The schedulers are pure: their tables (timesteps, sigmas, ᾱ) come from numpy on the host, computed with the
 same float32 operations as diffusers' torch code; each step is a jittable function of the step index and of
@@ -36,6 +37,7 @@ import dataclasses
 import functools
 import json
 import math
+import operator
 import os
 import sys
 import textwrap
@@ -64,6 +66,7 @@ SDXL_SCHEDULER_CONFIG: dict[str, Any] = {
     "sample_max_value": 1.0, "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1,
     "timestep_spacing": "leading", "trained_betas": None, "use_karras_sigmas": False}
 SPACINGS = ("leading", "trailing", "linspace")
+Pair = tuple[int, int]  # (height, width) or a crop's (top, left)
 PIPELINE_PARTS = ("vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")  # what sampling reads
 
 
@@ -611,8 +614,10 @@ def check_seeds(seeds: Sequence[int]) -> list[int]:
 def generate(pipe: Pipeline, prompts: Sequence[str], *, seeds: Sequence[int] | None = None,
              latents: np.ndarray | None = None, steps: int = 25, guidance: float = 5.0, scheduler: str | None = None,
              height: int | None = None, width: int | None = None, negative_prompt: str | Sequence[str] = "",
-             guidance_rescale: float = 0.0, batch_size: int | None = None, progress: str | None = None
-             ) -> SampleOutput:
+             guidance_rescale: float = 0.0, batch_size: int | None = None, progress: str | None = None,
+             original_size: Pair | None = None, crops_coords_top_left: Pair = (0, 0), target_size: Pair | None = None,
+             negative_original_size: Pair | None = None, negative_crops_coords_top_left: Pair = (0, 0),
+             negative_target_size: Pair | None = None) -> SampleOutput:
     """Text → images, as diffusers' `StableDiffusionXLPipeline(prompts, ...)` computes them.
 
     One image per prompt: its noise from `seeds[i]` (`initial_latents`; default seeds 0 … B−1) or the given
@@ -624,7 +629,10 @@ def generate(pipe: Pipeline, prompts: Sequence[str], *, seeds: Sequence[int] | N
     height/width in pixels (default: the UNet's sample size × the VAE's factor). `batch_size` runs the
     prompts in chunks of that many (the last chunk padded, so one compilation serves all). `scheduler`: one of
     `SCHEDULER_NAMES`, default the pipeline's own (`scheduler_name`). `progress`: a label for a progress bar
-    (images done, rate, ETA; the first chunk includes compilation)."""
+    (images done, rate, ETA; the first chunk includes compilation). The micro-conditioning arguments are
+    diffusers' (`add_time_ids`), (height, width) pairs and a (top, left) crop; with distinct negative ones,
+    each image's rows go with its own embeddings (diffusers' repeat pairs them wrongly for more than one
+    image, so this matches diffusers for one image per call)."""
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     n = len(prompts)
     if not n:
@@ -645,6 +653,8 @@ def generate(pipe: Pipeline, prompts: Sequence[str], *, seeds: Sequence[int] | N
     negatives = [negative_prompt] * n if isinstance(negative_prompt, str) else list(negative_prompt)
     if len(negatives) != n:
         raise ValueError(f"{len(negatives)} negative prompts for {n} prompts")
+    time_ids = add_time_ids(height, width, original_size, crops_coords_top_left, target_size, negative_original_size,
+                            negative_crops_coords_top_left, negative_target_size)
     sched = make_scheduler(scheduler, pipe.scheduler_config)
     schedule = sched.set_timesteps(steps)
     # Decided for the call, not per chunk, so an image does not depend on `batch_size`: "" is diffusers'
@@ -659,7 +669,7 @@ def generate(pipe: Pipeline, prompts: Sequence[str], *, seeds: Sequence[int] | N
     for start in range(0, n, chunk):
         idx = [min(i, n - 1) for i in range(start, start + chunk)]  # pad the last chunk with its last item
         out = _generate_batch(pipe, [prompts[i] for i in idx], [negatives[i] for i in idx], zero_negatives,
-                              latents[idx], sched, schedule, guidance, guidance_rescale, height, width)
+                              latents[idx], sched, schedule, guidance, guidance_rescale, time_ids)
         # The VAE decodes chunk by chunk too: SDXL's decoder needs ~3.5 GB of activations per 1024² image.
         keep = min(chunk, n - start)
         outputs.append((out[:keep], _decode(pipe, out)[:keep]))
@@ -672,6 +682,44 @@ def generate(pipe: Pipeline, prompts: Sequence[str], *, seeds: Sequence[int] | N
     return SampleOutput(images=(pixels * 255).round().astype(np.uint8), latents=final, pixels=pixels)
 
 
+def check_pair(value, low: int) -> Pair:
+    """A micro-conditioning pair as two ints ≥ `low` (1: a (height, width) size, 0: a (top, left) crop);
+    ValueError otherwise."""
+    try:
+        values = tuple(operator.index(v) for v in value)
+    except TypeError:
+        values = ()
+    if len(values) != 2 or min(values) < low:
+        what = "(height, width), positive integers" if low else "(top, left), integers ≥ 0"
+        raise ValueError(f"{value!r}: expected {what}")
+    return values
+
+
+def add_time_ids(height: int, width: int, original_size: Pair | None = None, crops_coords_top_left: Pair = (0, 0),
+                 target_size: Pair | None = None, negative_original_size: Pair | None = None,
+                 negative_crops_coords_top_left: Pair = (0, 0), negative_target_size: Pair | None = None
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """SDXL's micro-conditioning as diffusers' pipeline sets it → (time ids, negative time ids), float32 [6]
+    each: original size (default (height, width)) + crop top-left + target size (default (height, width));
+    the negative's own only when both its sizes are given, else the prompt's. ValueError names a bad one."""
+    def ids(original, crop, target, prefix=""):
+        out = []
+        for name, value, low in (("original_size", original, 1), ("crops_coords_top_left", crop, 0),
+                                 ("target_size", target, 1)):
+            try:
+                out += check_pair(value, low)
+            except ValueError as e:
+                raise ValueError(f"{prefix}{name}={e}") from None
+        return np.asarray(out, np.float32)
+
+    size = (height, width)
+    positive = ids(original_size or size, crops_coords_top_left, target_size or size)
+    if negative_original_size is None or negative_target_size is None:
+        ids(size, negative_crops_coords_top_left, size, "negative_")  # checked, though diffusers ignores it then
+        return positive, positive
+    return positive, ids(negative_original_size, negative_crops_coords_top_left, negative_target_size, "negative_")
+
+
 def _decode(pipe: Pipeline, latents: np.ndarray) -> np.ndarray:
     vae_dtype = jnp.float32 if pipe.dtype == jnp.float16 and pipe.vae_spec.force_upcast else pipe.dtype
     return np.asarray(vae_decode(pipe.vae_spec, pipe.vae_params, jnp.asarray(latents), dtype=vae_dtype), np.float32)
@@ -679,9 +727,9 @@ def _decode(pipe: Pipeline, latents: np.ndarray) -> np.ndarray:
 
 def _generate_batch(pipe: Pipeline, prompts: list[str], negatives: list[str], zero_negatives: bool,
                     latents: np.ndarray, scheduler: Scheduler, schedule, guidance: float, guidance_rescale: float,
-                    height: int, width: int) -> np.ndarray:
+                    time_ids: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
     """Conditioning for one batch (`zero_negatives`: zero negative conditioning instead of encoding
-    `negatives`), then the jitted loop → final latents [B, h, w, C]."""
+    `negatives`; `time_ids`: `add_time_ids`), then the jitted loop → final latents [B, h, w, C]."""
     encoders = pipe.text_encoders
     prompt_embeds, pooled = _encode(encoders, encoders.params, *encoders.tokenize(prompts))
     guided = guidance > 1.0
@@ -692,10 +740,11 @@ def _generate_batch(pipe: Pipeline, prompts: list[str], negatives: list[str], ze
             negative_embeds, negative_pooled = _encode(encoders, encoders.params, *encoders.tokenize(negatives))
         prompt_embeds = jnp.concatenate([negative_embeds, prompt_embeds])  # uncond first, as diffusers
         pooled = jnp.concatenate([negative_pooled, pooled])
-    # SDXL's micro-conditioning: original size, crop top-left, target size (the same for the negative).
-    time_ids = np.tile(np.asarray([[height, width, 0, 0, height, width]], np.float32), (len(prompt_embeds), 1))
+    n = len(prompts)
+    ids, negative_ids = time_ids
+    batch_time_ids = np.stack([negative_ids] * n * guided + [ids] * n)
     final = _denoise(pipe.unet_spec, pipe.dtype, scheduler, guided, guidance_rescale > 0, pipe.unet_params,
-                     schedule, jnp.asarray(latents), prompt_embeds, pooled, jnp.asarray(time_ids),
+                     schedule, jnp.asarray(latents), prompt_embeds, pooled, jnp.asarray(batch_time_ids),
                      jnp.float32(guidance), jnp.float32(guidance_rescale))
     return np.asarray(final, np.float32)
 
@@ -851,6 +900,20 @@ def seed_list(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(str(e)) from e
 
 
+def pair_arg(low: int):
+    """argparse type of "A,B" → `check_pair((A, B), low)`."""
+    import argparse
+
+    def parse(text: str) -> Pair:
+        try:
+            return check_pair([int(v) for v in text.split(",")], low)
+        except ValueError:
+            example = "1024,1024" if low else "0,0"
+            raise argparse.ArgumentTypeError(f"{text!r}: expected two comma-separated integers ≥ {low}, "
+                                             f"e.g. {example}") from None
+    return parse
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """`python -m jaxdistill.sample`: images from a model (pipeline, UNet folder or training checkpoint)
     for prompts and seeds: one PNG per image, grid.png (prompts × seeds), sample.json (what made them: model,
@@ -877,6 +940,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                              "none of these)")
     parser.add_argument("--height", type=int, help="pixels (default: the UNet's sample size × the VAE's factor)")
     parser.add_argument("--width", type=int)
+    micro = parser.add_argument_group(
+        "SDXL micro-conditioning", "as diffusers' pipeline arguments of the same names; sizes are HEIGHT,WIDTH, "
+        "crops TOP,LEFT; the negative sizes count only when both are given")
+    micro.add_argument("--original-size", type=pair_arg(1), metavar="H,W", help="default: --height,--width")
+    micro.add_argument("--crops-coords-top-left", type=pair_arg(0), metavar="T,L", default=(0, 0),
+                       help="default: 0,0 (well-centred images)")
+    micro.add_argument("--target-size", type=pair_arg(1), metavar="H,W", help="default: --height,--width")
+    micro.add_argument("--negative-original-size", type=pair_arg(1), metavar="H,W")
+    micro.add_argument("--negative-crops-coords-top-left", type=pair_arg(0), metavar="T,L", default=(0, 0))
+    micro.add_argument("--negative-target-size", type=pair_arg(1), metavar="H,W")
     parser.add_argument("--batch-size", type=int, default=4, help="images denoised together")
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
                         help="the UNet's and VAE's compute dtype (float16: GPUs only)")
@@ -920,11 +993,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (OSError, ValueError) as e:  # --out, missing folders, incompatible parts, sizes, scheduler configs, steps
         parser.error(str(e))
     scheduler = chosen_scheduler(args.scheduler, student.scheduler_config)
+    micro = {name: getattr(args, name) for name in ("original_size", "crops_coords_top_left", "target_size",
+                                                    "negative_original_size", "negative_crops_coords_top_left",
+                                                    "negative_target_size")}
+    time_ids, negative_time_ids = add_time_ids(height, width, **micro)  # the flags' types have checked each pair
 
     pairs = [(i, p, args.seed + k) for i, p in enumerate(prompts) for k in range(args.num_images)]
     kwargs = dict(seeds=[s for _, _, s in pairs], steps=args.steps, guidance=args.guidance, scheduler=scheduler,
                   height=height, width=width, negative_prompt=args.negative_prompt,
-                  guidance_rescale=args.guidance_rescale, batch_size=args.batch_size)
+                  guidance_rescale=args.guidance_rescale, batch_size=args.batch_size, **micro)
     out = Path(args.out)
     names = [f"{i:03d}_seed{s}" for i, _, s in pairs]
     images = generate(student, [p for _, p, _ in pairs], progress="model", **kwargs).images
@@ -934,7 +1011,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     record = {"model": args.model, "pipeline": student.pipeline_dir, "teacher": args.teacher, "ema": args.ema,
               "dtype": args.dtype, "scheduler": scheduler, "steps": args.steps, "guidance": args.guidance,
               "guidance_rescale": args.guidance_rescale, "negative_prompt": args.negative_prompt, "height": height,
-              "width": width, "batch_size": args.batch_size,
+              "width": width, "time_ids": time_ids.astype(int).tolist(),
+              "negative_time_ids": negative_time_ids.astype(int).tolist(), "batch_size": args.batch_size,
               "images": [{"file": f"{name}.png", "prompt": p, "seed": seed} for name, (_, p, seed) in zip(names, pairs,
                                                                                                       strict=True)]}
     with whole_folder(out, args.overwrite) as tmp:

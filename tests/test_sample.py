@@ -14,6 +14,7 @@ Tolerances (float32), max |ours − diffusers| / max |diffusers|:
 import dataclasses
 import inspect
 import json
+import re
 import shutil
 
 import jax
@@ -75,7 +76,7 @@ def noise():
 
 
 def run_diffusers(torch_pipe, scheduler: str, latents: np.ndarray, guidance: float, negative_prompt=None,
-                  guidance_rescale: float = 0.0):
+                  guidance_rescale: float = 0.0, prompts=PROMPTS, **micro):
     """diffusers' pipeline from NHWC noise → (float images [B, H, W, 3] in [0, 1], final latents NHWC)."""
     base = diffusers.EulerDiscreteScheduler.from_config(SDXL_SCHEDULER)
     others = {"ddim": diffusers.DDIMScheduler, "dpm": diffusers.DPMSolverMultistepScheduler}
@@ -87,9 +88,9 @@ def run_diffusers(torch_pipe, scheduler: str, latents: np.ndarray, guidance: flo
         return kwargs
 
     with torch.no_grad():
-        images = torch_pipe(PROMPTS, height=HEIGHT, width=WIDTH, num_inference_steps=STEPS, guidance_scale=guidance,
+        images = torch_pipe(prompts, height=HEIGHT, width=WIDTH, num_inference_steps=STEPS, guidance_scale=guidance,
                             negative_prompt=negative_prompt, guidance_rescale=guidance_rescale, output_type="np",
-                            callback_on_step_end=keep_latents,
+                            callback_on_step_end=keep_latents, **micro,
                             latents=torch.from_numpy(latents.transpose(0, 3, 1, 2).copy())).images
     return images, final["latents"].permute(0, 2, 3, 1).numpy()
 
@@ -286,6 +287,44 @@ def test_guidance_off_and_negative_prompts_match_diffusers(pipe, torch_pipe, noi
     assert rel(out.latents, latents) <= PIPELINE_TOLERANCE and rel(out.pixels, images) <= PIPELINE_TOLERANCE
 
 
+def test_micro_conditioning_matches_diffusers(pipe, torch_pipe, noise):
+    kwargs = dict(latents=noise, steps=STEPS, guidance=5.0, height=HEIGHT, width=WIDTH)
+    default = generate(pipe, PROMPTS, **kwargs)
+    # the prompt's own; a negative crop alone is ignored, as diffusers ignores it without both negative sizes
+    micro = dict(original_size=(64, 40), crops_coords_top_left=(4, 12), target_size=(16, 32),
+                 negative_crops_coords_top_left=(8, 8))
+    images, latents = run_diffusers(torch_pipe, "euler", noise, guidance=5.0, **micro)
+    out = generate(pipe, PROMPTS, **micro, **kwargs)
+    assert rel(out.latents, latents) <= PIPELINE_TOLERANCE and rel(out.pixels, images) <= PIPELINE_TOLERANCE
+    assert rel(out.latents, default.latents) > 1e-3  # the conditioning reached the UNet
+    # the negative's own (both sizes given): one prompt, since diffusers lays out 2B rows of time ids as
+    # (neg, pos) × B where its embeddings are neg × B then pos × B; ours follow the embeddings, so an image
+    # does not depend on its batch
+    micro = dict(original_size=(64, 40), negative_original_size=(8, 8), negative_crops_coords_top_left=(2, 0),
+                 negative_target_size=(24, 16))
+    images, latents = run_diffusers(torch_pipe, "euler", noise[:1], guidance=5.0, prompts=PROMPTS[:1], **micro)
+    one = generate(pipe, PROMPTS[:1], **micro, **(kwargs | dict(latents=noise[:1])))
+    assert rel(one.latents, latents) <= PIPELINE_TOLERANCE and rel(one.pixels, images) <= PIPELINE_TOLERANCE
+    both = generate(pipe, PROMPTS, **micro, **kwargs)
+    np.testing.assert_allclose(both.latents[:1], one.latents, rtol=0, atol=1e-4)
+    only_positive = generate(pipe, PROMPTS[:1], original_size=(64, 40), **(kwargs | dict(latents=noise[:1])))
+    assert rel(one.latents, only_positive.latents) > 1e-3
+
+
+def test_add_time_ids_defaults_and_bad_pairs():
+    ids, negative = sample.add_time_ids(16, 24)
+    assert ids.tolist() == negative.tolist() == [16, 24, 0, 0, 16, 24] and ids.dtype == np.float32
+    ids, negative = sample.add_time_ids(16, 24, original_size=(1024, 768), negative_original_size=(512, 512))
+    assert ids.tolist() == negative.tolist() == [1024, 768, 0, 0, 16, 24]  # one negative size alone: ignored
+    for kwargs, reason in [(dict(original_size=(0, 5)), "original_size=(0, 5): expected (height, width), positive"),
+                           (dict(crops_coords_top_left=(-1, 0)), "crops_coords_top_left=(-1, 0): expected (top, left)"),
+                           (dict(target_size=(16.5, 24)), "target_size=(16.5, 24)"),
+                           (dict(target_size=(16, 24, 1)), "target_size=(16, 24, 1)"),
+                           (dict(negative_original_size=(8, 8), negative_target_size=5), "negative_target_size=5")]:
+        with pytest.raises(ValueError, match=re.escape(reason)):
+            sample.add_time_ids(16, 24, **kwargs)
+
+
 def test_the_pipelines_own_scheduler_is_the_default(pipe, torch_pipe, noise):
     """A pipeline folder whose scheduler is DPM++ 2M Karras samples with it unless told otherwise, as
     diffusers' from_pretrained does (the default used to be Euler whatever the folder said)."""
@@ -364,7 +403,7 @@ def test_cli_writes_images_grid_and_side_by_side(pipeline_dir, tmp_path, capsys)
     out = tmp_path / "samples"
     code = sample.main(["--model", str(pipeline_dir), "--prompt", PROMPTS[0], "--num-images", "2", "--seed", "3",
                         "--steps", str(STEPS), "--height", str(HEIGHT), "--width", str(WIDTH), "--batch-size", "2",
-                        "--out", str(out), "--teacher", str(pipeline_dir)])
+                        "--out", str(out), "--teacher", str(pipeline_dir), "--original-size", "1024,768"])
     assert code == 0
     assert sorted(p.name for p in out.glob("*.png")) == ["000_seed3.png", "000_seed4.png", "grid.png",
                                                          "side_by_side.png"]
@@ -375,6 +414,7 @@ def test_cli_writes_images_grid_and_side_by_side(pipeline_dir, tmp_path, capsys)
     assert record["images"] == [{"file": f"000_seed{s}.png", "prompt": PROMPTS[0], "seed": s} for s in (3, 4)]
     assert record["scheduler"] == "euler" and record["steps"] == STEPS and (record["height"], record["width"]) == (
         HEIGHT, WIDTH) and record["teacher"] == str(pipeline_dir)
+    assert record["time_ids"] == record["negative_time_ids"] == [1024, 768, 0, 0, HEIGHT, WIDTH]
     # the teacher is the same model here: both sides are the same image
     assert np.array_equal(np.asarray(Image.open(out / "teacher" / "000_seed3.png")),
                           np.asarray(Image.open(out / "000_seed3.png")))
@@ -467,6 +507,10 @@ def test_cli_refuses_bad_input_before_loading(pipeline_dir, tmp_path, capsys):
              f"does not exist; finished steps in {run / 'checkpoints' / 'main'}: 1, 2"),
             ([*common, "--prompt", "x", "--out", str(earlier)], "not empty; choose another folder or add --overwrite"),
             ([*common, "--prompt", "x", "--height", "0", *new], "height=0: must be a positive multiple of 4"),
+            ([*common, "--prompt", "x", "--target-size", "1024", *new],
+             "argument --target-size: '1024': expected two comma-separated integers ≥ 1, e.g. 1024,1024"),
+            ([*common, "--prompt", "x", "--crops-coords-top-left", "-4,0", *new],
+             "argument --crops-coords-top-left: '-4,0': expected two comma-separated integers ≥ 0"),
             # replacing --out would delete the prompt file it is made from
             ([*common, "--prompts", str(mine / "prompts.txt"), "--out", str(mine), "--overwrite"],
              "which is read to make it")]:
