@@ -11,9 +11,11 @@ form. Pickled `.bin` weights are refused: unpickling runs code from the file.
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -83,10 +85,10 @@ def resolve_unet_folder(path: str | os.PathLike) -> Path:
 
 
 def is_workdir(path: str | os.PathLike) -> bool:
-    """A `python -m jaxdistill.train` workdir: checkpoints/ beside a config.json that is the run's (a
-    diffusers model's names its `_class_name`)."""
+    """A `python -m jaxdistill.train` workdir: checkpoints/ or stages/ beside a config.json that is the run's
+    (a diffusers model's names its `_class_name`; one that cannot be read counts as the run's)."""
     path = Path(path)
-    if not (path / "checkpoints").is_dir():
+    if not (path / CONFIG_NAME).is_file() or not any((path / name).is_dir() for name in TRAINER_FOLDERS):
         return False
     try:
         return "_class_name" not in json.loads((path / CONFIG_NAME).read_text())
@@ -305,18 +307,23 @@ def _variant(name: str, variant: str | None) -> str:
 
 def check_out(out: str | os.PathLike, overwrite: bool, sources: Sequence[str | os.PathLike | None] = ()):
     """Raises `OutFolderError` unless `out` may become a command's new output folder: not a file, empty unless
-    `overwrite`, not holding any of `sources` (replacing `out` must never delete what it is made from), and
-    neither a training run's workdir nor inside its checkpoints/ or stages/ (the trainer's)."""
-    out = Path(out)
+    `overwrite`, neither holding nor inside any of `sources` (replacing `out` must never delete what it is made
+    from; a new subfolder of a training run's workdir is fine), and neither a training run's workdir nor inside
+    its checkpoints/ or stages/ (the trainer's)."""
+    out = Path(os.path.abspath(out))  # "." has no parent to write beside
     for source in filter(None, sources):
-        if out.resolve() in (Path(source).resolve(), *Path(source).resolve().parents):
+        source = Path(source).resolve()
+        if out.resolve() in (source, *source.parents):
             raise OutFolderError(f"--out {out} holds {source}, which is read to make it; choose another folder")
+        if source.is_dir() and source in out.resolve().parents and not is_workdir(source):
+            raise OutFolderError(f"--out {out} is inside {source}, which is read to make it; choose a folder "
+                                 "outside it")
     # a training run's own folders (its checkpoints and finished stages) are the trainer's, whatever is read
-    if _is_workdir(out.resolve()):
+    if is_workdir(out.resolve()):
         raise OutFolderError(f"--out {out} is a training run's workdir; choose another folder (a new subfolder of "
                              "it is fine)")
     for folder in (out.resolve(), *out.resolve().parents):
-        if folder.name in TRAINER_FOLDERS and _is_workdir(folder.parent):
+        if folder.name in TRAINER_FOLDERS and is_workdir(folder.parent):
             raise OutFolderError(f"--out {out} is inside {folder}, where the training run in {folder.parent} keeps "
                                  f"its {folder.name}; choose a folder outside it, e.g. {folder.parent / 'export'}")
     _check_replaceable(out, overwrite)
@@ -337,18 +344,17 @@ def _check_replaceable(out: Path, overwrite: bool):
 TRAINER_FOLDERS = ("checkpoints", "stages")  # what `python -m jaxdistill.train` keeps in its workdir
 
 
-def _is_workdir(folder: Path) -> bool:
-    """Whether `folder` is a training run's workdir: its config.json beside checkpoints/ or stages/."""
-    return (folder / "config.json").is_file() and any((folder / name).is_dir() for name in TRAINER_FOLDERS)
-
-
 @contextlib.contextmanager
 def whole_folder(out: str | os.PathLike, overwrite: bool) -> Iterator[Path]:
     """Yields a hidden sibling folder of `out` to write into. When the block finishes, the sibling is renamed
     to `out` (checked again as `check_out` does; an old `out` is moved aside first and deleted only afterwards),
     so `out` appears as a whole or not at all; on an error the sibling is deleted and `out` left as it was."""
-    out = Path(out)
+    out = Path(os.path.abspath(out))  # "." has no parent to write beside
     out.parent.mkdir(parents=True, exist_ok=True)
+    left = sorted(out.parent.glob(f".{glob.escape(out.name)}.*.partial"))
+    if left:  # a killed run cannot clean up after itself; one may still be running, so they are only named
+        print(f"note: {', '.join(map(str, left))} left by an interrupted run writing {out} (or one still running); "
+              "delete them once no run writes there", file=sys.stderr)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".partial"))
     try:
         yield tmp

@@ -38,6 +38,7 @@ from jaxdistill.convert import (
     CONFIG_NAME,
     OutFolderError,
     check_out,
+    is_workdir,
     load_unet,
     resolve_unet_folder,
     save_unet,
@@ -55,6 +56,7 @@ FACTS_NAME = "jaxdistill_export.json"
 CARD_NAME = "README.md"
 PLAN_NAME = "prune_plan.json"  # beside a student written by `python -m jaxdistill.prune`
 # What StableDiffusionXLPipeline needs besides the UNet; the first three carry weights.
+SDXL_CONDITIONING = (2048, 1280)  # cross-attention width of both text encoders, pooled width of the second
 PIPELINE_COMPONENTS = ("vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
 WEIGHTED_COMPONENTS = ("vae", "text_encoder", "text_encoder_2")
 COPIED_SUFFIXES = (".safetensors", ".json", ".txt")
@@ -172,10 +174,12 @@ def _read_json(path: Path) -> dict[str, Any]:
     return data
 
 
-def pipeline_files(pipeline_dir: str | os.PathLike) -> dict[str, list[Path]]:
+def pipeline_files(pipeline_dir: str | os.PathLike, variant: str | None = None) -> dict[str, list[Path]]:
     """The files to copy from an SDXL pipeline folder, per component: everything model_index.json lists but
     the UNet, and at least SDXL's six components; each must be there, with safetensors weights where it has
-    weights. Together with `check_conditioning` the whole check of `--pipeline-from` (configs only)."""
+    weights. Of a component's weights, one set: the `variant`'s (e.g. "fp16") where it has them, else the
+    plain ones, as diffusers' `from_pretrained(variant=)` picks them. Together with `check_conditioning` the
+    whole check of `--pipeline-from` (configs only)."""
     root = Path(pipeline_dir)
     index_file = root / "model_index.json"
     if not index_file.is_file():
@@ -193,21 +197,36 @@ def pipeline_files(pipeline_dir: str | os.PathLike) -> dict[str, list[Path]]:
         found = sorted(p for p in (root / component).rglob("*") if p.is_file() and not p.name.startswith("."))
         kept = [p for p in found if p.suffix in COPIED_SUFFIXES]
         pickled = [p.name for p in found if p.suffix in PICKLED_SUFFIXES]
-        safetensors = [p for p in kept if p.suffix == ".safetensors"]
-        if safetensors and not any("." not in p.stem for p in safetensors):  # model.fp16.safetensors and the like
-            raise ExportError(f"--pipeline-from {root}: {component}/ has only variant weights "
-                              f"({', '.join(p.name for p in safetensors)}), which diffusers loads only when asked "
-                              "for that variant; save the component once without a variant: "
+        sets: dict[str | None, list[Path]] = {}
+        for p in kept:
+            if ".safetensors" in p.name:  # weights, or the index of sharded ones
+                sets.setdefault(weights_variant(p.name), []).append(p)
+        chosen = sets.get(variant) if variant in sets else sets.get(None, [])
+        if sets and not chosen:
+            names = ", ".join(p.name for paths in sets.values() for p in paths)
+            others = sorted(v for v in sets if v)
+            raise ExportError(f"--pipeline-from {root}: {component}/ has only variant weights ({names}), which "
+                              f"diffusers loads only when asked for that variant; export with --variant "
+                              f"{others[0]}, or save the component once without a variant: "
                               f"`from_pretrained('{root}', subfolder='{component}', variant=...).save_pretrained("
                               f"'{root / component}')`")
+        safetensors = [p for p in chosen if p.suffix == ".safetensors"]
         if (pickled or component in WEIGHTED_COMPONENTS) and not safetensors:
             what = f"only pickled weights ({', '.join(pickled)})" if pickled else "no safetensors weights"
             raise ExportError(f"--pipeline-from {root}: {component}/ has {what}. jaxdistill copies safetensors only "
                               "(unpickling can run code from the file); convert the component once with "
                               f"`from_pretrained(...).save_pretrained('{root / component}', safe_serialization=True)` "
                               "if you trust it")
-        files[component] = kept
+        files[component] = [p for p in kept if ".safetensors" not in p.name] + chosen
     return files
+
+
+def weights_variant(name: str) -> str | None:
+    """The variant of a weights file or shard index as diffusers and transformers name them, None for plain
+    ones: model.safetensors → None, model.fp16.safetensors → "fp16", model.fp16-00001-of-00002.safetensors →
+    "fp16", diffusion_pytorch_model.safetensors.index.fp16.json → "fp16"."""
+    parts = [re.sub(r"-\d+-of-\d+$", "", part) for part in name.split(".")[1:]]
+    return next((part for part in parts if part not in ("safetensors", "index", "json")), None)
 
 
 def check_conditioning(pipeline_dir: str | os.PathLike, spec: UNetSpec) -> None:
@@ -217,14 +236,14 @@ def check_conditioning(pipeline_dir: str | os.PathLike, spec: UNetSpec) -> None:
     root = Path(pipeline_dir)
 
     def config(component):
-        cfg = json.loads((root / component / "config.json").read_text())
+        cfg = _read_json(root / component / "config.json")  # ExportError naming it when unreadable
         return cfg.get("text_config", cfg)  # a full CLIPConfig nests the text model's
 
     try:
         te1, te2, vae = config("text_encoder"), config("text_encoder_2"), config("vae")
         context, pooled = te1["hidden_size"] + te2["hidden_size"], te2["projection_dim"]
-    except (OSError, KeyError, json.JSONDecodeError) as e:
-        raise ExportError(f"--pipeline-from {root}: cannot read the text encoders' or the VAE's config ({e})") from e
+    except (OSError, KeyError, TypeError) as e:
+        raise ExportError(f"--pipeline-from {root}: cannot read the text encoders' or the VAE's config ({e!r})") from e
     problems = []
     if spec.cross_attention_dim != context:
         problems.append(f"the student's cross_attention_dim is {spec.cross_attention_dim}, the text encoders give "
@@ -246,28 +265,40 @@ def check_conditioning(pipeline_dir: str | os.PathLike, spec: UNetSpec) -> None:
 
 def export(checkpoint: str | os.PathLike, out: str | os.PathLike, *, ema: bool | None = None, dtype: str = "fp16",
            pipeline_from: str | os.PathLike | None = None, stage: str | None = None, overwrite: bool = False,
-           base_model: str | None = None) -> Path:
+           base_model: str | None = None, variant: str | None = None, license: str | None = None) -> Path:
     """Writes the student of `checkpoint` to `out` (a UNet folder, or with `pipeline_from` an SDXL pipeline
-    folder) with a model card and `jaxdistill_export.json`; see the module docstring. Returns `out`."""
-    out = Path(out)
+    folder) with a model card and `jaxdistill_export.json`; see the module docstring. `variant` (e.g. "fp16")
+    names the UNet's weights file as diffusers' `save_pretrained(variant=)` does, and picks that variant of the
+    pipeline's components where they have it. `license`: the card's (default: the teacher pipeline's card's).
+    Returns `out`."""
+    out = Path(os.path.abspath(out))  # "." has no parent to write beside
     if dtype not in DTYPES:
         raise ExportError(f"--dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
+    if variant is not None and not re.fullmatch(r"[A-Za-z0-9_]+", variant):
+        raise ExportError(f"--variant {variant!r}: expected a plain name such as fp16 (letters, digits, _)")
+    if base_model is not None and not re.fullmatch(r"[\w.-]+/[\w.-]+", base_model):
+        raise ExportError(f"--base-model {base_model!r}: expected a Hub id, ORG/NAME (the Hub refuses a card whose "
+                          "base_model is a path)")
     check_out(out, overwrite, (checkpoint, pipeline_from))  # before the slow part: a refusal costs nothing
-    files = pipeline_files(pipeline_from) if pipeline_from else None  # before the weights: they can be large
+    files = pipeline_files(pipeline_from, variant) if pipeline_from else None  # before the weights: can be large
     student = load_student(checkpoint, ema=ema, stage=stage)
     if pipeline_from:
         check_conditioning(pipeline_from, student.spec)
     _check_weights(student.params, dtype)
-    facts = describe(student, dtype, pipeline_from, files, base_model)
+    facts = describe(student, dtype, pipeline_from, files, base_model) | {
+        "variant": variant, "license": license or (_card_license(pipeline_from) if pipeline_from else None)}
 
     with whole_folder(out, overwrite) as tmp:
-        save_unet(tmp / "unet" if files else tmp, student.spec, student.params, dtype=DTYPES[dtype])
+        save_unet(tmp / "unet" if files else tmp, student.spec, student.params, dtype=DTYPES[dtype], variant=variant)
         if files:
             src = Path(pipeline_from)
             for p in (p for paths in files.values() for p in paths):
                 target = tmp / p.relative_to(src)
                 target.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(p, target)
+            for p in sorted(src.glob("LICENSE*")):  # the teacher's license covers what is derived from it
+                if p.is_file():
+                    shutil.copyfile(p, tmp / p.name)
             index = json.loads((src / "model_index.json").read_text())
             index["unet"] = ["diffusers", "UNet2DConditionModel"]
             (tmp / "model_index.json").write_text(json.dumps(index, indent=2))
@@ -322,6 +353,8 @@ def model_card(facts: dict[str, Any], name: str = "student") -> str:
     distilled = trained and bool(facts.get("teacher"))
     tags = [*TAGS, "distillation"] if distilled else list(TAGS)
     front = ["---", "library_name: diffusers", "tags:", *(f"- {t}" for t in tags)]
+    if facts.get("license"):
+        front.append(f"license: {facts['license']}")
     if facts.get("base_model"):
         front.append(f"base_model: {facts['base_model']}")
     if facts.get("components"):
@@ -369,15 +402,23 @@ def model_card(facts: dict[str, Any], name: str = "student") -> str:
         lines += [f"Student vs teacher, relative MSE of the noise prediction on the run's validation batch: "
                   f"{_value(a.get('before'))} before, {_value(a.get('after'))} after distillation.", ""]
     lines += ["## Usage", "", "```python", "import torch"]
+    variant = f', variant="{facts["variant"]}"' if facts.get("variant") else ""
     if facts.get("components"):
         lines += ["from diffusers import StableDiffusionXLPipeline", "",
-                  f'pipe = StableDiffusionXLPipeline.from_pretrained("{name}", torch_dtype=torch.float16).to("cuda")']
-    else:
-        base = facts.get("base_model") or "stabilityai/stable-diffusion-xl-base-1.0"
-        lines += ["from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel", "",
-                  f'unet = UNet2DConditionModel.from_pretrained("{name}", torch_dtype=torch.float16)',
-                  f'pipe = StableDiffusionXLPipeline.from_pretrained("{base}", unet=unet, torch_dtype=torch.float16)',
+                  f'pipe = StableDiffusionXLPipeline.from_pretrained("{name}", torch_dtype=torch.float16{variant})',
                   'pipe = pipe.to("cuda")']
+    else:
+        arch = facts["architecture"]
+        base = facts.get("base_model")
+        if base is None and (arch["cross_attention_dim"], arch["pooled_dim"]) == SDXL_CONDITIONING:
+            base = "stabilityai/stable-diffusion-xl-base-1.0"
+        if base is None:  # not SDXL's text encoders: say what the pipeline must give
+            lines += [f"# PIPELINE: an SDXL-family pipeline whose text encoders give {arch['cross_attention_dim']} "
+                      f"(both together) and a pooled {arch['pooled_dim']}"]
+        lines += ["from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel", "",
+                  f'unet = UNet2DConditionModel.from_pretrained("{name}", torch_dtype=torch.float16{variant})',
+                  f'pipe = StableDiffusionXLPipeline.from_pretrained("{base or "PIPELINE"}", unet=unet, '
+                  'torch_dtype=torch.float16)', 'pipe = pipe.to("cuda")']
     lines += ['image = pipe("an astronaut riding a horse on the moon", num_inference_steps=25).images[0]', "```", ""]
     if facts.get("components"):
         lines += [f"The VAE, text encoders, tokenizers and scheduler are the teacher pipeline's "
@@ -390,17 +431,27 @@ def model_card(facts: dict[str, Any], name: str = "student") -> str:
 
 # ---- helpers ------------------------------------------------------------------------------------
 
+def _card_license(folder: str | os.PathLike) -> str | None:
+    """The `license:` of a model card's front matter (README.md) in `folder`, if it has one."""
+    import yaml
+    from huggingface_hub.repocard import metadata_load
+
+    try:
+        value = (metadata_load(Path(folder) / CARD_NAME) or {}).get("license")
+    except (OSError, ValueError, yaml.YAMLError):  # no card, or front matter that is not YAML
+        return None
+    return value if isinstance(value, str) else None
+
+
 def _unet_folder(path: Path) -> Path | None:
-    """The UNet folder of a UNet or pipeline folder; None for anything else (a workdir has a config.json too,
-    but the run's, without `_class_name`)."""
+    """The UNet folder of a UNet or pipeline folder; None for anything else, a training workdir first (it has a
+    config.json too, the run's, without `_class_name`, and may hold an export in a `unet/` subfolder).
+    ExportError naming a model config that cannot be read."""
+    if is_workdir(path):
+        return None
     for folder in (path, path / "unet"):
-        config = folder / CONFIG_NAME
-        if config.is_file():
-            try:
-                if "_class_name" in json.loads(config.read_text()):
-                    return folder
-            except (json.JSONDecodeError, UnicodeDecodeError):
-                continue
+        if (folder / CONFIG_NAME).is_file() and "_class_name" in _read_json(folder / CONFIG_NAME):
+            return folder
     return None
 
 
@@ -610,17 +661,35 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out once the export is done")
     parser.add_argument("--base-model", help="the model card's base_model, a Hub id (default: the teacher's, when it "
                                              "was read from the Hugging Face cache)")
+    parser.add_argument("--variant", help="name the weights as diffusers' save_pretrained(variant=) does, e.g. fp16 "
+                                          "(unet/diffusion_pytorch_model.fp16.safetensors; load with variant='fp16'); "
+                                          "with --pipeline-from, the components' files of that variant where they "
+                                          "have them (default: plain names, the components' plain files)")
+    parser.add_argument("--license", help="the model card's license (default: the one in --pipeline-from's card, "
+                                          "e.g. openrail++ for SDXL; its LICENSE files are copied)")
     args = parser.parse_args(argv)
     try:
         out = export(args.checkpoint, args.out, ema=args.ema, dtype=args.dtype, pipeline_from=args.pipeline_from,
-                     stage=args.stage, overwrite=args.overwrite, base_model=args.base_model)
+                     stage=args.stage, overwrite=args.overwrite, base_model=args.base_model, variant=args.variant,
+                     license=args.license)
     except (CheckpointError, ExportError, OutFolderError, UnsupportedConfigError) as e:
         print(f"error: {e}", flush=True, file=sys.stderr)
         return 2
     facts = json.loads((out / FACTS_NAME).read_text())
     what = "SDXL pipeline" if facts["components"] else "UNet"
-    print(f"export: {what} with a {facts['params']:,}-parameter {facts['dtype']} UNet → {out} "
-          f"(model card {out / CARD_NAME})")
+    made = ", ".join(x for x in (facts.get("stage") and f"stage {facts['stage']}",
+                                 facts.get("step") is not None and f"step {facts['step']}",
+                                 facts.get("ema") is not None and _ema_text(facts["ema"])) if x)
+    print(f"export: {what} with a {facts['params']:,}-parameter {facts['dtype']} UNet"
+          f"{f' ({made})' if made else ''} from {facts['source']} → {out} (model card {out / CARD_NAME})")
+    source = Path(str(facts.get("source")))
+    if source.parent.parent.name == "checkpoints" and facts.get("step") is not None:  # WORKDIR/checkpoints/STAGE/STEP
+        done = set(finished_steps(source.parent))
+        newer = sorted(int(d.name) for d in source.parent.iterdir()
+                       if d.is_dir() and d.name.isdigit() and int(d.name) > facts["step"] and int(d.name) not in done)
+        if newer:
+            print(f"note: step {facts['step']} is the latest finished checkpoint; newer step folders "
+                  f"{', '.join(map(str, newer))} are unfinished (a save still running, or cut short)")
     return 0
 
 

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 
-from jaxdistill.convert import OutFolderError, check_params, flax_path
+from jaxdistill.convert import check_params, flax_path
 from jaxdistill.spec import CROSS_ATTN_MID, RESNET_MID, UNetSpec, UnsupportedConfigError
 
 if TYPE_CHECKING:
@@ -477,8 +477,6 @@ def _run(args, auto: bool):
                          f"of {factor}")
     plan = load_plan(args.plan) if args.plan else None
     if args.out:
-        if Path(args.teacher).resolve() in Path(args.out).resolve().parents:
-            raise OutFolderError(f"--out {args.out} is inside the teacher folder {args.teacher}; choose another folder")
         check_out(args.out, args.overwrite, (args.teacher, args.sensitivity))
     report, report_dir, flops_size = None, None, (args.resolution // 8,) * 2
     if args.sensitivity:

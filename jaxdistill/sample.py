@@ -497,8 +497,9 @@ def load_pipeline(model: str | os.PathLike, pipeline: str | os.PathLike | None =
     if dtype == jnp.float16 and jax.default_backend() == "cpu":
         raise ValueError("dtype float16: XLA:CPU's attention does not compute in float16; use bfloat16 or float32 "
                          "on a CPU (float16 is for GPUs)")
-    # A pipeline or UNet folder (a workdir has a config.json too): one set of weights, whatever they are.
-    folder = is_pipeline(model) or ((model / CONFIG_NAME).is_file() and not is_workdir(model))
+    # A pipeline or UNet folder (a workdir has a config.json too, and may hold an export in unet/): one set
+    # of weights, whatever they are.
+    folder = not is_workdir(model) and (is_pipeline(model) or (model / CONFIG_NAME).is_file())
     if folder and ema is not None:  # its one set of weights: only what its record says they are
         from jaxdistill.export import check_weights_choice, folder_provenance  # export imports the trainer
 

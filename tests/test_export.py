@@ -5,6 +5,7 @@ one layer pruned) is shared by the module."""
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -285,6 +286,88 @@ def test_a_pipeline_that_does_not_fit_is_refused(workdir, pipeline, tmp_path, da
     with pytest.raises(ExportError, match=message):
         export(workdir, tmp_path / "out", pipeline_from=broken)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["broken"]
+
+
+def test_a_variant_export_loads_as_diffusers_loads_variants(workdir, pipeline, tmp_path, capsys):
+    """--variant fp16: the UNet as diffusion_pytorch_model.fp16.safetensors, each component's fp16 files where it
+    has them (else its plain ones), one set each; the teacher's license goes on the card, its LICENSE is copied."""
+    from safetensors.numpy import load_file, save_file
+
+    teacher = shutil.copytree(pipeline, tmp_path / "teacher")
+    plain = teacher / "text_encoder" / "model.safetensors"
+    save_file({k: v.astype(np.float16) for k, v in load_file(plain).items()},
+              teacher / "text_encoder" / "model.fp16.safetensors", metadata={"format": "pt"})
+    (teacher / "README.md").write_text("---\nlicense: openrail++\nlibrary_name: diffusers\n---\n# teacher\n")
+    (teacher / "LICENSE.md").write_text("the teacher's license\n")
+
+    out = tmp_path / "fp16"
+    assert main(["--checkpoint", str(workdir), "--out", str(out), "--pipeline-from", str(teacher),
+                 "--variant", "fp16"]) == 0
+    printed = capsys.readouterr().out
+    step = workdir / "checkpoints" / "main" / "2"
+    assert f"(stage main, step 2, the trained weights (no EMA)) from {step}" in printed
+    assert sorted(p.name for p in (out / "unet").iterdir()) == ["config.json",
+                                                                "diffusion_pytorch_model.fp16.safetensors"]
+    assert [p.name for p in (out / "text_encoder").glob("*.safetensors")] == ["model.fp16.safetensors"]
+    assert [p.name for p in (out / "vae").glob("*.safetensors")] == ["diffusion_pytorch_model.safetensors"]
+    assert (out / "LICENSE.md").read_text() == "the teacher's license\n"
+    card = (out / "README.md").read_text()
+    assert yaml.safe_load(card.split("---")[1])["license"] == "openrail++" and 'variant="fp16"' in card
+    pipe = StableDiffusionXLPipeline.from_pretrained(out, variant="fp16", torch_dtype=torch.float32)
+    fp16 = load_file(out / "text_encoder" / "model.fp16.safetensors")
+    embedding = next(v for k, v in fp16.items() if k.endswith("token_embedding.weight"))
+    assert np.array_equal(pipe.text_encoder.get_input_embeddings().weight.detach().numpy(), embedding)
+    with pytest.raises(OSError, match="no file named"):  # named as diffusers names variants: plain loads miss it
+        UNet2DConditionModel.from_pretrained(out / "unet")
+
+    # no variant: the plain files only (the fp16 copy is not carried along); --license wins over the card's
+    out = export(workdir, tmp_path / "plain", pipeline_from=teacher, license="other")
+    assert [p.name for p in (out / "text_encoder").glob("*.safetensors")] == ["model.safetensors"]
+    assert yaml.safe_load((out / "README.md").read_text().split("---")[1])["license"] == "other"
+    # a teacher with only fp16 text-encoder weights: refused without --variant, saying which to give
+    plain.unlink()
+    with pytest.raises(ExportError, match="only variant weights \\(model.fp16.safetensors\\).*--variant fp16"):
+        export(workdir, tmp_path / "refused", pipeline_from=teacher)
+    export(workdir, tmp_path / "fp16-only", pipeline_from=teacher, variant="fp16")
+    for kwargs, message in [(dict(variant="fp.16"), "--variant 'fp.16': expected a plain name"),
+                            (dict(base_model="../my sdxl"), "--base-model '../my sdxl': expected a Hub id")]:
+        with pytest.raises(ExportError, match=re.escape(message)):
+            export(workdir, tmp_path / "refused", **kwargs)
+
+
+def test_out_inside_a_source_and_other_paths(workdir, pipeline, tmp_path, monkeypatch, capsys):
+    """--out inside the folder read (a teacher's component, a UNet folder) is refused, --overwrite or not; a
+    workdir holding an export in unet/ is still read as the run; --out . works; unreadable configs are named."""
+    teacher = shutil.copytree(pipeline, tmp_path / "teacher")
+    vae = sorted(p.name for p in (teacher / "vae").iterdir())
+    with pytest.raises(OutFolderError, match="is inside .*teacher, which is read to make it"):
+        export(workdir, teacher / "vae", pipeline_from=teacher, overwrite=True)
+    with pytest.raises(OutFolderError, match="is inside .*teacher, which is read to make it"):
+        export(teacher, teacher / "unet", overwrite=True)
+    assert sorted(p.name for p in (teacher / "vae").iterdir()) == vae
+
+    run_copy = shutil.copytree(workdir, tmp_path / "work")
+    export(run_copy, run_copy / "unet", stage="main")  # a new subfolder of a workdir is fine
+    out = export(run_copy, tmp_path / "again")
+    facts = json.loads((out / "jaxdistill_export.json").read_text())
+    assert (facts["stage"], facts["step"]) == ("main", 2)  # the run, not the export in its unet/
+
+    here = tmp_path / "here"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    assert main(["--checkpoint", str(workdir), "--out", "."]) == 0
+    assert (here / "config.json").is_file() and not list(tmp_path.glob(".here.*"))
+    # an unfinished newer step is named
+    (run_copy / "checkpoints" / "main" / "3").mkdir()
+    assert main(["--checkpoint", str(run_copy), "--out", str(tmp_path / "newest")]) == 0
+    assert "newer step folders 3 are unfinished" in capsys.readouterr().out
+
+    (teacher / "text_encoder" / "config.json").write_bytes(bytes(range(200, 256)) * 4)
+    with pytest.raises(ExportError, match="cannot read .*text_encoder/config.json"):
+        export(workdir, tmp_path / "x", pipeline_from=teacher)
+    (teacher / "unet" / "config.json").write_text('{"_class_name": "UNet2DCondition')
+    with pytest.raises(ExportError, match="cannot read .*unet/config.json"):
+        export(teacher, tmp_path / "x")
 
 
 def test_a_progressive_stage_names_the_stage_before_and_the_first_teacher(tmp_path):

@@ -509,7 +509,7 @@ def test_cli_refuses_bad_input_before_loading(pipeline_dir, tmp_path, capsys):
             ([*common, "--prompt", "x", "--height", "0", *new], "height=0: must be a positive multiple of 4"),
             ([*common, "--prompt", "x", "--target-size", "1024", *new],
              "argument --target-size: '1024': expected two comma-separated integers ≥ 1, e.g. 1024,1024"),
-            ([*common, "--prompt", "x", "--crops-coords-top-left", "-4,0", *new],
+            ([*common, "--prompt", "x", "--crops-coords-top-left=-4,0", *new],
              "argument --crops-coords-top-left: '-4,0': expected two comma-separated integers ≥ 0"),
             # replacing --out would delete the prompt file it is made from
             ([*common, "--prompts", str(mine / "prompts.txt"), "--out", str(mine), "--overwrite"],
