@@ -645,13 +645,14 @@ def _agreement_fn(student: UNet, teacher: UNet, acp, validation_batch: dict[str,
 
 
 class _StopFlag:
-    """Turns SIGTERM / SIGINT into a request to checkpoint and stop at the end of the current step."""
+    """Turns SIGTERM / SIGINT / SIGHUP into a request to checkpoint and stop at the end of the current step (a
+    closed terminal or ssh session sends SIGHUP: its default would end the run unsaved)."""
 
     def __init__(self):
         self.requested, self.ctrl_c = None, False
 
     def __enter__(self):
-        self._old = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
+        self._old = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
         return self
 
     def __exit__(self, *exc):
@@ -664,6 +665,10 @@ class _StopFlag:
         if signum == signal.SIGINT and self.ctrl_c:
             signal.signal(signal.SIGINT, signal.default_int_handler)
             raise KeyboardInterrupt
+        if signum == signal.SIGHUP:  # the terminal is gone: writing to it would fail (EIO) before the checkpoint
+            for fd in (1, 2):
+                if os.isatty(fd):
+                    os.dup2(os.open(os.devnull, os.O_WRONLY), fd)
         self.ctrl_c |= signum == signal.SIGINT  # kept apart: the SIGTERM after a Ctrl-C must not hide it
         self.requested = signal.Signals(signum).name
         if signum == signal.SIGINT:

@@ -7,11 +7,11 @@
 # Each process gets JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID (read by
 # jaxdistill.sharding.initialize_distributed); $PYTHON (default python) runs them, on the CPU unless
 # JAX_PLATFORMS says otherwise (one machine's GPUs are one process's devices: run the trainer itself there).
-# Logs: WORKDIR/process_I.log;
-# process 0 also prints to the terminal. When a process fails, the others are stopped (they would wait for it
+# Logs: WORKDIR/process_I.log, appended to (a relaunch that resumes keeps the earlier run's log above a dated
+# line); process 0 also prints to the terminal. When a process fails, the others are stopped (they would wait for it
 # in a collective until JAX's heartbeat gives up) and the launcher exits with the failed one's status.
-# Ctrl-C or SIGTERM stops all: each checkpoints first, and the launcher waits for every one of them, then
-# exits with the first non-zero status of a process (0 when all stopped cleanly).
+# Ctrl-C, SIGTERM or SIGHUP (a closed terminal) stops all: each checkpoints first, and the launcher waits for
+# every one of them, then exits with the first non-zero status of a process (0 when all stopped cleanly).
 set -euo pipefail
 usage="usage: $0 NUM_PROCESSES --config CONFIG --workdir DIR [--config.FIELD=VALUE ...]"
 if [[ $# -lt 1 || ! "$1" =~ ^[1-9][0-9]*$ ]]; then
@@ -32,15 +32,21 @@ mkdir -p "$workdir"
 port=${JAX_PORT:-$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')}
 pids=()
 # Only forward: the processes checkpoint, then exit, and the loop below waits for all of them.
-trap 'kill -TERM "${pids[@]}" 2>/dev/null || true' INT TERM
+trap 'kill -TERM "${pids[@]}" 2>/dev/null || true' INT TERM HUP
 for ((p = 0; p < n; p++)); do
-  : > "$workdir/process_$p.log"  # before tail looks for it
+  echo "==== $(date '+%Y-%m-%d %H:%M:%S') $0: process $p of $n" >> "$workdir/process_$p.log"
+done
+start=$(($(wc -c < "$workdir/process_0.log") + 1))  # this launch's part of process 0's log
+for ((p = 0; p < n; p++)); do
   env JAX_COORDINATOR_ADDRESS="127.0.0.1:$port" JAX_NUM_PROCESSES="$n" JAX_PROCESS_ID="$p" \
       JAX_PLATFORMS="${JAX_PLATFORMS:-cpu}" \
-      "${PYTHON:-python}" -m jaxdistill.train "$@" > "$workdir/process_$p.log" 2>&1 &
+      "${PYTHON:-python}" -m jaxdistill.train "$@" >> "$workdir/process_$p.log" 2>&1 &
   pids+=($!)
 done
-tail -n +1 -f "$workdir/process_0.log" --pid "${pids[0]}" &
+# GNU tail ends by itself once process 0 has ended and its log is read to the end; BSD tail (macOS's) has no
+# --pid and is stopped below.
+gnu_tail=$(tail --version > /dev/null 2>&1 && echo 1 || true)
+tail -c +"$start" -f ${gnu_tail:+--pid "${pids[0]}"} "$workdir/process_0.log" &
 tail_pid=$!
 # Poll rather than `wait PID` in turn: a signal interrupts `wait`, and the order the processes end in is the
 # one that matters (and bash 3.2, macOS's, has no `wait -n`).
@@ -60,5 +66,9 @@ while ((left)); do
   done
   ((left == 0)) || sleep 0.2 || true  # Ctrl-C kills the sleep too: keep waiting for the checkpoints
 done
-wait "$tail_pid" 2>/dev/null || true  # the rest of process 0's log
+if [[ -z "$gnu_tail" ]]; then
+  sleep 1 || true  # BSD tail follows by kqueue: a second is ample to print the rest of the log
+  kill "$tail_pid" 2>/dev/null || true
+fi
+wait "$tail_pid" 2>/dev/null || true
 exit $status

@@ -12,8 +12,9 @@
 #
 # The workdir (checkpoints, written by all workers together) and the data must be on storage every worker
 # sees: a Filestore/NFS mount, or a bucket mounted with gcsfuse. `run` keeps going after you disconnect
-# (nohup); its output goes to ~/jaxdistill/run.log on each worker, its pid to ~/jaxdistill/train.pid
-# (what `stop` signals); `prepare` likewise to prepare.log and prepare.pid (it resumes where it stopped).
+# (nohup); its output is appended to ~/jaxdistill/run.log on each worker, its pid goes to
+# ~/jaxdistill/train.pid (what `stop` signals; `run` is refused while that process still runs); `prepare`
+# likewise to prepare.log and prepare.pid (it resumes where it stopped).
 set -euo pipefail
 : "${TPU_NAME:?set TPU_NAME}" "${ZONE:?set ZONE}"
 ACCELERATOR=${ACCELERATOR:-v4-8}
@@ -37,10 +38,14 @@ case "${1:-}" in
     log=$([[ $1 == run ]] && echo run.log || echo prepare.log)
     shift
     args=$(printf '%q ' "$@")
-    on_all "cd jaxdistill && . .venv/bin/activate && { nohup python -m jaxdistill.$task $args > $log 2>&1 & \
-            echo \$! > $task.pid; }" ;;
+    # Refused on a worker where the last one still runs (a second would hide it from `stop`); logs are appended.
+    on_all "cd jaxdistill && if pid=\$(cat $task.pid 2>/dev/null) && grep -qs jaxdistill.$task /proc/\$pid/cmdline; \
+            then echo \"\$(hostname): jaxdistill.$task still runs (pid \$pid); launch/tpu_vm.sh stop first\" >&2; exit 1; \
+            fi; . .venv/bin/activate && echo \"==== \$(date '+%F %T') $task $args\" >> $log \
+            && { nohup python -m jaxdistill.$task $args >> $log 2>&1 & echo \$! > $task.pid; }" ;;
   ssh)
-    on_all "${2:?launch/tpu_vm.sh ssh COMMAND}" ;;
+    (($# == 2)) || { echo "usage: $0 ssh 'COMMAND' (one quoted argument)" >&2; exit 2; }
+    on_all "$2" ;;
   stop)  # the trainer checkpoints, then exits; prepare stops (finished shards are kept). By the pid `run` or
          # `prepare` wrote (if that process is still the one): `pkill -f jaxdistill.train` would match, and
          # kill, the remote shell whose command line holds it. Returns once they have exited (the checkpoint

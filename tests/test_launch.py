@@ -66,10 +66,11 @@ def test_a_failing_process_stops_the_others_and_its_status_is_the_launchers(trai
     assert "got TERM" in _log(tmp_path / "run", 0) and "checkpointed" in _log(tmp_path / "run", 0)
 
 
-@pytest.mark.parametrize("ctrl_c", [False, True])
-def test_sigterm_waits_for_every_process_to_checkpoint_and_exits_with_their_status(trainer, tmp_path, ctrl_c):
-    """SIGTERM to the launcher, or Ctrl-C (SIGINT to its whole process group: the trainers, started in the
-    background, ignore it; the launcher's `sleep` dies of it)."""
+@pytest.mark.parametrize("how", ["sigterm", "ctrl_c", "sighup"])
+def test_sigterm_waits_for_every_process_to_checkpoint_and_exits_with_their_status(trainer, tmp_path, how):
+    """SIGTERM to the launcher, Ctrl-C (SIGINT to its whole process group: the trainers, started in the
+    background, ignore it; the launcher's `sleep` dies of it), or SIGHUP (its terminal closed: forwarded as
+    SIGTERM, no trainer left running without it)."""
     workdir = tmp_path / "run"
     launcher = _local(trainer, 2, workdir, "", start_new_session=True)
     try:
@@ -77,10 +78,10 @@ def test_sigterm_waits_for_every_process_to_checkpoint_and_exits_with_their_stat
         while time.monotonic() < deadline and not all((workdir / f"process_{p}.log").is_file()
                                                       and "started" in _log(workdir, p) for p in range(2)):
             time.sleep(0.1)
-        if ctrl_c:
+        if how == "ctrl_c":
             os.killpg(launcher.pid, signal.SIGINT)
         else:
-            launcher.send_signal(signal.SIGTERM)
+            launcher.send_signal(signal.SIGTERM if how == "sigterm" else signal.SIGHUP)
         out, err = launcher.communicate(timeout=20)
     finally:
         if launcher.poll() is None:
@@ -97,6 +98,13 @@ def test_process_0s_log_reaches_the_terminal_and_arguments_pass_unchanged(traine
         out, err = launcher.communicate(timeout=20)
         assert launcher.returncode == 0 and "cannot open" not in err, err
         assert f"started: --config c.py --workdir {tmp_path / f'run{i}'}" in out and "step 1 loss 0.5" in out
+    # a relaunch (to resume) keeps the earlier log, below a dated line; the terminal shows only the new run
+    (tmp_path / "run0" / "process_0.log").write_text("the first run's traceback\n", encoding="utf-8")
+    launcher = _local(trainer, 1, tmp_path / "run0", "quick")
+    out, err = launcher.communicate(timeout=20)
+    assert launcher.returncode == 0 and out.count("started") == 1 and "traceback" not in out, err
+    log = _log(tmp_path / "run0", 0).splitlines()
+    assert log[0] == "the first run's traceback" and log[1].startswith("==== ") and "process 0 of 1" in log[1]
 
 
 @pytest.mark.parametrize("args, message", [(["2", "--config", "c.py", "--workdir"], "--workdir needs a value"),
@@ -137,6 +145,10 @@ def test_tpu_vm_run_prepare_and_stop_signal_the_process_and_succeed(trainer, tmp
         pid = int(pid_file.read_text())
         try:
             assert f"started: {' '.join(args)}" in until(log, "started")
+            # a second one while it runs: refused, so that `stop` still reaches the first; its log kept
+            again = subprocess.run([*tpu_vm, command, *args], env=env, capture_output=True, text=True, timeout=20)
+            assert again.returncode != 0 and f"still runs (pid {pid}); launch/tpu_vm.sh stop first" in again.stderr
+            assert int(pid_file.read_text()) == pid and "started" in log.read_text()
             result = subprocess.run([*tpu_vm, "stop"], env=env, capture_output=True, text=True, timeout=20)
             assert result.returncode == 0, result.stderr
             # returned once the process had saved and exited: `delete` right after loses nothing

@@ -572,3 +572,16 @@ def test_a_second_ctrl_c_stops_at_once():
                 for sig in (signal.SIGINT, signal.SIGTERM):  # the second Ctrl-C, its SIGINT first
                     os.kill(os.getpid(), sig)
                     time.sleep(0.1)
+
+
+def test_a_closed_terminal_asks_for_a_checkpoint():
+    """SIGHUP (ssh or terminal gone) is a stop request like SIGTERM, not the default death, unsaved; the handler
+    is the old one again afterwards."""
+    from jaxdistill.train import _StopFlag
+
+    before = signal.getsignal(signal.SIGHUP)
+    with _StopFlag() as stop:
+        os.kill(os.getpid(), signal.SIGHUP)
+        time.sleep(0.1)
+        assert stop.requested == "SIGHUP"
+    assert signal.getsignal(signal.SIGHUP) is before
