@@ -71,10 +71,10 @@ def base_config() -> ml_collections.ConfigDict:
     # data.workers: threads decoding images for source "images" (0: one per CPU core, up to 16)
     c.data = ml_collections.ConfigDict(dict(source="synthetic", path="", pipeline="", resolution=1024, seq_len=77,
                                             num_examples=64, center_crop=False, random_flip=False, workers=0))
-    # Validation during training, every `every` steps (0: only before and after): the student-vs-teacher
-    # agreement on a fixed batch, and — with an SDXL pipeline folder for the VAE and text encoders
-    # (`pipeline`, default data.pipeline or the teacher when it is one) — a teacher | student image grid for
-    # `prompts` × `seeds` with latent MSE, PSNR and SSIM, in TensorBoard and WORKDIR/samples/STAGE/.
+    # Validation during training: the student-vs-teacher agreement on a fixed batch before and after each stage,
+    # and with `every` > 0 every `every` steps too, and then — with an SDXL pipeline folder for the VAE and
+    # text encoders (`pipeline`, default data.pipeline or the teacher when it is one) — a teacher | student
+    # image grid for `prompts` × `seeds` with latent MSE, PSNR and SSIM, in TensorBoard and WORKDIR/samples/STAGE/.
     c.eval = ml_collections.ConfigDict(dict(every=0, pipeline="", prompts=("a photo of an astronaut riding a horse",
                                                                            "a watercolor painting of a lighthouse"),
                                             seeds=(0,), steps=20, guidance=5.0, scheduler="", height=0, width=0,
@@ -159,6 +159,9 @@ def _field_errors(c: ml_collections.ConfigDict) -> list[str]:
     check(c.loss.snr_gamma >= 0, "loss.snr_gamma", "≥ 0 (0: off; 5.0 is the min-SNR paper's)")
     for name in ("task", "output", "feature"):
         check(c.loss[name] >= 0, f"loss.{name}", "≥ 0")
+    # all three 0: a zero loss, and a run that only decays the weights
+    check(c.loss.task + c.loss.output + c.loss.feature > 0, "loss.task", "> 0 where loss.output and loss.feature "
+          "are 0 (some term must train the student)")
     check(c.loss.normalize in NORMALIZATIONS, "loss.normalize", f"one of {NORMALIZATIONS}")
     check(bool(tap_list(c.loss.taps)), "loss.taps", "'all', 'stages' or comma-separated feature names")
     check(c.schedule.prediction_type in PREDICTION_TYPES, "schedule.prediction_type", f"one of {PREDICTION_TYPES}")
@@ -174,6 +177,12 @@ def _field_errors(c: ml_collections.ConfigDict) -> list[str]:
           "an SDXL pipeline folder) or 'synthetic'")
     check(c.data.source == "synthetic" or bool(c.data.path), "data.path", "the prepared folder or an image source "
           "spec (--config.data.path=...)")
+    # a data.path with the synthetic source would train on generated latents without a word
+    check(c.data.source != "synthetic" or not c.data.path, "data.source", "'prepared' or 'images' to read "
+          f"data.path={c.data.path!r} (the synthetic source reads no data)")
+    check(c.data.source == "prepared" or (isinstance(c.data.resolution, int) and c.data.resolution >= 8
+                                          and c.data.resolution % 8 == 0),
+          "data.resolution", "a positive multiple of 8 pixels (the VAE's factor; e.g. 1024)")
     check(c.data.source != "images" or bool(c.data.pipeline), "data.pipeline", "an SDXL pipeline folder with vae/, "
           "text_encoder*/ and tokenizer*/ (--config.data.pipeline=DIR)")
     check(c.precision.encoders in DTYPES, "precision.encoders", f"one of {DTYPES}")
@@ -185,7 +194,8 @@ def _field_errors(c: ml_collections.ConfigDict) -> list[str]:
     check(all(isinstance(v, int) and v >= 1 for v in c.mesh.dcn.values()), "mesh.dcn",
           "≥ 1 slices per axis (1 everywhere but on multi-slice TPU)")
     errors += [f"mesh.rules: {problem}" for problem in rule_errors(c.mesh.rules)]
-    check(c.eval.every >= 0, "eval.every", "≥ 0 (0: validate only before and after)")
+    check(c.eval.every >= 0, "eval.every", "≥ 0 (0: the agreement only before and after, no image grids)")
+    check(c.eval.steps >= 1, "eval.steps", "≥ 1 (denoising steps of the validation images)")
     check(c.eval.scheduler in ("", *SCHEDULER_NAMES), "eval.scheduler",
           f"one of {list(SCHEDULER_NAMES)}, or '' for the pipeline's own")
     check(c.eval.batch_size >= 1, "eval.batch_size", "≥ 1 (images denoised and decoded together)")

@@ -50,7 +50,12 @@ def make_data(c, spec: UNetSpec) -> PreparedLatents | StreamedImages | Synthetic
         return data
     if c.data.source == "images":
         from jaxdistill import sources as S
-        from jaxdistill.text import load_tokenizers
+        from jaxdistill.text import check_pipeline_folder, load_tokenizers
+
+        try:
+            check_pipeline_folder(c.data.pipeline)
+        except FileNotFoundError as e:
+            raise ValueError(f"config.data.pipeline={e}") from None
 
         prep = S.Preprocessing(resolution=c.data.resolution, center_crop=c.data.center_crop,
                                random_flip=c.data.random_flip)

@@ -246,9 +246,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Compare a student with its teacher over prompts × seeds: latent MSE, PSNR, SSIM, CLIP score."""
     import argparse
 
-    from jaxdistill import sample
+    from jaxdistill import cli, sample
 
-    parser = argparse.ArgumentParser(prog="python -m jaxdistill.evaluate", description=main.__doc__)
+    parser = cli.parser("evaluate", main.__doc__)
     parser.add_argument("--student", required=True, help="pipeline / UNet folder, or a training checkpoint")
     parser.add_argument("--teacher", required=True, help="pipeline / UNet folder of the teacher")
     parser.add_argument("--pipeline", help="SDXL pipeline folder for the VAE, text encoders and scheduler "

@@ -647,7 +647,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     --pipeline-from as a complete SDXL pipeline folder, with a model card."""
     import argparse
 
-    parser = argparse.ArgumentParser(prog="python -m jaxdistill.export", description=main.__doc__)
+    from jaxdistill import cli
+
+    parser = cli.parser("export", main.__doc__)
     parser.add_argument("--checkpoint", required=True,
                         help="WORKDIR, WORKDIR/checkpoints/STAGE[/STEP], WORKDIR/stages/NAME, or any UNet folder")
     parser.add_argument("--out", required=True, help="the folder to write (refused if not empty, see --overwrite)")

@@ -8,7 +8,6 @@ the same. Exits 1 if anything exceeds the float32 tolerance. Needs the `torch` e
 
 from __future__ import annotations
 
-import argparse
 import sys
 import tempfile
 import time
@@ -52,13 +51,15 @@ def compare(spec: UNetSpec, params: dict, reference, batch: int = 2, size: int |
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m jaxdistill.parity", description=__doc__.split("\n\n")[0])
+    from jaxdistill import cli
+
+    parser = cli.parser("parity", __doc__.split("\n\n")[0])
     parser.add_argument("--unet", help="diffusers UNet or pipeline folder (default: a random tiny one)")
     parser.add_argument("--preset", default="sdxl", choices=sorted(presets.PRESETS),
                         help="topology of the random tiny UNet")
     parser.add_argument("--size", type=int, default=16, help="latent side (pixels / 8)")
     parser.add_argument("--batch", type=int, default=2)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=cli.seed, default=0)
     args = parser.parse_args(argv)
     if args.batch < 1:
         parser.error(f"--batch {args.batch}: must be at least 1")

@@ -41,7 +41,7 @@ from jaxdistill import sources as S
 from jaxdistill.convert import WeightsError
 from jaxdistill.records import atomic_json, changes, describe
 from jaxdistill.sharding import agreed, attempt, gather_failures, initialize_distributed, raise_failures
-from jaxdistill.text import TextEncoders, load_text_encoders
+from jaxdistill.text import TextEncoders, check_pipeline_folder, load_text_encoders
 from jaxdistill.vae import VAESpec, encode_latents, load_vae
 
 DATASET_NAME = "jaxdistill_latents"
@@ -52,8 +52,6 @@ STORAGE_DTYPES = ("float16", "float32")
 # Bumped when the same settings would write other data: 2 = shard files keyed by name, flip before crop
 # (sources.preprocess), tar keys with the tar's name. An older folder is refused, not mixed in.
 FORMAT = 2
-_PIPELINE_PARTS = ("vae/config.json", "text_encoder/config.json", "text_encoder_2/config.json", "tokenizer",
-                   "tokenizer_2")
 
 
 class PrepareError(ValueError):
@@ -336,12 +334,10 @@ def _link(target: Path, path: Path):
 
 def _check_pipeline(pipeline: str | os.PathLike):
     """The parts `load_encoders` reads, checked before anything is written or loaded."""
-    folder = Path(pipeline)
-    missing = [part for part in _PIPELINE_PARTS if not (folder / part).exists()]
-    if missing:
-        what = "no " + ", ".join(missing) if folder.is_dir() else "no such folder"
-        raise PrepareError(f"pipeline {pipeline}: {what}; expected a diffusers SDXL pipeline folder (vae/, "
-                           "text_encoder/, text_encoder_2/, tokenizer/, tokenizer_2/)")
+    try:
+        check_pipeline_folder(pipeline)
+    except FileNotFoundError as e:
+        raise PrepareError(f"pipeline {e}") from None
 
 
 def _check_settings(out: Path, settings: Mapping[str, Any], *, process_index: int = 0, process_count: int = 1):
@@ -375,9 +371,10 @@ def _check_settings(out: Path, settings: Mapping[str, Any], *, process_index: in
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Encode an image–caption source into a TFDS data set of SDXL latents, embeddings and time ids."""
-    import argparse
 
-    parser = argparse.ArgumentParser(prog="python -m jaxdistill.prepare", description=main.__doc__)
+    from jaxdistill import cli
+
+    parser = cli.parser("prepare", main.__doc__)
     parser.add_argument("--source", required=True,
                         help="folder:PATH | tar:GLOB | tfds:NAME[:SPLIT] | a path (see jaxdistill.sources)")
     parser.add_argument("--pipeline", required=True, help="diffusers SDXL pipeline folder (vae/, text_encoder*/, "

@@ -412,9 +412,10 @@ ANOTHER_REPORT = "give another --sensitivity folder to measure this teacher"
 def main(argv: Sequence[str] | None = None) -> int:
     """`python -m jaxdistill.prune`: write a pruned student as a diffusers UNet folder; measure layer
     sensitivity; choose a plan for a parameter or FLOP budget."""
-    import argparse
 
-    parser = argparse.ArgumentParser(prog="python -m jaxdistill.prune", description=main.__doc__)
+    from jaxdistill import cli
+
+    parser = cli.parser("prune", main.__doc__)
     parser.add_argument("--teacher", required=True, help="diffusers UNet folder, or a pipeline folder with unet/")
     parser.add_argument("--plan", help=f"a preset ({', '.join(PLANS)}) or a plan JSON file")
     parser.add_argument("--out", help="where to write the student (a diffusers UNet folder; refused if not empty, "
@@ -432,7 +433,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # None: the defaults below when measuring, whatever a reused report was measured with otherwise.
     parser.add_argument("--calibration-batch", type=int, help="calibration samples across timesteps (default 8)")
     parser.add_argument("--calibration-size", type=int, help="latent side of the calibration batch (default 32)")
-    parser.add_argument("--seed", type=int, help="calibration batch seed (default 0)")
+    parser.add_argument("--seed", type=cli.seed, help="calibration batch seed (default 0)")
     args = parser.parse_args(argv)
 
     auto = args.budget_params is not None or args.budget_flops is not None

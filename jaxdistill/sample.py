@@ -53,7 +53,7 @@ from jaxdistill import schedule
 from jaxdistill.convert import CONFIG_NAME, check_out, is_workdir, load_unet, resolve_unet_folder, whole_folder
 from jaxdistill.schedule import PREDICTION_TYPES
 from jaxdistill.spec import UNetSpec, UnsupportedConfigError
-from jaxdistill.text import TextEncoders, load_text_encoders
+from jaxdistill.text import TextEncoders, check_pipeline_folder, load_text_encoders
 from jaxdistill.unet import UNet
 from jaxdistill.vae import VAESpec, load_vae
 from jaxdistill.vae import decode as vae_decode
@@ -67,7 +67,6 @@ SDXL_SCHEDULER_CONFIG: dict[str, Any] = {
     "timestep_spacing": "leading", "trained_betas": None, "use_karras_sigmas": False}
 SPACINGS = ("leading", "trailing", "linspace")
 Pair = tuple[int, int]  # (height, width) or a crop's (top, left)
-PIPELINE_PARTS = ("vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")  # what sampling reads
 
 
 # ---- schedulers ---------------------------------------------------------------------------------
@@ -535,19 +534,21 @@ def load_parts(pipeline: str | os.PathLike, dtype: str | Any = "float32") -> Pip
     """The VAE, text encoders and scheduler of a diffusers SDXL pipeline folder, as a `Pipeline` without a
     UNet (its own unet/ is not read): `with_unet` gives it one."""
     pipeline = Path(pipeline)
-    missing = [d for d in PIPELINE_PARTS if not (pipeline / d).is_dir()]
-    if missing:
-        raise FileNotFoundError(f"{pipeline} is not a diffusers SDXL pipeline folder: it lacks {', '.join(missing)}")
+    check_pipeline_folder(pipeline)
     vae_spec, vae_params = load_vae(pipeline)
     encoders = load_text_encoders(pipeline, dtype=jnp.float32)  # once per batch: float32 costs nothing
-    scheduler_file = pipeline / "scheduler" / "scheduler_config.json"
-    scheduler_config = (json.loads(scheduler_file.read_text()) if scheduler_file.is_file()
-                        else dict(SDXL_SCHEDULER_CONFIG))
-    make_scheduler("euler", scheduler_config)  # refuse an unsupported scheduler config now, not at generate
+    config = scheduler_config(pipeline)
+    make_scheduler("euler", config)  # refuse an unsupported scheduler config now, not at generate
     index_file = pipeline / "model_index.json"
     index = json.loads(index_file.read_text()) if index_file.is_file() else {}
-    return Pipeline(None, None, encoders, vae_spec, vae_params, scheduler_config,
+    return Pipeline(None, None, encoders, vae_spec, vae_params, config,
                     bool(index.get("force_zeros_for_empty_prompt", True)), jnp.dtype(dtype), "", str(pipeline))
+
+
+def scheduler_config(pipeline: str | os.PathLike) -> dict[str, Any]:
+    """A pipeline folder's scheduler/scheduler_config.json (SDXL's Euler config where it has none)."""
+    path = Path(pipeline) / "scheduler" / "scheduler_config.json"
+    return json.loads(path.read_text()) if path.is_file() else dict(SDXL_SCHEDULER_CONFIG)
 
 
 def with_unet(parts: Pipeline, spec: UNetSpec, params: dict, name: str) -> Pipeline:
@@ -921,7 +922,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     settings, each file's prompt and seed), and with --teacher the teacher's images and side_by_side.png."""
     import argparse
 
-    parser = argparse.ArgumentParser(prog="python -m jaxdistill.sample", description=main.__doc__)
+    from jaxdistill import cli
+
+    parser = cli.parser("sample", main.__doc__)
     parser.add_argument("--model", required=True,
                         help="diffusers pipeline folder, UNet folder, or training checkpoint (workdir/stage/step)")
     parser.add_argument("--pipeline", help="SDXL pipeline folder for the VAE, text encoders and scheduler "
@@ -985,7 +988,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         check_out(args.out, args.overwrite, (args.model, args.pipeline, args.teacher, args.prompts))
         student = load_pipeline(args.model, args.pipeline, ema=args.ema, dtype=args.dtype)
         # The teacher gets the student's VAE, text encoders and scheduler: only the UNets differ.
-        teacher = load_pipeline(args.teacher, parts=student, dtype=args.dtype) if args.teacher else None
+        try:
+            teacher = load_pipeline(args.teacher, parts=student, dtype=args.dtype) if args.teacher else None
+        except (OSError, ValueError) as e:
+            parser.error(f"--teacher: {e}")
         check_out(args.out, args.overwrite, (student.pipeline_dir,))  # the pipeline a run recorded, too
         height, width = student.check_size(args.height, args.width)
         if teacher is not None:

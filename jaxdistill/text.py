@@ -356,6 +356,22 @@ def load_text_encoders(pipeline_dir: str | os.PathLike, dtype: Dtype = jnp.float
     return TextEncoders(specs=tuple(specs), params=params, tokenizers=tokenizers, dtype=dtype)
 
 
+# What encoding reads from an SDXL pipeline folder (prepare, the trainer's image source, sampling)
+PIPELINE_PARTS = ("vae/config.json", "text_encoder/config.json", "text_encoder_2/config.json", "tokenizer",
+                  "tokenizer_2")
+
+
+def check_pipeline_folder(pipeline_dir: str | os.PathLike) -> None:
+    """FileNotFoundError naming what an SDXL pipeline folder lacks of the VAE, text encoders and tokenizers
+    (checked before anything is loaded: transformers' own error for a missing folder speaks of Hub repo ids)."""
+    folder = Path(pipeline_dir)
+    missing = [part for part in PIPELINE_PARTS if not (folder / part).exists()]
+    if missing:
+        what = "no " + ", ".join(missing) if folder.is_dir() else "no such folder"
+        raise FileNotFoundError(f"{pipeline_dir}: {what}; expected a diffusers SDXL pipeline folder (vae/, "
+                                "text_encoder/, text_encoder_2/, tokenizer/, tokenizer_2/)")
+
+
 def load_tokenizers(pipeline_dir: str | os.PathLike) -> tuple[Any, Any]:
     """transformers' CLIP tokenizers of a diffusers SDXL pipeline folder (`tokenizer/`, `tokenizer_2/`)."""
     from transformers import CLIPTokenizer

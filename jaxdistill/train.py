@@ -6,6 +6,12 @@ uninterrupted run would (batches and noise are functions of the step). SIGTERM o
 checkpoint and exits cleanly; a non-finite loss stops the run naming the step and the term, keeping the
 last good checkpoint. Progress: a console bar, TensorBoard scalars and `WORKDIR/metrics.jsonl`.
 Each stage's student is written as a diffusers UNet folder to `WORKDIR/stages/NAME`.
+
+Flags:
+  --config FILE            a config file: configs/tiny.py, configs/ssd1b.py, configs/vega.py or your own
+  --config.FIELD=VALUE     any field of it (every field, with its meaning: jaxdistill/config.py), e.g.
+                           --config.teacher=SDXL_DIR --config.data.path=DATA_DIR --config.optimizer.lr=2e-5
+  --workdir DIR            checkpoints, logs, TensorBoard and the students; a run's workdir resumes it
 """
 
 from __future__ import annotations
@@ -87,6 +93,9 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any
     validate(config)
     config = absolute_paths(config)  # what the run records names the same files from any working directory
     workdir = Path(workdir)
+    blocked = next((p for p in (workdir, *workdir.parents) if p.exists() and not p.is_dir()), None)
+    if blocked is not None:
+        raise ValueError(f"--workdir {workdir}: {blocked} is a file; give a folder (new, or a run's to resume)")
     stages = stages_of(config)
     # hosts agree: one whose data or folders are missing stops them all, not only itself
     checked, notes = agreed(lambda: check_stages(stages, workdir), "could not check the stages before training")
@@ -151,6 +160,7 @@ def check_stages(stages: list[ml_collections.ConfigDict], workdir: Path) -> tupl
             previous_made = {"stage": c.name, "steps": made["steps"]}
             continue
         _check_schedule(c)
+        notes += _check_validation(c)
         teacher, student, kept = build_models(c, previous, weights=False)
         distil = c.loss.output > 0 or c.loss.feature > 0
         if distil and teacher is None:
@@ -312,6 +322,8 @@ def build_models(c: ml_collections.ConfigDict, previous: Model | None, weights: 
             print(f"stage {c.name}: {c.student} does not say which teacher layers it kept (no prune_plan.json, "
                   "stage marker or export facts): resnet taps pair by position")
     elif teacher is not None and c.plan:
+        if c.model and not weights:
+            print(f"stage {c.name}: config.model={c.model!r} is not used: the student is pruned from the teacher")
         plan = load_plan(c.plan)
         spec, params, kept = prune(teacher.spec, teacher.params, plan, sensitivity=_damage(c, plan, teacher))
         student = Model(spec, params)
@@ -676,13 +688,39 @@ class _StopFlag:
                   file=sys.stderr)
 
 
-def _validation(c, teacher: Model, workdir: Path):
-    """The image validation of a distillation stage, when an SDXL pipeline folder is at hand (else None)."""
-    from jaxdistill.evaluate import Validation
+def _validation_pipeline(c) -> str:
+    """The SDXL pipeline folder of a stage's image validation ("" when there is none to run)."""
     from jaxdistill.sample import is_pipeline
 
     pipeline = c.eval.pipeline or c.data.pipeline or (c.teacher if c.teacher and is_pipeline(c.teacher) else "")
-    if not (c.eval.every and pipeline):
+    return pipeline if c.eval.every else ""
+
+
+def _check_validation(c) -> list[str]:
+    """A stage's image validation, checked before any stage trains: its pipeline folder, and the steps its
+    scheduler can take (else the first validation, `eval.every` steps in, would fail). → notes."""
+    from jaxdistill.sample import chosen_scheduler, make_scheduler, scheduler_config
+    from jaxdistill.text import check_pipeline_folder
+
+    pipeline = _validation_pipeline(c)
+    if not pipeline:
+        return [f"stage {c.name}: config.eval.pipeline is set, but eval.every=0: no image validation"
+                ] if c.eval.pipeline else []
+    try:
+        check_pipeline_folder(pipeline)
+        config = scheduler_config(pipeline)
+        make_scheduler(chosen_scheduler(c.eval.scheduler or None, config), config).set_timesteps(c.eval.steps)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"stage {c.name}: image validation (config.eval): {e}") from None
+    return []
+
+
+def _validation(c, teacher: Model, workdir: Path):
+    """The image validation of a distillation stage, when an SDXL pipeline folder is at hand (else None)."""
+    from jaxdistill.evaluate import Validation
+
+    pipeline = _validation_pipeline(c)
+    if not pipeline:
         return None
     size = {k: c.eval[k] for k in ("height", "width") if c.eval[k]}
     return Validation(pipeline, teacher.spec, teacher.params, prompts=list(c.eval.prompts), seeds=list(c.eval.seeds),
@@ -829,9 +867,13 @@ def main(argv=None) -> int:
 
     started = False
 
-    def _main(_):
+    def _main(rest):
         nonlocal started
         started = True
+        if len(rest) > 1:  # absl hands on what is not a flag (a stray word): ignored, it would hide a mistake
+            print(f"error: unexpected arguments {rest[1:]}: every setting is a flag, --config.FIELD=VALUE",
+                  file=sys.stderr)
+            sys.exit(2)
         absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every save at INFO
         initialize_distributed()  # multi-host: TPU VM slices, SLURM, or JAX_COORDINATOR_ADDRESS & co.
         config = flags.FLAGS.config

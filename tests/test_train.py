@@ -304,6 +304,13 @@ def test_student_loss_falls_over_30_steps_and_progressive_stages(unet_folders, p
     ({"data.workers": -1, "mesh.dcn.data": -1}, ["config.data.workers=-1", "config.mesh.dcn"]),
     ({"noise_offset": -0.1, "empty_prompt_rate": 1.5, "loss.snr_gamma": -5.0},
      ["config.noise_offset=-0.1", "config.empty_prompt_rate=1.5", "config.loss.snr_gamma=-5.0"]),
+    # a zero loss (it only decayed the weights); sizes the VAE cannot take; no validation steps
+    ({"loss.task": 0.0, "loss.output": 0.0, "loss.feature": 0.0, "data.resolution": 100, "eval.steps": 0},
+     ["config.loss.task=0.0: expected > 0 where", "config.data.resolution=100", "config.eval.steps=0"]),
+    # a data.path the synthetic source would not read (it trained on generated latents without a word)
+    ({"data.path": "data/laion", "data.resolution": 0}, ["config.data.source='synthetic': expected 'prepared' or "
+                                                         "'images' to read data.path='data/laion'",
+                                                         "config.data.resolution=0"]),
 ])
 def test_bad_config_values_are_named(changes, fields):
     config = small_config("some/teacher", "ssd1b")
@@ -334,6 +341,10 @@ def test_bad_command_line_override_is_reported(tmp_path):
                           text=True, cwd=os.path.join(os.path.dirname(__file__), ".."))
     assert typo.returncode == 2 and "Traceback" not in typo.stderr
     assert 'unknown config field on the command line: \'optimzer\': Did you mean "optimizer"' in typo.stderr
+    stray = subprocess.run([sys.executable, "-m", "jaxdistill.train", "--config", "configs/tiny.py",
+                            "--workdir", str(tmp_path), "steps=10"], env=ENV, capture_output=True, text=True,
+                           cwd=os.path.join(os.path.dirname(__file__), ".."))
+    assert stray.returncode == 2 and "unexpected arguments ['steps=10']" in stray.stderr, stray.stderr[-2000:]
     # the same mistake inside a config file is not the command line's: the traceback says where it is
     (tmp_path / "bad.py").write_text("from jaxdistill.config import base_config\n\n\ndef get_config():\n"
                                      "    c = base_config()\n    c.optimzer.lr = 1e-3\n    return c\n")
@@ -585,3 +596,37 @@ def test_a_closed_terminal_asks_for_a_checkpoint():
         time.sleep(0.1)
         assert stop.requested == "SIGHUP"
     assert signal.getsignal(signal.SIGHUP) is before
+
+
+def test_the_recipe_configs_read_prepared_data_and_startup_checks_name_what_is_wrong(unet_folders, tmp_path):
+    """configs/ssd1b.py and vega.py want a prepared set (they used to train on synthetic latents unless told);
+    a workdir that is a file, a validation pipeline that is not one and validation steps its scheduler cannot
+    take are refused before anything trains; an image source's pipeline is checked before transformers reads
+    it (its error spoke of Hub repo ids)."""
+    import importlib.util
+
+    root = os.path.join(os.path.dirname(__file__), "..", "configs")
+    for name in ("ssd1b", "vega"):
+        spec = importlib.util.spec_from_file_location(name, os.path.join(root, f"{name}.py"))
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        config = module.get_config()
+        config.teacher = unet_folders["sdxl"]
+        with pytest.raises(ValueError, match="config.data.path='': expected the prepared folder"):
+            validate(config)
+    config = small_config(unet_folders["sdxl"], "ssd1b")
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(ValueError, match="afile is a file; give a folder"):
+        run(config, tmp_path / "afile" / "run")
+    for changes, message in [({"eval.every": 5, "eval.pipeline": str(tmp_path / "nowhere")},
+                              "stage main: image validation \\(config.eval\\): .*nowhere: no such folder"),
+                             ({"data.source": "images", "data.path": f"folder:{tmp_path}",
+                               "data.pipeline": unet_folders["sdxl"]},
+                              "config.data.pipeline=.*: no vae/config.json, text_encoder/config.json")]:
+        bad = config.copy_and_resolve_references()
+        for key, value in changes.items():
+            section, _, field = key.partition(".")
+            bad[section][field] = value
+        with pytest.raises(ValueError, match=message):
+            run(bad, tmp_path / "never")
+    assert not (tmp_path / "never").exists()

@@ -1,0 +1,44 @@
+"""What the `python -m jaxdistill.X` command lines share: argparse with each option's default in `--help`."""
+
+from __future__ import annotations
+
+import argparse
+import copy
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """argparse's, with an option's default after its help (or as its help) where there is one to say (not
+    None, False or empty) and the help does not say it already."""
+
+    def _format_action(self, action: argparse.Action) -> str:
+        if not action.help and _says_something(action):  # argparse shows nothing for an option without help
+            action = copy.copy(action)
+            action.help = "default: %(default)s"
+        return super()._format_action(action)
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        return text + " (default: %(default)s)" if _says_something(action) and "default" not in text else text
+
+
+def _says_something(action: argparse.Action) -> bool:
+    default = action.default  # by identity: 0 == False, and a default of 0 is worth saying
+    return (bool(action.option_strings) and all(default is not v for v in (None, False, argparse.SUPPRESS))
+            and default not in ("", []))
+
+
+def parser(command: str, description: str | None) -> argparse.ArgumentParser:
+    """The argument parser of `python -m jaxdistill.COMMAND`."""
+    return argparse.ArgumentParser(prog=f"python -m jaxdistill.{command}", description=description,
+                                   formatter_class=HelpFormatter)
+
+
+def seed(text: str) -> int:
+    """argparse type of a seed: an integer in 0 … 2**32 − 1 (jax.random keys keep 32 bits of it)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value < 2 ** 32:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected an integer in 0 … 2**32 − 1")
+    return value
