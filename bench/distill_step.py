@@ -252,7 +252,7 @@ def profile_summary(trace_dir: Path, hlo: str, steps: int, top: int = 25) -> dic
     names = {}  # HLO instruction → its op_name metadata
     for m in re.finditer(r"%?([\w.\-]+) = [^\n]*?op_name=\"([^\"]*)\"", hlo):
         names[m.group(1)] = m.group(2)
-    path = next(trace_dir.glob("**/*.xplane.pb"))
+    path = max(trace_dir.glob("**/*.xplane.pb"), key=lambda p: p.stat().st_mtime)  # this run's, not an older one
     planes = list(jax.profiler.ProfileData.from_file(str(path)).planes)
     devices = [p for p in planes if p.name.startswith("/device:")] or planes
     ops: dict[str, float] = {}
