@@ -14,6 +14,7 @@ import contextlib
 import glob
 import json
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -113,6 +114,9 @@ def read_safetensors(folder: Path, variant: str | None = None, name: str = WEIGH
     """All tensors of a weights folder, single-file `name` or sharded (`name`.index.json), as numpy arrays.
     `name` is diffusers' `diffusion_pytorch_model.safetensors` or transformers' `model.safetensors`."""
     candidates = [variant] if variant else [None, "fp16"]
+    if not variant:  # an export with another --variant (bf16, ...): its one variant, where it holds just one
+        others = _variants(folder, name) - {None, "fp16"}
+        candidates += sorted(others) if len(others) == 1 else []
     for v in candidates:
         index, single = folder / _variant(name + ".index.json", v), folder / _variant(name, v)
         if index.is_file():
@@ -135,7 +139,23 @@ def read_safetensors(folder: Path, variant: str | None = None, name: str = WEIGH
             "PyTorch: python -c \"from diffusers import UNet2DConditionModel as U; "
             f"U.from_pretrained('{folder}').save_pretrained('{folder}', safe_serialization=True)\"")
     wanted = " or ".join(_variant(name, v) for v in candidates)
-    raise FileNotFoundError(f"{folder} has no weights: expected {wanted} (or a sharded index).")
+    others = sorted(_variants(folder, name) - {None})
+    hint = f"; it holds the variants {', '.join(others)}: name one (variant=)" if others and not variant else ""
+    raise FileNotFoundError(f"{folder} has no weights: expected {wanted} (or a sharded index){hint}.")
+
+
+def weights_variant(name: str) -> str | None:
+    """The variant of a weights file or shard index as diffusers and transformers name them, None for plain
+    ones: model.safetensors → None, model.fp16.safetensors → "fp16", model.fp16-00001-of-00002.safetensors →
+    "fp16", diffusion_pytorch_model.safetensors.index.fp16.json → "fp16"."""
+    parts = [re.sub(r"-\d+-of-\d+$", "", part) for part in name.split(".")[1:]]
+    return next((part for part in parts if part not in ("safetensors", "index", "json")), None)
+
+
+def _variants(folder: Path, name: str) -> set[str | None]:
+    """The variants of `name`'s safetensors weights in `folder` (None: the plain ones)."""
+    stem = name.partition(".")[0]
+    return {weights_variant(p.name) for p in folder.glob(f"{glob.escape(stem)}*") if ".safetensors" in p.name}
 
 
 def _load_file(path: Path) -> dict[str, np.ndarray]:
@@ -307,17 +327,19 @@ def _variant(name: str, variant: str | None) -> str:
 
 def check_out(out: str | os.PathLike, overwrite: bool, sources: Sequence[str | os.PathLike | None] = ()):
     """Raises `OutFolderError` unless `out` may become a command's new output folder: not a file, empty unless
-    `overwrite`, neither holding nor inside any of `sources` (replacing `out` must never delete what it is made
-    from; a new subfolder of a training run's workdir is fine), and neither a training run's workdir nor inside
-    its checkpoints/ or stages/ (the trainer's)."""
+    `overwrite`, neither holding any of `sources` nor inside a component of a pipeline among them (replacing
+    `out` must never delete what it is made from; other subfolders are fine), and neither a training run's
+    workdir nor inside its checkpoints/ or stages/ (the trainer's)."""
     out = Path(os.path.abspath(out))  # "." has no parent to write beside
     for source in filter(None, sources):
         source = Path(source).resolve()
         if out.resolve() in (source, *source.parents):
             raise OutFolderError(f"--out {out} holds {source}, which is read to make it; choose another folder")
-        if source.is_dir() and source in out.resolve().parents and not is_workdir(source):
-            raise OutFolderError(f"--out {out} is inside {source}, which is read to make it; choose a folder "
-                                 "outside it")
+        if source.is_dir() and source in out.resolve().parents:
+            part = out.resolve().relative_to(source).parts[0]
+            if part in _components(source):  # --overwrite would replace a part of the pipeline read
+                raise OutFolderError(f"--out {out} is inside {source / part}, which is read to make it; choose a "
+                                     "folder outside it")
     # a training run's own folders (its checkpoints and finished stages) are the trainer's, whatever is read
     if is_workdir(out.resolve()):
         raise OutFolderError(f"--out {out} is a training run's workdir; choose another folder (a new subfolder of "
@@ -327,6 +349,15 @@ def check_out(out: str | os.PathLike, overwrite: bool, sources: Sequence[str | o
             raise OutFolderError(f"--out {out} is inside {folder}, where the training run in {folder.parent} keeps "
                                  f"its {folder.name}; choose a folder outside it, e.g. {folder.parent / 'export'}")
     _check_replaceable(out, overwrite)
+
+
+def _components(folder: Path) -> set[str]:
+    """The component folders (unet, vae, text_encoder, ...) a diffusers pipeline folder's model_index.json lists."""
+    try:
+        index = json.loads((folder / "model_index.json").read_text())
+    except (OSError, ValueError):
+        return set()
+    return {k for k in index if not k.startswith("_")} if isinstance(index, dict) else set()
 
 
 def _check_replaceable(out: Path, overwrite: bool):

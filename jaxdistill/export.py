@@ -43,6 +43,7 @@ from jaxdistill.convert import (
     resolve_unet_folder,
     save_unet,
     to_diffusers_state_dict,
+    weights_variant,
     whole_folder,
 )
 from jaxdistill.prune import PlanError, load_plan
@@ -221,14 +222,6 @@ def pipeline_files(pipeline_dir: str | os.PathLike, variant: str | None = None) 
     return files
 
 
-def weights_variant(name: str) -> str | None:
-    """The variant of a weights file or shard index as diffusers and transformers name them, None for plain
-    ones: model.safetensors → None, model.fp16.safetensors → "fp16", model.fp16-00001-of-00002.safetensors →
-    "fp16", diffusion_pytorch_model.safetensors.index.fp16.json → "fp16"."""
-    parts = [re.sub(r"-\d+-of-\d+$", "", part) for part in name.split(".")[1:]]
-    return next((part for part in parts if part not in ("safetensors", "index", "json")), None)
-
-
 def check_conditioning(pipeline_dir: str | os.PathLike, spec: UNetSpec) -> None:
     """Refuses a student whose conditioning does not fit the pipeline's text encoders and VAE: context width =
     the two encoders' hidden sizes together; text_encoder_2's pooled width + 6 time ids ×
@@ -285,8 +278,8 @@ def export(checkpoint: str | os.PathLike, out: str | os.PathLike, *, ema: bool |
     if pipeline_from:
         check_conditioning(pipeline_from, student.spec)
     _check_weights(student.params, dtype)
-    facts = describe(student, dtype, pipeline_from, files, base_model) | {
-        "variant": variant, "license": license or (_card_license(pipeline_from) if pipeline_from else None)}
+    licence = {"license": license} if license else _card_license(pipeline_from) if pipeline_from else {}
+    facts = describe(student, dtype, pipeline_from, files, base_model) | {"variant": variant, "license": licence}
 
     with whole_folder(out, overwrite) as tmp:
         save_unet(tmp / "unet" if files else tmp, student.spec, student.params, dtype=DTYPES[dtype], variant=variant)
@@ -353,8 +346,7 @@ def model_card(facts: dict[str, Any], name: str = "student") -> str:
     distilled = trained and bool(facts.get("teacher"))
     tags = [*TAGS, "distillation"] if distilled else list(TAGS)
     front = ["---", "library_name: diffusers", "tags:", *(f"- {t}" for t in tags)]
-    if facts.get("license"):
-        front.append(f"license: {facts['license']}")
+    front += [f"{k}: {v}" for k, v in (facts.get("license") or {}).items()]
     if facts.get("base_model"):
         front.append(f"base_model: {facts['base_model']}")
     if facts.get("components"):
@@ -431,16 +423,17 @@ def model_card(facts: dict[str, Any], name: str = "student") -> str:
 
 # ---- helpers ------------------------------------------------------------------------------------
 
-def _card_license(folder: str | os.PathLike) -> str | None:
-    """The `license:` of a model card's front matter (README.md) in `folder`, if it has one."""
+def _card_license(folder: str | os.PathLike) -> dict[str, str]:
+    """The license fields (`license`, and for "other" its `license_name` / `license_link`) of the model card's
+    front matter (README.md) in `folder`; {} when it has none."""
     import yaml
     from huggingface_hub.repocard import metadata_load
 
     try:
-        value = (metadata_load(Path(folder) / CARD_NAME) or {}).get("license")
+        meta = metadata_load(Path(folder) / CARD_NAME) or {}
     except (OSError, ValueError, yaml.YAMLError):  # no card, or front matter that is not YAML
-        return None
-    return value if isinstance(value, str) else None
+        return {}
+    return {k: meta[k] for k in ("license", "license_name", "license_link") if isinstance(meta.get(k), str)}
 
 
 def _unet_folder(path: Path) -> Path | None:

@@ -952,7 +952,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                        help="default: 0,0 (well-centred images)")
     micro.add_argument("--target-size", type=pair_arg(1), metavar="H,W", help="default: --height,--width")
     micro.add_argument("--negative-original-size", type=pair_arg(1), metavar="H,W")
-    micro.add_argument("--negative-crops-coords-top-left", type=pair_arg(0), metavar="T,L", default=(0, 0))
+    micro.add_argument("--negative-crops-coords-top-left", type=pair_arg(0), metavar="T,L", default=(0, 0),
+                       help="default: 0,0")
     micro.add_argument("--negative-target-size", type=pair_arg(1), metavar="H,W")
     parser.add_argument("--batch-size", type=int, default=4, help="images denoised together")
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",

@@ -322,8 +322,6 @@ def build_models(c: ml_collections.ConfigDict, previous: Model | None, weights: 
             print(f"stage {c.name}: {c.student} does not say which teacher layers it kept (no prune_plan.json, "
                   "stage marker or export facts): resnet taps pair by position")
     elif teacher is not None and c.plan:
-        if c.model and not weights:
-            print(f"stage {c.name}: config.model={c.model!r} is not used: the student is pruned from the teacher")
         plan = load_plan(c.plan)
         spec, params, kept = prune(teacher.spec, teacher.params, plan, sensitivity=_damage(c, plan, teacher))
         student = Model(spec, params)
@@ -665,6 +663,8 @@ class _StopFlag:
 
     def __enter__(self):
         self._old = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
+        # asked now: once the terminal has hung up, isatty() is already False when SIGHUP arrives
+        self._ttys = [fd for fd in (1, 2) if os.isatty(fd)]
         return self
 
     def __exit__(self, *exc):
@@ -678,9 +678,8 @@ class _StopFlag:
             signal.signal(signal.SIGINT, signal.default_int_handler)
             raise KeyboardInterrupt
         if signum == signal.SIGHUP:  # the terminal is gone: writing to it would fail (EIO) before the checkpoint
-            for fd in (1, 2):
-                if os.isatty(fd):
-                    os.dup2(os.open(os.devnull, os.O_WRONLY), fd)
+            for fd in self._ttys:
+                os.dup2(os.open(os.devnull, os.O_WRONLY), fd)
         self.ctrl_c |= signum == signal.SIGINT  # kept apart: the SIGTERM after a Ctrl-C must not hide it
         self.requested = signal.Signals(signum).name
         if signum == signal.SIGINT:

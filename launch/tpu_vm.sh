@@ -6,7 +6,8 @@
 #   launch/tpu_vm.sh create
 #   launch/tpu_vm.sh setup
 #   launch/tpu_vm.sh prepare --source 'tar:/mnt/shared/laion/*.tar' --pipeline /mnt/shared/sdxl --out /mnt/shared/laion
-#   launch/tpu_vm.sh run --config configs/ssd1b.py --workdir /mnt/shared/runs/ssd1b --config.teacher=/mnt/shared/sdxl
+#   launch/tpu_vm.sh run --config configs/ssd1b.py --workdir /mnt/shared/runs/ssd1b --config.teacher=/mnt/shared/sdxl \
+#       --config.data.path=/mnt/shared/laion
 #   launch/tpu_vm.sh ssh 'tail -f jaxdistill/run.log'        # any command on all workers
 #   launch/tpu_vm.sh delete
 #
@@ -41,7 +42,7 @@ case "${1:-}" in
     # Refused on a worker where the last one still runs (a second would hide it from `stop`); logs are appended.
     on_all "cd jaxdistill && if pid=\$(cat $task.pid 2>/dev/null) && grep -qs jaxdistill.$task /proc/\$pid/cmdline; \
             then echo \"\$(hostname): jaxdistill.$task still runs (pid \$pid); launch/tpu_vm.sh stop first\" >&2; exit 1; \
-            fi; . .venv/bin/activate && echo \"==== \$(date '+%F %T') $task $args\" >> $log \
+            fi; . .venv/bin/activate && echo \"==== \$(date '+%F %T') $task\" $args >> $log \
             && { nohup python -m jaxdistill.$task $args >> $log 2>&1 & echo \$! > $task.pid; }" ;;
   ssh)
     (($# == 2)) || { echo "usage: $0 ssh 'COMMAND' (one quoted argument)" >&2; exit 2; }

@@ -19,7 +19,7 @@ import yaml
 from conftest import cpu_env
 from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
 
-from jaxdistill import abstract_params, count_params, presets, save_unet
+from jaxdistill import abstract_params, count_params, load_unet, presets, save_unet
 from jaxdistill.checkpoint import CheckpointError, load_checkpoint
 from jaxdistill.config import base_config
 from jaxdistill.convert import OutFolderError, read_safetensors, to_diffusers_state_dict
@@ -297,7 +297,8 @@ def test_a_variant_export_loads_as_diffusers_loads_variants(workdir, pipeline, t
     plain = teacher / "text_encoder" / "model.safetensors"
     save_file({k: v.astype(np.float16) for k, v in load_file(plain).items()},
               teacher / "text_encoder" / "model.fp16.safetensors", metadata={"format": "pt"})
-    (teacher / "README.md").write_text("---\nlicense: openrail++\nlibrary_name: diffusers\n---\n# teacher\n")
+    (teacher / "README.md").write_text("---\nlicense: other\nlicense_name: sdxl-community\nlicense_link: LICENSE.md\n"
+                                       "library_name: diffusers\n---\n# teacher\n")
     (teacher / "LICENSE.md").write_text("the teacher's license\n")
 
     out = tmp_path / "fp16"
@@ -312,7 +313,9 @@ def test_a_variant_export_loads_as_diffusers_loads_variants(workdir, pipeline, t
     assert [p.name for p in (out / "vae").glob("*.safetensors")] == ["diffusion_pytorch_model.safetensors"]
     assert (out / "LICENSE.md").read_text() == "the teacher's license\n"
     card = (out / "README.md").read_text()
-    assert yaml.safe_load(card.split("---")[1])["license"] == "openrail++" and 'variant="fp16"' in card
+    front = yaml.safe_load(card.split("---")[1])
+    assert (front["license"], front["license_name"], front["license_link"]) == ("other", "sdxl-community", "LICENSE.md")
+    assert 'variant="fp16"' in card
     pipe = StableDiffusionXLPipeline.from_pretrained(out, variant="fp16", torch_dtype=torch.float32)
     fp16 = load_file(out / "text_encoder" / "model.fp16.safetensors")
     embedding = next(v for k, v in fp16.items() if k.endswith("token_embedding.weight"))
@@ -329,6 +332,11 @@ def test_a_variant_export_loads_as_diffusers_loads_variants(workdir, pipeline, t
     with pytest.raises(ExportError, match="only variant weights \\(model.fp16.safetensors\\).*--variant fp16"):
         export(workdir, tmp_path / "refused", pipeline_from=teacher)
     export(workdir, tmp_path / "fp16-only", pipeline_from=teacher, variant="fp16")
+    # another variant: our own loader reads it back (it looked for plain and fp16 names only)
+    out = export(workdir, tmp_path / "bf16", dtype="bf16", variant="bf16")
+    spec, params = load_unet(out)
+    assert [p.name for p in out.glob("*.safetensors")] == ["diffusion_pytorch_model.bf16.safetensors"]
+    assert spec == load_checkpoint(workdir)[0] and str(jax.tree.leaves(params)[0].dtype) == "bfloat16"
     for kwargs, message in [(dict(variant="fp.16"), "--variant 'fp.16': expected a plain name"),
                             (dict(base_model="../my sdxl"), "--base-model '../my sdxl': expected a Hub id")]:
         with pytest.raises(ExportError, match=re.escape(message)):
@@ -336,14 +344,15 @@ def test_a_variant_export_loads_as_diffusers_loads_variants(workdir, pipeline, t
 
 
 def test_out_inside_a_source_and_other_paths(workdir, pipeline, tmp_path, monkeypatch, capsys):
-    """--out inside the folder read (a teacher's component, a UNet folder) is refused, --overwrite or not; a
+    """--out inside a component of the pipeline read (its vae/, unet/) is refused, --overwrite or not; a
     workdir holding an export in unet/ is still read as the run; --out . works; unreadable configs are named."""
     teacher = shutil.copytree(pipeline, tmp_path / "teacher")
     vae = sorted(p.name for p in (teacher / "vae").iterdir())
-    with pytest.raises(OutFolderError, match="is inside .*teacher, which is read to make it"):
+    with pytest.raises(OutFolderError, match="is inside .*teacher/vae, which is read to make it"):
         export(workdir, teacher / "vae", pipeline_from=teacher, overwrite=True)
-    with pytest.raises(OutFolderError, match="is inside .*teacher, which is read to make it"):
+    with pytest.raises(OutFolderError, match="is inside .*teacher/unet, which is read to make it"):
         export(teacher, teacher / "unet", overwrite=True)
+    export(workdir, teacher / "students" / "one", pipeline_from=teacher)  # a new folder beside its parts is fine
     assert sorted(p.name for p in (teacher / "vae").iterdir()) == vae
 
     run_copy = shutil.copytree(workdir, tmp_path / "work")
