@@ -92,6 +92,19 @@ def load_checkpoint(path: str | os.PathLike, *, ema: bool | None = None,
     return spec, params, meta
 
 
+def checkpoint_spec(path: str | os.PathLike, stage: str | None = None) -> UNetSpec:
+    """The student's architecture in a checkpoint (`resolve_checkpoint`'s), from its meta alone: no weights read."""
+    stage_dir, step = resolve_checkpoint(path, stage)
+    manager = ocp.CheckpointManager(stage_dir.absolute(), item_handlers={"meta": ocp.JsonCheckpointHandler()})
+    try:
+        meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+        return UNetSpec.from_diffusers_config(meta["student_config"])
+    except Exception as e:  # orbax raises many kinds for damaged folders; name the folder and the cause
+        raise CheckpointError(f"cannot read checkpoint {stage_dir / str(step)}: {type(e).__name__}: {e}") from e
+    finally:
+        manager.close()
+
+
 def _restore_weights(manager: ocp.CheckpointManager, step: int,
                      keys: tuple[str, ...]) -> tuple[str | None, dict | None, dict]:
     """(the first of `keys` the state holds, that subtree as host numpy arrays, meta); (None, None, {}) when

@@ -32,7 +32,13 @@ import ml_collections
 import ml_dtypes
 import numpy as np
 
-from jaxdistill.checkpoint import CheckpointError, finished_steps, load_checkpoint, resolve_checkpoint
+from jaxdistill.checkpoint import (
+    CheckpointError,
+    checkpoint_spec,
+    finished_steps,
+    load_checkpoint,
+    resolve_checkpoint,
+)
 from jaxdistill.config import stages_of
 from jaxdistill.convert import (
     CONFIG_NAME,
@@ -274,9 +280,13 @@ def export(checkpoint: str | os.PathLike, out: str | os.PathLike, *, ema: bool |
                           "base_model is a path)")
     check_out(out, overwrite, (checkpoint, pipeline_from))  # before the slow part: a refusal costs nothing
     files = pipeline_files(pipeline_from, variant) if pipeline_from else None  # before the weights: can be large
+    if pipeline_from:  # the architecture from configs alone: a misfit is refused before gigabytes are read
+        folder = _unet_folder(Path(checkpoint))
+        if folder is None:
+            _check_stage_and_step(Path(checkpoint), stage)  # its refusal names the stages and steps there are
+        spec = UNetSpec.from_diffusers_config(folder / CONFIG_NAME) if folder else checkpoint_spec(checkpoint, stage)
+        check_conditioning(pipeline_from, spec)
     student = load_student(checkpoint, ema=ema, stage=stage)
-    if pipeline_from:
-        check_conditioning(pipeline_from, student.spec)
     _check_weights(student.params, dtype)
     licence = {"license": license} if license else _card_license(pipeline_from) if pipeline_from else {}
     facts = describe(student, dtype, pipeline_from, files, base_model) | {"variant": variant, "license": licence}

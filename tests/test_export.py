@@ -268,7 +268,11 @@ def test_refusals_leave_everything_as_it_was(workdir, tmp_path):
     ("fp16 variant only", "text_encoder/ has only variant weights \\(model.fp16.safetensors\\)"),
     ("truncated model_index.json", "cannot read .*model_index.json \\(Unterminated string"),
 ])
-def test_a_pipeline_that_does_not_fit_is_refused(workdir, pipeline, tmp_path, damage, message):
+def test_a_pipeline_that_does_not_fit_is_refused(workdir, pipeline, tmp_path, damage, message, monkeypatch):
+    import jaxdistill.export
+
+    # refused from the configs and the checkpoint's record, before the weights are read
+    monkeypatch.setattr(jaxdistill.export, "load_student", lambda *a, **k: pytest.fail("weights read first"))
     broken = shutil.copytree(pipeline, tmp_path / "broken")
     te2 = broken / "text_encoder_2" / "config.json"
     if damage == "text_encoder_2 wider":
