@@ -1,9 +1,11 @@
-"""What the `python -m jaxdistill.X` command lines share: argparse with each option's default in `--help`."""
+"""What the `python -m jaxdistill.X` command lines share: argparse with each option's default in `--help`,
+seed checks."""
 
 from __future__ import annotations
 
 import argparse
 import copy
+from collections.abc import Sequence
 
 
 class HelpFormatter(argparse.HelpFormatter):
@@ -33,12 +35,19 @@ def parser(command: str, description: str | None) -> argparse.ArgumentParser:
                                    formatter_class=HelpFormatter)
 
 
+def check_seeds(seeds: Sequence[int]) -> list[int]:
+    """The seeds as ints; ValueError for one outside 0 … 2**32 − 1 (`jax.random.key` keeps 32 bits without
+    jax_enable_x64: seeds 0 and 2**32 would give the same noise)."""
+    seeds = [int(s) for s in seeds]
+    bad = [s for s in seeds if not 0 <= s < 2 ** 32]
+    if bad:
+        raise ValueError(f"seed {bad[0]}: seeds are integers in 0 … 2**32 − 1")
+    return seeds
+
+
 def seed(text: str) -> int:
-    """argparse type of a seed: an integer in 0 … 2**32 − 1 (jax.random keys keep 32 bits of it)."""
+    """argparse type of one seed, checked by `check_seeds`."""
     try:
-        value = int(text)
+        return check_seeds([int(text)])[0]
     except ValueError:
-        value = -1
-    if not 0 <= value < 2 ** 32:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected an integer in 0 … 2**32 − 1")
-    return value
+        raise argparse.ArgumentTypeError(f"{text!r}: expected an integer in 0 … 2**32 − 1") from None

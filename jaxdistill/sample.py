@@ -50,6 +50,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxdistill import schedule
+from jaxdistill.cli import check_seeds
 from jaxdistill.convert import CONFIG_NAME, check_out, is_workdir, load_unet, resolve_unet_folder, whole_folder
 from jaxdistill.schedule import PREDICTION_TYPES
 from jaxdistill.spec import UNetSpec, UnsupportedConfigError
@@ -603,16 +604,6 @@ def initial_latents(seed: int, height: int, width: int, channels: int = 4, *, va
     return np.asarray(jax.random.normal(jax.random.key(seed), shape, jnp.float32))
 
 
-def check_seeds(seeds: Sequence[int]) -> list[int]:
-    """The seeds as ints; ValueError for one outside 0 … 2**32 − 1 (`jax.random.key` keeps 32 bits without
-    jax_enable_x64: seeds 0 and 2**32 would give the same noise)."""
-    seeds = [int(s) for s in seeds]
-    bad = [s for s in seeds if not 0 <= s < 2 ** 32]
-    if bad:
-        raise ValueError(f"seed {bad[0]}: seeds are integers in 0 … 2**32 − 1")
-    return seeds
-
-
 def generate(pipe: Pipeline, prompts: Sequence[str], *, seeds: Sequence[int] | None = None,
              latents: np.ndarray | None = None, steps: int = 25, guidance: float = 5.0, scheduler: str | None = None,
              height: int | None = None, width: int | None = None, negative_prompt: str | Sequence[str] = "",
@@ -716,10 +707,9 @@ def add_time_ids(height: int, width: int, original_size: Pair | None = None, cro
 
     size = (height, width)
     positive = ids(original_size or size, crops_coords_top_left, target_size or size)
-    if negative_original_size is None or negative_target_size is None:
-        ids(size, negative_crops_coords_top_left, size, "negative_")  # checked, though diffusers ignores it then
-        return positive, positive
-    return positive, ids(negative_original_size, negative_crops_coords_top_left, negative_target_size, "negative_")
+    negative = ids(negative_original_size or size, negative_crops_coords_top_left, negative_target_size or size,
+                   "negative_")  # checked always, though diffusers uses it only when both negative sizes are given
+    return positive, negative if negative_original_size is not None and negative_target_size is not None else positive
 
 
 def _decode(pipe: Pipeline, latents: np.ndarray) -> np.ndarray:

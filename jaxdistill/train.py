@@ -698,7 +698,7 @@ def _validation_pipeline(c) -> str:
 def _check_validation(c) -> list[str]:
     """A stage's image validation, checked before any stage trains: its pipeline folder, and the steps its
     scheduler can take (else the first validation, `eval.every` steps in, would fail). → notes."""
-    from jaxdistill.sample import chosen_scheduler, make_scheduler, scheduler_config
+    from jaxdistill.sample import make_scheduler, scheduler_config
     from jaxdistill.text import check_pipeline_folder
 
     pipeline = _validation_pipeline(c)
@@ -708,7 +708,7 @@ def _check_validation(c) -> list[str]:
     try:
         check_pipeline_folder(pipeline)
         config = scheduler_config(pipeline)
-        make_scheduler(chosen_scheduler(c.eval.scheduler or None, config), config).set_timesteps(c.eval.steps)
+        make_scheduler(c.eval.scheduler or None, config).set_timesteps(c.eval.steps)  # None: the pipeline's own
     except (OSError, ValueError) as e:
         raise ValueError(f"stage {c.name}: image validation (config.eval): {e}") from None
     return []
