@@ -1,10 +1,11 @@
 """What the `python -m jaxdistill.X` command lines share: argparse with each option's default in `--help`,
-seed checks."""
+seed and number checks."""
 
 from __future__ import annotations
 
 import argparse
 import copy
+import math
 from collections.abc import Sequence
 
 
@@ -51,3 +52,17 @@ def seed(text: str) -> int:
         return check_seeds([int(text)])[0]
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r}: expected an integer in 0 … 2**32 − 1") from None
+
+
+def number(low: float, high: float | None = None):
+    """argparse type of a finite float in [low, high] (NaN and inf are refused: `float("nan")` parses)."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        if not (math.isfinite(value) and value >= low and (high is None or value <= high)):
+            bound = f"≥ {low:g}" if high is None else f"in {low:g} … {high:g}"
+            raise argparse.ArgumentTypeError(f"{text!r}: expected a finite number {bound}")
+        return value
+    return parse

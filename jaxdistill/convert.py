@@ -370,6 +370,14 @@ def _check_replaceable(out: Path, overwrite: bool):
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise OutFolderError(f"--out {out} exists and is not empty; choose another folder or add --overwrite "
                              "(the old content is replaced only once the new folder is complete)")
+    if out.is_dir() and any(out.iterdir()) and out.resolve() in (Path.home().resolve(), *_above(Path.cwd())):
+        raise OutFolderError(f"--out {out} is the folder you are in, one above it or your home: --overwrite would "
+                             "replace all of it; give a new subfolder")
+
+
+def _above(folder: Path) -> tuple[Path, ...]:
+    """`folder` and every folder above it, resolved."""
+    return (folder.resolve(), *folder.resolve().parents)
 
 
 TRAINER_FOLDERS = ("checkpoints", "stages")  # what `python -m jaxdistill.train` keeps in its workdir
@@ -379,18 +387,28 @@ TRAINER_FOLDERS = ("checkpoints", "stages")  # what `python -m jaxdistill.train`
 def whole_folder(out: str | os.PathLike, overwrite: bool) -> Iterator[Path]:
     """Yields a hidden sibling folder of `out` to write into. When the block finishes, the sibling is renamed
     to `out` (checked again as `check_out` does; an old `out` is moved aside first and deleted only afterwards),
-    so `out` appears as a whole or not at all; on an error the sibling is deleted and `out` left as it was."""
+    so `out` appears as a whole or not at all; on an error the sibling is deleted and `out` left as it was, but
+    where `out` became unfit while the block ran, the finished sibling is kept as OUT.new-XXXX (OutFolderError
+    names it)."""
     out = Path(os.path.abspath(out))  # "." has no parent to write beside
     out.parent.mkdir(parents=True, exist_ok=True)
     left = sorted(out.parent.glob(f".{glob.escape(out.name)}.*.partial"))
     if left:  # a killed run cannot clean up after itself; one may still be running, so they are only named
         print(f"note: {', '.join(map(str, left))} left by an interrupted run writing {out} (or one still running); "
               "delete them once no run writes there", file=sys.stderr)
+    for old in sorted(out.parent.glob(f".{glob.escape(out.name)}.*.old")):  # killed between _move_into_place's renames
+        print(f"note: {old} holds the {out.name} that an interrupted --overwrite was replacing; move it back or "
+              "delete it", file=sys.stderr)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".partial"))
     try:
         yield tmp
         _default_permissions(tmp)
-        _move_into_place(tmp, out, overwrite)
+        try:
+            _move_into_place(tmp, out, overwrite)
+        except OutFolderError as e:  # `out` changed while we wrote: the finished work is kept, beside it
+            kept = out.parent / f"{out.name}.new-{tmp.name[len(out.name) + 2:-len('.partial')]}"
+            os.rename(tmp, kept)
+            raise OutFolderError(f"{e}. Nothing was lost: the new output is in {kept}") from None
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
@@ -407,6 +425,11 @@ def _move_into_place(tmp: Path, out: Path, overwrite: bool):
     """Renames the finished `tmp` to `out`; an old `out` is moved aside first and deleted only afterwards."""
     _check_replaceable(out, overwrite)  # again: something may have appeared while we wrote
     if out.is_dir() and not any(out.iterdir()):
+        if out.resolve() == Path.cwd().resolve():  # filled, not replaced: the user's shell stays in a live folder
+            for entry in tmp.iterdir():
+                os.rename(entry, out / entry.name)
+            tmp.rmdir()
+            return
         out.rmdir()
     if not out.exists():
         os.rename(tmp, out)

@@ -21,13 +21,14 @@ import dataclasses
 import json
 import os
 import shlex
+import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from jaxdistill.convert import check_out, whole_folder
+from jaxdistill.convert import OutFolderError, check_out, whole_folder
 
 METRICS = ("latent_mse", "latent_rel_mse", "psnr", "ssim")
 
@@ -57,9 +58,11 @@ def ssim(a: np.ndarray, b: np.ndarray, data_range: float = 255.0, sigma: float =
     g = np.exp(-x ** 2 / (2 * sigma ** 2))
     g /= g.sum()
 
-    def blur(img):  # separable "valid" filtering over H and W, per channel
-        img = np.apply_along_axis(lambda r: np.convolve(r, g, mode="valid"), 0, img)
-        return np.apply_along_axis(lambda r: np.convolve(r, g, mode="valid"), 1, img)
+    def blur(img):  # separable "valid" filtering over H and W, per channel (g is symmetric: correlation = convolution)
+        from scipy.ndimage import correlate1d
+
+        valid = (slice(radius, img.shape[0] - radius), slice(radius, img.shape[1] - radius))
+        return correlate1d(correlate1d(img, g, axis=0), g, axis=1)[valid]
 
     c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
     mu_a, mu_b = blur(a), blur(b)
@@ -106,10 +109,31 @@ class Evaluation:
     rows: list[dict[str, Any]]
     teacher_images: np.ndarray
     student_images: np.ndarray
+    non_finite: dict[str, list[int]] = dataclasses.field(default_factory=dict)  # "teacher"/"student" → row indices
 
     def means(self) -> dict[str, float]:
+        """Each figure's mean over the rows where it is finite (NaN where none is): a pair of identical images
+        (PSNR inf) or a NaN image (its row's figures NaN) does not hide the others; `notes` says so."""
         keys = [k for k in self.rows[0] if k not in ("prompt", "seed")]
-        return {k: float(np.mean([r[k] for r in self.rows])) for k in keys}
+        means = {}
+        for k in keys:
+            values = np.asarray([r[k] for r in self.rows], np.float64)
+            means[k] = float(values[np.isfinite(values)].mean()) if np.isfinite(values).any() else float("nan")
+        return means
+
+    def notes(self) -> list[str]:
+        """What the means leave out, in words."""
+        n, notes = len(self.rows), []
+        for who, rows in self.non_finite.items():
+            if rows:
+                cases = ", ".join(f"{self.rows[i]['prompt']!r} seed {self.rows[i]['seed']}" for i in rows[:3])
+                more = " …" if len(rows) > 3 else ""
+                notes.append(f"{len(rows)} of {n} {who} images hold NaN or Inf (diverged weights, or overflow in this "
+                             f"dtype): their rows' figures are NaN, left out of the means ({cases}{more})")
+        identical = sum(r["psnr"] == float("inf") for r in self.rows)
+        if identical:
+            notes.append(f"{identical} of {n} image pairs are identical (PSNR inf): left out of the PSNR mean")
+        return notes
 
 
 def compare(teacher, student, prompts: Sequence[str], seeds: Sequence[int], *, clip: ClipScore | None = None,
@@ -131,15 +155,19 @@ def compare(teacher, student, prompts: Sequence[str], seeds: Sequence[int], *, c
     s = sample.generate(student, case_prompts, seeds=case_seeds, progress="student" if progress else None, **kwargs)
     rows = []
     for i, (prompt, seed) in enumerate(cases):
+        if not (t.finite[i] and s.finite[i]):  # a NaN image is black: its PSNR and SSIM would look plausible
+            rows.append({"prompt": prompt, "seed": seed} | dict.fromkeys(METRICS, float("nan")))
+            continue
         tl, sl = np.asarray(t.latents[i], np.float64), np.asarray(s.latents[i], np.float64)
         mse = float(np.mean((sl - tl) ** 2))
         rows.append({"prompt": prompt, "seed": seed, "latent_mse": mse, "latent_rel_mse": mse / float(np.mean(tl ** 2)),
                      "psnr": psnr(s.images[i], t.images[i]), "ssim": ssim(s.images[i], t.images[i])})
     if clip is not None:
-        for name, images in (("clip_teacher", t.images), ("clip_student", s.images)):
-            for row, score in zip(rows, clip(images, case_prompts), strict=True):
-                row[name] = float(score)
-    return Evaluation(rows, np.asarray(t.images), np.asarray(s.images))
+        for name, out in (("clip_teacher", t), ("clip_student", s)):
+            for row, score, ok in zip(rows, clip(out.images, case_prompts), out.finite, strict=True):
+                row[name] = float(score) if ok else float("nan")
+    non_finite = {who: np.flatnonzero(~out.finite).tolist() for who, out in (("teacher", t), ("student", s))}
+    return Evaluation(rows, np.asarray(t.images), np.asarray(s.images), non_finite)
 
 
 def comparison_grid(evaluation: Evaluation):
@@ -213,11 +241,14 @@ def write_report(evaluation: Evaluation, out: str | os.PathLike, info: dict[str,
     header = [f"# Student vs teacher ({len(evaluation.rows)} image pairs)", ""]
     if info:
         header += [f"- {k}: {v}" for k, v in info.items()] + [""]
+    header += [f"**Note:** {note}" for note in evaluation.notes()] + [""] * bool(evaluation.notes())
     (out / "metrics.md").write_text("\n".join(header + lines) + "\n")
-    # Strict JSON: a non-finite figure (PSNR of identical images is inf) is written as null.
+    # Strict JSON: a non-finite figure (PSNR of identical images is inf, any figure of a NaN image NaN) is written
+    # as null; "non_finite" tells the two apart.
     finite = lambda v: v if not isinstance(v, float) or np.isfinite(v) else None  # noqa: E731
     summary = {"means": {k: finite(v) for k, v in means.items()},
-               "rows": [{k: finite(v) for k, v in row.items()} for row in evaluation.rows]} | (info or {})
+               "rows": [{k: finite(v) for k, v in row.items()} for row in evaluation.rows],
+               "non_finite": evaluation.non_finite, "notes": evaluation.notes()} | (info or {})
     (out / "summary.json").write_text(json.dumps(summary, indent=2, allow_nan=False))
     comparison_grid(evaluation).save(out / "grid.png")
     return out
@@ -250,17 +281,18 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     parser = cli.parser("evaluate", main.__doc__)
     parser.add_argument("--student", required=True, help="pipeline / UNet folder, or a training checkpoint")
-    parser.add_argument("--teacher", required=True, help="pipeline / UNet folder of the teacher")
+    parser.add_argument("--teacher", required=True, help="the teacher, in the same forms (a progressive stage's: "
+                                                         "WORKDIR/stages/NAME of the stage before)")
     parser.add_argument("--pipeline", help="SDXL pipeline folder for the VAE, text encoders and scheduler "
                                            "(default: the teacher's own: a pipeline folder's, a run's)")
     parser.add_argument("--prompts", required=True, help="text file, one prompt per line")
     parser.add_argument("--seeds", default="0,1", type=sample.seed_list, help="comma-separated seeds (default 0,1)")
     parser.add_argument("--steps", type=int, default=25)
-    parser.add_argument("--guidance", type=float, default=5.0)
+    parser.add_argument("--guidance", type=cli.number(0), default=5.0, help="> 1 turns classifier-free guidance on")
     parser.add_argument("--scheduler", choices=sample.SCHEDULER_NAMES,
                         help="default: the pipeline's own, as diffusers runs it (euler where it is none of ours)")
-    parser.add_argument("--height", type=int)
-    parser.add_argument("--width", type=int)
+    parser.add_argument("--height", type=int, help="pixels (default: the teacher's sample size × the VAE's factor)")
+    parser.add_argument("--width", type=int, help="pixels (default: as --height)")
     parser.add_argument("--batch-size", type=int, default=4, help="images denoised and decoded together")
     parser.add_argument("--clip", help="transformers CLIPModel folder (safetensors) for CLIP scores")
     parser.add_argument("--ema", action=argparse.BooleanOptionalAction, default=None,
@@ -291,18 +323,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (OSError, ValueError, RuntimeError) as e:  # RuntimeError: --clip without PyTorch
         parser.error(str(e))
     scheduler = sample.chosen_scheduler(args.scheduler, teacher.scheduler_config)
+    for note in sample.long_prompt_notes(teacher, prompts):
+        print(f"note: {note}", file=sys.stderr)
     evaluation = compare(teacher, student, prompts, args.seeds, clip=clip, steps=args.steps, guidance=args.guidance,
                          scheduler=scheduler, height=height, width=width, batch_size=args.batch_size, progress=True)
-    info = {"student": args.student, "teacher": args.teacher, "pipeline": teacher.pipeline_dir, "ema": args.ema,
+    absolute = lambda path: path and os.path.abspath(path)  # noqa: E731
+    info = {"student": absolute(args.student), "student_weights": sample.weights_record(args.student, args.ema),
+            "teacher": absolute(args.teacher), "teacher_weights": sample.weights_record(args.teacher),
+            "pipeline": absolute(teacher.pipeline_dir), "prompts": absolute(args.prompts), "clip": absolute(args.clip),
             "steps": args.steps, "guidance": args.guidance, "scheduler": scheduler, "height": height, "width": width,
             "seeds": list(args.seeds), "batch_size": args.batch_size}
     out = Path(args.out)
-    with whole_folder(out, args.overwrite) as tmp:  # no file of an earlier report is left among the new ones
-        write_report(evaluation, tmp, info)
+    try:
+        with whole_folder(out, args.overwrite) as tmp:  # no file of an earlier report is left among the new ones
+            write_report(evaluation, tmp, info)
+    except OutFolderError as e:  # --out changed while we sampled: the report is kept beside it
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     means = evaluation.means()
     print("  ".join(f"{k} {v:.4g}" for k, v in means.items()))
+    for note in evaluation.notes():
+        print(f"note: {note}", file=sys.stderr)
     print(f"evaluate: {len(evaluation.rows)} image pairs → {out}/metrics.{{csv,md}}, grid.png")
-    return 0
+    return 1 if any(evaluation.non_finite.values()) else 0
 
 
 if __name__ == "__main__":

@@ -51,10 +51,18 @@ import numpy as np
 
 from jaxdistill import schedule
 from jaxdistill.cli import check_seeds
-from jaxdistill.convert import CONFIG_NAME, check_out, is_workdir, load_unet, resolve_unet_folder, whole_folder
+from jaxdistill.convert import (
+    CONFIG_NAME,
+    OutFolderError,
+    check_out,
+    is_workdir,
+    load_unet,
+    resolve_unet_folder,
+    whole_folder,
+)
 from jaxdistill.schedule import PREDICTION_TYPES
 from jaxdistill.spec import UNetSpec, UnsupportedConfigError
-from jaxdistill.text import TextEncoders, check_pipeline_folder, load_text_encoders
+from jaxdistill.text import TextEncoders, check_pipeline_folder, load_text_encoders, truncated
 from jaxdistill.unet import UNet
 from jaxdistill.vae import VAESpec, load_vae
 from jaxdistill.vae import decode as vae_decode
@@ -517,6 +525,11 @@ def load_pipeline(model: str | os.PathLike, pipeline: str | os.PathLike | None =
             config = meta.get("config", {})
             candidates = [config.get("data", {}).get("pipeline"), config.get("teacher"), meta.get("teacher")]
             pipeline = next((c for c in candidates if c and is_pipeline(Path(c))), None)
+            gone = [c for c in candidates if c and Path(c).is_absolute() and not Path(c).exists()]  # recorded in full
+            if pipeline is None and parts is None and gone:
+                raise FileNotFoundError(f"{model}: its run's pipeline {gone[0]} is not there (moved or deleted?): give "
+                                        "the SDXL pipeline folder whose VAE, text encoders and scheduler to use "
+                                        "(--pipeline DIR / pipeline=)")
     else:
         from jaxdistill.export import checkpoint_hint
 
@@ -549,7 +562,15 @@ def load_parts(pipeline: str | os.PathLike, dtype: str | Any = "float32") -> Pip
 def scheduler_config(pipeline: str | os.PathLike) -> dict[str, Any]:
     """A pipeline folder's scheduler/scheduler_config.json (SDXL's Euler config where it has none)."""
     path = Path(pipeline) / "scheduler" / "scheduler_config.json"
-    return json.loads(path.read_text()) if path.is_file() else dict(SDXL_SCHEDULER_CONFIG)
+    if not path.is_file():
+        return dict(SDXL_SCHEDULER_CONFIG)
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError) as e:  # UnicodeDecodeError is a ValueError
+        raise ValueError(f"cannot read {path}: {e}") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{path} holds no JSON object")
+    return config
 
 
 def with_unet(parts: Pipeline, spec: UNetSpec, params: dict, name: str) -> Pipeline:
@@ -593,6 +614,7 @@ class SampleOutput:
     images: np.ndarray  # uint8 [B, H, W, 3]: diffusers' output_type="pil", as an array
     latents: np.ndarray  # float32 [B, h, w, C]: the final latents, before the VAE
     pixels: np.ndarray  # float32 [B, H, W, 3] in [0, 1]: diffusers' output_type="np"
+    finite: np.ndarray  # bool [B]: the image's latents and decoded pixels hold no NaN / Inf (a NaN pixel is 0)
 
 
 def initial_latents(seed: int, height: int, width: int, channels: int = 4, *, vae_scale_factor: int = 8) -> np.ndarray:
@@ -621,15 +643,20 @@ def generate(pipe: Pipeline, prompts: Sequence[str], *, seeds: Sequence[int] | N
     encoded as given, empty strings included, as diffusers encodes a list).
     height/width in pixels (default: the UNet's sample size × the VAE's factor). `batch_size` runs the
     prompts in chunks of that many (the last chunk padded, so one compilation serves all). `scheduler`: one of
-    `SCHEDULER_NAMES`, default the pipeline's own (`scheduler_name`). `progress`: a label for a progress bar
-    (images done, rate, ETA; the first chunk includes compilation). The micro-conditioning arguments are
-    diffusers' (`add_time_ids`), (height, width) pairs and a (top, left) crop; with distinct negative ones,
-    each image's rows go with its own embeddings (diffusers' repeat pairs them wrongly for more than one
-    image, so this matches diffusers for one image per call)."""
+    `SCHEDULER_NAMES`, default the pipeline's own (`scheduler_name`). ValueError for a guidance that is not a
+    finite number ≥ 0 or a rescale outside 0 … 1; `SampleOutput.finite` tells which images hold NaN / Inf.
+    `progress`: a label for a progress bar (images done, rate, ETA; the first chunk includes compilation).
+    The micro-conditioning arguments are diffusers' (`add_time_ids`), (height, width) pairs and a (top, left)
+    crop; with distinct negative ones, each image's rows go with its own embeddings (diffusers' repeat pairs
+    them wrongly for more than one image, so this matches diffusers for one image per call)."""
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     n = len(prompts)
     if not n:
         raise ValueError("no prompts")
+    if not (math.isfinite(guidance) and guidance >= 0):
+        raise ValueError(f"guidance {guidance}: a finite number ≥ 0 (> 1 turns classifier-free guidance on)")
+    if not 0 <= guidance_rescale <= 1:
+        raise ValueError(f"guidance_rescale {guidance_rescale}: a number in 0 … 1 (0.7 in the paper that proposed it)")
     height, width = pipe.check_size(height, width)
     f, channels = pipe.vae_scale_factor, pipe.unet_spec.in_channels
     shape = (n, height // f, width // f, channels)
@@ -671,8 +698,10 @@ def generate(pipe: Pipeline, prompts: Sequence[str], *, seeds: Sequence[int] | N
     final = np.concatenate([chunk_latents for chunk_latents, _ in outputs])
     # diffusers' VaeImageProcessor.postprocess: denormalize, then ×255 and round for PIL.
     decoded = np.concatenate([chunk_images for _, chunk_images in outputs])
+    finite = np.isfinite(final).all(axis=(1, 2, 3)) & np.isfinite(decoded).all(axis=(1, 2, 3))
     pixels = np.clip(decoded * np.float32(0.5) + np.float32(0.5), 0, 1)
-    return SampleOutput(images=(pixels * 255).round().astype(np.uint8), latents=final, pixels=pixels)
+    return SampleOutput(images=(np.nan_to_num(pixels) * 255).round().astype(np.uint8), latents=final, pixels=pixels,
+                        finite=finite)
 
 
 def check_pair(value, low: int) -> Pair:
@@ -784,11 +813,15 @@ def rescale_noise_cfg(noise_cfg: jax.Array, noise_pred_text: jax.Array, guidance
 
 # ---- grids and files ----------------------------------------------------------------------------
 
+GRID_PIXELS = 48_000_000  # a grid's images are shrunk to fit: Pillow refuses to open 179 MP (a bomb) and warns at 89
+
+
 def image_grid(images: Sequence[np.ndarray] | np.ndarray, rows: int, *, row_labels: Sequence[str] | None = None,
                col_labels: Sequence[str] | None = None):
     """Images (uint8 [H, W, 3] each, all one size) row by row into a `rows` × ⌈N/rows⌉ grid → PIL image of
-    (left + cols·W) × (top + rows·H) pixels; `row_labels` (wrapped) fill a left margin, `col_labels` a top
-    one, in Pillow's default font; no labels, no margins."""
+    (left + cols·W) × (top + rows·H) pixels (each image shrunk where they would hold more than GRID_PIXELS);
+    `row_labels` (wrapped) fill a left margin, `col_labels` a top one, in Pillow's default font; no labels, no
+    margins."""
     from PIL import Image, ImageDraw
 
     images = [np.asarray(im) for im in images]
@@ -798,6 +831,10 @@ def image_grid(images: Sequence[np.ndarray] | np.ndarray, rows: int, *, row_labe
     if any(im.shape[:2] != (h, w) for im in images):
         raise ValueError("image_grid: the images differ in size")
     cols = math.ceil(len(images) / rows)
+    scale = math.sqrt(GRID_PIXELS / (rows * cols * h * w))
+    if scale < 1:  # a grid image viewers (and Pillow itself) open: smaller cells, not a refused file
+        h, w = max(1, int(h * scale)), max(1, int(w * scale))
+        images = [np.asarray(Image.fromarray(im.astype(np.uint8)).resize((w, h), Image.LANCZOS)) for im in images]
     font = _font(h)
     probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     box = lambda text: probe.multiline_textbbox((0, 0), text, font=font)  # noqa: E731
@@ -922,10 +959,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--prompt", action="append", help="a prompt (repeat for more)")
     source.add_argument("--prompts", metavar="FILE", help="a text file, one prompt per line")
-    parser.add_argument("--negative-prompt", default="")
+    parser.add_argument("--negative-prompt", default="",
+                        help="with --guidance > 1; empty: zero negative conditioning where the pipeline's "
+                             "force_zeros_for_empty_prompt is set (SDXL's), as diffusers' negative_prompt=None")
     parser.add_argument("--steps", type=int, default=25)
-    parser.add_argument("--guidance", type=float, default=5.0)
-    parser.add_argument("--guidance-rescale", type=float, default=0.0)
+    parser.add_argument("--guidance", type=cli.number(0), default=5.0, help="> 1 turns classifier-free guidance on")
+    parser.add_argument("--guidance-rescale", type=cli.number(0, 1), default=0.0,
+                        help="mixes the guided prediction's std back towards the text prediction's (0.7 in the paper)")
     parser.add_argument("--seed", type=int, default=0, help="first seed; image k of a prompt uses seed + k")
     parser.add_argument("--num-images", type=int, default=1, help="images per prompt")
     parser.add_argument("--scheduler", choices=SCHEDULER_NAMES,
@@ -987,6 +1027,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         height, width = student.check_size(args.height, args.width)
         if teacher is not None:
             teacher.check_size(height, width)
+            teacher_h, teacher_w = teacher.check_size(None, None)
+            if args.height is None and args.width is None and (teacher_h, teacher_w) != (height, width):
+                raise ValueError(f"the model samples at {width}×{height} by default, the teacher at "
+                                 f"{teacher_w}×{teacher_h}: give --height and --width")
         make_scheduler(args.scheduler, student.scheduler_config).set_timesteps(args.steps)
     except (OSError, ValueError) as e:  # --out, missing folders, incompatible parts, sizes, scheduler configs, steps
         parser.error(str(e))
@@ -996,36 +1040,76 @@ def main(argv: Sequence[str] | None = None) -> int:
                                                     "negative_target_size")}
     time_ids, negative_time_ids = add_time_ids(height, width, **micro)  # the flags' types have checked each pair
 
+    notes = [f"--{flag} does nothing without --guidance > 1" for flag, value in
+             (("negative-prompt", args.negative_prompt), ("guidance-rescale", args.guidance_rescale))
+             if value and args.guidance <= 1]
+    notes += long_prompt_notes(student, prompts)
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
     pairs = [(i, p, args.seed + k) for i, p in enumerate(prompts) for k in range(args.num_images)]
     kwargs = dict(seeds=[s for _, _, s in pairs], steps=args.steps, guidance=args.guidance, scheduler=scheduler,
                   height=height, width=width, negative_prompt=args.negative_prompt,
                   guidance_rescale=args.guidance_rescale, batch_size=args.batch_size, **micro)
     out = Path(args.out)
-    names = [f"{i:03d}_seed{s}" for i, _, s in pairs]
-    images = generate(student, [p for _, p, _ in pairs], progress="model", **kwargs).images
-    teacher_images = (generate(teacher, [p for _, p, _ in pairs], progress="teacher", **kwargs).images
+    digits = max(3, len(str(len(prompts) - 1)))  # names sort as the prompts do
+    names = [f"{i:0{digits}d}_seed{s}" for i, _, s in pairs]
+    output = generate(student, [p for _, p, _ in pairs], progress="model", **kwargs)
+    teacher_output = (generate(teacher, [p for _, p, _ in pairs], progress="teacher", **kwargs)
                       if teacher is not None else None)
+    images, teacher_images = output.images, teacher_output.images if teacher_output else None
+    broken = {who: [f"{name}.png" for name, ok in zip(names, out_.finite, strict=True) if not ok]
+              for who, out_ in (("model", output), ("teacher", teacher_output)) if out_ is not None}
     # Written whole or not at all: no image of an earlier run in --out is left among these.
-    record = {"model": args.model, "pipeline": student.pipeline_dir, "teacher": args.teacher, "ema": args.ema,
+    record = {"model": os.path.abspath(args.model), "pipeline": os.path.abspath(student.pipeline_dir),
+              "weights": weights_record(args.model, args.ema),
+              "teacher": args.teacher and os.path.abspath(args.teacher),
+              "teacher_weights": args.teacher and weights_record(args.teacher),
               "dtype": args.dtype, "scheduler": scheduler, "steps": args.steps, "guidance": args.guidance,
               "guidance_rescale": args.guidance_rescale, "negative_prompt": args.negative_prompt, "height": height,
               "width": width, "time_ids": time_ids.astype(int).tolist(),
               "negative_time_ids": negative_time_ids.astype(int).tolist(), "batch_size": args.batch_size,
               "images": [{"file": f"{name}.png", "prompt": p, "seed": seed} for name, (_, p, seed) in zip(names, pairs,
-                                                                                                      strict=True)]}
-    with whole_folder(out, args.overwrite) as tmp:
-        save_images(images, tmp, names)
-        (tmp / "sample.json").write_text(json.dumps(record, indent=1, ensure_ascii=False) + "\n")
-        image_grid(images, rows=len(prompts), row_labels=prompts,
-                   col_labels=[f"seed {args.seed + k}" for k in range(args.num_images)]).save(tmp / "grid.png")
-        if teacher_images is not None:
-            save_images(teacher_images, tmp / "teacher", names)
-            pair_grid(teacher_images, images, [p for _, p, _ in pairs], kwargs["seeds"]).save(tmp / "side_by_side.png")
+                                                                                                      strict=True)],
+              "non_finite": broken}
+    try:
+        with whole_folder(out, args.overwrite) as tmp:
+            save_images(images, tmp, names)
+            (tmp / "sample.json").write_text(json.dumps(record, indent=1, ensure_ascii=False, allow_nan=False) + "\n")
+            image_grid(images, rows=len(prompts), row_labels=prompts,
+                       col_labels=[f"seed {args.seed + k}" for k in range(args.num_images)]).save(tmp / "grid.png")
+            if teacher_images is not None:
+                save_images(teacher_images, tmp / "teacher", names)
+                pair_grid(teacher_images, images, [p for _, p, _ in pairs],
+                          kwargs["seeds"]).save(tmp / "side_by_side.png")
+    except OutFolderError as e:  # --out changed while we sampled: the images are kept beside it
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     print(f"{len(images)} images ({width}×{height}, {args.steps} {scheduler} steps, guidance {args.guidance}) "
           f"→ {out}/ and {out / 'grid.png'}")
     if teacher_images is not None:
         print(f"teacher images → {out / 'teacher'}/, side by side → {out / 'side_by_side.png'}")
-    return 0
+    for who, files in broken.items():
+        if files:
+            print(f"error: {len(files)} of {len(names)} {who} images hold NaN or Inf (diverged weights, or overflow "
+                  f"in {args.dtype}), written black: {', '.join(files[:5])}{' …' if len(files) > 5 else ''} "
+                  "(sample.json: non_finite)", file=sys.stderr)
+    return 1 if any(broken.values()) else 0
+
+
+def long_prompt_notes(pipe: Pipeline, prompts: Sequence[str]) -> list[str]:
+    """A note for each prompt longer than the tokenizers take (77 tokens), which diffusers cuts, saying so."""
+    tokenizers = pipe.text_encoders.tokenizers
+    return [f"a prompt longer than the text encoders' {tokenizers[0].model_max_length} tokens is cut there, as "
+            f"diffusers does: {p!r}" for p in truncated(tokenizers, prompts)]
+
+
+def weights_record(model: str | os.PathLike, ema: bool | None = None) -> dict[str, Any]:
+    """Which weights `load_pipeline(model, ema=)` read, for a record: the checkpoint's step folder and whether
+    its EMA weights, or the UNet folder (`export.which_weights`)."""
+    from jaxdistill.export import which_weights  # export imports the trainer
+
+    path, ema = which_weights(model, ema=ema)
+    return {"path": str(path), "ema": ema}
 
 
 if __name__ == "__main__":

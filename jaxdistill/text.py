@@ -379,6 +379,12 @@ def load_tokenizers(pipeline_dir: str | os.PathLike) -> tuple[Any, Any]:
     return tuple(CLIPTokenizer.from_pretrained(str(Path(pipeline_dir) / tokenizer)) for _, tokenizer, _ in ENCODERS)
 
 
+def truncated(tokenizers: Sequence[Any], captions: Sequence[str]) -> list[str]:
+    """The captions longer than a tokenizer's model_max_length (77 for CLIP): `tokenize` cuts them, as diffusers
+    does (which logs the part cut)."""
+    return [c for c in captions if any(len(t(c, truncation=False).input_ids) > t.model_max_length for t in tokenizers)]
+
+
 def tokenize(tokenizers: Sequence[Any], captions: str | Sequence[str]) -> tuple[np.ndarray, ...]:
     """captions (one string: a batch of one) → one int32 [B, model_max_length (77)] id array per tokenizer:
     padded to max length and truncated, exactly as diffusers' encode_prompt calls the tokenizers."""

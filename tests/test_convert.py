@@ -231,3 +231,32 @@ def test_no_out_folder_replaces_a_training_run_or_lands_in_its_own_folders(tmp_p
         check_out(run, overwrite=True)
     check_out(run / "export", overwrite=False)
     check_out(tmp_path / "runs", overwrite=True)  # not itself a run (what it holds is not looked through)
+
+
+def test_an_out_taken_while_writing_keeps_the_new_output_and_overwrite_spares_the_working_folder(
+        tmp_path, monkeypatch, capsys):
+    """Another run filling --out while this one sampled used to delete this one's finished images; now they are
+    kept beside it and named. --overwrite never replaces the folder the command runs in, one above it, or home;
+    a replaced folder that an interrupted --overwrite left aside is named."""
+    from jaxdistill.convert import OutFolderError, check_out, whole_folder
+
+    out = tmp_path / "report"
+    with pytest.raises(OutFolderError, match="not empty.*Nothing was lost: the new output is in .*report.new-"):
+        with whole_folder(out, overwrite=False) as tmp:
+            (tmp / "result.txt").write_text("hours of sampling")
+            out.mkdir()
+            (out / "other.txt").write_text("another run's")
+    kept = [p for p in tmp_path.iterdir() if p.name.startswith("report.new-")]
+    assert len(kept) == 1 and (kept[0] / "result.txt").read_text() == "hours of sampling"
+    assert [p.name for p in out.iterdir()] == ["other.txt"] and not list(tmp_path.glob(".report.*"))
+    (tmp_path / ".report.x1.old" / "report").mkdir(parents=True)
+    with whole_folder(out, overwrite=True) as tmp:
+        (tmp / "result.txt").write_text("new")
+    assert "note: " + str(tmp_path / ".report.x1.old") + " holds the report" in capsys.readouterr().err
+    assert [p.name for p in out.iterdir()] == ["result.txt"]
+    monkeypatch.chdir(out)
+    for folder in (".", tmp_path):
+        with pytest.raises(OutFolderError, match="is the folder you are in, one above it or your home"):
+            check_out(folder, overwrite=True)
+    check_out(tmp_path / "fresh", overwrite=True)
+    check_out(out / "sub", overwrite=True)

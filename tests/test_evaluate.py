@@ -64,6 +64,37 @@ def test_report_files(tmp_path):
     assert (out / "grid.png").stat().st_size > 0
 
 
+def test_means_leave_out_nan_images_and_identical_pairs(monkeypatch, tmp_path):
+    """A student's NaN image is black: its PSNR / SSIM against the teacher looked like real figures. Its row is
+    NaN now, left out of the means and named; one identical pair (PSNR inf) no longer makes the mean inf."""
+    from jaxdistill import evaluate, sample
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (2, 16, 16, 3)).astype(np.uint8)
+    latents = rng.normal(size=(2, 2, 2, 4)).astype(np.float32)
+    teacher = sample.SampleOutput(images, latents, images / 255.0, np.array([True, True]))
+    student = sample.SampleOutput(images[::-1].copy(), latents * 1.1, images / 255.0, np.array([True, False]))
+
+    class Pipe:
+        def check_size(self, height, width):
+            return 16, 16
+
+    monkeypatch.setattr(sample, "generate", lambda *args, **kwargs: student)
+    result = evaluate.compare(Pipe(), Pipe(), ["a cat"], [0, 1], teacher_output=teacher)
+    assert np.isfinite([result.rows[0][k] for k in evaluate.METRICS]).all()
+    assert np.isnan([result.rows[1][k] for k in evaluate.METRICS]).all()
+    assert result.means() == {k: result.rows[0][k] for k in evaluate.METRICS}
+    assert result.notes() == ["1 of 2 student images hold NaN or Inf (diverged weights, or overflow in this dtype): "
+                              "their rows' figures are NaN, left out of the means ('a cat' seed 1)"]
+    summary = _strict_json(write_report(result, tmp_path / "nan") / "summary.json")
+    assert summary["non_finite"] == {"teacher": [], "student": [1]} and summary["rows"][1]["psnr"] is None
+    rows = [{"prompt": "p", "seed": s, "latent_mse": 0.0, "latent_rel_mse": 0.0, "psnr": v, "ssim": 1.0}
+            for s, v in enumerate((float("inf"), 12.0))]
+    identical = Evaluation(rows, images, images)
+    assert identical.means()["psnr"] == 12.0
+    assert identical.notes() == ["1 of 2 image pairs are identical (PSNR inf): left out of the PSNR mean"]
+
+
 def test_prompt_files(tmp_path):
     path = tmp_path / "prompts.txt"
     path.write_text("# comment\na cat\n\n  a dog  \n")

@@ -369,7 +369,10 @@ def test_out_inside_a_source_and_other_paths(workdir, pipeline, tmp_path, monkey
     here.mkdir()
     monkeypatch.chdir(here)
     assert main(["--checkpoint", str(workdir), "--out", "."]) == 0
-    assert (here / "config.json").is_file() and not list(tmp_path.glob(".here.*"))
+    # filled in place: the folder the command ran in is still there (replaced, it left the shell in a deleted one)
+    assert (here / "config.json").is_file() and not list(tmp_path.glob(".here.*")) and os.path.samefile(".", here)
+    assert main(["--checkpoint", str(workdir), "--out", ".", "--overwrite"]) == 2  # the folder it runs in, whole
+    assert "is the folder you are in" in capsys.readouterr().err and (here / "config.json").is_file()
     # an unfinished newer step is named
     (run_copy / "checkpoints" / "main" / "3").mkdir()
     assert main(["--checkpoint", str(run_copy), "--out", str(tmp_path / "newest")]) == 0

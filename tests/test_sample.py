@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from jaxdistill import sample
+from jaxdistill import load_unet, sample, save_unet
 from jaxdistill.reference import write_random_pipeline
 from jaxdistill.sample import SDXL_SCHEDULER_CONFIG as SDXL_SCHEDULER
 from jaxdistill.sample import (
@@ -498,6 +498,8 @@ def test_cli_refuses_bad_input_before_loading(pipeline_dir, tmp_path, capsys):
     (mine / "prompts.txt").write_text("a cat\n")
     common = ["--model", str(pipeline_dir), "--steps", str(STEPS)]
     new = ["--out", str(tmp_path / "out")]
+    spec, params = load_unet(pipeline_dir)
+    half = save_unet(tmp_path / "half", dataclasses.replace(spec, sample_size=spec.sample_size // 2), params)
     for args, reason in [
             ([*common, "--prompt", "x", "--seed", str(2 ** 32 - 1), "--num-images", "2", *new],
              "--seed 4294967295 with --num-images 2: seed 4294967296: seeds are integers"),
@@ -513,7 +515,14 @@ def test_cli_refuses_bad_input_before_loading(pipeline_dir, tmp_path, capsys):
              "argument --crops-coords-top-left: '-4,0': expected two comma-separated integers ≥ 0"),
             # replacing --out would delete the prompt file it is made from
             ([*common, "--prompts", str(mine / "prompts.txt"), "--out", str(mine), "--overwrite"],
-             "which is read to make it")]:
+             "which is read to make it"),
+            # float("nan") parses, and guidance > 1 is False for it: it sampled unguided and wrote NaN into JSON
+            ([*common, "--prompt", "x", "--guidance", "nan", *new], "'nan': expected a finite number ≥ 0"),
+            ([*common, "--prompt", "x", "--guidance", "inf", *new], "'inf': expected a finite number ≥ 0"),
+            ([*common, "--prompt", "x", "--guidance-rescale", "7", *new], "'7': expected a finite number in 0 … 1"),
+            # a teacher of another default size: the model's size would silently apply to both
+            ([*common, "--prompt", "x", "--teacher", str(half), *new],
+             "the model samples at 32×32 by default, the teacher at 16×16: give --height and --width")]:
         with pytest.raises(SystemExit) as info:
             sample.main(args)
         assert info.value.code == 2 and reason in capsys.readouterr().err, args
@@ -534,3 +543,26 @@ def test_cli_overwrite_replaces_an_earlier_run_whole(pipeline_dir, tmp_path):
     assert code == 0
     assert sorted(p.name for p in out.iterdir()) == ["000_seed3.png", "000_seed4.png", "grid.png", "sample.json"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["samples"]  # nothing half-written beside it
+
+
+def test_cli_names_nan_images_and_settings_that_do_nothing(pipeline_dir, pipe, tmp_path, capsys):
+    """A model whose images are NaN (diverged weights) writes them black, lists them in sample.json and exits 1,
+    instead of passing black images off as its output; a negative prompt without guidance, and a prompt the
+    tokenizers cut at 77 tokens, are noted."""
+    params = dict(pipe.unet_params)
+    params["conv_out"] = jax.tree.map(lambda x: x * np.nan, params["conv_out"])
+    broken = save_unet(tmp_path / "diverged", pipe.unet_spec, params)
+    long = "a photo of " + "a very red cat and " * 20
+    out = tmp_path / "samples"
+    code = sample.main(["--model", str(broken), "--pipeline", str(pipeline_dir), "--prompt", long, "--num-images", "2",
+                        "--steps", str(STEPS), "--height", str(HEIGHT), "--width", str(WIDTH), "--batch-size", "2",
+                        "--guidance", "1", "--negative-prompt", "blurry", "--out", str(out)])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert "error: 2 of 2 model images hold NaN or Inf" in err and "written black" in err
+    assert "--negative-prompt does nothing without --guidance > 1" in err
+    assert "a prompt longer than the text encoders' 77 tokens is cut there" in err
+    record = json.loads((out / "sample.json").read_text())
+    assert record["non_finite"] == {"model": ["000_seed0.png", "000_seed1.png"]}
+    assert record["weights"] == {"path": str(broken.resolve()), "ema": None} and record["model"] == str(broken)
+    assert not np.asarray(Image.open(out / "000_seed1.png")).any()
