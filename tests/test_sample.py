@@ -383,8 +383,11 @@ def test_a_list_of_negatives_means_the_same_in_any_batch_size(pipe, noise):
     assert np.abs(zero.latents[0] - whole.latents[0]).max() > 1e-2
 
 
-def test_image_grid_sizes_and_labels(tmp_path):
+def test_image_grid_sizes_and_labels(tmp_path, monkeypatch):
     images = np.random.default_rng(0).integers(0, 256, (5, 20, 30, 3), dtype=np.uint8)
+    with monkeypatch.context() as patch:  # a grid over the limit shrinks its images (45 × 4 at 1024² was 193 MP)
+        patch.setattr(sample, "GRID_PIXELS", 6 * 20 * 30 // 4)
+        assert image_grid(images, rows=2).size == (3 * 15, 2 * 10)
     plain = image_grid(images, rows=2)
     assert plain.size == (3 * 30, 2 * 20)
     assert np.array_equal(np.asarray(plain)[20:40, 30:60], images[4])  # row 1, column 1
