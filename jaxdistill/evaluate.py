@@ -287,13 +287,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                            "(default: the teacher's own: a pipeline folder's, a run's)")
     parser.add_argument("--prompts", required=True, help="text file, one prompt per line")
     parser.add_argument("--seeds", default="0,1", type=sample.seed_list, help="comma-separated seeds (default 0,1)")
-    parser.add_argument("--steps", type=int, default=25)
-    parser.add_argument("--guidance", type=cli.number(0), default=5.0, help="> 1 turns classifier-free guidance on")
-    parser.add_argument("--scheduler", choices=sample.SCHEDULER_NAMES,
-                        help="default: the pipeline's own, as diffusers runs it (euler where it is none of ours)")
-    parser.add_argument("--height", type=int, help="pixels (default: the teacher's sample size × the VAE's factor)")
-    parser.add_argument("--width", type=int, help="pixels (default: as --height)")
-    parser.add_argument("--batch-size", type=int, default=4, help="images denoised and decoded together")
+    sample.add_sampling_args(parser, "the teacher's sample size × the VAE's factor")
     parser.add_argument("--clip", help="transformers CLIPModel folder (safetensors) for CLIP scores")
     parser.add_argument("--ema", action=argparse.BooleanOptionalAction, default=None,
                         help="the student checkpoint's EMA weights (--ema) or trained weights (--no-ema); default: "
@@ -306,14 +300,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         prompts = sample.read_prompts(args.prompts)
     except ValueError as e:
         parser.error(f"--prompts: {e}")
-    for name in ("steps", "batch_size"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be ≥ 1")
+    settings = sample.sampling_settings(parser, args)
     try:  # everything that can fail before hours of sampling: folders, fit, sizes, scheduler, CLIP weights
         check_out(args.out, args.overwrite, (args.student, args.teacher, args.pipeline, args.prompts, args.clip))
         _check_not_the_same(args.student, args.teacher, args.ema)
-        teacher = sample.load_pipeline(args.teacher, args.pipeline)
-        student = sample.load_pipeline(args.student, ema=args.ema, parts=teacher)  # one VAE and encoder copy
+        teacher = sample.load_pipeline(args.teacher, args.pipeline, dtype=args.dtype)
+        student = sample.load_pipeline(args.student, ema=args.ema, parts=teacher, dtype=args.dtype)  # one VAE copy
         check_out(args.out, args.overwrite, (teacher.pipeline_dir,))  # the pipeline a run recorded, too
         height, width = teacher.check_size(args.height, args.width)
         student.check_size(height, width)
@@ -325,14 +317,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     scheduler = sample.chosen_scheduler(args.scheduler, teacher.scheduler_config)
     for note in sample.long_prompt_notes(teacher, prompts):
         print(f"note: {note}", file=sys.stderr)
-    evaluation = compare(teacher, student, prompts, args.seeds, clip=clip, steps=args.steps, guidance=args.guidance,
-                         scheduler=scheduler, height=height, width=width, batch_size=args.batch_size, progress=True)
+    kwargs = dict(settings, scheduler=scheduler, height=height, width=width)
+    evaluation = compare(teacher, student, prompts, args.seeds, clip=clip, progress=True, **kwargs)
     absolute = lambda path: path and os.path.abspath(path)  # noqa: E731
     info = {"student": absolute(args.student), "student_weights": sample.weights_record(args.student, args.ema),
             "teacher": absolute(args.teacher), "teacher_weights": sample.weights_record(args.teacher),
             "pipeline": absolute(teacher.pipeline_dir), "prompts": absolute(args.prompts), "clip": absolute(args.clip),
-            "steps": args.steps, "guidance": args.guidance, "scheduler": scheduler, "height": height, "width": width,
-            "seeds": list(args.seeds), "batch_size": args.batch_size}
+            **sample.settings_record(args, kwargs), "seeds": list(args.seeds)}
     out = Path(args.out)
     try:
         with whole_folder(out, args.overwrite) as tmp:  # no file of an earlier report is left among the new ones

@@ -959,35 +959,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--prompt", action="append", help="a prompt (repeat for more)")
     source.add_argument("--prompts", metavar="FILE", help="a text file, one prompt per line")
-    parser.add_argument("--negative-prompt", default="",
-                        help="with --guidance > 1; empty: zero negative conditioning where the pipeline's "
-                             "force_zeros_for_empty_prompt is set (SDXL's), as diffusers' negative_prompt=None")
-    parser.add_argument("--steps", type=int, default=25)
-    parser.add_argument("--guidance", type=cli.number(0), default=5.0, help="> 1 turns classifier-free guidance on")
-    parser.add_argument("--guidance-rescale", type=cli.number(0, 1), default=0.0,
-                        help="mixes the guided prediction's std back towards the text prediction's (0.7 in the paper)")
     parser.add_argument("--seed", type=int, default=0, help="first seed; image k of a prompt uses seed + k")
     parser.add_argument("--num-images", type=int, default=1, help="images per prompt")
-    parser.add_argument("--scheduler", choices=SCHEDULER_NAMES,
-                        help="euler (SDXL's), ddim, dpm (DPM-Solver++ 2M); -karras: with Karras sigmas (dpm-karras: "
-                             "DPM++ 2M Karras); default: the pipeline's own, as diffusers runs it (euler where it is "
-                             "none of these)")
-    parser.add_argument("--height", type=int, help="pixels (default: the UNet's sample size × the VAE's factor)")
-    parser.add_argument("--width", type=int)
-    micro = parser.add_argument_group(
-        "SDXL micro-conditioning", "as diffusers' pipeline arguments of the same names; sizes are HEIGHT,WIDTH, "
-        "crops TOP,LEFT; the negative sizes count only when both are given")
-    micro.add_argument("--original-size", type=pair_arg(1), metavar="H,W", help="default: --height,--width")
-    micro.add_argument("--crops-coords-top-left", type=pair_arg(0), metavar="T,L", default=(0, 0),
-                       help="default: 0,0 (well-centred images)")
-    micro.add_argument("--target-size", type=pair_arg(1), metavar="H,W", help="default: --height,--width")
-    micro.add_argument("--negative-original-size", type=pair_arg(1), metavar="H,W")
-    micro.add_argument("--negative-crops-coords-top-left", type=pair_arg(0), metavar="T,L", default=(0, 0),
-                       help="default: 0,0")
-    micro.add_argument("--negative-target-size", type=pair_arg(1), metavar="H,W")
-    parser.add_argument("--batch-size", type=int, default=4, help="images denoised together")
-    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
-                        help="the UNet's and VAE's compute dtype (float16: GPUs only)")
+    add_sampling_args(parser, "the UNet's sample size × the VAE's factor")
     parser.add_argument("--out", required=True, help="output folder (refused if not empty, see --overwrite)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace a non-empty --out (all of it) once the new images are written")
@@ -1007,9 +981,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         prompts = args.prompt
     if not prompts:
         parser.error("no prompts")
-    for name in ("steps", "num_images", "batch_size"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be ≥ 1")
+    settings = sampling_settings(parser, args)
+    if args.num_images < 1:
+        parser.error("--num-images must be ≥ 1")
     try:
         check_seeds([args.seed, args.seed + args.num_images - 1])
     except ValueError as e:
@@ -1035,21 +1009,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (OSError, ValueError) as e:  # --out, missing folders, incompatible parts, sizes, scheduler configs, steps
         parser.error(str(e))
     scheduler = chosen_scheduler(args.scheduler, student.scheduler_config)
-    micro = {name: getattr(args, name) for name in ("original_size", "crops_coords_top_left", "target_size",
-                                                    "negative_original_size", "negative_crops_coords_top_left",
-                                                    "negative_target_size")}
-    time_ids, negative_time_ids = add_time_ids(height, width, **micro)  # the flags' types have checked each pair
-
-    notes = [f"--{flag} does nothing without --guidance > 1" for flag, value in
-             (("negative-prompt", args.negative_prompt), ("guidance-rescale", args.guidance_rescale))
-             if value and args.guidance <= 1]
-    notes += long_prompt_notes(student, prompts)
-    for note in notes:
+    for note in long_prompt_notes(student, prompts):
         print(f"note: {note}", file=sys.stderr)
     pairs = [(i, p, args.seed + k) for i, p in enumerate(prompts) for k in range(args.num_images)]
-    kwargs = dict(seeds=[s for _, _, s in pairs], steps=args.steps, guidance=args.guidance, scheduler=scheduler,
-                  height=height, width=width, negative_prompt=args.negative_prompt,
-                  guidance_rescale=args.guidance_rescale, batch_size=args.batch_size, **micro)
+    kwargs = dict(settings, seeds=[s for _, _, s in pairs], scheduler=scheduler, height=height, width=width)
     out = Path(args.out)
     digits = max(3, len(str(len(prompts) - 1)))  # names sort as the prompts do
     names = [f"{i:0{digits}d}_seed{s}" for i, _, s in pairs]
@@ -1064,10 +1027,7 @@ def main(argv: Sequence[str] | None = None) -> int:
               "weights": weights_record(args.model, args.ema),
               "teacher": args.teacher and os.path.abspath(args.teacher),
               "teacher_weights": args.teacher and weights_record(args.teacher),
-              "dtype": args.dtype, "scheduler": scheduler, "steps": args.steps, "guidance": args.guidance,
-              "guidance_rescale": args.guidance_rescale, "negative_prompt": args.negative_prompt, "height": height,
-              "width": width, "time_ids": time_ids.astype(int).tolist(),
-              "negative_time_ids": negative_time_ids.astype(int).tolist(), "batch_size": args.batch_size,
+              **settings_record(args, kwargs),
               "images": [{"file": f"{name}.png", "prompt": p, "seed": seed} for name, (_, p, seed) in zip(names, pairs,
                                                                                                       strict=True)],
               "non_finite": broken}
@@ -1094,6 +1054,66 @@ def main(argv: Sequence[str] | None = None) -> int:
                   f"in {args.dtype}), written black: {', '.join(files[:5])}{' …' if len(files) > 5 else ''} "
                   "(sample.json: non_finite)", file=sys.stderr)
     return 1 if any(broken.values()) else 0
+
+
+MICRO_CONDITIONING = ("original_size", "crops_coords_top_left", "target_size", "negative_original_size",
+                      "negative_crops_coords_top_left", "negative_target_size")  # generate's arguments
+
+
+def add_sampling_args(parser, size_default: str) -> None:
+    """The flags of `generate`'s settings that `sample` and `evaluate` share; `size_default` says what the
+    default height and width are."""
+    from jaxdistill import cli
+
+    parser.add_argument("--negative-prompt", default="",
+                        help="with --guidance > 1; empty: zero negative conditioning where the pipeline's "
+                             "force_zeros_for_empty_prompt is set (SDXL's), as diffusers' negative_prompt=None")
+    parser.add_argument("--steps", type=int, default=25)
+    parser.add_argument("--guidance", type=cli.number(0), default=5.0, help="> 1 turns classifier-free guidance on")
+    parser.add_argument("--guidance-rescale", type=cli.number(0, 1), default=0.0,
+                        help="mixes the guided prediction's std back towards the text prediction's (0.7 in the paper)")
+    parser.add_argument("--scheduler", choices=SCHEDULER_NAMES,
+                        help="euler (SDXL's), ddim, dpm (DPM-Solver++ 2M); -karras: with Karras sigmas (dpm-karras: "
+                             "DPM++ 2M Karras); default: the pipeline's own, as diffusers runs it (euler where it is "
+                             "none of these)")
+    parser.add_argument("--height", type=int, help=f"pixels (default: {size_default})")
+    parser.add_argument("--width", type=int, help=f"pixels (default: {size_default})")
+    micro = parser.add_argument_group(
+        "SDXL micro-conditioning", "as diffusers' pipeline arguments of the same names; sizes are HEIGHT,WIDTH, "
+        "crops TOP,LEFT; the negative sizes count only when both are given")
+    micro.add_argument("--original-size", type=pair_arg(1), metavar="H,W", help="default: --height,--width")
+    micro.add_argument("--crops-coords-top-left", type=pair_arg(0), metavar="T,L", default=(0, 0),
+                       help="default: 0,0 (well-centred images)")
+    micro.add_argument("--target-size", type=pair_arg(1), metavar="H,W", help="default: --height,--width")
+    micro.add_argument("--negative-original-size", type=pair_arg(1), metavar="H,W")
+    micro.add_argument("--negative-crops-coords-top-left", type=pair_arg(0), metavar="T,L", default=(0, 0),
+                       help="default: 0,0")
+    micro.add_argument("--negative-target-size", type=pair_arg(1), metavar="H,W")
+    parser.add_argument("--batch-size", type=int, default=4, help="images denoised and decoded together")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
+                        help="the UNets' and the VAE's compute dtype (float16: GPUs only)")
+
+
+def sampling_settings(parser, args) -> dict[str, Any]:
+    """`generate`'s keyword arguments from `add_sampling_args`' flags, but for the scheduler and the size (which
+    need the pipeline); a step count or batch size below 1 is a usage error, a flag that does nothing is noted."""
+    for name in ("steps", "batch_size"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be ≥ 1")
+    for flag, value in (("negative-prompt", args.negative_prompt), ("guidance-rescale", args.guidance_rescale)):
+        if value and args.guidance <= 1:
+            print(f"note: --{flag} does nothing without --guidance > 1", file=sys.stderr)
+    return {"steps": args.steps, "guidance": args.guidance, "guidance_rescale": args.guidance_rescale,
+            "negative_prompt": args.negative_prompt, "batch_size": args.batch_size,
+            **{name: getattr(args, name) for name in MICRO_CONDITIONING}}
+
+
+def settings_record(args, kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    """The settings of a `generate` call with these keyword arguments, for a record (time ids as rows)."""
+    time_ids = add_time_ids(kwargs["height"], kwargs["width"], *(kwargs[name] for name in MICRO_CONDITIONING))
+    plain = ("steps", "guidance", "guidance_rescale", "negative_prompt", "scheduler", "height", "width", "batch_size")
+    return {"dtype": args.dtype, **{name: kwargs[name] for name in plain},
+            "time_ids": time_ids[0].astype(int).tolist(), "negative_time_ids": time_ids[1].astype(int).tolist()}
 
 
 def long_prompt_notes(pipe: Pipeline, prompts: Sequence[str]) -> list[str]:

@@ -140,7 +140,7 @@ def test_evaluate_command_compares_a_student_with_its_teacher(pipeline, tmp_path
               "--batch-size", "3"]
     (tmp_path / "report").mkdir()
     (tmp_path / "report" / "old_metrics.csv").write_text("an earlier report's\n")
-    for name, model, extra in (("self", str(copy), ["--height", "32", "--width", "48"]),
+    for name, model, extra in (("self", str(copy), ["--height", "32", "--width", "48", "--dtype", "bfloat16"]),
                                ("report", str(student), ["--overwrite", "--scheduler", "dpm-karras"])):
         result = subprocess.run([sys.executable, "-m", "jaxdistill.evaluate", "--student", model, *common, *extra,
                                  "--out", str(tmp_path / name)], capture_output=True, text=True, env=ENV)
@@ -154,6 +154,8 @@ def test_evaluate_command_compares_a_student_with_its_teacher(pipeline, tmp_path
     assert same["means"]["psnr"] is None and same["rows"][0]["psnr"] is None
     assert different["means"]["latent_rel_mse"] > 1e-4 and different["means"]["ssim"] < 1.0
     assert same["scheduler"] == "euler" and different["scheduler"] == "dpm-karras"  # the pipeline's own; as asked
+    assert (same["dtype"], different["dtype"]) == ("bfloat16", "float32")
+    assert same["notes"] == ["4 of 4 image pairs are identical (PSNR inf): left out of the PSNR mean"]
     assert (same["height"], same["width"], same["seeds"]) == (32, 48, [0, 3]) and same["pipeline"] == str(pipeline)
     assert (tmp_path / "report" / "grid.png").is_file()
     teacher_size = spec.sample_size * 2  # the tiny VAE's factor
