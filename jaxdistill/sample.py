@@ -613,7 +613,7 @@ def _check_compatible(pipe: Pipeline):
 class SampleOutput:
     images: np.ndarray  # uint8 [B, H, W, 3]: diffusers' output_type="pil", as an array
     latents: np.ndarray  # float32 [B, h, w, C]: the final latents, before the VAE
-    pixels: np.ndarray  # float32 [B, H, W, 3] in [0, 1]: diffusers' output_type="np"
+    pixels: np.ndarray | None  # float32 [B, H, W, 3] in [0, 1]: diffusers' output_type="np" (return_pixels=True)
     finite: np.ndarray  # bool [B]: the image's latents and decoded pixels hold no NaN / Inf (a NaN pixel is 0)
 
 
@@ -632,7 +632,7 @@ def generate(pipe: Pipeline, prompts: Sequence[str], *, seeds: Sequence[int] | N
              guidance_rescale: float = 0.0, batch_size: int | None = None, progress: str | None = None,
              original_size: Pair | None = None, crops_coords_top_left: Pair = (0, 0), target_size: Pair | None = None,
              negative_original_size: Pair | None = None, negative_crops_coords_top_left: Pair = (0, 0),
-             negative_target_size: Pair | None = None) -> SampleOutput:
+             negative_target_size: Pair | None = None, return_pixels: bool = False) -> SampleOutput:
     """Text → images, as diffusers' `StableDiffusionXLPipeline(prompts, ...)` computes them.
 
     One image per prompt: its noise from `seeds[i]` (`initial_latents`; default seeds 0 … B−1) or the given
@@ -646,6 +646,7 @@ def generate(pipe: Pipeline, prompts: Sequence[str], *, seeds: Sequence[int] | N
     `SCHEDULER_NAMES`, default the pipeline's own (`scheduler_name`). ValueError for a guidance that is not a
     finite number ≥ 0 or a rescale outside 0 … 1; `SampleOutput.finite` tells which images hold NaN / Inf.
     `progress`: a label for a progress bar (images done, rate, ETA; the first chunk includes compilation).
+    `return_pixels`: the float images too (diffusers' output_type="np"), 4× the memory of the 8-bit ones.
     The micro-conditioning arguments are diffusers' (`add_time_ids`), (height, width) pairs and a (top, left)
     crop; with distinct negative ones, each image's rows go with its own embeddings (diffusers' repeat pairs
     them wrongly for more than one image, so this matches diffusers for one image per call)."""
@@ -690,18 +691,20 @@ def generate(pipe: Pipeline, prompts: Sequence[str], *, seeds: Sequence[int] | N
         idx = [min(i, n - 1) for i in range(start, start + chunk)]  # pad the last chunk with its last item
         out = _generate_batch(pipe, [prompts[i] for i in idx], [negatives[i] for i in idx], zero_negatives,
                               latents[idx], sched, schedule, guidance, guidance_rescale, time_ids)
-        # The VAE decodes chunk by chunk too: SDXL's decoder needs ~3.5 GB of activations per 1024² image.
+        # The VAE decodes chunk by chunk too: SDXL's decoder needs ~3.5 GB of activations per 1024² image. Each
+        # chunk becomes 8-bit images at once: float32 pixels of 500 images at 1024² would be 6 GB.
         keep = min(chunk, n - start)
-        outputs.append((out[:keep], _decode(pipe, out)[:keep]))
+        final, decoded = out[:keep], _decode(pipe, out)[:keep]
+        finite = np.isfinite(final).all(axis=(1, 2, 3)) & np.isfinite(decoded).all(axis=(1, 2, 3))
+        # diffusers' VaeImageProcessor.postprocess: denormalize, then ×255 and round for PIL.
+        pixels = np.clip(decoded * np.float32(0.5) + np.float32(0.5), 0, 1)
+        images = (np.nan_to_num(pixels) * 255).round().astype(np.uint8)
+        outputs.append((images, final, pixels if return_pixels else None, finite))
         bar.update(keep)
     bar.close()
-    final = np.concatenate([chunk_latents for chunk_latents, _ in outputs])
-    # diffusers' VaeImageProcessor.postprocess: denormalize, then ×255 and round for PIL.
-    decoded = np.concatenate([chunk_images for _, chunk_images in outputs])
-    finite = np.isfinite(final).all(axis=(1, 2, 3)) & np.isfinite(decoded).all(axis=(1, 2, 3))
-    pixels = np.clip(decoded * np.float32(0.5) + np.float32(0.5), 0, 1)
-    return SampleOutput(images=(np.nan_to_num(pixels) * 255).round().astype(np.uint8), latents=final, pixels=pixels,
-                        finite=finite)
+    images, final, pixels, finite = zip(*outputs, strict=True)
+    return SampleOutput(images=np.concatenate(images), latents=np.concatenate(final),
+                        pixels=np.concatenate(pixels) if return_pixels else None, finite=np.concatenate(finite))
 
 
 def check_pair(value, low: int) -> Pair:

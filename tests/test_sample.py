@@ -214,7 +214,7 @@ def test_unsupported_scheduler_settings_are_refused(cls, changes, field):
 def test_generate_matches_diffusers(pipe, torch_pipe, noise, scheduler, guidance_rescale):
     images, latents = run_diffusers(torch_pipe, scheduler, noise, guidance=5.0, guidance_rescale=guidance_rescale)
     out = generate(pipe, PROMPTS, latents=noise, steps=STEPS, guidance=5.0, scheduler=scheduler,
-                   guidance_rescale=guidance_rescale, height=HEIGHT, width=WIDTH)
+                   guidance_rescale=guidance_rescale, height=HEIGHT, width=WIDTH, return_pixels=True)
     assert out.images.shape == (2, HEIGHT, WIDTH, 3) and out.images.dtype == np.uint8
     assert out.latents.shape == (2, HEIGHT // 2, WIDTH // 2, 4) and out.latents.dtype == np.float32
     print(f"\n{scheduler}, guidance_rescale {guidance_rescale}: latents {rel(out.latents, latents):.1e}, images "
@@ -267,14 +267,15 @@ def test_guidance_rescale_reaches_the_guided_loop(pipe, noise, monkeypatch):
 def test_guidance_off_and_negative_prompts_match_diffusers(pipe, torch_pipe, noise):
     # guidance 1: no classifier-free guidance (a batch of B, no negative conditioning)
     images, latents = run_diffusers(torch_pipe, "euler", noise, guidance=1.0)
-    out = generate(pipe, PROMPTS, latents=noise, steps=STEPS, guidance=1.0, height=HEIGHT, width=WIDTH)
+    out = generate(pipe, PROMPTS, latents=noise, steps=STEPS, guidance=1.0, height=HEIGHT, width=WIDTH,
+                   return_pixels=True)
     assert rel(out.latents, latents) <= PIPELINE_TOLERANCE and rel(out.pixels, images) <= PIPELINE_TOLERANCE
     # an encoded negative prompt, one per prompt; a list of empty ones is encoded too (diffusers zeroes only
     # for negative_prompt=None, our "")
     for negatives in (["blue dog", "oil painting"], ["", ""]):
         images, latents = run_diffusers(torch_pipe, "euler", noise, guidance=5.0, negative_prompt=negatives)
         out = generate(pipe, PROMPTS, latents=noise, steps=STEPS, guidance=5.0, height=HEIGHT, width=WIDTH,
-                       negative_prompt=negatives)
+                       negative_prompt=negatives, return_pixels=True)
         assert rel(out.latents, latents) <= PIPELINE_TOLERANCE and rel(out.pixels, images) <= PIPELINE_TOLERANCE
     # force_zeros_for_empty_prompt off: the empty negative prompt is encoded
     torch_pipe.register_to_config(force_zeros_for_empty_prompt=False)
@@ -283,7 +284,7 @@ def test_guidance_off_and_negative_prompts_match_diffusers(pipe, torch_pipe, noi
     finally:
         torch_pipe.register_to_config(force_zeros_for_empty_prompt=True)
     out = generate(dataclasses.replace(pipe, force_zeros_for_empty_prompt=False), PROMPTS, latents=noise,
-                   steps=STEPS, guidance=5.0, height=HEIGHT, width=WIDTH)
+                   steps=STEPS, guidance=5.0, height=HEIGHT, width=WIDTH, return_pixels=True)
     assert rel(out.latents, latents) <= PIPELINE_TOLERANCE and rel(out.pixels, images) <= PIPELINE_TOLERANCE
 
 
@@ -294,7 +295,7 @@ def test_micro_conditioning_matches_diffusers(pipe, torch_pipe, noise):
     micro = dict(original_size=(64, 40), crops_coords_top_left=(4, 12), target_size=(16, 32),
                  negative_crops_coords_top_left=(8, 8))
     images, latents = run_diffusers(torch_pipe, "euler", noise, guidance=5.0, **micro)
-    out = generate(pipe, PROMPTS, **micro, **kwargs)
+    out = generate(pipe, PROMPTS, **micro, **kwargs, return_pixels=True)
     assert rel(out.latents, latents) <= PIPELINE_TOLERANCE and rel(out.pixels, images) <= PIPELINE_TOLERANCE
     assert rel(out.latents, default.latents) > 1e-3  # the conditioning reached the UNet
     # the negative's own (both sizes given): one prompt, since diffusers lays out 2B rows of time ids as
@@ -303,7 +304,7 @@ def test_micro_conditioning_matches_diffusers(pipe, torch_pipe, noise):
     micro = dict(original_size=(64, 40), negative_original_size=(8, 8), negative_crops_coords_top_left=(2, 0),
                  negative_target_size=(24, 16))
     images, latents = run_diffusers(torch_pipe, "euler", noise[:1], guidance=5.0, prompts=PROMPTS[:1], **micro)
-    one = generate(pipe, PROMPTS[:1], **micro, **(kwargs | dict(latents=noise[:1])))
+    one = generate(pipe, PROMPTS[:1], **micro, **(kwargs | dict(latents=noise[:1])), return_pixels=True)
     assert rel(one.latents, latents) <= PIPELINE_TOLERANCE and rel(one.pixels, images) <= PIPELINE_TOLERANCE
     both = generate(pipe, PROMPTS, **micro, **kwargs)
     np.testing.assert_allclose(both.latents[:1], one.latents, rtol=0, atol=1e-4)
@@ -339,7 +340,7 @@ def test_the_pipelines_own_scheduler_is_the_default(pipe, torch_pipe, noise):
     finally:
         torch_pipe.scheduler = base
     out = generate(dataclasses.replace(pipe, scheduler_config=config), PROMPTS, latents=noise, steps=STEPS,
-                   guidance=5.0, height=HEIGHT, width=WIDTH)
+                   guidance=5.0, height=HEIGHT, width=WIDTH, return_pixels=True)
     assert rel(out.pixels, images) <= PIPELINE_TOLERANCE
 
 
