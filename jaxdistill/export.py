@@ -32,6 +32,7 @@ import ml_collections
 import ml_dtypes
 import numpy as np
 
+from jaxdistill import records
 from jaxdistill.checkpoint import (
     CheckpointError,
     checkpoint_spec,
@@ -102,6 +103,7 @@ def load_student(path: str | os.PathLike, *, ema: bool | None = None, stage: str
             "source": str(checkpoint), "stage": meta.get("stage"), "step": meta["step"],
             "ema": meta["ema"], "teacher": meta.get("teacher") or None, "plan": meta.get("plan") or None,
             "kept_layers": meta.get("kept_layers") or {}, "config": meta.get("config") or None,
+            "resumes": meta.get("resumes") or [],
             "workdir": str(checkpoint.parents[2])})  # WORKDIR/checkpoints/STAGE/STEP
     if stage is not None:
         raise ExportError(f"--stage picks a stage of a training workdir; {path} is a model folder (one model)")
@@ -340,7 +342,7 @@ def describe(student: Student, dtype: str, pipeline_from: str | os.PathLike | No
         "base_model": base_model,
         "plan": prov.get("plan"),
         "kept_layers": prov.get("kept_layers") or {},
-        "training": _training(config, prov.get("step")) if config else prov.get("training"),
+        "training": _training(config, prov.get("step"), prov.get("resumes")) if config else prov.get("training"),
         "agreement": prov.get("agreement"),
         "pipeline_from": str(pipeline_from) if pipeline_from else None,
         "components": sorted(files) if files else None,
@@ -497,6 +499,7 @@ def folder_provenance(path: Path, folder: Path) -> dict[str, Any]:
         config = done.get("config") or _stage_config(workdir, done.get("stage"))
         prov |= {"stage": done.get("stage"), "step": done.get("steps"), "teacher": done.get("teacher") or None,
                  "plan": done.get("plan") or None, "kept_layers": done.get("kept_layers") or {}, "config": config,
+                 "resumes": done.get("resumes") or [],
                  "workdir": str(workdir), "ema": bool(config.get("ema_decay", 0) > 0) if config else None}
         if "agreement_after" in done:
             prov["agreement"] = {"before": done.get("agreement_before"), "after": done["agreement_after"]}
@@ -594,8 +597,9 @@ def _architecture(spec: UNetSpec) -> dict[str, Any]:
     }
 
 
-def _training(c: dict[str, Any], step: int | None) -> dict[str, Any]:
-    """The run config's facts a reader of the card wants (`c` is the stage's config as a dict)."""
+def _training(c: dict[str, Any], step: int | None, resumes: list[dict] | None = None) -> dict[str, Any]:
+    """The run config's facts a reader of the card wants (`c` is the stage's config as a dict, as the stage
+    last resumed; `resumes`: the settings each resume changed)."""
     data, opt = c.get("data", {}), c.get("optimizer", {})
     resolution = data.get("resolution")
     if data.get("source") == "prepared":  # the prepared set's resolution, not the config's default
@@ -610,7 +614,9 @@ def _training(c: dict[str, Any], step: int | None) -> dict[str, Any]:
             "weight_decay": opt.get("weight_decay"), "ema_decay": c.get("ema_decay"),
             "noise_offset": c.get("noise_offset"), "empty_prompt_rate": c.get("empty_prompt_rate"),
             "data": data.get("source") + (f" ({data['path']})" if data.get("path") else "") if data else None,
-            "precision": c.get("precision"), "seed": c.get("seed")}
+            "precision": c.get("precision"), "seed": c.get("seed")} | ({
+            "changed_on_resume": "; ".join(f"from step {r['step']}: {records.describe(r['changed'])}" for r in resumes)}
+        if resumes else {})
 
 
 def _making(plan: str | None, trained: bool, distilled: bool) -> str:

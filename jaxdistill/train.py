@@ -96,12 +96,18 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any
     blocked = next((p for p in (workdir, *workdir.parents) if p.exists() and not p.is_dir()), None)
     if blocked is not None:
         raise ValueError(f"--workdir {workdir}: {blocked} is a file; give a folder (new, or a run's to resume)")
+    here = next(p for p in (workdir.absolute(), *workdir.absolute().parents) if p.exists())
+    if not os.access(here, os.W_OK | os.X_OK):  # before hours of loading and compiling, not at the first write
+        raise ValueError(f"--workdir {workdir}: {here} is not writable (read-only, or another user's); give a folder "
+                         "this run can write")
     stages = stages_of(config)
     # hosts agree: one whose data or folders are missing stops them all, not only itself
     checked, notes = agreed(lambda: check_stages(stages, workdir), "could not check the stages before training")
     workdir.mkdir(parents=True, exist_ok=True)
-    # after the checks: a refused start leaves the record of the run that trained as it was
-    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+    # after the checks: a refused start leaves the record of the run that trained as it was, and so does a
+    # start that trains nothing
+    if not all(check.finished for check in checked.values()):
+        (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
     for note in notes:
         print(note)
     previous, summary = None, {}
@@ -109,11 +115,20 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any
         done = workdir / "stages" / stage.name
         if checked[stage.name].finished:
             previous = Model(*load_unet(done))
-            print(f"stage {stage.name}: already finished ({done})")
+            trained = json.loads((done / STAGE_MARKER).read_text()).get("config") or {}
+            changed = {k: v for k, v in changes(trained, stage.to_dict(), shared_only=True).items()
+                       if k.split(".")[0] not in NOT_TRAINING}
+            print(f"stage {stage.name}: already finished ({done})" + (
+                f"; not trained again with the changed {describe(changed)} (a new --workdir trains with them)"
+                if changed else ""))
             continue
         previous, summary[stage.name] = run_stage(stage, workdir, previous, checked[stage.name])
     return summary
 
+
+# Fields that do not change what a stage trains (a finished stage's are not reported as unapplied changes).
+NOT_TRAINING = ("compilation_cache", "profile", "log_every", "checkpoint_every", "keep_checkpoints", "eval",
+                "allow_resume_changes", "stages")
 
 # Fields a resumed stage must share with its checkpoint to continue as the uninterrupted run would (noise,
 # timesteps and batches are functions of them), unless config.allow_resume_changes says otherwise. The data
@@ -237,17 +252,18 @@ def _check_resume(c: ml_collections.ConfigDict, workdir: Path, spec: UNetSpec, i
     step, where = max(steps), directory / str(max(steps))
     # the meta item alone, by its handler: a manager's restore waits for every process, and this runs before
     # the processes agree that all of them passed their checks (`run`)
-    meta = dict(ocp.JsonCheckpointHandler().restore(where / "meta"))
+    try:
+        meta = dict(ocp.JsonCheckpointHandler().restore(where / "meta"))
+    except Exception as e:  # noqa: BLE001 (a missing or truncated file: orbax's and the OS's many kinds)
+        raise ValueError(f"cannot read the checkpoint {where}: {type(e).__name__}: {str(e)[:300]}. "
+                         f"{_damaged_remedy(directory, step)}") from e
     remedy = "use a new --workdir, or restore the old config"
     if UNetSpec.from_diffusers_config(meta["student_config"]) != spec:
         raise ValueError(f"the checkpoint {where} holds a different student architecture than this config builds "
                          f"(plan or teacher changed?); {remedy}")
     _refuse_changes(f"the checkpoint {where} was trained", meta, {k: identity[k] for k in ("kept_layers", "previous")},
                     remedy)
-    # fields the checkpoint's version of the config did not have are not changes
-    changed = changes(meta.get("config") or {}, c.to_dict(), shared_only=True)
-    changed = {k: v for k, v in changed.items() if not (k == "stages" or k.startswith("stages.")
-                                                        or k in PATH_FIELDS and _same_path(k, *v))}
+    changed = _resume_changes(meta, c)
 
     # on or off, these change what the training state holds (EMA weights, scanned layers, the clip's state)
     layout = [k for k in ("ema_decay", "optimizer.grad_clip", "scan_layers")
@@ -446,6 +462,10 @@ def run_stage(c: ml_collections.ConfigDict, workdir: Path, previous: Model | Non
     if manager.latest_step() is not None:
         state, start, saved = _restore(manager, state)
         data.seek(start, saved.get("data_state"))
+        # the checkpoints and the stage's record keep every resume's changed settings: the config alone would
+        # claim the last start's values (its lr, say) for every step
+        changed = _resume_changes(saved, c)
+        meta["resumes"] = [*saved.get("resumes", []), *([{"step": start, "changed": changed}] if changed else [])]
         print(f"stage {c.name}: resumed from step {start} ({manager.directory})")
     print(f"stage {c.name}: student {count_params(student.spec):,} parameters"
           + (f", teacher {count_params(teacher.spec):,}, {len(pairs)} feature pairs" if distil else
@@ -471,26 +491,52 @@ def run_stage(c: ml_collections.ConfigDict, workdir: Path, previous: Model | Non
 
     stop = _StopFlag()
     step = start
-    last_good = start if start else None
+    last_good = start if start else None  # the newest checkpoint known to be written whole
+    saving = None  # the step whose checkpoint orbax is writing in the background
 
     def kept_at():
         return (f"the last good checkpoint is step {last_good} in {manager.directory}" if last_good
                 else "no checkpoint was written before it")
 
+    def confirm_save(wait: bool) -> Exception | None:
+        """None, or what the background save failed with (a full disk): found at the first step after it ends,
+        not at the next save, a whole checkpoint interval of training later."""
+        nonlocal saving, last_good
+        if saving is None or (not wait and manager.is_saving_in_progress()):
+            return None
+        written, saving = saving, None
+        try:
+            manager.wait_until_finished()  # re-raises the background save's error (once)
+        except Exception as e:  # noqa: BLE001 (orbax raises ValueError, tensorstore's errors are others)
+            return OSError(f"{SAVE_FAILED} {written} in {manager.directory}: {str(e).splitlines()[0][:500]}"
+                           f"{_free_space(manager.directory)}")
+        last_good = written
+        logger.note(f"checkpoint of step {written} written ({_folder_size(manager.directory / str(written))}"
+                    f"{_free_space(manager.directory)})")
+        return None
+
+    def check_saved(wait: bool = False):
+        """Every host stops when any host's checkpoint could not be written."""
+        unsaved = confirm_save(wait)
+        raise_failures(unsaved, gather_failures(unsaved)[0], "could not write a checkpoint",
+                       then=f"stage {c.name}: {kept_at()}. Free space there or give another --workdir, then run "
+                            "the same command to resume.")
+
     def save(step):  # at most once per step
-        nonlocal last_good
-        if last_good != step:
+        nonlocal saving
+        if step not in (last_good, saving):
+            check_saved(wait=True)  # orbax waits for the save before anyway
             # with every host's place in a stream of images (None: data read by index), so a resume goes on
             # from there instead of decoding the stream again up to `step`
             streams = [json.loads(text) for text in gather_texts(json.dumps(data.state(step)))]
             manager.save(step, args=_save_args(state, meta | {"data_position": step, "data_state": streams}))
-            last_good = step
+            saving = step
 
     def stop_on(own, failures, what, remedy):
         """Every host saves the finished step, then all raise the same error (they agreed on `failures`)."""
         if failures:
             save(step)
-            manager.wait_until_finished()
+            check_saved(wait=True)
             raise_failures(own, failures, what, then=f"stage {c.name}: the checkpoint of step {step} is saved in "
                                                      f"{manager.directory}; {remedy} run the same command to resume.")
 
@@ -524,11 +570,12 @@ def run_stage(c: ml_collections.ConfigDict, workdir: Path, previous: Model | Non
                                       if step < c.steps else (None, None))
                 logger.waited(time.perf_counter() - waiting)
                 failures, stopping = gather_failures(unread, stop.requested is not None)  # the same on all hosts
+                check_saved()
                 if step % c.checkpoint_every == 0 or step == c.steps or stopping:
                     save(step)
                 stop_on(unread, failures, f"could not read its batch for step {step + 1}", "once the data reads,")
                 if stopping:
-                    manager.wait_until_finished()
+                    check_saved(wait=True)
                     print(f"\nstage {c.name}: stopped by {stop.requested or 'a signal to another process'} at step "
                           f"{step}; checkpoint saved. Run the same command to resume.")
                     raise SystemExit(0)
@@ -541,6 +588,7 @@ def run_stage(c: ml_collections.ConfigDict, workdir: Path, previous: Model | Non
                     stop_on(failed, gather_failures(failed)[0], f"could not validate step {step}",
                             "set eval.every=0 to train without validation or mend the cause, then")
                     logger.restart_clock()  # rates count training steps, not validation
+            check_saved(wait=True)  # the last step's checkpoint
     finally:
         profiler.close()
         manager.wait_until_finished()
@@ -561,7 +609,8 @@ def run_stage(c: ml_collections.ConfigDict, workdir: Path, previous: Model | Non
         print(f"stage {c.name}: student vs teacher, relative MSE of the noise prediction on a fixed validation "
               f"batch: before {before if before is None else f'{before:.4f}'} → after {after:.4f}")
     if jax.process_index() == 0:  # the marker says the stage is finished: written whole or not at all
-        atomic_json(out / STAGE_MARKER, summary | identity | {"stage": c.name, "config": meta["config"]})
+        atomic_json(out / STAGE_MARKER, summary | identity | {"stage": c.name, "config": meta["config"],
+                                                               "resumes": meta.get("resumes", [])})
     print(f"stage {c.name}: student written to {out}")
     return result, summary
 
@@ -593,12 +642,32 @@ class _Profiler:
             self.tracing = False
 
 
+SAVE_FAILED = "could not write the checkpoint of step"
+
+
+def _free_space(folder) -> str:
+    """"; N GB free there" for a local folder (orbax's directory is an etils path), else ""."""
+    try:
+        return f"; {shutil.disk_usage(str(folder)).free / 1e9:.1f} GB free there"
+    except OSError:
+        return ""
+
+
+def _folder_size(folder) -> str:
+    try:
+        size = sum(f.stat().st_size for f in Path(str(folder)).rglob("*") if f.is_file())
+    except OSError:
+        return "size unknown"
+    return f"{size / 1e6:,.1f} MB"
+
+
 def _checkpoint_manager(directory: Path, c) -> ocp.CheckpointManager:
     # A save cut short (a second Ctrl-C, a killed job) leaves its STEP.orbax-checkpoint-tmp folder: removed here,
     # before this run saves anything (orbax's own cleanup_tmp_directories runs in a thread that can outlive the
     # manager and fail at exit).
     if jax.process_index() == 0 and directory.is_dir():
         for stale in directory.glob("*.orbax-checkpoint-tmp*"):
+            print(f"{directory.name}: removed {stale.name}, a checkpoint cut short while being written")
             shutil.rmtree(stale, ignore_errors=True)
     options = ocp.CheckpointManagerOptions(max_to_keep=c.keep_checkpoints, enable_async_checkpointing=True)
     return ocp.CheckpointManager(directory.absolute(), options=options, item_names=("state", "meta"))
@@ -616,11 +685,28 @@ def _restore(manager: ocp.CheckpointManager, state: TrainState) -> tuple[TrainSt
     try:
         restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
                                                                  meta=ocp.args.JsonRestore()))
-    except (ValueError, KeyError, TypeError) as e:  # orbax's tree or shape mismatch
-        raise ValueError(f"the checkpoint {manager.directory / str(step)} holds a training state of another layout "
-                         "than this config builds (ema_decay, scan_layers, the plan or the optimizer changed?): "
-                         f"{type(e).__name__}: {str(e)[:300]}. Use a new --workdir, or restore the old config.") from e
+    except Exception as e:  # noqa: BLE001 (orbax's tree or shape mismatch; a damaged file: tensorstore's errors)
+        raise ValueError(f"cannot restore the checkpoint {manager.directory / str(step)}: {type(e).__name__}: "
+                         f"{str(e)[:300]}. Either the config builds another training state than it holds "
+                         "(ema_decay, scan_layers, the plan or the optimizer changed: restore the old config, or use "
+                         f"a new --workdir), or it is damaged: {_damaged_remedy(manager.directory, step)}") from e
     return restored.state, int(restored.meta["data_position"]), dict(restored.meta)
+
+
+def _resume_changes(meta: dict, c: ml_collections.ConfigDict) -> dict[str, tuple[Any, Any]]:
+    """The settings a stage resumes from its checkpoint (`meta`) with changed (`records.changes`); fields the
+    checkpoint's version of the config did not have are not changes, nor a path written another way."""
+    changed = changes(meta.get("config") or {}, c.to_dict(), shared_only=True)
+    return {k: v for k, v in changed.items() if not (k == "stages" or k.startswith("stages.")
+                                                     or k in PATH_FIELDS and _same_path(k, *v))}
+
+
+def _damaged_remedy(directory: Path, step: int) -> str:
+    """What to do about a damaged newest checkpoint: set it aside, so the run resumes from the one before."""
+    earlier = [s for s in finished_steps(directory) if s < step]
+    then = (f"the same command resumes from step {max(earlier)}, the newest before it" if earlier else
+            "no earlier checkpoint is left: the stage starts again")
+    return f"move it aside (mv {directory / str(step)} {directory / f'{step}.damaged'}) and {then}."
 
 
 def _agreement_fn(student: UNet, teacher: UNet, acp, validation_batch: dict[str, np.ndarray], c, mesh, encode=None,
@@ -882,7 +968,7 @@ def main(argv=None) -> int:
         enable_compilation_cache(config.compilation_cache, flags.FLAGS.workdir)
         try:
             run(config, flags.FLAGS.workdir)
-        except (ValueError, FileNotFoundError, NonFiniteLoss) as e:
+        except (ValueError, OSError, NonFiniteLoss) as e:  # OSError: a disk filled or a folder gone mid-run
             print(f"error: {e}", file=sys.stderr)
             sys.exit(1)
 

@@ -221,6 +221,67 @@ def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(unet_f
     assert not (tmp_path / "stages" / "main").exists()
 
 
+def test_a_failed_or_damaged_checkpoint_is_named_with_the_last_good_one(unet_folders, plan_file, tmp_path,
+                                                                        monkeypatch, capsys):
+    """A background save that fails (a full disk) stops the run at the next step, naming the last good
+    checkpoint; it used to surface only at the next save, a whole interval of training later. A damaged newest
+    checkpoint is named with the step the run resumes from once it is moved aside (it was blamed on a config
+    change, and a new --workdir advised). A finished run started again with other settings says they were not
+    applied, and its config.json stays the one it trained with."""
+    import orbax.checkpoint as ocp
+
+    real_save, real_wait = ocp.CheckpointManager.save, ocp.CheckpointManager.wait_until_finished
+
+    def save(self, step, *args, **kwargs):
+        saved = real_save(self, step, *args, **kwargs)  # it waits for the save before (wait, below)
+        self.fail_step = step if step == 4 else None
+        return saved
+
+    def wait(self):  # orbax re-raises a background save's error here, once
+        real_wait(self)
+        if getattr(self, "fail_step", None):
+            shutil.rmtree(self.directory / str(self.fail_step))
+            self.fail_step = None
+            raise ValueError("RESOURCE_EXHAUSTED: Error writing \"opt_state\": No space left on device")
+
+    config = small_config(unet_folders["micro"], plan_file, steps=8, checkpoint_every=2)
+    with monkeypatch.context() as patch:
+        patch.setattr(ocp.CheckpointManager, "save", save)
+        patch.setattr(ocp.CheckpointManager, "wait_until_finished", wait)
+        with pytest.raises(ValueError, match=r"could not write the checkpoint of step 4 in .*No space left on device; "
+                                             r".* GB free there\nstage main: the last good checkpoint is step 2"):
+            run(config, tmp_path)
+    assert max(r["step"] for r in metrics(tmp_path)) <= 6  # stopped within steps of the failure, not at step 8
+    assert "main: checkpoint of step 2 written (" in capsys.readouterr().out
+
+    run(small_config(unet_folders["micro"], plan_file, steps=4, checkpoint_every=2), tmp_path / "run")
+    checkpoints = tmp_path / "run" / "checkpoints" / "main"
+    shutil.rmtree(tmp_path / "run" / "stages")
+    for f in (checkpoints / "4" / "state").rglob("*"):  # a copy cut short
+        if f.is_file() and f.stat().st_size > 1000:
+            f.write_bytes(f.read_bytes()[:100])
+    with pytest.raises(ValueError, match=rf"cannot restore the checkpoint {checkpoints / '4'}: .* or it is damaged: "
+                                         rf"move it aside \(mv {checkpoints / '4'} {checkpoints / '4.damaged'}\) and "
+                                         r"the same command resumes from step 2, the newest before it"):
+        run(small_config(unet_folders["micro"], plan_file, steps=4, checkpoint_every=2), tmp_path / "run")
+    os.rename(checkpoints / "4", checkpoints / "4.damaged")
+    capsys.readouterr()
+    run(small_config(unet_folders["micro"], plan_file, steps=4, checkpoint_every=2, **{"optimizer.lr": 5e-3}),
+        tmp_path / "run")
+    assert "resumed from step 2" in capsys.readouterr().out and (tmp_path / "run" / "stages" / "main").is_dir()
+    # the record keeps what the resume changed: the config alone claimed lr 0.005 for every step
+    from jaxdistill.export import export
+
+    card = (export(tmp_path / "run", tmp_path / "export") / "README.md").read_text()
+    assert "| changed on resume | from step 2: optimizer.lr: 0.001 → 0.005 |" in card
+    recorded = (tmp_path / "run" / "config.json").read_text()
+    run(small_config(unet_folders["micro"], plan_file, steps=4, checkpoint_every=2, **{"optimizer.lr": 1e-2}),
+        tmp_path / "run")
+    assert ("already finished" in (out := capsys.readouterr().out) and
+            "not trained again with the changed optimizer.lr: 0.005 → 0.01" in out)
+    assert (tmp_path / "run" / "config.json").read_text() == recorded
+
+
 def test_student_loss_falls_over_30_steps_and_progressive_stages(unet_folders, plan_file, tmp_path, monkeypatch):
     config = small_config("", "", steps=30, checkpoint_every=30)
     config.stages = [
@@ -598,7 +659,8 @@ def test_a_closed_terminal_asks_for_a_checkpoint():
     assert signal.getsignal(signal.SIGHUP) is before
 
 
-def test_the_recipe_configs_read_prepared_data_and_startup_checks_name_what_is_wrong(unet_folders, tmp_path):
+def test_the_recipe_configs_read_prepared_data_and_startup_checks_name_what_is_wrong(unet_folders, tmp_path,
+                                                                                     monkeypatch):
     """configs/ssd1b.py and vega.py want a prepared set (they used to train on synthetic latents unless told);
     a workdir that is a file, a validation pipeline that is not one and validation steps its scheduler cannot
     take are refused before anything trains; an image source's pipeline is checked before transformers reads
@@ -618,6 +680,10 @@ def test_the_recipe_configs_read_prepared_data_and_startup_checks_name_what_is_w
     (tmp_path / "afile").write_text("")
     with pytest.raises(ValueError, match="afile is a file; give a folder"):
         run(config, tmp_path / "afile" / "run")
+    with monkeypatch.context() as patch:  # a read-only disk (root may write anywhere else): refused before loading
+        patch.setattr(os, "access", lambda path, mode: os.fspath(path) != os.fspath(tmp_path))
+        with pytest.raises(ValueError, match=f"--workdir .*new/run: {tmp_path} is not writable"):
+            run(config, tmp_path / "new" / "run")
     for changes, message in [({"eval.every": 5, "eval.pipeline": str(tmp_path / "nowhere")},
                               "stage main: image validation \\(config.eval\\): .*nowhere: no such folder"),
                              ({"data.source": "images", "data.path": f"folder:{tmp_path}",
