@@ -300,6 +300,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         prompts = sample.read_prompts(args.prompts)
     except ValueError as e:
         parser.error(f"--prompts: {e}")
+    for what, values in (("prompts", prompts), ("seeds", args.seeds)):
+        if len(set(values)) < len(values):  # the same pair twice is the same images: sampled again, counted twice
+            print(f"note: {len(values) - len(set(values))} repeated {what} left out", file=sys.stderr)
+    prompts, args.seeds = list(dict.fromkeys(prompts)), list(dict.fromkeys(args.seeds))
     settings = sample.sampling_settings(parser, args)
     try:  # everything that can fail before hours of sampling: folders, fit, sizes, scheduler, CLIP weights
         check_out(args.out, args.overwrite, (args.student, args.teacher, args.pipeline, args.prompts, args.clip))

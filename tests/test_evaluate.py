@@ -135,8 +135,8 @@ def test_evaluate_command_compares_a_student_with_its_teacher(pipeline, tmp_path
     noisy["conv_out"] = {k: v + 0.05 for k, v in params["conv_out"].items()}
     student = save_unet(tmp_path / "student", dataclasses.replace(spec, sample_size=spec.sample_size // 2), noisy)
     prompts = tmp_path / "prompts.txt"
-    prompts.write_text("a red square\na blue circle\n")
-    common = ["--teacher", str(pipeline), "--prompts", str(prompts), "--seeds", "0,3", "--steps", "3",
+    prompts.write_text("a red square\na blue circle\na red square\n")  # a repeat is the same images: left out
+    common = ["--teacher", str(pipeline), "--prompts", str(prompts), "--seeds", "0,3,3", "--steps", "3",
               "--batch-size", "3"]
     (tmp_path / "report").mkdir()
     (tmp_path / "report" / "old_metrics.csv").write_text("an earlier report's\n")
@@ -145,6 +145,7 @@ def test_evaluate_command_compares_a_student_with_its_teacher(pipeline, tmp_path
         result = subprocess.run([sys.executable, "-m", "jaxdistill.evaluate", "--student", model, *common, *extra,
                                  "--out", str(tmp_path / name)], capture_output=True, text=True, env=ENV)
         assert result.returncode == 0, result.stderr[-2000:]
+        assert "1 repeated prompts left out" in result.stderr and "1 repeated seeds left out" in result.stderr
     assert sorted(p.name for p in (tmp_path / "report").iterdir()) == [
         "grid.png", "metrics.csv", "metrics.md", "summary.json"]
     same = _strict_json(tmp_path / "self" / "summary.json")
