@@ -337,7 +337,11 @@ class Preprocessing:
 
 def sdxl_buckets(resolution: int = 1024) -> tuple[tuple[int, int], ...]:
     """SDXL's (height, width) buckets scaled to `resolution`: each side round_half_up(side·res/1024/64)·64,
-    at least 64; duplicates (at small resolutions) dropped, order kept."""
+    at least 64; duplicates (at small resolutions) dropped, order kept. ValueError for a resolution that is
+    not a multiple of 64 of at least 256: the square bucket would not be resolution² (96 gave 128²)."""
+    if resolution % 64 or resolution < 256:
+        raise ValueError(f"aspect-ratio buckets at resolution {resolution}: SDXL's buckets are multiples of 64, so "
+                         "the resolution must be a multiple of 64 of at least 256 (or prepare without buckets)")
     out: list[tuple[int, int]] = []
     for h, w in SDXL_BUCKETS_1024:
         b = tuple(max(64, math.floor(d * resolution / 1024 / 64 + 0.5) * 64) for d in (h, w))
@@ -555,7 +559,8 @@ class FolderSource:
     Captions: a `metadata.jsonl` or `metadata.csv` in any folder describes files relative to that folder
     (`file_name` column, caption in `caption_column`, other columns go to `extra`); an image no metadata
     row names takes `<same stem>.txt` beside it; neither → caption_missing. Metadata rows naming a file
-    that does not exist → missing_image; unparsable rows or rows without `file_name` → bad_metadata (a
+    that does not exist → missing_image; unparsable rows, rows without `file_name` or naming a file outside
+    the folder (an absolute path, `..`) → bad_metadata (a
     whole metadata file that cannot be read or parsed: one bad_metadata, its images use their .txt).
     Keys: the path relative to root without its last extension ("sub/a.b" for sub/a.b.jpg); a second
     file with the same key (a.jpg and a.png) → duplicate_key. Records are in key order; shards are
@@ -640,6 +645,9 @@ def _list_folder(root: str, caption_column: str) -> list[_Entry]:
                         errors.append(_Entry(row_key, None, None, {}, error))
                         continue
                     target = posixpath.normpath(posixpath.join(rel_dir, row.pop("file_name")))
+                    if target.startswith(("/", "../")) or target == "..":  # outside the source folder
+                        errors.append(_Entry(row_key, None, None, {}, "bad_metadata"))
+                        continue
                     if target in metadata:
                         errors.append(_Entry(row_key, None, None, {}, "duplicate_key"))
                         continue
@@ -740,10 +748,10 @@ class TarSource:
         return [Shard(name, i, None, (path,)) for i, (name, path) in enumerate(pairs)]
 
     def fingerprint(self, shard: Shard) -> str:
-        """The tar's path (as the glob found it), size and mtime: a tar downloaded again (after a bad_tar) is
-        read again."""
+        """The tar's path (absolute: a glob written another way finds the same tar), size and mtime: a tar
+        downloaded again (after a bad_tar) is read again."""
         (path,) = shard.data
-        return _digest([path, _stat(path)])
+        return _digest([os.path.abspath(path), _stat(path)])
 
     def read(self, shard: Shard) -> Iterator[Record]:
         (path,) = shard.data
@@ -863,7 +871,8 @@ class TFDSSource:
         """Which data set (name, version, folder), which examples (split name and range) and which features
         the shard reads."""
         b = self.builder
-        return _digest([b.name, str(b.version), str(b.data_dir), shard.data, self.image_key, self.text_key])
+        data_dir = str(b.data_dir) if "://" in str(b.data_dir) else os.path.abspath(b.data_dir)  # gs:// stays
+        return _digest([b.name, str(b.version), data_dir, shard.data, self.image_key, self.text_key])
 
     def read(self, shard: Shard) -> Iterator[Record]:
         import tensorflow_datasets as tfds

@@ -559,7 +559,8 @@ def run_stage(c: ml_collections.ConfigDict, workdir: Path, previous: Model | Non
                 values = {k: float(v) for k, v in jax.device_get(metrics).items()}
                 profiler.after(step)  # after the metrics came back: the step has finished on the device
                 bad = [k for k, v in values.items() if not math.isfinite(v) and k not in ("lr",)]
-                if bad:
+                if bad:  # the same on every host (the metrics are global)
+                    check_saved(wait=True)  # a save in flight is the last good checkpoint once written
                     raise NonFiniteLoss(
                         f"stage {c.name}, step {step}: non-finite {', '.join(f'{k}={values[k]}' for k in bad)}. "
                         f"The run stopped; {kept_at()}. Lower optimizer.lr, enable grad clipping, or check the data.")

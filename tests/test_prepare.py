@@ -194,6 +194,20 @@ def test_other_settings_are_refused_before_the_models_load(prepared, images, pip
         _prepare(images, pipeline, out, rules=S.DecodeRules(max_pixels=RULES.max_pixels))
     with pytest.raises(ValueError, match="compute_dtype: 'float32' → 'bfloat16'"):
         _prepare(images, pipeline, out, compute_dtype="bfloat16")
+    with pytest.raises(ValueError, match="batch_size: 4 → 8"):  # a batch's latent noise is drawn for the batch
+        _prepare(images, pipeline, out, batch_size=8)
+
+
+def test_the_pipeline_files_are_part_of_the_settings(pipeline, tmp_path):
+    """A VAE replaced in place (the fp16-fix VAE has SDXL's sizes) is another pipeline; every host's own copy
+    of the same pipeline is the same one."""
+    copy = shutil.copytree(pipeline, tmp_path / "copy")
+    assert P._files_digest(copy) == P._files_digest(pipeline)
+    weights = next((copy / "vae").glob("*.safetensors"))
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1
+    weights.write_bytes(bytes(data))
+    assert P._files_digest(copy) != P._files_digest(pipeline)
 
 
 def test_process_0_writes_the_settings_and_buckets_compare_as_stored(tmp_path):
@@ -254,6 +268,16 @@ def test_prepare_command_ends_bad_input_with_a_usage_error(prepared, images, pip
     assert "no images (jpg/jpeg/png/webp/bmp) found under" in usage_error("--source", str(tmp_path / "empty"))
     assert len(started) == 7  # the multi-host runtime is started as train starts it
     assert not (tmp_path / "out").exists()
+    assert "--buckets: aspect-ratio buckets at resolution 32" in usage_error("--buckets")  # gave 64² buckets
+    (tmp_path / "afile").write_text("")
+    assert "afile is a file; give a folder" in usage_error("--out", str(tmp_path / "afile"))  # was a traceback
+    # nothing kept (captions in another column than --caption-column): exit 1, not a data set of nothing
+    uncaptioned = tmp_path / "uncaptioned"
+    shutil.copytree(images, uncaptioned, ignore=shutil.ignore_patterns("*.txt", "metadata.*"))
+    assert P.main(["--source", str(uncaptioned), "--pipeline", pipeline, "--out", str(tmp_path / "none"),
+                   "--resolution", str(RES)]) == 1
+    assert "no example was kept (the reasons are above); captions come from a metadata file's 'text' column" in (
+        capsys.readouterr().err)
 
 
 def test_reader_batches_are_deterministic_and_split_across_hosts(prepared):
@@ -661,7 +685,7 @@ def test_a_folder_of_an_older_prepare_is_refused_as_such(tmp_path):
     old = {"pipeline": "/p", "seed": 0, "num_shards": 3}  # format 1 wrote no "format"
     (tmp_path / "progress" / "settings.json").write_text(json.dumps(old))
     (tmp_path / "progress" / "shard-00000.json").write_text("{}")  # a shard it finished
-    with pytest.raises(P.PrepareError, match=r"older version of prepare \(format None, now 2\); prepare into a new"):
+    with pytest.raises(P.PrepareError, match=r"older version of prepare \(format None, now 3\); prepare into a new"):
         P._check_settings(tmp_path, {"format": P.FORMAT, "pipeline": "/p", "seed": 0})
     with pytest.raises(P.PrepareError, match=r"other settings \(seed: 0 → 1\); use a new --out, or rerun"):
         P._check_settings(tmp_path, old | {"seed": 1})

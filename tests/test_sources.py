@@ -265,6 +265,10 @@ def test_buckets():
     assert nearest_bucket(1800, 600, buckets) == (1728, 576)  # tall
     assert nearest_bucket(1000, 1000, buckets) == (1024, 1024)
     small = sdxl_buckets(256)
+    assert all(b[0] == b[1] == r for r in (256, 512, 768) for b in sdxl_buckets(r) if b[0] == b[1])
+    for r in (96, 1000, 128):  # the square bucket would not be r²: 96 gave 128²
+        with pytest.raises(ValueError, match="a multiple of 64 of at least 256"):
+            sdxl_buckets(r)
     assert (128, 512) in small and (256, 256) in small and all(min(b) >= 64 for b in small)
     prep = Preprocessing(resolution=256, buckets=small)
     pixels, ids = preprocess(_noise(30, 120), prep, np.random.default_rng(0))  # aspect 1:4 → (128, 512)
@@ -282,14 +286,17 @@ def test_metadata_jsonl_and_csv(tmp_path):
         _write(tmp_path / "jsonl", rel, ok)
     _write(tmp_path / "jsonl", "c.txt", b"from the txt")
     lines = [{"file_name": "a.png", "text": "A"}, {"file_name": "sub/b.png", "text": "B", "score": 5},
-             {"file_name": "missing.png", "text": "M"}, {"file_name": "d.png", "text": ["d1", "d2"]}]
+             {"file_name": "missing.png", "text": "M"}, {"file_name": "d.png", "text": ["d1", "d2"]},
+             # files outside the source folder are not its data (they were read, keyed "../outside")
+             {"file_name": "../outside.png", "text": "O"}, {"file_name": str(tmp_path / "outside.png"), "text": "O"}]
+    _write(tmp_path, "outside.png", ok)
     _write(tmp_path / "jsonl", "metadata.jsonl",
            b"\n".join([json.dumps(x).encode() for x in lines] + [b"{not json", b""]))
     examples, skips = _run(open_source(str(tmp_path / "jsonl")))
     assert {k: e.caption for k, e in examples.items() if k != "d"} == {"a": "A", "sub/b": "B", "c": "from the txt"}
     assert examples["d"].caption in ("d1", "d2") and examples["sub/b"].extra == {"score": 5}
-    assert dict(skips.counts) == {"missing_image": 1, "bad_metadata": 1}
-    assert skips.examples["bad_metadata"] == ["metadata.jsonl:5"]
+    assert dict(skips.counts) == {"missing_image": 1, "bad_metadata": 3}
+    assert skips.examples["bad_metadata"] == ["metadata.jsonl:5", "metadata.jsonl:6", "metadata.jsonl:7"]
 
     for rel in ("x.png", "y.png", "z.png", "deep/w.png"):
         _write(tmp_path / "csv", rel, ok)
