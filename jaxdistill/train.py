@@ -116,7 +116,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any
         if checked[stage.name].finished:
             previous = Model(*load_unet(done))
             trained = json.loads((done / STAGE_MARKER).read_text()).get("config") or {}
-            changed = {k: v for k, v in changes(trained, stage.to_dict(), shared_only=True).items()
+            changed = {k: v for k, v in _resume_changes({"config": trained}, stage).items()
                        if k.split(".")[0] not in NOT_TRAINING}
             print(f"stage {stage.name}: already finished ({done})" + (
                 f"; not trained again with the changed {describe(changed)} (a new --workdir trains with them)"
