@@ -88,8 +88,18 @@ class ClipScore:
         self.model = CLIPModel.from_pretrained(str(clip_dir), use_safetensors=True, local_files_only=True).eval()
         self.processor = CLIPProcessor.from_pretrained(str(clip_dir), local_files_only=True)
 
-    def __call__(self, images: np.ndarray, prompts: Sequence[str]) -> np.ndarray:
-        """images [N, H, W, 3] uint8, one prompt each → [N] scores."""
+    def __call__(self, images: np.ndarray, prompts: Sequence[str], batch_size: int = 32,
+                 done: Callable[[int], Any] | None = None) -> np.ndarray:
+        """images [N, H, W, 3] uint8, one prompt each → [N] scores, `batch_size` images at a time (CLIP ViT-L's
+        activations for 500 images at once are tens of GB); `done(k)` after each batch of k."""
+        scores = []
+        for start in range(0, len(images), batch_size):
+            scores.append(self._scores(images[start:start + batch_size], prompts[start:start + batch_size]))
+            if done is not None:
+                done(len(scores[-1]))
+        return np.concatenate(scores) if scores else np.zeros(0, np.float32)
+
+    def _scores(self, images: np.ndarray, prompts: Sequence[str]) -> np.ndarray:
         import torch
 
         inputs = self.processor(text=list(prompts), images=list(np.asarray(images)), return_tensors="pt",
@@ -153,8 +163,14 @@ def compare(teacher, student, prompts: Sequence[str], seeds: Sequence[int], *, c
     t = teacher_output or sample.generate(teacher, case_prompts, seeds=case_seeds,
                                           progress="teacher" if progress else None, **kwargs)
     s = sample.generate(student, case_prompts, seeds=case_seeds, progress="student" if progress else None, **kwargs)
+    from tqdm import tqdm
+
+    # SSIM of a 1024² pair takes about a second on a CPU core, CLIP on a CPU longer: hundreds of images show a bar
+    bar = tqdm(total=len(cases) * (3 if clip is not None else 1), desc="metrics", unit="image",
+               disable=not progress, dynamic_ncols=True)
     rows = []
     for i, (prompt, seed) in enumerate(cases):
+        bar.update(1)
         if not (t.finite[i] and s.finite[i]):  # a NaN image is black: its PSNR and SSIM would look plausible
             rows.append({"prompt": prompt, "seed": seed} | dict.fromkeys(METRICS, float("nan")))
             continue
@@ -164,8 +180,9 @@ def compare(teacher, student, prompts: Sequence[str], seeds: Sequence[int], *, c
                      "psnr": psnr(s.images[i], t.images[i]), "ssim": ssim(s.images[i], t.images[i])})
     if clip is not None:
         for name, out in (("clip_teacher", t), ("clip_student", s)):
-            for row, score, ok in zip(rows, clip(out.images, case_prompts), out.finite, strict=True):
+            for row, score, ok in zip(rows, clip(out.images, case_prompts, done=bar.update), out.finite, strict=True):
                 row[name] = float(score) if ok else float("nan")
+    bar.close()
     non_finite = {who: np.flatnonzero(~out.finite).tolist() for who, out in (("teacher", t), ("student", s))}
     return Evaluation(rows, np.asarray(t.images), np.asarray(s.images), non_finite)
 

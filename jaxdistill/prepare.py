@@ -189,13 +189,17 @@ def prepare(source: S.Source, pipeline: str | os.PathLike, out: str | os.PathLik
 
     def encode_mine():
         kept_total, threads = 0, S.decode_workers(workers)
+
+        def show(kept_in_shard: int):  # after every batch: one shard of a large source can take many minutes
+            kept = kept_total + kept_in_shard
+            bar.set_postfix(examples=kept, rate=f"{kept / (time.perf_counter() - start):.1f}/s")
+
         for shard in todo:
             kept_total += _prepare_shard(source, shard, out, encoders, params, encode, feats,
                                          prep=prep, rules=rules, batch_size=batch_size, seed=seed,
                                          storage_dtype=storage_dtype, fingerprint=fingerprints[shard.index],
-                                         workers=threads)
+                                         workers=threads, on_batch=show)
             bar.update(1)
-            bar.set_postfix(examples=kept_total, rate=f"{kept_total / (time.perf_counter() - start):.1f}/s")
 
     _, failed = attempt(encode_mine)
     bar.close()
@@ -251,11 +255,12 @@ def done_record(out: str | os.PathLike, shard: S.Shard, fingerprint: str) -> dic
 
 def _prepare_shard(source, shard: S.Shard, out: Path, encoders: Encoders, params, encode, feats, *,
                    prep, rules, batch_size: int, seed: int, storage_dtype: str, fingerprint: str,
-                   workers: int = 1) -> int:
+                   workers: int = 1, on_batch: Callable[[int], None] | None = None) -> int:
     """Encodes one shard into its ArrayRecord file, then writes its progress file (the shard is done).
     Examples are batched by pixel shape (buckets); the latent noise is a function of (seed, shard name,
     batch). The file is named by the shard's name and input fingerprint: the progress file of an earlier
-    version of the shard keeps describing its own file until the new one replaces it."""
+    version of the shard keeps describing its own file until the new one replaces it. `on_batch` is told
+    the examples written so far after each batch."""
     from array_record.python.array_record_module import ArrayRecordWriter
 
     progress = _progress_file(out, shard)
@@ -289,6 +294,8 @@ def _prepare_shard(source, shard: S.Shard, out: Path, encoders: Encoders, params
                 runs[-1][2] += 1
             else:
                 runs.append([h, w, 1])
+        if on_batch is not None:
+            on_batch(sum(r[2] for r in runs))
 
     pending: dict[tuple[int, ...], list[S.Example]] = {}
     for example in S.read_examples(source, shard, seed=seed, prep=prep, rules=rules, skips=skips, workers=workers):

@@ -774,6 +774,14 @@ class _StopFlag:
                   file=sys.stderr)
 
 
+def _stopped_outside_the_loop(signum, _frame):
+    print(f"\n{signal.Signals(signum).name} outside the training loop (loading, compiling or writing results): "
+          "stopped; run the same command to resume from the last finished checkpoint", file=sys.stderr)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(128 + signum)  # as the default action: an unfinished save is left for the next start to remove
+
+
 def _validation_pipeline(c) -> str:
     """The SDXL pipeline folder of a stage's image validation ("" when there is none to run)."""
     from jaxdistill.sample import is_pipeline
@@ -952,6 +960,9 @@ def main(argv=None) -> int:
             sys.exit(2)
 
     started = False
+    # Outside the training loop (loading, compiling, writing a finished student) there is nothing to checkpoint:
+    # SIGTERM stops as its default would, with a line that says so instead of none.
+    signal.signal(signal.SIGTERM, _stopped_outside_the_loop)
 
     def _main(rest):
         nonlocal started

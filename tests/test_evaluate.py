@@ -350,3 +350,7 @@ def test_clip_score_from_a_clip_folder(tmp_path):
     cos = torch.nn.functional.cosine_similarity(out.image_embeds, out.text_embeds).numpy()
     np.testing.assert_allclose(scores, 100 * np.maximum(cos, 0), rtol=1e-5, atol=1e-4)
     assert scores.shape == (3,) and np.all((scores >= 0) & (scores <= 100))
+    done = []  # in batches (of 2 and 1 here), each told to the progress bar: the same scores
+    np.testing.assert_allclose(ClipScore(tmp_path / "clip")(images, prompts, batch_size=2, done=done.append), scores,
+                               rtol=1e-5, atol=1e-4)
+    assert done == [2, 1]

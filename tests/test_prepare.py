@@ -123,11 +123,14 @@ def test_a_resume_redoes_the_shards_whose_input_changed(pipeline, tmp_path, caps
     _write(tmp_path / "images", "a00.png", _encode(_noise(40, 40, 10), "PNG"))
     _write(tmp_path / "images", "a00.txt", b"the new picture")
     capsys.readouterr()
-    _, summary = _prepare(tmp_path / "images", pipeline, out)
+    _, summary = _prepare(tmp_path / "images", pipeline, out, progress=True)
     data = tfds.builder_from_directory(str(out)).as_data_source(split="train")
     keys = sorted(data[i]["key"].decode() for i in range(len(data)))
     assert summary["done"] and keys == ["a00"] + [f"b{i:02d}" for i in range(10)]
-    assert "1 redone because their input changed" in capsys.readouterr().out
+    printed = capsys.readouterr()
+    assert "1 redone because their input changed" in printed.out
+    # the bar counts examples batch by batch: 4 after the first batch of the first 8-image shard
+    assert "examples=4," in printed.err and "examples=11," in printed.err
 
 
 def test_a_shard_is_done_only_with_a_progress_file_of_the_same_input(tmp_path):

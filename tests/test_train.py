@@ -179,6 +179,13 @@ def test_sigterm_checkpoints_and_the_command_resumes(unet_folders, plan_file, tm
                                small_config(unet_folders["micro"], plan_file, steps=10_000,
                                             checkpoint_every=10_000, compilation_cache="auto"))
     cmd = [sys.executable, "-m", "jaxdistill.train", "--config", config, "--workdir", str(tmp_path / "run")]
+    # during setup (its first line is printed before the model loads): nothing to save, and a line says so
+    proc = subprocess.Popen(cmd, env=ENV | {"PYTHONUNBUFFERED": "1"}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    first = proc.stdout.readline()
+    proc.send_signal(signal.SIGTERM)
+    out = first + proc.communicate(timeout=300)[0]
+    assert proc.returncode == 128 + signal.SIGTERM and "SIGTERM outside the training loop" in out, out
     proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None and not (
