@@ -26,7 +26,7 @@ so a done-marker can tell that it is stale. Training on the fly (`data.StreamedI
 Bad input never raises: each skipped record is counted under one reason (`REASONS`), with a few example
 keys. The rules, in the order they are checked:
 
-    record-level   missing_image, read_error, duplicate_key, bad_metadata, bad_tar (see the sources)
+    record-level   missing_image, read_error, duplicate_key, split_sample, bad_metadata, bad_tar (see the sources)
     caption        caption_missing (no .txt / no column / None), caption_not_text (not str/bytes/list),
                    caption_not_utf8 (bytes that are not valid UTF-8: skipped, not guessed at — a latin-1
                    fallback would turn other encodings into mojibake), caption_empty (empty after strip)
@@ -75,7 +75,7 @@ SHUFFLE_BUFFER = 1000  # records held to shuffle a shard read in one pass (a tar
 METADATA_FILES = ("metadata.jsonl", "metadata.csv")
 
 REASONS = (
-    "missing_image", "read_error", "duplicate_key", "bad_metadata", "bad_tar",
+    "missing_image", "read_error", "duplicate_key", "split_sample", "bad_metadata", "bad_tar",
     "caption_missing", "caption_not_text", "caption_not_utf8", "caption_empty",
     "empty_file", "not_an_image", "corrupt", "truncated", "too_many_pixels", "too_small", "extreme_aspect",
     "unsupported_mode",
@@ -716,7 +716,9 @@ class TarSource:
     → key "a.b/000123", extension "jpg"). Image: the first of
     jpg/jpeg/png/webp/bmp present; caption: `.txt`; `.json` (img2dataset's url, size, ...) → extra.
     Files of one sample must be adjacent, as webdataset writes them; a key seen again later in the same
-    tar → duplicate_key. Record keys are "<shard name>/<sample key>" ("00001/000123"), unique across
+    tar → duplicate_key where it repeats a file type, split_sample where it brings others (a tar written in
+    another order, all images then all captions: the earlier part reads as an image without caption; write
+    the tar sorted by name). Record keys are "<shard name>/<sample key>" ("00001/000123"), unique across
     tars. A sample without an image → missing_image. A tar that cannot be opened or ends mid-way (an
     interrupted download, also one cut at a member boundary: no end-of-archive marker) → one bad_tar
     record, keyed by the shard name, after the samples read before the damage. Compressed tars (.tar.gz
@@ -755,7 +757,7 @@ class TarSource:
 
     def read(self, shard: Shard) -> Iterator[Record]:
         (path,) = shard.data
-        seen: set[str] = set()
+        seen: dict[str, set[str]] = {}  # key → its file types
         group_key, group = None, {}
         try:
             with tarfile.open(path, "r|*") as tar:  # one sequential pass: no seeks, any compression
@@ -800,10 +802,10 @@ def _tar_ends_cleanly(path: str, end: int) -> bool:
 _COMPRESSED_MAGIC = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00", b"\x28\xb5\x2f\xfd")  # gzip, bzip2, xz, zstd
 
 
-def _tar_record(key: str, files: dict[str, bytes], seen: set[str]) -> Record:
+def _tar_record(key: str, files: dict[str, bytes], seen: dict[str, set[str]]) -> Record:
     if key in seen:
-        return Record(key, None, None, {}, "duplicate_key")
-    seen.add(key)
+        return Record(key, None, None, {}, "duplicate_key" if seen[key] & set(files) else "split_sample")
+    seen[key] = set(files)
     extra: dict = {}
     if "json" in files:
         try:

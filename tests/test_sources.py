@@ -387,6 +387,18 @@ def _tar(path, members: list[tuple[str, bytes]]) -> None:
             tar.addfile(info, io.BytesIO(data))
 
 
+def test_a_sample_whose_files_are_not_adjacent_is_named_as_such(tmp_path):
+    """webdataset reads a sample's files together; a tar of all images, then all captions, splits each
+    sample in two: the second part is split_sample, not duplicate_key (a repeated file type still is)."""
+    img = _encode(_noise(40, 40, 0), "PNG")
+    _tar(tmp_path / "t" / "00000.tar", [("a.png", img), ("b.png", img), ("a.txt", b"cap a"), ("b.txt", b"cap b"),
+                                        ("c.png", img), ("c.txt", b"cap c"), ("d.png", img), ("c.png", img)])
+    records = _records(open_source(str(tmp_path / "t")))
+    assert [(r.key, r.error) for r in records] == [
+        ("00000/a", None), ("00000/b", None), ("00000/a", "split_sample"), ("00000/b", "split_sample"),
+        ("00000/c", None), ("00000/d", None), ("00000/c", "duplicate_key")]
+
+
 def test_a_tar_cut_at_a_member_boundary_is_a_bad_tar(tmp_path):
     """tarfile's stream mode takes a missing or cut header for the end of the archive: without the
     end-of-archive check, the samples after the cut would vanish uncounted."""
