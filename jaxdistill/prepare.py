@@ -23,6 +23,7 @@ where a shard failed, the others first finish their own.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -40,7 +41,7 @@ import numpy as np
 
 from jaxdistill import sources as S
 from jaxdistill.convert import WeightsError
-from jaxdistill.records import atomic_json, changes, describe
+from jaxdistill.records import atomic_json, changes, describe, folder_lock
 from jaxdistill.sharding import agreed, attempt, gather_failures, initialize_distributed, raise_failures
 from jaxdistill.text import TextEncoders, check_pipeline_folder, load_text_encoders
 from jaxdistill.vae import VAESpec, encode_latents, load_vae
@@ -157,85 +158,89 @@ def prepare(source: S.Source, pipeline: str | os.PathLike, out: str | os.PathLik
     if blocked is not None:
         raise PrepareError(f"--out {out}: {blocked} is a file; give a folder (new, or an earlier prepare's to resume)")
     (out / "progress").mkdir(parents=True, exist_ok=True)
-    # No shard count here: a source that gained or lost shards resumes (shard files are keyed by name). The
-    # batch size is here: a batch's latent noise is drawn for the batch.
-    settings = {"format": FORMAT, "pipeline": os.path.abspath(pipeline), "pipeline_files": _files_digest(pipeline),
-                "source": source.description, "preprocessing": dataclasses.asdict(prep),
-                "rules": dataclasses.asdict(rules), "seed": seed, "batch_size": batch_size,
-                "storage_dtype": storage_dtype, "compute_dtype": compute_dtype}
-    _check_settings(out, settings, process_index=pi, process_count=pc)  # before the costly model load
-    fingerprints = {s.index: source.fingerprint(s) for s in all_shards}
-    encoders = agreed(lambda: load_encoders(pipeline, compute_dtype), "could not read its pipeline's weights",
-                      error=PrepareError)
-    feats = features(encoders.latent_channels, encoders.text.tokenizers[0].model_max_length,
-                     sum(s.hidden_size for s in encoders.text.specs), encoders.text.specs[1].projection_dim,
-                     storage_dtype)
-    mesh = jax.sharding.Mesh(np.array(local), ("data",))
-    data_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
-    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    params = jax.device_put(encoders.params, replicated)
-    encode = jax.jit(make_encode(encoders, compute_dtype), in_shardings=(replicated, data_sharding, data_sharding,
-                                                                         data_sharding, replicated),
-                     out_shardings=data_sharding)
+    # One command per --out: process 0 holds it (the folder may be shared by the hosts); taken, every host stops.
+    with contextlib.ExitStack() as lock:
+        agreed(lambda: lock.enter_context(folder_lock(out, "a jaxdistill.prepare", error=PrepareError)) if pi == 0
+               else None, f"could not take {out}", error=PrepareError)
+        # No shard count here: a source that gained or lost shards resumes (shard files are keyed by name). The
+        # batch size is here: a batch's latent noise is drawn for the batch.
+        settings = {"format": FORMAT, "pipeline": os.path.abspath(pipeline), "pipeline_files": _files_digest(pipeline),
+                    "source": source.description, "preprocessing": dataclasses.asdict(prep),
+                    "rules": dataclasses.asdict(rules), "seed": seed, "batch_size": batch_size,
+                    "storage_dtype": storage_dtype, "compute_dtype": compute_dtype}
+        _check_settings(out, settings, process_index=pi, process_count=pc)  # before the costly model load
+        fingerprints = {s.index: source.fingerprint(s) for s in all_shards}
+        encoders = agreed(lambda: load_encoders(pipeline, compute_dtype), "could not read its pipeline's weights",
+                          error=PrepareError)
+        feats = features(encoders.latent_channels, encoders.text.tokenizers[0].model_max_length,
+                         sum(s.hidden_size for s in encoders.text.specs), encoders.text.specs[1].projection_dim,
+                         storage_dtype)
+        mesh = jax.sharding.Mesh(np.array(local), ("data",))
+        data_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+        replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+        params = jax.device_put(encoders.params, replicated)
+        encode = jax.jit(make_encode(encoders, compute_dtype), in_shardings=(replicated, data_sharding, data_sharding,
+                                                                             data_sharding, replicated),
+                         out_shardings=data_sharding)
 
-    mine = S.shards_for_process(all_shards, pi, pc)
-    todo = [s for s in mine if done_record(out, s, fingerprints[s.index]) is None]
-    changed = sum(_progress_file(out, s).is_file() for s in todo)
-    print(f"prepare: {source.description}: {len(all_shards)} shards, {len(mine)} for process {pi}/{pc}, "
-          f"{len(mine) - len(todo)} already done"
-          + (f", {changed} redone because their input changed since they were written" if changed else ""))
-    bar = tqdm(total=len(todo), unit="shard", disable=not progress, dynamic_ncols=True)
-    start = time.perf_counter()
+        mine = S.shards_for_process(all_shards, pi, pc)
+        todo = [s for s in mine if done_record(out, s, fingerprints[s.index]) is None]
+        changed = sum(_progress_file(out, s).is_file() for s in todo)
+        print(f"prepare: {source.description}: {len(all_shards)} shards, {len(mine)} for process {pi}/{pc}, "
+              f"{len(mine) - len(todo)} already done"
+              + (f", {changed} redone because their input changed since they were written" if changed else ""))
+        bar = tqdm(total=len(todo), unit="shard", disable=not progress, dynamic_ncols=True)
+        start = time.perf_counter()
 
-    def encode_mine():
-        kept_total, threads = 0, S.decode_workers(workers)
+        def encode_mine():
+            kept_total, threads = 0, S.decode_workers(workers)
 
-        def show(kept_in_shard: int):  # after every batch: one shard of a large source can take many minutes
-            kept = kept_total + kept_in_shard
-            bar.set_postfix(examples=kept, rate=f"{kept / (time.perf_counter() - start):.1f}/s")
+            def show(kept_in_shard: int):  # after every batch: one shard of a large source can take many minutes
+                kept = kept_total + kept_in_shard
+                bar.set_postfix(examples=kept, rate=f"{kept / (time.perf_counter() - start):.1f}/s")
 
-        for shard in todo:
-            kept_total += _prepare_shard(source, shard, out, encoders, params, encode, feats,
-                                         prep=prep, rules=rules, batch_size=batch_size, seed=seed,
-                                         storage_dtype=storage_dtype, fingerprint=fingerprints[shard.index],
-                                         workers=threads, on_batch=show)
-            bar.update(1)
+            for shard in todo:
+                kept_total += _prepare_shard(source, shard, out, encoders, params, encode, feats,
+                                             prep=prep, rules=rules, batch_size=batch_size, seed=seed,
+                                             storage_dtype=storage_dtype, fingerprint=fingerprints[shard.index],
+                                             workers=threads, on_batch=show)
+                bar.update(1)
 
-    _, failed = attempt(encode_mine)
-    bar.close()
-    # Every host meets here once its shards are written (or one failed: the others finish theirs, nothing
-    # done is lost); one that failed stops all with its reason.
-    raise_failures(failed, gather_failures(failed)[0], "could not prepare its shards", error=PrepareError,
-                   then=f"prepare: the shards finished in {out} are kept; run the same command to resume.")
-    records = [done_record(out, s, fingerprints[s.index]) for s in all_shards]
-    missing = [s.name for s, r in zip(all_shards, records, strict=True) if r is None]
-    if missing:
-        print(f"prepare: {len(missing)} shards not done yet ({', '.join(missing[:5])}...): run again to finish")
-        return {"done": False, "missing": missing}
-    skips = S.Skips()
-    for r in records:
-        skips.merge(S.Skips.from_dict(r["skips"]))
-    summary = settings | {"done": True, "num_examples": sum(r["examples"] for r in records),
-                          "shard_lengths": [r["examples"] for r in records],
-                          "shapes": [r["shapes"] for r in records], "skips": skips.to_dict(),
-                          "latent_channels": encoders.latent_channels}
-    if pi == 0:
-        final = [out / _shard_file(i, len(records)) for i in range(len(records))]
-        for path in out.glob(f"{DATASET_NAME}-{SPLIT}.array_record-*"):
-            if path not in final:  # from a finish with another number of shards
-                path.unlink()
-        for r, path in zip(records, final, strict=True):
-            _link(out / r["file"], path)
-        template = tfds.core.ShardedFileTemplate(data_dir=out, template=_TEMPLATE, dataset_name=DATASET_NAME,
-                                                 filetype_suffix="array_record")
-        split = tfds.core.SplitInfo(name=SPLIT, shard_lengths=summary["shard_lengths"],
-                                    num_bytes=sum(r["bytes"] for r in records), filename_template=template)
-        tfds.folder_dataset.write_metadata(data_dir=out, features=feats, split_infos=[split],
-                                           filename_template=template, check_data=False,
-                                           description="SDXL training inputs prepared by jaxdistill.prepare")
-        atomic_json(out / INFO_NAME, summary)
-    print(f"prepare: {summary['num_examples']} examples in {out}; {skips.summary()}")
-    return summary
+        _, failed = attempt(encode_mine)
+        bar.close()
+        # Every host meets here once its shards are written (or one failed: the others finish theirs, nothing
+        # done is lost); one that failed stops all with its reason.
+        raise_failures(failed, gather_failures(failed)[0], "could not prepare its shards", error=PrepareError,
+                       then=f"prepare: the shards finished in {out} are kept; run the same command to resume.")
+        records = [done_record(out, s, fingerprints[s.index]) for s in all_shards]
+        missing = [s.name for s, r in zip(all_shards, records, strict=True) if r is None]
+        if missing:
+            print(f"prepare: {len(missing)} shards not done yet ({', '.join(missing[:5])}...): run again to finish")
+            return {"done": False, "missing": missing}
+        skips = S.Skips()
+        for r in records:
+            skips.merge(S.Skips.from_dict(r["skips"]))
+        summary = settings | {"done": True, "num_examples": sum(r["examples"] for r in records),
+                              "shard_lengths": [r["examples"] for r in records],
+                              "shapes": [r["shapes"] for r in records], "skips": skips.to_dict(),
+                              "latent_channels": encoders.latent_channels}
+        if pi == 0:
+            final = [out / _shard_file(i, len(records)) for i in range(len(records))]
+            for path in out.glob(f"{DATASET_NAME}-{SPLIT}.array_record-*"):
+                if path not in final:  # from a finish with another number of shards
+                    path.unlink()
+            for r, path in zip(records, final, strict=True):
+                _link(out / r["file"], path)
+            template = tfds.core.ShardedFileTemplate(data_dir=out, template=_TEMPLATE, dataset_name=DATASET_NAME,
+                                                     filetype_suffix="array_record")
+            split = tfds.core.SplitInfo(name=SPLIT, shard_lengths=summary["shard_lengths"],
+                                        num_bytes=sum(r["bytes"] for r in records), filename_template=template)
+            tfds.folder_dataset.write_metadata(data_dir=out, features=feats, split_infos=[split],
+                                               filename_template=template, check_data=False,
+                                               description="SDXL training inputs prepared by jaxdistill.prepare")
+            atomic_json(out / INFO_NAME, summary)
+        print(f"prepare: {summary['num_examples']} examples in {out}; {skips.summary()}")
+        return summary
 
 
 def done_record(out: str | os.PathLike, shard: S.Shard, fingerprint: str) -> dict | None:

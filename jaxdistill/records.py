@@ -4,11 +4,18 @@ would continue what another one started."""
 
 from __future__ import annotations
 
+import contextlib
+import datetime
 import json
 import os
+import socket
+import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+LOCK_NAME = ".jaxdistill.lock"
 
 
 def atomic_json(path: Path, data: Any):
@@ -55,3 +62,34 @@ def describe(changed: dict[str, tuple[Any, Any]], keys=None) -> str:
 
 def _tuples(v):
     return tuple(_tuples(x) for x in v) if isinstance(v, (list, tuple)) else v
+
+
+@contextlib.contextmanager
+def folder_lock(folder: Path, what: str, *, error: type[Exception] = ValueError) -> Iterator[None]:
+    """An exclusive lock on `folder` (flock on its LOCK_NAME file) while the block runs: a second command
+    writing into the same folder is refused with `error`, naming the first (host, process, start), instead of
+    both writing there. The kernel drops the lock when the process ends however it ends: no stale locks.
+    On a file system without locks (some network and FUSE mounts) the block runs unlocked, said."""
+    import fcntl
+
+    path = Path(folder) / LOCK_NAME
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            locked = True
+        except BlockingIOError:
+            holder = path.read_text(errors="replace").strip() or "a command that is starting"
+            raise error(f"{folder} is in use by {holder}; wait for it to end (or stop it), or give another "
+                        "folder") from None
+        except OSError as e:
+            locked = False
+            print(f"note: cannot lock {folder} ({e.strerror}): nothing stops another command from writing there "
+                  "at the same time", file=sys.stderr)
+        if locked:
+            since = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{what} (process {os.getpid()} on {socket.gethostname()}, since {since})\n".encode())
+        yield
+    finally:
+        os.close(fd)  # drops the lock

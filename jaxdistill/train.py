@@ -16,6 +16,7 @@ Flags:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -51,7 +52,7 @@ from jaxdistill.data import check_same_data, make_data
 from jaxdistill.layers import stack_layers, unstack_layers
 from jaxdistill.prepare import load_encoders, make_encode
 from jaxdistill.prune import PrunePlan, feature_pairs, load_plan, prune
-from jaxdistill.records import atomic_json, changes, describe
+from jaxdistill.records import atomic_json, changes, describe, folder_lock
 from jaxdistill.schedule import add_noise, alphas_cumprod, schedule_mismatches
 from jaxdistill.sharding import (
     agreed,
@@ -104,6 +105,16 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any
     # hosts agree: one whose data or folders are missing stops them all, not only itself
     checked, notes = agreed(lambda: check_stages(stages, workdir), "could not check the stages before training")
     workdir.mkdir(parents=True, exist_ok=True)
+    # One run per workdir: the same command started twice would resume twice and both write checkpoints. Process
+    # 0 holds the lock (the workdir may be shared by the hosts); when it is taken, every host stops.
+    with contextlib.ExitStack() as lock:
+        agreed(lambda: lock.enter_context(folder_lock(workdir, "a training run")) if jax.process_index() == 0
+               else None, "could not take its workdir")
+        return _run_stages(config, stages, workdir, checked, notes)
+
+
+def _run_stages(config, stages, workdir: Path, checked: dict[str, StageCheck], notes: list[str]) -> dict[str, Any]:
+    """`run`'s stages, in order, once checked and with the workdir held."""
     # after the checks: a refused start leaves the record of the run that trained as it was, and so does a
     # start that trains nothing
     if not all(check.finished for check in checked.values()):

@@ -4,6 +4,7 @@ embeddings and time ids through the real VAE and text encoders; resume; the trai
 import concurrent.futures
 import dataclasses
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -229,6 +230,31 @@ def test_atomic_json_leaves_another_writers_temporary_file_alone(tmp_path):
     assert json.loads((tmp_path / "settings.json").read_text()) == {"seed": 0}
     assert other.read_text() == "another process, half-way"
     assert sorted(p.name for p in tmp_path.iterdir()) == [".settings.json.tmp", "settings.json"]
+
+
+def test_one_command_at_a_time_writes_a_folder(images, pipeline, tmp_path, monkeypatch, capsys):
+    """A second prepare into the same --out is refused naming the first; the lock goes with its holder; a
+    file system without locks is said and the command goes on."""
+    import errno
+    import fcntl
+
+    from jaxdistill.records import LOCK_NAME, folder_lock
+
+    with folder_lock(tmp_path, "a jaxdistill.prepare"):
+        with pytest.raises(P.PrepareError, match=r"is in use by a jaxdistill.prepare \(process \d+ on "):
+            _prepare(images, pipeline, tmp_path)
+        assert "a jaxdistill.prepare (process" in (tmp_path / LOCK_NAME).read_text()
+    with folder_lock(tmp_path, "again"):  # released: taken again at once
+        pass
+
+    def no_locks(fd, op):
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    ran = []
+    with folder_lock(tmp_path, "unlocked"):
+        ran.append(True)
+    assert ran and f"cannot lock {tmp_path} (No locks available)" in capsys.readouterr().err
 
 
 def test_record_changes_name_each_differing_leaf():

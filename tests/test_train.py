@@ -691,6 +691,12 @@ def test_the_recipe_configs_read_prepared_data_and_startup_checks_name_what_is_w
         patch.setattr(os, "access", lambda path, mode: os.fspath(path) != os.fspath(tmp_path))
         with pytest.raises(ValueError, match=f"--workdir .*new/run: {tmp_path} is not writable"):
             run(config, tmp_path / "new" / "run")
+    from jaxdistill.records import folder_lock
+
+    (tmp_path / "held").mkdir()  # a run already training there (here: this process's own lock)
+    with folder_lock(tmp_path / "held", "a training run"):
+        with pytest.raises(ValueError, match=r"held is in use by a training run \(process \d+ on .+, since .+\); wait"):
+            run(config, tmp_path / "held")
     for changes, message in [({"eval.every": 5, "eval.pipeline": str(tmp_path / "nowhere")},
                               "stage main: image validation \\(config.eval\\): .*nowhere: no such folder"),
                              ({"data.source": "images", "data.path": f"folder:{tmp_path}",
