@@ -32,6 +32,7 @@ from jaxdistill.layers import (
     _Ops,
     rematted,
     timestep_embedding,
+    unstack_layers,
 )
 from jaxdistill.spec import CROSS_ATTN_MID, UNetSpec
 
@@ -202,9 +203,10 @@ def dummy_inputs(spec: UNetSpec, batch: int = 1, size: int | tuple[int, int] | N
 @functools.lru_cache(maxsize=32)
 def abstract_params(spec: UNetSpec, param_dtype=jnp.float32) -> dict:
     """The parameter tree's shapes and dtypes (`jax.ShapeDtypeStruct` leaves), with no memory used.
-    Cached per spec: tracing a deep model's init takes seconds. Treat the result as read-only."""
-    model = UNet(spec, param_dtype=param_dtype)
-    return jax.eval_shape(lambda rng, inputs: model.init(rng, **inputs)["params"],
+    Cached per spec: tracing a deep model's init takes seconds. Treat the result as read-only. Traced with
+    scanned layers (each attention module's layer once: SDXL 3.6 → 1.7 s), then unstacked to the per-layer tree."""
+    model = UNet(spec, param_dtype=param_dtype, scan_layers=True)
+    return jax.eval_shape(lambda rng, inputs: unstack_layers(model.init(rng, **inputs)["params"]),
                           jax.random.key(0), dummy_inputs(spec))
 
 
