@@ -61,7 +61,12 @@ def compilation_cache(tmp_path_factory):
     """One persistent XLA cache for the session (and its subprocesses): a step compiled once is reused."""
     import jax
 
-    path = str(tmp_path_factory.mktemp("xla_cache"))
+    # pytest-xdist's workers share one (their base folders are siblings under the session's): a program one
+    # worker compiled, the other reads back
+    shared = tmp_path_factory.getbasetemp().parent / "xla_cache" if os.environ.get("PYTEST_XDIST_WORKER") else None
+    if shared is not None:
+        shared.mkdir(exist_ok=True)
+    path = str(shared or tmp_path_factory.mktemp("xla_cache"))
     jax.config.update("jax_compilation_cache_dir", path)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
     os.environ["JAX_COMPILATION_CACHE_DIR"] = path
