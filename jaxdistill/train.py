@@ -522,8 +522,7 @@ def run_stage(c: ml_collections.ConfigDict, workdir: Path, previous: Model | Non
             return OSError(f"{SAVE_FAILED} {written} in {manager.directory}: {str(e).splitlines()[0][:500]}"
                            f"{_free_space(manager.directory)}")
         last_good = written
-        logger.note(f"checkpoint of step {written} written ({_folder_size(manager.directory / str(written))}"
-                    f"{_free_space(manager.directory)})")
+        logger.note(_saved_note(written, manager.directory / str(written)))
         return None
 
     def check_saved(wait: bool = False):
@@ -659,18 +658,38 @@ SAVE_FAILED = "could not write the checkpoint of step"
 
 def _free_space(folder) -> str:
     """"; N GB free there" for a local folder (orbax's directory is an etils path), else ""."""
-    try:
-        return f"; {shutil.disk_usage(str(folder)).free / 1e9:.1f} GB free there"
-    except OSError:
-        return ""
+    free = _free_bytes(folder)
+    return "" if free is None else f"; {_size(free)} free there"
 
 
-def _folder_size(folder) -> str:
+def _free_bytes(folder) -> int | None:
     try:
-        size = sum(f.stat().st_size for f in Path(str(folder)).rglob("*") if f.is_file())
+        return shutil.disk_usage(str(folder)).free
     except OSError:
-        return "size unknown"
-    return f"{size / 1e6:,.1f} MB"
+        return None
+
+
+def _folder_bytes(folder) -> int | None:
+    try:
+        return sum(f.stat().st_size for f in Path(str(folder)).rglob("*") if f.is_file())
+    except OSError:
+        return None
+
+
+def _size(n: int) -> str:
+    return next(f"{n / scale:,.1f} {unit}" for scale, unit in ((1e9, "GB"), (1e6, "MB"), (1e3, "kB"), (1, "B"))
+                if n >= scale or unit == "B")
+
+
+def _saved_note(step: int, folder) -> str:
+    """The line that announces a written checkpoint: its size, the free disk, and a warning when the next one
+    (about as large) will not fit, so the space is made before that save fails."""
+    size, free = _folder_bytes(folder), _free_bytes(folder)
+    note = f"checkpoint of step {step} written ({'size unknown' if size is None else _size(size)}"
+    note += "" if free is None else f"; {_size(free)} free there"
+    if size is not None and free is not None and free < 1.1 * size:
+        note += "; the next checkpoint will not fit: free space there, or lower keep_checkpoints"
+    return note + ")"
 
 
 def _checkpoint_manager(directory: Path, c) -> ocp.CheckpointManager:

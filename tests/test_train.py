@@ -256,7 +256,7 @@ def test_a_failed_or_damaged_checkpoint_is_named_with_the_last_good_one(unet_fol
         patch.setattr(ocp.CheckpointManager, "save", save)
         patch.setattr(ocp.CheckpointManager, "wait_until_finished", wait)
         with pytest.raises(ValueError, match=r"could not write the checkpoint of step 4 in .*No space left on device; "
-                                             r".* GB free there\nstage main: the last good checkpoint is step 2"):
+                                             r".* [kMG]?B free there\nstage main: the last good checkpoint is step 2"):
             run(config, tmp_path)
     assert max(r["step"] for r in metrics(tmp_path)) <= 6  # stopped within steps of the failure, not at step 8
     assert "main: checkpoint of step 2 written (" in capsys.readouterr().out
@@ -635,6 +635,24 @@ def test_a_second_ctrl_c_exits_with_one_line_and_its_cut_save_is_removed_later(t
     (stage / "2").mkdir()
     _checkpoint_manager(stage, small_config("", "")).close()
     assert sorted(p.name for p in stage.iterdir()) == ["2"]
+
+
+def test_a_checkpoint_that_fills_the_disk_warns_of_the_next(tmp_path, monkeypatch):
+    """The announcement of a written checkpoint gives its size and the free space in fitting units, and warns
+    when the next checkpoint (about as large) will not fit."""
+    import collections
+
+    from jaxdistill import train
+
+    (tmp_path / "7").mkdir()
+    (tmp_path / "7" / "state").write_bytes(bytes(3_000_000))
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(train.shutil, "disk_usage", lambda path: usage(0, 0, 50_000_000_000))
+    assert train._saved_note(7, tmp_path / "7") == "checkpoint of step 7 written (3.0 MB; 50.0 GB free there)"
+    monkeypatch.setattr(train.shutil, "disk_usage", lambda path: usage(0, 0, 2_500_000))
+    assert train._saved_note(7, tmp_path / "7") == (
+        "checkpoint of step 7 written (3.0 MB; 2.5 MB free there; the next checkpoint will not fit: free space there, "
+        "or lower keep_checkpoints)")
 
 
 def test_a_second_ctrl_c_stops_at_once():
