@@ -447,6 +447,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"--files-per-shard {args.files_per_shard}: must be at least 1")
     if args.workers < 0:
         parser.error(f"--workers {args.workers}: must be 0 (one per CPU core) or more")
+    if args.min_size < 0:
+        parser.error(f"--min-size {args.min_size}: must be 0 (keep every image) or more pixels")
+    if args.max_pixels < max(args.min_size, 1) ** 2:  # every image would be skipped as too_many_pixels
+        parser.error(f"--max-pixels {args.max_pixels}: must be at least --min-size² ({max(args.min_size, 1) ** 2}); "
+                     f"the default is {S.DecodeRules().max_pixels}")
     if not initialize_distributed() and args.distributed:  # as train does; the flag covers other clusters
         jax.distributed.initialize()
     kind = args.source.partition(":")[0]

@@ -286,6 +286,9 @@ def test_prepare_command_ends_bad_input_with_a_usage_error(prepared, images, pip
     assert "positive multiple of 8" in usage_error("--resolution", "0")
     assert "positive multiple of 8" in usage_error("--resolution", "-8")
     assert "--workers -2: must be 0" in usage_error("--workers", "-2")
+    assert "--min-size -1: must be 0" in usage_error("--min-size", "-1")
+    assert "--max-pixels 0: must be at least --min-size² (1)" in usage_error("--max-pixels", "0")
+    assert "must be at least --min-size² (262144)" in usage_error("--max-pixels", "1000", "--min-size", "512")
     assert not started  # checked first
     assert "no such folder" in usage_error("--pipeline", str(tmp_path / "nowhere"))
     assert "no text_encoder/config.json" in usage_error("--pipeline", str(tmp_path / "half"))
