@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import argparse
 import copy
+import difflib
 import math
+import sys
 from collections.abc import Sequence
 
 
@@ -30,10 +32,29 @@ def _says_something(action: argparse.Action) -> bool:
             and default not in ("", []))
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's, naming the option a misspelt one probably meant (`--pipline`: did you mean --pipeline?)."""
+
+    given: list[str] = []
+
+    def parse_args(self, args=None, namespace=None):
+        self.given = list(sys.argv[1:] if args is None else args)
+        return super().parse_args(args, namespace)
+
+    def error(self, message: str):
+        # also where the misspelt option is a required one: argparse then says only that it is missing
+        options = [o for action in self._actions for o in action.option_strings if o.startswith("--")]
+        for word in (w.split("=")[0] for w in self.given if w.startswith("--")):
+            close = difflib.get_close_matches(word, options, n=1, cutoff=0.75)
+            if word not in options and close:
+                message += f" ({word}: did you mean {close[0]}?)"
+                break
+        super().error(message)
+
+
 def parser(command: str, description: str | None) -> argparse.ArgumentParser:
     """The argument parser of `python -m jaxdistill.COMMAND`."""
-    return argparse.ArgumentParser(prog=f"python -m jaxdistill.{command}", description=description,
-                                   formatter_class=HelpFormatter)
+    return _Parser(prog=f"python -m jaxdistill.{command}", description=description, formatter_class=HelpFormatter)
 
 
 def check_seeds(seeds: Sequence[int]) -> list[int]:

@@ -97,6 +97,21 @@ def base_config() -> ml_collections.ConfigDict:
     return c
 
 
+def fields_like(name: str) -> list[str]:
+    """The dotted names of the config fields whose last part is `name` or close to it ("resolution" →
+    ["data.resolution"]): what a command line that wrote an unknown field probably meant."""
+    import difflib
+
+    def leaves(node, prefix=""):
+        for key, value in node.items():
+            path = f"{prefix}{key}"
+            yield from leaves(value, f"{path}.") if isinstance(value, ml_collections.ConfigDict) else [path]
+
+    paths = list(leaves(base_config()))
+    exact = [p for p in paths if p.rpartition(".")[2] == name]
+    return exact or [p for p in paths if difflib.get_close_matches(name, [p.rpartition(".")[2]], cutoff=0.8)]
+
+
 def validate(c: ml_collections.ConfigDict) -> None:
     """Raises ValueError naming every invalid field, of the run and of each of its stages (a bad value in the
     last stage is reported before the first one trains)."""

@@ -356,7 +356,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print("  ".join(f"{k} {v:.4g}" for k, v in means.items()))
     for note in evaluation.notes():
         print(f"note: {note}", file=sys.stderr)
-    print(f"evaluate: {len(evaluation.rows)} image pairs → {out}/metrics.{{csv,md}}, grid.png")
+    print(f"evaluate: {len(evaluation.rows)} image pairs → {out}/metrics.{{csv,md}}, summary.json, grid.png")
     return 1 if any(evaluation.non_finite.values()) else 0
 
 

@@ -529,7 +529,7 @@ def load_pipeline(model: str | os.PathLike, pipeline: str | os.PathLike | None =
             if pipeline is None and parts is None and gone:
                 raise FileNotFoundError(f"{model}: its run's pipeline {gone[0]} is not there (moved or deleted?): give "
                                         "the SDXL pipeline folder whose VAE, text encoders and scheduler to use "
-                                        "(--pipeline DIR / pipeline=)")
+                                        "(--pipeline DIR)")
     else:
         from jaxdistill.export import checkpoint_hint
 
@@ -537,7 +537,7 @@ def load_pipeline(model: str | os.PathLike, pipeline: str | os.PathLike | None =
     if parts is None:
         if pipeline is None:
             raise FileNotFoundError(f"{model} is a UNet, not a whole pipeline: give the SDXL pipeline folder whose "
-                                    "VAE, text encoders and scheduler to use (--pipeline DIR / pipeline=)")
+                                    "VAE, text encoders and scheduler to use (--pipeline DIR)")
         parts = load_parts(pipeline, dtype)
     elif parts.dtype != dtype:
         raise ValueError(f"the shared pipeline parts compute in {parts.dtype}, the model in {dtype}")

@@ -572,7 +572,7 @@ class FolderSource:
     def __init__(self, root: str, *, caption_column: str = "text", files_per_shard: int = 1000):
         if not os.path.isdir(root):
             raise ValueError(f"folder source: {root} is not a folder; give a folder of images (with .txt captions "
-                             "or a metadata.jsonl/csv), a tar glob or a prepared data set")
+                             "or a metadata.jsonl/csv) or a tar glob (tar:GLOB)")
         self.root, self.caption_column, self.files_per_shard = root, caption_column, files_per_shard
         self.description = f"folder:{os.path.abspath(root)}"  # one name however the path was typed"
         self._entries: list[_Entry] | None = None

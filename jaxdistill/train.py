@@ -43,6 +43,7 @@ from jaxdistill.config import (
     absolute_path,
     absolute_paths,
     command_line_wins,
+    fields_like,
     stages_of,
     tap_list,
     validate,
@@ -1031,6 +1032,9 @@ def main(argv=None) -> int:
         if started or not named:  # a bug, or a mistake inside the config file: the traceback says where
             raise
         message = message.replace("\n", ": ")
+        like = fields_like(field) if "Did you mean" not in message else []
+        if like:
+            message += f"; did you mean {' or '.join(f'--config.{p}' for p in like[:3])}?"
         print(f"error: unknown config field on the command line: {message} (every field: jaxdistill/config.py)",
               file=sys.stderr)
         sys.exit(2)

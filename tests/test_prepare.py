@@ -287,6 +287,7 @@ def test_prepare_command_ends_bad_input_with_a_usage_error(prepared, images, pip
     assert "positive multiple of 8" in usage_error("--resolution", "-8")
     assert "--workers -2: must be 0" in usage_error("--workers", "-2")
     assert "--min-size -1: must be 0" in usage_error("--min-size", "-1")
+    assert "(--min-sise: did you mean --min-size?)" in usage_error("--min-sise", "8")  # cli's parser, every command
     assert "--max-pixels 0: must be at least --min-size² (1)" in usage_error("--max-pixels", "0")
     assert "must be at least --min-size² (262144)" in usage_error("--max-pixels", "1000", "--min-size", "512")
     assert not started  # checked first

@@ -18,7 +18,7 @@ from diffusers import DDPMScheduler
 from flax.traverse_util import flatten_dict
 
 from jaxdistill import load_unet
-from jaxdistill.config import base_config, stages_of, tap_list, validate
+from jaxdistill.config import base_config, fields_like, stages_of, tap_list, validate
 from jaxdistill.data import SyntheticLatents
 from jaxdistill.losses import distill_loss
 from jaxdistill.prune import PrunePlan
@@ -409,6 +409,11 @@ def test_bad_command_line_override_is_reported(tmp_path):
                           text=True, cwd=os.path.join(os.path.dirname(__file__), ".."))
     assert typo.returncode == 2 and "Traceback" not in typo.stderr
     assert 'unknown config field on the command line: \'optimzer\': Did you mean "optimizer"' in typo.stderr
+    nested = subprocess.run([sys.executable, "-m", "jaxdistill.train", "--config", "configs/tiny.py",
+                             "--workdir", str(tmp_path), "--config.resolution=64"], env=ENV, capture_output=True,
+                            text=True, cwd=os.path.join(os.path.dirname(__file__), ".."))
+    assert nested.returncode == 2 and "did you mean --config.data.resolution?" in nested.stderr, nested.stderr[-2000:]
+    assert fields_like("warmup_step") == ["optimizer.warmup_steps"] and fields_like("nothing_like_it") == []
     stray = subprocess.run([sys.executable, "-m", "jaxdistill.train", "--config", "configs/tiny.py",
                             "--workdir", str(tmp_path), "steps=10"], env=ENV, capture_output=True, text=True,
                            cwd=os.path.join(os.path.dirname(__file__), ".."))
