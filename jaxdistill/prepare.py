@@ -239,8 +239,23 @@ def prepare(source: S.Source, pipeline: str | os.PathLike, out: str | os.PathLik
                                                filename_template=template, check_data=False,
                                                description="SDXL training inputs prepared by jaxdistill.prepare")
             atomic_json(out / INFO_NAME, summary)
+            _note_stale_shards(out, all_shards)
         print(f"prepare: {summary['num_examples']} examples in {out}; {skips.summary()}")
         return summary
+
+
+def _note_stale_shards(out: Path, shards: Sequence[S.Shard]):
+    """Says how much disk the shard files of shards no longer in the source hold (a tar removed, a folder
+    prepared again with more --files-per-shard): kept, since a source that has them again reuses them."""
+    current = {_progress_file(out, s).name for s in shards}
+    stale = [p for p in (out / "progress").glob("shard-*.json") if p.name not in current]
+    files = [out / f for f in (json.loads(p.read_text()).get("file", "") for p in stale) if f and (out / f).is_file()]
+    if files:
+        size = sum(f.stat().st_size for f in files)
+        print(f"prepare: note: {len(files)} shard file{'s' * (len(files) > 1)} of shards no longer in the source "
+              f"({size / 1e6:,.1f} MB) kept in {out / 'shards'}: a source that has them again reuses them. To free the "
+              f"space, delete {', '.join(f.name for f in files[:3])}{' …' if len(files) > 3 else ''} and the progress "
+              f"files that name them ({', '.join(p.name for p in stale[:3])}{' …' if len(stale) > 3 else ''})")
 
 
 def done_record(out: str | os.PathLike, shard: S.Shard, fingerprint: str) -> dict | None:

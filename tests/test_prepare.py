@@ -181,9 +181,11 @@ def test_a_source_that_gained_or_lost_shards_resumes(pipeline, tmp_path, capsys)
     for i in range(7):
         for ext in ("png", "txt"):
             (tmp_path / "images" / f"c{i:02d}.{ext}").unlink()
+    capsys.readouterr()
     _, summary = _prepare(tmp_path / "images", pipeline, out)
     data = tfds.builder_from_directory(str(out)).as_data_source(split="train")
     assert summary["num_examples"] == len(data) == 10
+    assert "1 shard file of shards no longer in the source (" in capsys.readouterr().out  # shard 2's
     assert sorted(p.name for p in out.glob("*.array_record-*")) == [P._shard_file(i, 2) for i in range(2)]
 
 
