@@ -487,15 +487,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     prep = S.Preprocessing(resolution=args.resolution, center_crop=args.center_crop, random_flip=args.random_flip,
                            buckets=buckets)
     rules = S.DecodeRules(max_pixels=args.max_pixels, min_size=args.min_size)
+    # each shard's file is written whole, then named: what a SIGTERM leaves is the finished shards
+    stopped = f"prepare stopped; the shards finished in {args.out} are kept: run the same command to resume"
     try:
-        summary = prepare(source, args.pipeline, args.out, prep=prep, rules=rules, batch_size=args.batch_size,
-                          seed=args.seed, storage_dtype=args.storage_dtype, compute_dtype=args.compute_dtype,
-                          workers=args.workers)
+        with cli.stop_on_sigterm(stopped):
+            summary = prepare(source, args.pipeline, args.out, prep=prep, rules=rules, batch_size=args.batch_size,
+                              seed=args.seed, storage_dtype=args.storage_dtype, compute_dtype=args.compute_dtype,
+                              workers=args.workers)
     except (PrepareError, FileNotFoundError, WeightsError) as e:  # bad settings or pipeline, not a bug
         parser.error(str(e))
-    except KeyboardInterrupt:  # the shards finished are kept (each is written whole)
-        print(f"\nprepare: stopped; the shards finished in {args.out} are kept: run the same command to resume",
-              file=sys.stderr)
+    except KeyboardInterrupt:
+        print(f"\n{stopped}", file=sys.stderr)
         return 130
     if summary["done"] and not summary["num_examples"]:  # a data set of nothing: the trainer could not use it
         hint = (f"; captions come from a metadata file's {args.caption_column!r} column (--caption-column) or a .txt "

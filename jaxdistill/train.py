@@ -36,7 +36,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
-from jaxdistill import presets
+from jaxdistill import cli, presets
 from jaxdistill.checkpoint import finished_steps
 from jaxdistill.config import (
     PATH_FIELDS,
@@ -805,14 +805,6 @@ class _StopFlag:
                   file=sys.stderr)
 
 
-def _stopped_outside_the_loop(signum, _frame):
-    print(f"\n{signal.Signals(signum).name} outside the training loop (loading, compiling or writing results): "
-          "stopped; run the same command to resume from the last finished checkpoint", file=sys.stderr)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(128 + signum)  # as the default action: an unfinished save is left for the next start to remove
-
-
 def _validation_pipeline(c) -> str:
     """The SDXL pipeline folder of a stage's image validation ("" when there is none to run)."""
     from jaxdistill.sample import is_pipeline
@@ -991,9 +983,6 @@ def main(argv=None) -> int:
             sys.exit(2)
 
     started = False
-    # Outside the training loop (loading, compiling, writing a finished student) there is nothing to checkpoint:
-    # SIGTERM stops as its default would, with a line that says so instead of none.
-    signal.signal(signal.SIGTERM, _stopped_outside_the_loop)
 
     def _main(rest):
         nonlocal started
@@ -1016,7 +1005,10 @@ def main(argv=None) -> int:
             sys.exit(1)
 
     try:
-        app.run(_main, argv=argv)
+        # outside the loop (_StopFlag's) there is nothing to save; an unfinished save is removed at the next start
+        with cli.stop_on_sigterm("stopped outside the training loop (loading, compiling or writing results); run "
+                                 "the same command to resume from the last finished checkpoint"):
+            app.run(_main, argv=argv)
     except KeyboardInterrupt:  # a second Ctrl-C (_StopFlag): one line, not tracebacks of the save in flight
         print("\nstopped at once, unsaved: the run resumes from its last finished checkpoint", file=sys.stderr)
         sys.stdout.flush()

@@ -259,6 +259,26 @@ def test_one_command_at_a_time_writes_a_folder(images, pipeline, tmp_path, monke
     assert ran and f"cannot lock {tmp_path} (No locks available)" in capsys.readouterr().err
 
 
+def test_sigterm_ends_the_command_with_a_line_of_what_is_kept():
+    """prepare's (and train's, outside its loop) SIGTERM: the default's exit status, and a line instead of no word;
+    the handler before is back after the block (prepare's main runs inside the test process too)."""
+    import signal
+
+    from jaxdistill import cli
+
+    code = ("import time\nfrom jaxdistill import cli\nwith cli.stop_on_sigterm('the finished shards are kept'):\n"
+            "    print('in', flush=True)\n    time.sleep(60)\n")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout.readline() == "in\n"
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM and "SIGTERM: the finished shards are kept" in err, err
+    before = signal.getsignal(signal.SIGTERM)
+    with cli.stop_on_sigterm("kept"):
+        assert signal.getsignal(signal.SIGTERM) is not before
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
 def test_record_changes_name_each_differing_leaf():
     before = {"seed": 0, "prep": {"resolution": 64, "buckets": [[64, 64]]}, "old": 1}
     now = {"seed": 1, "prep": {"resolution": 64, "buckets": ((64, 64),), "flip": True}}

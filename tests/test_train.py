@@ -185,7 +185,7 @@ def test_sigterm_checkpoints_and_the_command_resumes(unet_folders, plan_file, tm
     first = proc.stdout.readline()
     proc.send_signal(signal.SIGTERM)
     out = first + proc.communicate(timeout=300)[0]
-    assert proc.returncode == 128 + signal.SIGTERM and "SIGTERM outside the training loop" in out, out
+    assert proc.returncode == 128 + signal.SIGTERM and "SIGTERM: stopped outside the training loop" in out, out
     proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None and not (
