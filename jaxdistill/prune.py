@@ -507,7 +507,8 @@ def _run(args, auto: bool):
             spec, params, batch=args.calibration_batch or 8, size=args.calibration_size or 32, seed=args.seed or 0,
             flops_size=flops_size, teacher_flops=prices.teacher_flops if prices else None)
         sens.write_report(report, report_dir)
-        print(f"sensitivity: {len(report.rows)} units measured → {report_dir}/sensitivity.{{csv,md,png,json}}")
+        units = len(report.rows) + (report.mid_block_damage is not None)  # the bar's count: the mid block too
+        print(f"sensitivity: {units} units measured → {report_dir}/sensitivity.{{csv,md,png,json}}")
     if auto:
         plan = sens.auto_plan(spec, report, budget_params=args.budget_params, budget_flops=args.budget_flops)
         path = report_dir / "plan.json"
@@ -533,6 +534,8 @@ def _run(args, auto: bool):
           "prune_plan.json)")
     for name, indices in kept.items():
         print(f"  {name}: {'kept' if name.endswith('.resnets') else 'layers'} {list(indices)}")
+    if student.mid_block_type != spec.mid_block_type:
+        print(f"  mid_block: {spec.mid_block_type} → {student.mid_block_type or 'none'}")
 
 
 def _reused_report(path: Path, spec: UNetSpec, args) -> tuple[Report | None, Path]:

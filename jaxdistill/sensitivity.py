@@ -426,8 +426,9 @@ def repriced(report: Report, flops_size: int | tuple[int, int]) -> Report:
     measured damages stay (they do not depend on the deployment resolution)."""
     if _hw(flops_size) == report.flops_size:
         return report
-    return _with_damage(priced(report.spec, flops_size, report.seq_len), report.damage, report.calibration,
-                        report.mid_block_damage)
+    return dataclasses.replace(_with_damage(priced(report.spec, flops_size, report.seq_len), report.damage,
+                                            report.calibration, report.mid_block_damage),
+                               teacher_digest=report.teacher_digest)  # still that teacher's measurement
 
 
 def _with_damage(prices: Report, damage: Mapping[str, float], calibration: Mapping[str, Any],

@@ -86,8 +86,10 @@ def test_every_kept_weight_is_the_chosen_teacher_weight(unet_folders):
 
 def test_prune_command_writes_a_diffusers_folder_that_matches_our_forward(unet_folders, tmp_path):
     out = tmp_path / "student"
-    subprocess.run([sys.executable, "-m", "jaxdistill.prune", "--teacher", unet_folders["sdxl"], "--plan", "ssd1b",
-                    "--out", str(out)], check=True, env=cpu_env())
+    printed = subprocess.run([sys.executable, "-m", "jaxdistill.prune", "--teacher", unet_folders["sdxl"], "--plan",
+                              "ssd1b", "--out", str(out)], check=True, env=cpu_env(), capture_output=True,
+                             text=True).stdout
+    assert "  mid_block: UNetMidBlock2DCrossAttn → UNetMidBlock2D" in printed, printed  # said beside the layers
     model = UNet2DConditionModel.from_pretrained(out, low_cpu_mem_usage=False)
     assert model.config.reverse_transformer_layers_per_block == [[4, 4, 10], [2, 1, 1], 1]
     assert model.config.mid_block_type == "UNetMidBlock2D"

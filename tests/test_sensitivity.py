@@ -213,6 +213,8 @@ def test_budgets_are_checked_on_prices_alone_and_a_report_repriced_keeps_its_dam
         S.check_budget(prices, budget_params=1000)
     half = S.repriced(report, FLOPS_SIZE // 2)
     assert half.flops_size == (8, 8) and half.damage == report.damage and half.calibration == report.calibration
+    # still the measurement of its teacher: another teacher of that architecture is refused at any resolution
+    assert half.teacher_digest == report.teacher_digest is not None
     assert half.teacher_flops == flops(SPEC, size=FLOPS_SIZE // 2) < report.teacher_flops / 3
     assert [u.flops for u in half.units] == [u.flops for u in S.removable_units(SPEC, FLOPS_SIZE // 2)]
     plan = S.auto_plan(SPEC, half, budget_flops=0.8 * half.teacher_flops)
