@@ -52,7 +52,7 @@ from jaxdistill.convert import CONFIG_NAME, load_unet, resolve_unet_folder, save
 from jaxdistill.data import check_same_data, make_data
 from jaxdistill.layers import stack_layers, unstack_layers
 from jaxdistill.prepare import load_encoders, make_encode
-from jaxdistill.prune import PrunePlan, feature_pairs, load_plan, prune
+from jaxdistill.prune import PlanError, PrunePlan, feature_pairs, load_plan, prune
 from jaxdistill.records import atomic_json, changes, describe, folder_lock
 from jaxdistill.schedule import add_noise, alphas_cumprod, schedule_mismatches
 from jaxdistill.sharding import (
@@ -188,7 +188,10 @@ def check_stages(stages: list[ml_collections.ConfigDict], workdir: Path) -> tupl
             continue
         _check_schedule(c)
         notes += _check_validation(c)
-        teacher, student, kept = build_models(c, previous, weights=False)
+        try:
+            teacher, student, kept = build_models(c, previous, weights=False)
+        except PlanError as e:  # which stage's plan, where a run has several
+            raise PlanError(f"stage {c.name}: {e}") from None
         distil = c.loss.output > 0 or c.loss.feature > 0
         if distil and teacher is None:
             raise ValueError(f"stage {c.name}: loss.output={c.loss.output} / loss.feature={c.loss.feature} distil "
@@ -400,8 +403,13 @@ def _damage(c: ml_collections.ConfigDict, plan: PrunePlan, teacher: Model) -> di
     sensitivity.check_teacher(report, teacher.spec, teacher.params, report_name=f"config.sensitivity={c.sensitivity}",
                               teacher_name=(f"stage {c.name}'s teacher "
                                             + ("(the previous stage)" if c.teacher == "previous" else c.teacher)),
-                              remedy="measure this teacher into another folder (python -m jaxdistill.prune "
-                                     "--teacher TEACHER --sensitivity NEW_DIR) and give --config.sensitivity=NEW_DIR")
+                              remedy=("measure this teacher into another folder (python -m jaxdistill.prune "
+                                      "--teacher TEACHER --sensitivity NEW_DIR) and give --config.sensitivity=NEW_DIR"
+                                      + ("; TEACHER is the previous stage's student, WORKDIR/stages/ITS_NAME once it "
+                                         "has finished: train the stages before this one first (the same config "
+                                         "without the later stages, the same --workdir), measure it, then start "
+                                         "the whole run again (finished stages are kept)"
+                                         if c.teacher == "previous" else "")))
     return sensitivity.layer_damage(report)
 
 
@@ -1024,9 +1032,14 @@ def main(argv=None) -> int:
         if started or not named:  # a bug, or a mistake inside the config file: the traceback says where
             raise
         message = message.replace("\n", ": ")
+        # where it was written: "stages[1].loss" (a stage sets top-level fields), "optimizer", ""
+        parent = named[0].split("=")[0].removeprefix("--config.").rpartition(".")[0]
+        stage = parent.partition("]")[0] + "]." if parent.startswith("stages[") else ""
+        parent = parent.removeprefix(stage[:-1]).removeprefix(".")
         like = fields_like(field) if "Did you mean" not in message else []
+        like = [p for p in like if p.rpartition(".")[0] == parent] or like  # the field beside it first
         if like:
-            message += f"; did you mean {' or '.join(f'--config.{p}' for p in like[:3])}?"
+            message += f"; did you mean {' or '.join(f'--config.{stage}{p}' for p in like[:3])}?"
         print(f"error: unknown config field on the command line: {message} (every field: jaxdistill/config.py)",
               file=sys.stderr)
         sys.exit(2)

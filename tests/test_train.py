@@ -413,6 +413,10 @@ def test_bad_command_line_override_is_reported(tmp_path):
                              "--workdir", str(tmp_path), "--config.resolution=64"], env=ENV, capture_output=True,
                             text=True, cwd=os.path.join(os.path.dirname(__file__), ".."))
     assert nested.returncode == 2 and "did you mean --config.data.resolution?" in nested.stderr, nested.stderr[-2000:]
+    staged = subprocess.run([sys.executable, "-m", "jaxdistill.train", "--config", "configs/tiny.py",
+                             "--workdir", str(tmp_path), "--config.stages[1].stesp=5"], env=ENV, capture_output=True,
+                            text=True, cwd=os.path.join(os.path.dirname(__file__), ".."))
+    assert "did you mean --config.stages[1].steps?" in staged.stderr, staged.stderr[-2000:]  # a stage's own field
     assert fields_like("warmup_step") == ["optimizer.warmup_steps"] and fields_like("nothing_like_it") == []
     stray = subprocess.run([sys.executable, "-m", "jaxdistill.train", "--config", "configs/tiny.py",
                             "--workdir", str(tmp_path), "steps=10"], env=ENV, capture_output=True, text=True,
@@ -731,4 +735,8 @@ def test_the_recipe_configs_read_prepared_data_and_startup_checks_name_what_is_w
             bad[section][field] = value
         with pytest.raises(ValueError, match=message):
             run(bad, tmp_path / "never")
+    bad = config.copy_and_resolve_references()
+    bad.plan = "vga"
+    with pytest.raises(ValueError, match="stage main: prune plan 'vga' is neither a preset"):  # which stage's plan
+        run(bad, tmp_path / "never")
     assert not (tmp_path / "never").exists()
