@@ -100,7 +100,7 @@ def load_student(path: str | os.PathLike, *, ema: bool | None = None, stage: str
         spec, params, meta = load_checkpoint(path, ema=ema, stage=stage)
         checkpoint = Path(meta["checkpoint"])
         return Student(spec, params, {
-            "source": str(checkpoint), "stage": meta.get("stage"), "step": meta["step"],
+            "source": str(checkpoint.absolute()), "stage": meta.get("stage"), "step": meta["step"],
             "ema": meta["ema"], "teacher": meta.get("teacher") or None, "plan": meta.get("plan") or None,
             "kept_layers": meta.get("kept_layers") or {}, "config": meta.get("config") or None,
             "resumes": meta.get("resumes") or [],
@@ -485,7 +485,7 @@ def folder_provenance(path: Path, folder: Path) -> dict[str, Any]:
     """What a model folder tells about its making: an earlier export's facts, a finished stage's marker
     (with the config the stage trained with; an older marker: the run's config.json two levels up), or a
     pruned student's plan."""
-    prov: dict[str, Any] = {"source": str(path)}
+    prov: dict[str, Any] = {"source": str(path.absolute())}  # records name files in full
     for facts_file in (path / FACTS_NAME, folder / FACTS_NAME):
         if facts_file.is_file():  # re-export: carry the provenance forward
             old = _read_json(facts_file)
@@ -536,7 +536,7 @@ def _previous_teachers(workdir: str | None, stage: str | None) -> tuple[str, str
     if stage not in names[1:]:
         return "previous (the stage before in the same run)", None, None
     before = names[names.index(stage) - 1]
-    folder = Path(workdir) / "stages" / before
+    folder = Path(workdir).absolute() / "stages" / before
     direct = f"stage {before}'s student ({folder})"
     i = names.index(stage)
     while i > 0 and stages[names[i]].get("teacher") == "previous":
@@ -687,11 +687,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {e}", flush=True, file=sys.stderr)
         return 2
     facts = json.loads((out / FACTS_NAME).read_text())
-    what = "SDXL pipeline" if facts["components"] else "UNet"
+    what = "SDXL pipeline with a" if facts["components"] else "a"
     made = ", ".join(x for x in (facts.get("stage") and f"stage {facts['stage']}",
                                  facts.get("step") is not None and f"step {facts['step']}",
                                  facts.get("ema") is not None and _ema_text(facts["ema"])) if x)
-    print(f"export: {what} with a {facts['params']:,}-parameter {facts['dtype']} UNet"
+    print(f"export: {what} {facts['params']:,}-parameter {facts['dtype']} UNet"
           f"{f' ({made})' if made else ''} from {facts['source']} → {out} (model card {out / CARD_NAME})")
     source = Path(str(facts.get("source")))
     if source.parent.parent.name == "checkpoints" and facts.get("step") is not None:  # WORKDIR/checkpoints/STAGE/STEP

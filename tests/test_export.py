@@ -386,7 +386,7 @@ def test_out_inside_a_source_and_other_paths(workdir, pipeline, tmp_path, monkey
         export(teacher, tmp_path / "x")
 
 
-def test_a_progressive_stage_names_the_stage_before_and_the_first_teacher(tmp_path):
+def test_a_progressive_stage_names_the_stage_before_and_the_first_teacher(tmp_path, monkeypatch):
     """A stage distilled from "previous": the card names that stage's student and the run's first teacher,
     whose Hub id becomes base_model when it has one."""
     from jaxdistill import presets
@@ -400,7 +400,8 @@ def test_a_progressive_stage_names_the_stage_before_and_the_first_teacher(tmp_pa
     (tmp_path / "stages" / "a").mkdir(parents=True)  # stage a's student: its config is enough to count it
     stage_a = presets.tiny(presets.SSD_1B)
     (tmp_path / "stages" / "a" / "config.json").write_text(json.dumps(stage_a.to_diffusers_config()))
-    prov = {"source": str(tmp_path / "stages" / "b"), "stage": "b", "teacher": "previous", "workdir": str(tmp_path)}
+    monkeypatch.chdir(tmp_path.parent)  # the workdir given relative: the card still names the folder in full
+    prov = {"source": str(tmp_path / "stages" / "b"), "stage": "b", "teacher": "previous", "workdir": tmp_path.name}
     facts = describe(Student(presets.tiny(presets.VEGA), {}, prov), "fp32")
     assert facts["teacher"] == f"stage a's student ({tmp_path / 'stages' / 'a'})"
     assert facts["teacher_params"] == count_params(stage_a)
