@@ -97,9 +97,10 @@ def base_config() -> ml_collections.ConfigDict:
     return c
 
 
-def fields_like(name: str) -> list[str]:
-    """The dotted names of the config fields whose last part is `name` or close to it ("resolution" →
-    ["data.resolution"]): what a command line that wrote an unknown field probably meant."""
+def fields_like(written: str) -> list[str]:
+    """What a command line that wrote the unknown field `written` ("resolution", "stages[1].stesp",
+    "optimizer.lrr") probably meant: the fields whose last part is that name or close to it, those beside
+    where it was written first, as dotted names written the same way ("data.resolution", "stages[1].steps")."""
     import difflib
 
     def leaves(node, prefix=""):
@@ -107,9 +108,13 @@ def fields_like(name: str) -> list[str]:
             path = f"{prefix}{key}"
             yield from leaves(value, f"{path}.") if isinstance(value, ml_collections.ConfigDict) else [path]
 
+    stage = written.partition("]")[0] + "]." if written.startswith("stages[") else ""  # a stage sets top fields
+    parent, _, name = written.removeprefix(stage).rpartition(".")
     paths = list(leaves(base_config()))
-    exact = [p for p in paths if p.rpartition(".")[2] == name]
-    return exact or [p for p in paths if difflib.get_close_matches(name, [p.rpartition(".")[2]], cutoff=0.8)]
+    like = [p for p in paths if p.rpartition(".")[2] == name] or [
+        p for p in paths if difflib.get_close_matches(name, [p.rpartition(".")[2]], cutoff=0.8)]
+    like = [p for p in like if p.rpartition(".")[0] == parent] or like
+    return [stage + p for p in like]
 
 
 def validate(c: ml_collections.ConfigDict) -> None:

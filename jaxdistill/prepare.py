@@ -23,7 +23,6 @@ where a shard failed, the others first finish their own.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import json
@@ -41,8 +40,15 @@ import numpy as np
 
 from jaxdistill import sources as S
 from jaxdistill.convert import WeightsError
-from jaxdistill.records import atomic_json, changes, describe, folder_lock
-from jaxdistill.sharding import agreed, attempt, gather_failures, initialize_distributed, raise_failures
+from jaxdistill.records import atomic_json, changes, describe
+from jaxdistill.sharding import (
+    agreed,
+    attempt,
+    gather_failures,
+    hold_folder,
+    initialize_distributed,
+    raise_failures,
+)
 from jaxdistill.text import TextEncoders, check_pipeline_folder, load_text_encoders
 from jaxdistill.vae import VAESpec, encode_latents, load_vae
 
@@ -158,10 +164,8 @@ def prepare(source: S.Source, pipeline: str | os.PathLike, out: str | os.PathLik
     if blocked is not None:
         raise PrepareError(f"--out {out}: {blocked} is a file; give a folder (new, or an earlier prepare's to resume)")
     (out / "progress").mkdir(parents=True, exist_ok=True)
-    # One command per --out: process 0 holds it (the folder may be shared by the hosts); taken, every host stops.
-    with contextlib.ExitStack() as lock:
-        agreed(lambda: lock.enter_context(folder_lock(out, "a jaxdistill.prepare", error=PrepareError)) if pi == 0
-               else None, f"could not take {out}", error=PrepareError)
+    # one command per --out
+    with hold_folder(out, "a jaxdistill.prepare", first=pi == 0, error=PrepareError):
         # No shard count here: a source that gained or lost shards resumes (shard files are keyed by name). The
         # batch size is here: a batch's latent noise is drawn for the batch.
         settings = {"format": FORMAT, "pipeline": os.path.abspath(pipeline), "pipeline_files": _files_digest(pipeline),

@@ -20,10 +20,11 @@ next collective until the distributed heartbeat gives up.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -31,6 +32,8 @@ import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from jaxdistill.records import folder_lock
 
 AXES = ("data", "fsdp", "tensor")
 BATCH = ("data", "fsdp")  # the batch dimension is split over both: FSDP is data parallelism too
@@ -386,6 +389,16 @@ def agreed(fn, what: str, error: type[ValueError] = ValueError):
     result, own = attempt(fn)
     raise_failures(own, gather_failures(own)[0], what, error=error)
     return result
+
+
+@contextlib.contextmanager
+def hold_folder(folder, what: str, *, first: bool, error: type[ValueError] = ValueError) -> Iterator[None]:
+    """One command at a time writes `folder` (`records.folder_lock`), held by the `first` process (the folder
+    may be shared by the hosts); when another command holds it, every process stops."""
+    with contextlib.ExitStack() as lock:
+        agreed(lambda: lock.enter_context(folder_lock(folder, what, error=error)) if first else None,
+               f"could not take {folder}", error=error)
+        yield
 
 
 def _leaf_axes(path: tuple[str, ...], rank: int) -> tuple[str | None, ...]:

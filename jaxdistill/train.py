@@ -16,7 +16,6 @@ Flags:
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import json
@@ -53,7 +52,7 @@ from jaxdistill.data import check_same_data, make_data
 from jaxdistill.layers import stack_layers, unstack_layers
 from jaxdistill.prepare import load_encoders, make_encode
 from jaxdistill.prune import PlanError, PrunePlan, feature_pairs, load_plan, prune
-from jaxdistill.records import atomic_json, changes, describe, folder_lock
+from jaxdistill.records import atomic_json, changes, describe
 from jaxdistill.schedule import add_noise, alphas_cumprod, schedule_mismatches
 from jaxdistill.sharding import (
     agreed,
@@ -65,6 +64,7 @@ from jaxdistill.sharding import (
     gather_failures,
     gather_texts,
     global_batch,
+    hold_folder,
     initialize_distributed,
     make_mesh,
     param_shardings,
@@ -108,9 +108,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any
     workdir.mkdir(parents=True, exist_ok=True)
     # One run per workdir: the same command started twice would resume twice and both write checkpoints. Process
     # 0 holds the lock (the workdir may be shared by the hosts); when it is taken, every host stops.
-    with contextlib.ExitStack() as lock:
-        agreed(lambda: lock.enter_context(folder_lock(workdir, "a training run")) if jax.process_index() == 0
-               else None, "could not take its workdir")
+    with hold_folder(workdir, "a training run", first=jax.process_index() == 0):
         return _run_stages(config, stages, workdir, checked, notes)
 
 
@@ -694,8 +692,7 @@ def _saved_note(step: int, folder) -> str:
     """The line that announces a written checkpoint: its size, the free disk, and a warning when the next one
     (about as large) will not fit, so the space is made before that save fails."""
     size, free = _folder_bytes(folder), _free_bytes(folder)
-    note = f"checkpoint of step {step} written ({'size unknown' if size is None else _size(size)}"
-    note += "" if free is None else f"; {_size(free)} free there"
+    note = f"checkpoint of step {step} written ({'size unknown' if size is None else _size(size)}{_free_space(folder)}"
     if size is not None and free is not None and free < 1.1 * size:
         note += "; the next checkpoint will not fit: free space there, or lower keep_checkpoints"
     return note + ")"
@@ -1032,14 +1029,9 @@ def main(argv=None) -> int:
         if started or not named:  # a bug, or a mistake inside the config file: the traceback says where
             raise
         message = message.replace("\n", ": ")
-        # where it was written: "stages[1].loss" (a stage sets top-level fields), "optimizer", ""
-        parent = named[0].split("=")[0].removeprefix("--config.").rpartition(".")[0]
-        stage = parent.partition("]")[0] + "]." if parent.startswith("stages[") else ""
-        parent = parent.removeprefix(stage[:-1]).removeprefix(".")
-        like = fields_like(field) if "Did you mean" not in message else []
-        like = [p for p in like if p.rpartition(".")[0] == parent] or like  # the field beside it first
+        like = fields_like(named[0].split("=")[0].removeprefix("--config.")) if "Did you mean" not in message else []
         if like:
-            message += f"; did you mean {' or '.join(f'--config.{stage}{p}' for p in like[:3])}?"
+            message += f"; did you mean {' or '.join(f'--config.{p}' for p in like[:3])}?"
         print(f"error: unknown config field on the command line: {message} (every field: jaxdistill/config.py)",
               file=sys.stderr)
         sys.exit(2)
