@@ -3,8 +3,9 @@ teacher (or, with output and feature weights at 0 and no teacher, plain diffusio
 
 The run resumes by itself from the latest checkpoint in the workdir and continues exactly as an
 uninterrupted run would (batches and noise are functions of the step). SIGTERM or Ctrl-C saves a
-checkpoint and exits cleanly; a non-finite loss stops the run naming the step and the term, keeping the
-last good checkpoint. Progress: a console bar, TensorBoard scalars and `WORKDIR/metrics.jsonl`.
+checkpoint and exits cleanly; a non-finite loss stops the run naming the step and the term, and a step that
+runs out of device memory stops it naming what to change, each keeping the last good checkpoint.
+Progress: a console bar, TensorBoard scalars and `WORKDIR/metrics.jsonl`.
 Each stage's student is written as a diffusers UNet folder to `WORKDIR/stages/NAME`.
 
 Flags:
@@ -82,6 +83,34 @@ MODELS = {**presets.PRESETS, **{f"tiny-{name}": presets.tiny(spec) for name, spe
 
 class NonFiniteLoss(RuntimeError):
     """The loss (or one of its terms) became NaN or Inf."""
+
+
+class OutOfDeviceMemory(RuntimeError):
+    """The step does not fit the devices' memory (XLA's RESOURCE_EXHAUSTED), with what to change."""
+
+
+def memory_advice(c: ml_collections.ConfigDict, shards: int, backend: str) -> str:
+    """What makes the step fit, most useful first: the same global batch in smaller micro-batches, remat, and on
+    a GPU more of the card for JAX (it takes 75 % by default; the full SSD-1B step at 4 micro-batches of 8 needs
+    67 GB of an 80 GB H100, bench/NOTES.md)."""
+    micro = c.batch_size // c.optimizer.accumulation
+    ways = []
+    if micro > 1:  # the next accumulation whose micro-batch still splits over the batch shards, else 1 example
+        more = next((a for a in range(c.optimizer.accumulation + 1, c.batch_size)
+                     if c.batch_size % a == 0 and (c.batch_size // a) % shards == 0), c.batch_size)
+        ways.append(f"smaller micro-batches, the same global batch (--config.optimizer.accumulation={more}: "
+                    f"micro-batches of {c.batch_size // more})")
+    if c.remat == "none":
+        ways.append("--config.remat=dots (matmul outputs kept, the rest recomputed in the backward; full: all)")
+    elif c.remat == "dots":
+        ways.append("--config.remat=full")
+    fraction = float(os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.75"))
+    if backend == "gpu" and fraction < 0.95:
+        ways.append(f"more of each GPU for JAX (it takes {fraction:.0%}: XLA_PYTHON_CLIENT_MEM_FRACTION=0.95)")
+    if shards > 1 and dict(c.mesh.sizes).get("fsdp", 1) == 1:
+        ways.append("parameters and optimizer state sharded over the devices (an fsdp axis in --config.mesh.sizes)")
+    ways = ways or ["a smaller student, resolution or batch_size"]
+    return f"a micro-batch of {micro} does not fit the devices' memory; try {'; or '.join(ways)}"
 
 
 @dataclasses.dataclass
@@ -571,9 +600,18 @@ def run_stage(c: ml_collections.ConfigDict, workdir: Path, previous: Model | Non
                 flop = step_flops(teacher.spec if distil else None, student.spec, host_batch, c.batch_size)
                 batch = global_batch(host_batch, mesh)
                 profiler.before(step + 1)
-                state, metrics = train_step(state, frozen, batch, rng)
+                try:  # out of memory at compiling, or at running (found when the metrics are read)
+                    state, metrics = train_step(state, frozen, batch, rng)
+                    values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                except jax.errors.JaxRuntimeError as e:
+                    if "RESOURCE_EXHAUSTED" not in str(e):
+                        raise
+                    check_saved(wait=True)
+                    xla = str(e).split("\n")[0].split(" [")[0]
+                    advice = memory_advice(c, shards, jax.default_backend())
+                    raise OutOfDeviceMemory(f"stage {c.name}, step {step + 1}: {advice}. The run stopped; {kept_at()}; "
+                                            f"the same command resumes from it. (XLA: {xla})") from None
                 step += 1
-                values = {k: float(v) for k, v in jax.device_get(metrics).items()}
                 profiler.after(step)  # after the metrics came back: the step has finished on the device
                 bad = [k for k, v in values.items() if not math.isfinite(v) and k not in ("lr",)]
                 if bad:  # the same on every host (the metrics are global)
@@ -1005,7 +1043,7 @@ def main(argv=None) -> int:
         enable_compilation_cache(config.compilation_cache, flags.FLAGS.workdir)
         try:
             run(config, flags.FLAGS.workdir)
-        except (ValueError, OSError, NonFiniteLoss) as e:  # OSError: a disk filled or a folder gone mid-run
+        except (ValueError, OSError, NonFiniteLoss, OutOfDeviceMemory) as e:  # OSError: a disk filled mid-run
             print(f"error: {e}", file=sys.stderr)
             sys.exit(1)
 

@@ -23,7 +23,7 @@ from jaxdistill.data import SyntheticLatents
 from jaxdistill.losses import distill_loss
 from jaxdistill.prune import PrunePlan
 from jaxdistill.schedule import add_noise, alphas_cumprod, prediction_target
-from jaxdistill.train import STAGE_MARKER, NonFiniteLoss, check_stages, run
+from jaxdistill.train import STAGE_MARKER, NonFiniteLoss, check_stages, memory_advice, run
 from jaxdistill.unet import flops
 
 ENV = cpu_env()
@@ -226,6 +226,46 @@ def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(unet_f
     assert "last good checkpoint is step 4" in str(info.value)
     assert sorted(os.listdir(tmp_path / "checkpoints" / "main")) == ["2", "4"]
     assert not (tmp_path / "stages" / "main").exists()
+
+
+def test_out_of_device_memory_says_what_to_change_and_keeps_the_last_checkpoint(unet_folders, plan_file, tmp_path,
+                                                                                  monkeypatch):
+    """XLA's RESOURCE_EXHAUSTED (here raised by the jitted step at its 3rd call, as a GPU's allocator raises it
+    when the metrics are read) stops the run with the micro-batch and what to change, not a 40-line traceback."""
+    import jaxdistill.train as train_module
+
+    calls = []
+
+    class OneStepTooMany:  # jax, but the donating jit (the training step) runs out of memory at its 3rd call
+        def __getattr__(self, name):
+            return getattr(jax, name)
+
+        def jit(self, fn, **kw):
+            compiled = jax.jit(fn, **kw)
+            if kw.get("donate_argnums") != (0,):
+                return compiled
+
+            def step(*args):
+                calls.append(1)
+                if len(calls) == 3:
+                    raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate "
+                                                     "37.56GiB with allocator GPU_0_bfc on device 0. [tf-allocator]")
+                return compiled(*args)
+            return step
+
+    monkeypatch.setattr(train_module, "jax", OneStepTooMany())
+    config = small_config(unet_folders["micro"], plan_file, steps=6, checkpoint_every=2)  # batch 4, no accumulation
+    with pytest.raises(train_module.OutOfDeviceMemory) as info:
+        run(config, tmp_path)
+    message = str(info.value)
+    assert message.startswith("stage main, step 3: a micro-batch of 4 does not fit")
+    assert "--config.optimizer.accumulation=2: micro-batches of 2" in message
+    assert "--config.remat=dots" in message
+    assert "last good checkpoint is step 2" in message and "37.56GiB" in message and "[tf-allocator]" not in message
+    assert sorted(os.listdir(tmp_path / "checkpoints" / "main")) == ["2"]
+    assert memory_advice(config, shards=1, backend="gpu").endswith("XLA_PYTHON_CLIENT_MEM_FRACTION=0.95)")
+    config.batch_size, config.remat = 1, "full"  # nothing left to change in this run's own settings
+    assert memory_advice(config, shards=1, backend="cpu").endswith("try a smaller student, resolution or batch_size")
 
 
 def test_a_failed_or_damaged_checkpoint_is_named_with_the_last_good_one(unet_folders, plan_file, tmp_path,
