@@ -16,7 +16,7 @@ import ml_collections
 from jaxdistill.layers import ATTENTION
 from jaxdistill.losses import NORMALIZATIONS
 from jaxdistill.sample import SCHEDULER_NAMES
-from jaxdistill.schedule import PREDICTION_TYPES
+from jaxdistill.schedule import PREDICTION_TYPES, TIMESTEP_BIAS
 from jaxdistill.sharding import AXES, DEFAULT_RULES, rule_errors
 from jaxdistill.step import LR_SCHEDULES
 
@@ -49,6 +49,11 @@ def base_config() -> ml_collections.ConfigDict:
     # embeddings, as SDXL pipelines sample it), student and teacher alike: the unconditional prediction that
     # classifier-free guidance uses is distilled too. 0: off
     c.empty_prompt_rate = 0.0
+    # diffusers' --timestep_bias_*: some timesteps drawn `multiplier` times as often as the rest — strategy
+    # earlier: the first `portion` of them (low noise, detail), later: the last (high noise, composition),
+    # range: [begin, end); none: uniform
+    c.timestep_bias = ml_collections.ConfigDict(dict(strategy="none", multiplier=1.0, portion=0.25, begin=0,
+                                                     end=1000))
     c.precision = ml_collections.ConfigDict(dict(teacher="bfloat16", student_compute="bfloat16",
                                                  encoders="float32"))  # SDXL's VAE overflows in float16
     # The device mesh (jaxdistill/sharding.py): sizes of data / fsdp / tensor (one may be -1: the rest of
@@ -177,6 +182,17 @@ def _field_errors(c: ml_collections.ConfigDict) -> list[str]:
     check(c.noise_offset >= 0, "noise_offset", "≥ 0 (0: off)")
     check(0 <= c.empty_prompt_rate <= 1, "empty_prompt_rate", "in [0, 1] (the share of examples; 0: off)")
     check(c.loss.snr_gamma >= 0, "loss.snr_gamma", "≥ 0 (0: off; 5.0 is the min-SNR paper's)")
+    bias, steps = c.timestep_bias, c.schedule.num_train_timesteps
+    check(bias.strategy in TIMESTEP_BIAS, "timestep_bias.strategy", f"one of {TIMESTEP_BIAS}")
+    check(bias.multiplier > 0, "timestep_bias.multiplier", "> 0 (below 1: those timesteps less often)")
+    check(bias.strategy != "none" or bias.multiplier == 1, "timestep_bias.multiplier",
+          "1 where timestep_bias.strategy is 'none' (set the strategy: earlier, later or range)")
+    if bias.strategy in ("earlier", "later"):
+        check(1 <= int(bias.portion * steps) and bias.portion <= 1, "timestep_bias.portion",
+              f"in [1/{steps}, 1] (the share of the {steps} timesteps the {bias.strategy} strategy favours)")
+    if bias.strategy == "range":
+        check(0 <= bias.begin < bias.end <= steps, "timestep_bias.begin",
+              f"0 ≤ begin < end ≤ {steps} (the favoured timesteps are [begin, end); end {bias.end})")
     for name in ("task", "output", "feature"):
         check(c.loss[name] >= 0, f"loss.{name}", "≥ 0")
     # all three 0: a zero loss, and a run that only decays the weights

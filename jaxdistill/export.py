@@ -613,6 +613,7 @@ def _training(c: dict[str, Any], step: int | None, resumes: list[dict] | None = 
             "lr": opt.get("lr"), "lr_schedule": opt.get("schedule"), "warmup_steps": opt.get("warmup_steps"),
             "weight_decay": opt.get("weight_decay"), "ema_decay": c.get("ema_decay"),
             "noise_offset": c.get("noise_offset"), "empty_prompt_rate": c.get("empty_prompt_rate"),
+            "timestep_bias": c.get("timestep_bias"),
             "data": data.get("source") + (f" ({data['path']})" if data.get("path") else "") if data else None,
             "precision": c.get("precision"), "seed": c.get("seed")} | ({
             "changed_on_resume": "; ".join(f"from step {r['step']}: {records.describe(r['changed'])}" for r in resumes)}

@@ -70,6 +70,30 @@ def min_snr_weights(acp: jax.Array, timesteps: jax.Array, gamma: float, predicti
     return jnp.minimum(snr, gamma) / (snr if prediction_type == "epsilon" else snr + 1.0)
 
 
+TIMESTEP_BIAS = ("none", "earlier", "later", "range")
+
+
+def timestep_bias_weights(num_timesteps: int, strategy: str = "none", multiplier: float = 1.0, portion: float = 0.25,
+                          begin: int = 0, end: int = 1000) -> np.ndarray | None:
+    """The training timesteps' probabilities with diffusers' `--timestep_bias_*` (its SDXL training script):
+    `earlier` the first `portion` of the timesteps, `later` the last, `range` [begin, end) drawn `multiplier`
+    times as often as the rest. None for `none`: uniform, drawn as without a bias."""
+    if strategy == "none":
+        return None
+    count = int(portion * num_timesteps)
+    biased = {"earlier": slice(0, count), "later": slice(num_timesteps - count, None), "range": slice(begin, end)}
+    weights = np.ones(num_timesteps)
+    weights[biased[strategy]] *= multiplier
+    return weights / weights.sum()
+
+
+def draw_timesteps(rng: jax.Array, batch: int, num_timesteps: int, weights: jax.Array | None = None) -> jax.Array:
+    """One training timestep per example: uniform (`randint`, the draw of runs without a bias), or by `weights`."""
+    if weights is None:
+        return jax.random.randint(rng, (batch,), 0, num_timesteps)
+    return jax.random.choice(rng, num_timesteps, (batch,), p=weights).astype(jnp.int32)
+
+
 def schedule_mismatches(schedule: Mapping[str, Any], scheduler_config: Mapping[str, Any]) -> list[str]:
     """How a diffusers scheduler config (a pipeline's `scheduler/scheduler_config.json`) describes another
     training schedule than `schedule` (config.schedule): one line per differing field the file sets, and

@@ -14,7 +14,8 @@ per example and channel: the model learns to change an image's mean brightness),
 weights on the task term) and `empty_prompt_rate` (that share of the examples, drawn per example, trained
 with the empty prompt's conditioning — zero text embeddings, SDXL's `force_zeros_for_empty_prompt` — by
 student and teacher alike: the student learns the unconditional prediction classifier-free guidance uses).
-Their draws have streams of their own, so the noise and timesteps do not change with them.
+Their draws have streams of their own, so the noise and timesteps do not change with them. A fourth,
+`timestep_weights` (diffusers' `--timestep_bias_*`), draws the timesteps from other probabilities than uniform.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import jax.numpy as jnp
 import optax
 
 from jaxdistill.losses import distill_loss
-from jaxdistill.schedule import add_noise, min_snr_weights, prediction_target
+from jaxdistill.schedule import add_noise, draw_timesteps, min_snr_weights, prediction_target
 from jaxdistill.sharding import BATCH, like_params
 from jaxdistill.unet import UNet
 
@@ -150,7 +151,7 @@ def make_train_step(student: UNet, teacher: UNet | None, tx: optax.GradientTrans
                     prediction_type: str = "epsilon", accumulation: int = 1, ema_decay: float = 0.0,
                     encode: Callable | None = None, mesh: jax.sharding.Mesh | None = None,
                     scan_accumulation: bool | None = None, noise_offset: float = 0.0, snr_gamma: float = 0.0,
-                    empty_prompt_rate: float = 0.0,
+                    empty_prompt_rate: float = 0.0, timestep_weights: Sequence[float] | None = None,
                     ) -> Callable[[TrainState, Any, Batch, jax.Array], tuple[TrainState, dict[str, jax.Array]]]:
     """Builds the (unjitted) step. `teacher` None (or output and feature weights 0): plain diffusion.
     `encode(encoder_params, pixels, ids1, ids2, rng) → {latents, encoder_hidden_states, text_embeds}`
@@ -158,13 +159,16 @@ def make_train_step(student: UNet, teacher: UNet | None, tx: optax.GradientTrans
     `mesh`: keep every micro-batch split over data × fsdp (`jaxdistill.sharding`) inside the scan.
     `scan_accumulation`: micro-batches as a `lax.scan` (True) or straight-line code (False); default: scan
     for several micro-batches, straight-line for one. Both compute the same step. `noise_offset`, `snr_gamma`,
-    `empty_prompt_rate`: see the module's docstring (0: off)."""
+    `empty_prompt_rate`: see the module's docstring (0: off). `timestep_weights`: the timesteps' probabilities
+    (`schedule.timestep_bias_weights`); None: uniform."""
     weights = {"task": 1.0, "output": 0.5, "feature": 0.5} | dict(weights or {})
     uses_teacher = teacher is not None and (weights["output"] or (weights["feature"] and pairs))
     if (weights["output"] or weights["feature"]) and teacher is None:
         raise ValueError("output/feature distillation weights are set but there is no teacher: set them to 0 "
                          "for plain diffusion training, or give a teacher.")
     acp = jnp.asarray(alphas_cumprod)
+    if timestep_weights is not None:
+        timestep_weights = jnp.asarray(timestep_weights, jnp.float32)
 
     def loss_fn(params, frozen, batch, rng):
         teacher_params = frozen["teacher"]
@@ -175,7 +179,7 @@ def make_train_step(student: UNet, teacher: UNet | None, tx: optax.GradientTrans
         latents = batch["latents"].astype(jnp.float32)
         noise_rng, t_rng = jax.random.fold_in(rng, NOISE), jax.random.fold_in(rng, TIMESTEPS)
         noise = jax.random.normal(noise_rng, latents.shape, jnp.float32)
-        timesteps = jax.random.randint(t_rng, (latents.shape[0],), 0, acp.shape[0])
+        timesteps = draw_timesteps(t_rng, latents.shape[0], acp.shape[0], timestep_weights)
         if noise_offset:
             noise = noise + noise_offset * offset_noise(rng, latents.shape)
         noisy = add_noise(acp, latents, noise, timesteps)

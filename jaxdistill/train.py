@@ -54,7 +54,7 @@ from jaxdistill.layers import stack_layers, unstack_layers
 from jaxdistill.prepare import load_encoders, make_encode
 from jaxdistill.prune import PlanError, PrunePlan, feature_pairs, load_plan, prune
 from jaxdistill.records import atomic_json, changes, describe
-from jaxdistill.schedule import add_noise, alphas_cumprod, schedule_mismatches
+from jaxdistill.schedule import add_noise, alphas_cumprod, schedule_mismatches, timestep_bias_weights
 from jaxdistill.sharding import (
     agreed,
     any_process,
@@ -483,7 +483,9 @@ def run_stage(c: ml_collections.ConfigDict, workdir: Path, previous: Model | Non
                               normalize=c.loss.normalize, prediction_type=c.schedule.prediction_type,
                               accumulation=c.optimizer.accumulation, ema_decay=c.ema_decay, encode=encode,
                               mesh=mesh, noise_offset=c.noise_offset, snr_gamma=c.loss.snr_gamma,
-                              empty_prompt_rate=c.empty_prompt_rate)
+                              empty_prompt_rate=c.empty_prompt_rate,
+                              timestep_weights=timestep_bias_weights(c.schedule.num_train_timesteps,
+                                                                     **c.timestep_bias.to_dict()))
     teacher_params = shard_params(layout(teacher.params), mesh, rules) if distil else None
     frozen = {"teacher": teacher_params, "encoders": shard_params(encoder_params, mesh, rules)}
 

@@ -39,7 +39,7 @@ from jaxdistill.convert import load_unet, save_unet, to_diffusers_state_dict
 from jaxdistill.layers import stack_layers, unstack_layers
 from jaxdistill.prune import PrunePlan, feature_pairs, prune
 from jaxdistill.reference import random_inputs, torch_distill_step, write_random_unet
-from jaxdistill.schedule import alphas_cumprod
+from jaxdistill.schedule import alphas_cumprod, draw_timesteps, timestep_bias_weights
 from jaxdistill.spec import CROSS_ATTN_MID, RESNET_MID, UNetSpec
 from jaxdistill.step import (
     LR_SCHEDULES,
@@ -89,7 +89,8 @@ def models(tmp_path_factory):
     return teacher_spec, teacher, student_spec, {"pruned": student, "perturbed": perturbed}, folders
 
 
-def drawn_noise_and_timesteps(rng, step, latents_shape, num_timesteps, accumulation=1, empty_prompt_rate=0.0):
+def drawn_noise_and_timesteps(rng, step, latents_shape, num_timesteps, accumulation=1, empty_prompt_rate=0.0,
+                              timestep_weights=None):
     """What `make_train_step` draws at `step`, for the whole batch: micro-batch i (examples i, i + A, ...)
     folds in the step, then i, then the number of each draw's stream (`step.NOISE`, ...)."""
     noise = np.zeros(latents_shape, np.float32)
@@ -100,8 +101,8 @@ def drawn_noise_and_timesteps(rng, step, latents_shape, num_timesteps, accumulat
     for i in range(accumulation):
         micro_rng = jax.random.fold_in(jax.random.fold_in(rng, step), i)
         noise[i::accumulation] = jax.random.normal(jax.random.fold_in(micro_rng, NOISE), micro_shape, jnp.float32)
-        timesteps[i::accumulation] = jax.random.randint(jax.random.fold_in(micro_rng, TIMESTEPS), micro_shape[:1], 0,
-                                                        num_timesteps)
+        timesteps[i::accumulation] = draw_timesteps(jax.random.fold_in(micro_rng, TIMESTEPS), micro_shape[0],
+                                                    num_timesteps, timestep_weights)
         offset[i::accumulation] = offset_noise(micro_rng, micro_shape)
         dropped[i::accumulation] = dropped_prompts(micro_rng, micro_shape[0], empty_prompt_rate)
     return noise, timesteps, offset, dropped
@@ -118,7 +119,8 @@ def rel(a, b):
     ("pruned", False, "none", 1e-8, 1e-5, 1, "epsilon", 0.9, {}),
     # everywhere; two micro-batches of 2; the EMA's second decay is the cap, 0.1; diffusers' script's options
     ("perturbed", True, "teacher_ms", 1e-3, 0.0, 2, "v_prediction", 0.1,
-     dict(noise_offset=0.1, snr_gamma=5.0, empty_prompt_rate=0.5)),
+     dict(noise_offset=0.1, snr_gamma=5.0, empty_prompt_rate=0.5,
+          timestep_weights=timestep_bias_weights(1000, "range", multiplier=1000.0, begin=50, end=150))),
 ])
 def test_one_step_matches_the_pytorch_reference(models, student_name, scan_layers, normalize, eps, compare_above,
                                                 accumulation, prediction_type, ema_decay, options):
@@ -181,7 +183,10 @@ def test_one_step_matches_the_pytorch_reference(models, student_name, scan_layer
     for name, value in to_diffusers_state_dict(teacher_params).items():
         assert np.array_equal(value, teacher_old[name].numpy()), name
     noise, timesteps, offset, dropped = drawn_noise_and_timesteps(rng, 0, batch["latents"].shape, acp.shape[0],
-                                                                  accumulation, options.get("empty_prompt_rate", 0.0))
+                                                                  accumulation, options.get("empty_prompt_rate", 0.0),
+                                                                  options.get("timestep_weights"))
+    if options.get("timestep_weights") is not None:  # the bias shows: uniform draws would mostly fall outside
+        assert np.all((50 <= timesteps) & (timesteps < 150)), timesteps
     if options.get("empty_prompt_rate"):
         assert 0 < dropped.sum() < len(dropped), dropped  # both kinds of example in the batch
     if options.get("snr_gamma"):  # the weights are not all 1: some timesteps have SNR above γ
@@ -321,6 +326,31 @@ def test_min_snr_weights_follow_diffusers(prediction_type):
     assert theirs.min() < 0.1 and theirs.max() > 0.15  # weights reach both sides of the cap
     ours = np.asarray(min_snr_weights(jnp.asarray(acp), jnp.asarray(t.numpy()), gamma, prediction_type))
     np.testing.assert_allclose(ours, theirs, rtol=1e-5)
+
+
+def test_timestep_bias_follows_diffusers_and_draws_by_its_weights():
+    """`timestep_bias_weights` as diffusers' `generate_timestep_weights` (train_text_to_image_sdxl.py) defines
+    them: ones, the favoured slice times the multiplier, normalised; `draw_timesteps` draws by them, and without
+    a bias draws exactly what runs before the option drew (`randint`), so their resumes continue unchanged."""
+    assert timestep_bias_weights(1000) is None
+    later = timestep_bias_weights(1000, "later", multiplier=3.0, portion=0.25)
+    np.testing.assert_allclose(later[750:], 3 / 1500)  # normalised by 750 · 1 + 250 · 3
+    np.testing.assert_allclose(later[:750], 1 / 1500)
+    earlier = timestep_bias_weights(1000, "earlier", multiplier=0.5, portion=0.1)
+    np.testing.assert_allclose(earlier[:100], 0.5 / 950)
+    np.testing.assert_allclose(earlier[100:], 1 / 950)
+    window = timestep_bias_weights(1000, "range", multiplier=4.0, begin=200, end=500)
+    np.testing.assert_allclose(window[200:500], 4 / 1900)
+    np.testing.assert_allclose(np.r_[window[:200], window[500:]], 1 / 1900)
+
+    key = jax.random.key(3)
+    np.testing.assert_array_equal(draw_timesteps(key, 64, 1000), jax.random.randint(key, (64,), 0, 1000))
+    drawn = np.asarray(draw_timesteps(key, 200_000, 1000, jnp.asarray(later)))
+    assert drawn.dtype == np.int32 and drawn.min() >= 0 and drawn.max() < 1000
+    share = np.mean(drawn >= 750)  # expected 0.5; its standard error at 200k draws is 0.0011
+    assert abs(share - 0.5) < 0.006, share
+    counts = np.bincount(drawn, minlength=1000)  # flat within each part: the bias is a step, nothing else
+    assert abs(counts[:750].mean() / counts[750:].mean() - 1 / 3) < 0.01
 
 
 @pytest.mark.parametrize("schedule", LR_SCHEDULES)

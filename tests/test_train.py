@@ -419,6 +419,14 @@ def test_student_loss_falls_over_30_steps_and_progressive_stages(unet_folders, p
     ({"data.path": "data/laion", "data.resolution": 0}, ["config.data.source='synthetic': expected 'prepared' or "
                                                          "'images' to read data.path='data/laion'",
                                                          "config.data.resolution=0"]),
+    # diffusers' timestep bias: an unknown strategy; a multiplier with no strategy (it would bias nothing)
+    ({"timestep_bias.strategy": "late"}, ["config.timestep_bias.strategy='late': expected one of"]),
+    ({"timestep_bias.multiplier": 2.0}, ["config.timestep_bias.multiplier=2.0: expected 1 where"]),
+    # a portion under one timestep (diffusers' slice(-0, None) would favour all of them); an empty range
+    ({"timestep_bias.strategy": "later", "timestep_bias.portion": 0.0001, "timestep_bias.multiplier": 0.0},
+     ["config.timestep_bias.portion=0.0001: expected in [1/1000, 1]", "config.timestep_bias.multiplier=0.0"]),
+    ({"timestep_bias.strategy": "range", "timestep_bias.begin": 500, "timestep_bias.end": 200},
+     ["config.timestep_bias.begin=500: expected 0 ≤ begin < end ≤ 1000"]),
 ])
 def test_bad_config_values_are_named(changes, fields):
     config = small_config("some/teacher", "ssd1b")
