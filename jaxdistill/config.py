@@ -24,6 +24,9 @@ DTYPES = ("float32", "bfloat16")
 REMAT = ("none", "full", "dots")
 
 
+TIMESTEP_BIAS_DEFAULTS = dict(multiplier=1.0, portion=0.25, begin=0, end=1000)  # diffusers' script's
+
+
 def base_config() -> ml_collections.ConfigDict:
     """SSD-1B's recipe, as far as it was published: 1024², lr 1e-5, batch 32 × 4 accumulation, SDXL's
     noise schedule, loss = task + 0.5 output + 0.5 feature (every resnet and attention tap)."""
@@ -52,8 +55,7 @@ def base_config() -> ml_collections.ConfigDict:
     # diffusers' --timestep_bias_*: some timesteps drawn `multiplier` times as often as the rest — strategy
     # earlier: the first `portion` of them (low noise, detail), later: the last (high noise, composition),
     # range: [begin, end); none: uniform
-    c.timestep_bias = ml_collections.ConfigDict(dict(strategy="none", multiplier=1.0, portion=0.25, begin=0,
-                                                     end=1000))
+    c.timestep_bias = ml_collections.ConfigDict(dict(strategy="none") | TIMESTEP_BIAS_DEFAULTS)
     c.precision = ml_collections.ConfigDict(dict(teacher="bfloat16", student_compute="bfloat16",
                                                  encoders="float32"))  # SDXL's VAE overflows in float16
     # The device mesh (jaxdistill/sharding.py): sizes of data / fsdp / tensor (one may be -1: the rest of
@@ -185,14 +187,19 @@ def _field_errors(c: ml_collections.ConfigDict) -> list[str]:
     bias, steps = c.timestep_bias, c.schedule.num_train_timesteps
     check(bias.strategy in TIMESTEP_BIAS, "timestep_bias.strategy", f"one of {TIMESTEP_BIAS}")
     check(bias.multiplier > 0, "timestep_bias.multiplier", "> 0 (below 1: those timesteps less often)")
-    check(bias.strategy != "none" or bias.multiplier == 1, "timestep_bias.multiplier",
-          "1 where timestep_bias.strategy is 'none' (set the strategy: earlier, later or range)")
     if bias.strategy in ("earlier", "later"):
         check(1 <= int(bias.portion * steps) and bias.portion <= 1, "timestep_bias.portion",
               f"in [1/{steps}, 1] (the share of the {steps} timesteps the {bias.strategy} strategy favours)")
     if bias.strategy == "range":
-        check(0 <= bias.begin < bias.end <= steps, "timestep_bias.begin",
-              f"0 ≤ begin < end ≤ {steps} (the favoured timesteps are [begin, end); end {bias.end})")
+        check(0 <= bias.begin < steps, "timestep_bias.begin", f"in [0, {steps}) (the favoured timesteps: [begin, end))")
+        check(bias.begin < bias.end <= steps, "timestep_bias.end", f"in (begin={bias.begin}, {steps}]")
+    # a field the strategy does not read would bias nothing, silently
+    used = {"none": (), "earlier": ("multiplier", "portion"), "later": ("multiplier", "portion"),
+            "range": ("multiplier", "begin", "end")}.get(bias.strategy, TIMESTEP_BIAS_DEFAULTS)
+    for field, default in TIMESTEP_BIAS_DEFAULTS.items():
+        check(field in used or bias[field] == default, f"timestep_bias.{field}",
+              f"{default!r} where timestep_bias.strategy is {bias.strategy!r}, which does not use it (strategies: "
+              "earlier and later use multiplier and portion, range multiplier, begin and end)")
     for name in ("task", "output", "feature"):
         check(c.loss[name] >= 0, f"loss.{name}", "≥ 0")
     # all three 0: a zero loss, and a run that only decays the weights

@@ -26,6 +26,7 @@ import shutil
 import signal
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +43,7 @@ from jaxdistill.config import (
     PATH_FIELDS,
     absolute_path,
     absolute_paths,
+    base_config,
     command_line_wins,
     fields_like,
     stages_of,
@@ -89,28 +91,31 @@ class OutOfDeviceMemory(RuntimeError):
     """The step does not fit the devices' memory (XLA's RESOURCE_EXHAUSTED), with what to change."""
 
 
-def memory_advice(c: ml_collections.ConfigDict, shards: int, backend: str) -> str:
-    """What makes the step fit, most useful first: the same global batch in smaller micro-batches, remat, and on
-    a GPU more of the card for JAX (it takes 75 % by default; the full SSD-1B step at 4 micro-batches of 8 needs
-    67 GB of an 80 GB H100, bench/NOTES.md)."""
+def memory_advice(c: ml_collections.ConfigDict, mesh_shape: Mapping[str, int], backend: str) -> str:
+    """What makes the step fit, most useful first: the same global batch in smaller micro-batches, remat, more
+    of a GPU for JAX (it takes 75 % by default; the full SSD-1B step at 4 micro-batches of 8 needs 67 GB of an
+    80 GB H100, bench/NOTES.md), parameters sharded over the devices."""
+    shards = mesh_shape.get("data", 1) * mesh_shape.get("fsdp", 1)
     micro = c.batch_size // c.optimizer.accumulation
     ways = []
-    if micro > 1:  # the next accumulation whose micro-batch still splits over the batch shards, else 1 example
-        more = next((a for a in range(c.optimizer.accumulation + 1, c.batch_size)
-                     if c.batch_size % a == 0 and (c.batch_size // a) % shards == 0), c.batch_size)
+    # the next accumulation whose micro-batch still splits over the batch shards (a smaller one per shard)
+    more = next((a for a in range(c.optimizer.accumulation + 1, c.batch_size + 1)
+                 if c.batch_size % a == 0 and (c.batch_size // a) % shards == 0), None)
+    if more is not None:
         ways.append(f"smaller micro-batches, the same global batch (--config.optimizer.accumulation={more}: "
-                    f"micro-batches of {c.batch_size // more})")
+                    f"{c.batch_size // more // shards} per batch shard)")
     if c.remat == "none":
         ways.append("--config.remat=dots (matmul outputs kept, the rest recomputed in the backward; full: all)")
     elif c.remat == "dots":
         ways.append("--config.remat=full")
     fraction = float(os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.75"))
-    if backend == "gpu" and fraction < 0.95:
-        ways.append(f"more of each GPU for JAX (it takes {fraction:.0%}: XLA_PYTHON_CLIENT_MEM_FRACTION=0.95)")
-    if shards > 1 and dict(c.mesh.sizes).get("fsdp", 1) == 1:
+    if backend == "gpu" and fraction < 0.97:
+        ways.append(f"more of each GPU for JAX (it takes {fraction:.0%}: XLA_PYTHON_CLIENT_MEM_FRACTION=0.97)")
+    if mesh_shape.get("fsdp", 1) == 1 and math.prod(mesh_shape.values()) > 1:
         ways.append("parameters and optimizer state sharded over the devices (an fsdp axis in --config.mesh.sizes)")
     ways = ways or ["a smaller student, resolution or batch_size"]
-    return f"a micro-batch of {micro} does not fit the devices' memory; try {'; or '.join(ways)}"
+    per_shard = f" ({micro // shards if micro % shards == 0 else micro} per batch shard)" if shards > 1 else ""
+    return f"a micro-batch of {micro}{per_shard} does not fit the devices' memory; try {'; or '.join(ways)}"
 
 
 @dataclasses.dataclass
@@ -610,9 +615,12 @@ def run_stage(c: ml_collections.ConfigDict, workdir: Path, previous: Model | Non
                         raise
                     check_saved(wait=True)
                     xla = str(e).split("\n")[0].split(" [")[0]
-                    advice = memory_advice(c, shards, jax.default_backend())
-                    raise OutOfDeviceMemory(f"stage {c.name}, step {step + 1}: {advice}. The run stopped; {kept_at()}; "
-                                            f"the same command resumes from it. (XLA: {xla})") from None
+                    advice = memory_advice(c, dict(mesh.shape), jax.default_backend())
+                    resume = (f"; run again with the change: it resumes from step {last_good} (a changed "
+                              "optimizer.accumulation with --config.allow_resume_changes=True, or a new --workdir)"
+                              if last_good else "")
+                    raise OutOfDeviceMemory(f"stage {c.name}, step {step + 1}: {advice}. The run stopped; "
+                                            f"{kept_at()}{resume}. (XLA: {xla})") from None
                 step += 1
                 profiler.after(step)  # after the metrics came back: the step has finished on the device
                 bad = [k for k, v in values.items() if not math.isfinite(v) and k not in ("lr",)]
@@ -771,11 +779,19 @@ def _restore(manager: ocp.CheckpointManager, state: TrainState) -> tuple[TrainSt
 
 
 def _resume_changes(meta: dict, c: ml_collections.ConfigDict) -> dict[str, tuple[Any, Any]]:
-    """The settings a stage resumes from its checkpoint (`meta`) with changed (`records.changes`); fields the
-    checkpoint's version of the config did not have are not changes, nor a path written another way."""
-    changed = changes(meta.get("config") or {}, c.to_dict(), shared_only=True)
+    """The settings a stage resumes from its checkpoint (`meta`) with changed (`records.changes`), nor a path
+    written another way. A field the checkpoint's version of the config did not have counts as its default
+    (every option added since is off by default: what that version did), so turning it on is a change."""
+    changed = changes(_with_defaults(base_config().to_dict(), meta.get("config") or {}), c.to_dict(),
+                      shared_only=True)
     return {k: v for k, v in changed.items() if not (k == "stages" or k.startswith("stages.")
                                                      or k in PATH_FIELDS and _same_path(k, *v))}
+
+
+def _with_defaults(defaults: dict, recorded: dict) -> dict:
+    """`recorded` (a config as a checkpoint holds it), with the fields it lacks taken from `defaults`."""
+    return defaults | {k: _with_defaults(defaults[k], v) if isinstance(v, dict) and isinstance(defaults.get(k), dict)
+                       else v for k, v in recorded.items()}
 
 
 def _damaged_remedy(directory: Path, step: int) -> str:

@@ -230,42 +230,70 @@ def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(unet_f
 
 def test_out_of_device_memory_says_what_to_change_and_keeps_the_last_checkpoint(unet_folders, plan_file, tmp_path,
                                                                                   monkeypatch):
-    """XLA's RESOURCE_EXHAUSTED (here raised by the jitted step at its 3rd call, as a GPU's allocator raises it
-    when the metrics are read) stops the run with the micro-batch and what to change, not a 40-line traceback."""
+    """XLA's RESOURCE_EXHAUSTED (here raised when the 3rd step's metrics are read, as a GPU's allocator raised it
+    on the H100) stops the run with the micro-batch and what to change, not a 40-line traceback. The same run
+    trains with a timestep bias: the trainer hands its weights to the step."""
     import jaxdistill.train as train_module
 
-    calls = []
+    reads, handed = [], {}
 
-    class OneStepTooMany:  # jax, but the donating jit (the training step) runs out of memory at its 3rd call
+    class ThirdStepTooBig:  # jax, but reading the 3rd step's metrics runs out of device memory
         def __getattr__(self, name):
             return getattr(jax, name)
 
-        def jit(self, fn, **kw):
-            compiled = jax.jit(fn, **kw)
-            if kw.get("donate_argnums") != (0,):
-                return compiled
-
-            def step(*args):
-                calls.append(1)
-                if len(calls) == 3:
+        def device_get(self, tree):
+            if isinstance(tree, dict) and "grad_norm" in tree:
+                reads.append(1)
+                if len(reads) == 3:
                     raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate "
                                                      "37.56GiB with allocator GPU_0_bfc on device 0. [tf-allocator]")
-                return compiled(*args)
-            return step
+            return jax.device_get(tree)
 
-    monkeypatch.setattr(train_module, "jax", OneStepTooMany())
+    real_make_train_step = train_module.make_train_step
+
+    def make_train_step(*args, **kwargs):
+        handed["timestep_weights"] = kwargs.get("timestep_weights")
+        return real_make_train_step(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "make_train_step", make_train_step)
+    monkeypatch.setattr(train_module, "jax", ThirdStepTooBig())
     config = small_config(unet_folders["micro"], plan_file, steps=6, checkpoint_every=2)  # batch 4, no accumulation
+    config.timestep_bias.strategy, config.timestep_bias.multiplier = "later", 3.0
     with pytest.raises(train_module.OutOfDeviceMemory) as info:
         run(config, tmp_path)
+    np.testing.assert_allclose(handed["timestep_weights"][-1], 3 / 1500)  # the last quarter, thrice as often
     message = str(info.value)
     assert message.startswith("stage main, step 3: a micro-batch of 4 does not fit")
-    assert "--config.optimizer.accumulation=2: micro-batches of 2" in message
-    assert "--config.remat=dots" in message
-    assert "last good checkpoint is step 2" in message and "37.56GiB" in message and "[tf-allocator]" not in message
+    assert "(--config.optimizer.accumulation=2: 2 per batch shard)" in message and "--config.remat=dots" in message
+    assert "last good checkpoint is step 2" in message and "it resumes from step 2" in message
+    assert "allow_resume_changes" in message and "37.56GiB" in message and "[tf-allocator]" not in message
     assert sorted(os.listdir(tmp_path / "checkpoints" / "main")) == ["2"]
-    assert memory_advice(config, shards=1, backend="gpu").endswith("XLA_PYTHON_CLIENT_MEM_FRACTION=0.95)")
+
+    # the advice by device count: accumulation only where it shrinks the micro-batch on each shard
+    assert memory_advice(config, {"data": 1, "fsdp": 1}, "gpu").endswith("XLA_PYTHON_CLIENT_MEM_FRACTION=0.97)")
+    config.batch_size = 8
+    on_eight = memory_advice(config, {"data": 1, "fsdp": 8, "tensor": 1}, "cpu")  # 1 example per device already
+    assert on_eight.startswith("a micro-batch of 8 (1 per batch shard)") and "accumulation" not in on_eight
+    assert "fsdp" not in on_eight
+    config.batch_size = 64
+    by_data = memory_advice(config, {"data": 8, "fsdp": 1, "tensor": 1}, "cpu")  # fsdp -1 resolved to 1
+    assert "accumulation=2: 4 per batch shard" in by_data and "an fsdp axis" in by_data
     config.batch_size, config.remat = 1, "full"  # nothing left to change in this run's own settings
-    assert memory_advice(config, shards=1, backend="cpu").endswith("try a smaller student, resolution or batch_size")
+    assert memory_advice(config, {"data": 1, "fsdp": 1}, "cpu").endswith("try a smaller student, resolution or "
+                                                                        "batch_size")
+
+
+def test_a_setting_newer_than_the_checkpoint_counts_as_its_default_on_resume():
+    """A checkpoint written before `timestep_bias` (or `loss.snr_gamma`) existed trained without it: turning it on
+    at the resume is a change, noted and recorded (it was not: fields one side lacked were skipped)."""
+    from jaxdistill.train import _resume_changes
+
+    old = base_config().to_dict()
+    del old["timestep_bias"], old["loss"]["snr_gamma"]
+    now = base_config()
+    now.timestep_bias.strategy, now.timestep_bias.multiplier = "later", 2.0
+    assert _resume_changes({"config": old}, now) == {"timestep_bias.multiplier": (1.0, 2.0),
+                                                     "timestep_bias.strategy": ("none", "later")}
 
 
 def test_a_failed_or_damaged_checkpoint_is_named_with_the_last_good_one(unet_folders, plan_file, tmp_path,
@@ -421,12 +449,17 @@ def test_student_loss_falls_over_30_steps_and_progressive_stages(unet_folders, p
                                                          "config.data.resolution=0"]),
     # diffusers' timestep bias: an unknown strategy; a multiplier with no strategy (it would bias nothing)
     ({"timestep_bias.strategy": "late"}, ["config.timestep_bias.strategy='late': expected one of"]),
-    ({"timestep_bias.multiplier": 2.0}, ["config.timestep_bias.multiplier=2.0: expected 1 where"]),
+    ({"timestep_bias.multiplier": 2.0}, ["config.timestep_bias.multiplier=2.0: expected 1.0 where timestep_bias."
+                                          "strategy is 'none', which does not use it"]),
+    ({"timestep_bias.strategy": "later", "timestep_bias.end": 500}, ["config.timestep_bias.end=500: expected 1000 "
+                                                                      "where timestep_bias.strategy is 'later'"]),
     # a portion under one timestep (diffusers' slice(-0, None) would favour all of them); an empty range
     ({"timestep_bias.strategy": "later", "timestep_bias.portion": 0.0001, "timestep_bias.multiplier": 0.0},
      ["config.timestep_bias.portion=0.0001: expected in [1/1000, 1]", "config.timestep_bias.multiplier=0.0"]),
     ({"timestep_bias.strategy": "range", "timestep_bias.begin": 500, "timestep_bias.end": 200},
-     ["config.timestep_bias.begin=500: expected 0 ≤ begin < end ≤ 1000"]),
+     ["config.timestep_bias.end=200: expected in (begin=500, 1000]"]),
+    ({"timestep_bias.strategy": "range", "timestep_bias.begin": -1, "timestep_bias.end": 1001},
+     ["config.timestep_bias.begin=-1: expected in [0, 1000)", "config.timestep_bias.end=1001"]),
 ])
 def test_bad_config_values_are_named(changes, fields):
     config = small_config("some/teacher", "ssd1b")
