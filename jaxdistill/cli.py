@@ -1,5 +1,5 @@
 """What the `python -m jaxdistill.X` command lines share: argparse with each option's default in `--help`,
-seed and number checks."""
+seed and number checks, a line instead of a traceback on SIGTERM and when the device's memory runs out."""
 
 from __future__ import annotations
 
@@ -108,3 +108,40 @@ def stop_on_sigterm(says: str) -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, before)
+
+
+def out_of_memory(error: BaseException) -> str | None:
+    """XLA's first line, without its tags, when `error` is running out of device memory (RESOURCE_EXHAUSTED, at
+    compiling or running), else None."""
+    import jax
+
+    if isinstance(error, jax.errors.JaxRuntimeError) and "RESOURCE_EXHAUSTED" in str(error):
+        return str(error).split("\n")[0].split(" [")[0]
+    return None
+
+
+def more_gpu_memory(backend: str) -> str | None:
+    """On a GPU where JAX may take less than 97 % of it (75 % by default): how to give it more. The full SSD-1B
+    training step at micro-batches of 8 needs 67 GB of an 80 GB H100 (bench/NOTES.md)."""
+    fraction = float(os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.75"))
+    if backend == "gpu" and fraction < 0.97:
+        return f"more of each GPU for JAX (it takes {fraction:.0%}: XLA_PYTHON_CLIENT_MEM_FRACTION=0.97)"
+    return None
+
+
+@contextlib.contextmanager
+def stop_when_out_of_memory(what: str, ways: Sequence[str]) -> Iterator[None]:
+    """Inside the block, running out of device memory ends the command (exit status 1) with one line: `what`
+    did not fit, the `ways` to make it fit (and more of the GPU, where that helps), XLA's words."""
+    import jax
+
+    try:
+        yield
+    except jax.errors.JaxRuntimeError as e:
+        xla = out_of_memory(e)
+        if xla is None:
+            raise
+        ways = [*ways, *filter(None, [more_gpu_memory(jax.default_backend())])] or ["a smaller size"]
+        print(f"error: {what} does not fit the device's memory; try {'; or '.join(ways)}. (XLA: {xla})",
+              file=sys.stderr)
+        raise SystemExit(1) from None

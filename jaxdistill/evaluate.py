@@ -339,7 +339,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     for note in sample.long_prompt_notes(teacher, prompts):
         print(f"note: {note}", file=sys.stderr)
     kwargs = dict(settings, scheduler=scheduler, height=height, width=width)
-    evaluation = compare(teacher, student, prompts, args.seeds, clip=clip, progress=True, **kwargs)
+    with cli.stop_when_out_of_memory(f"sampling {width}×{height}", sample.memory_ways(args)):
+        evaluation = compare(teacher, student, prompts, args.seeds, clip=clip, progress=True, **kwargs)
     absolute = lambda path: path and os.path.abspath(path)  # noqa: E731
     info = {"student": absolute(args.student), "student_weights": sample.weights_record(args.student, args.ema),
             "teacher": absolute(args.teacher), "teacher_weights": sample.weights_record(args.teacher),

@@ -1019,9 +1019,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = Path(args.out)
     digits = max(3, len(str(len(prompts) - 1)))  # names sort as the prompts do
     names = [f"{i:0{digits}d}_seed{s}" for i, _, s in pairs]
-    output = generate(student, [p for _, p, _ in pairs], progress="model", **kwargs)
-    teacher_output = (generate(teacher, [p for _, p, _ in pairs], progress="teacher", **kwargs)
-                      if teacher is not None else None)
+    with cli.stop_when_out_of_memory(f"sampling {width}×{height}", memory_ways(args)):
+        output = generate(student, [p for _, p, _ in pairs], progress="model", **kwargs)
+        teacher_output = (generate(teacher, [p for _, p, _ in pairs], progress="teacher", **kwargs)
+                          if teacher is not None else None)
     images, teacher_images = output.images, teacher_output.images if teacher_output else None
     broken = {who: [f"{name}.png" for name, ok in zip(names, out_.finite, strict=True) if not ok]
               for who, out_ in (("model", output), ("teacher", teacher_output)) if out_ is not None}
@@ -1117,6 +1118,17 @@ def settings_record(args, kwargs: Mapping[str, Any]) -> dict[str, Any]:
     plain = ("steps", "guidance", "guidance_rescale", "negative_prompt", "scheduler", "height", "width", "batch_size")
     return {"dtype": args.dtype, **{name: kwargs[name] for name in plain},
             "time_ids": time_ids[0].astype(int).tolist(), "negative_time_ids": time_ids[1].astype(int).tolist()}
+
+
+def memory_ways(args: Any) -> list[str]:
+    """What lowers sampling's device memory, from the options of `add_sampling_args` (for
+    `cli.stop_when_out_of_memory`)."""
+    ways = []
+    if args.batch_size > 1:
+        ways.append(f"a smaller --batch-size (now {args.batch_size}: images denoised and decoded together)")
+    if args.dtype == "float32":
+        ways.append("--dtype bfloat16 (half the weights' and activations' memory)")
+    return ways
 
 
 def long_prompt_notes(pipe: Pipeline, prompts: Sequence[str]) -> list[str]:

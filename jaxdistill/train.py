@@ -93,8 +93,7 @@ class OutOfDeviceMemory(RuntimeError):
 
 def memory_advice(c: ml_collections.ConfigDict, mesh_shape: Mapping[str, int], backend: str) -> str:
     """What makes the step fit, most useful first: the same global batch in smaller micro-batches, remat, more
-    of a GPU for JAX (it takes 75 % by default; the full SSD-1B step at 4 micro-batches of 8 needs 67 GB of an
-    80 GB H100, bench/NOTES.md), parameters sharded over the devices."""
+    of a GPU for JAX (`cli.more_gpu_memory`), parameters sharded over the devices."""
     shards = mesh_shape.get("data", 1) * mesh_shape.get("fsdp", 1)
     micro = c.batch_size // c.optimizer.accumulation
     ways = []
@@ -108,9 +107,7 @@ def memory_advice(c: ml_collections.ConfigDict, mesh_shape: Mapping[str, int], b
         ways.append("--config.remat=dots (matmul outputs kept, the rest recomputed in the backward; full: all)")
     elif c.remat == "dots":
         ways.append("--config.remat=full")
-    fraction = float(os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.75"))
-    if backend == "gpu" and fraction < 0.97:
-        ways.append(f"more of each GPU for JAX (it takes {fraction:.0%}: XLA_PYTHON_CLIENT_MEM_FRACTION=0.97)")
+    ways += filter(None, [cli.more_gpu_memory(backend)])
     if mesh_shape.get("fsdp", 1) == 1 and math.prod(mesh_shape.values()) > 1:
         ways.append("parameters and optimizer state sharded over the devices (an fsdp axis in --config.mesh.sizes)")
     ways = ways or ["a smaller student, resolution or batch_size"]
@@ -611,10 +608,10 @@ def run_stage(c: ml_collections.ConfigDict, workdir: Path, previous: Model | Non
                     state, metrics = train_step(state, frozen, batch, rng)
                     values = {k: float(v) for k, v in jax.device_get(metrics).items()}
                 except jax.errors.JaxRuntimeError as e:
-                    if "RESOURCE_EXHAUSTED" not in str(e):
+                    xla = cli.out_of_memory(e)
+                    if xla is None:
                         raise
                     check_saved(wait=True)
-                    xla = str(e).split("\n")[0].split(" [")[0]
                     advice = memory_advice(c, dict(mesh.shape), jax.default_backend())
                     resume = (f"; run again with the change: it resumes from step {last_good} (a changed "
                               "optimizer.accumulation with --config.allow_resume_changes=True, or a new --workdir)"

@@ -163,10 +163,14 @@ def test_evaluate_command_compares_a_student_with_its_teacher(pipeline, tmp_path
     assert Image.open(tmp_path / "report" / "grid.png").size[1] > 4 * teacher_size
 
 
-def test_evaluate_command_refuses_bad_input_before_sampling(pipeline, tmp_path, capsys):
-    """Argparse errors (exit 2) that name the problem, and nothing written."""
+def test_evaluate_command_refuses_bad_input_before_sampling(pipeline, tmp_path, capsys, monkeypatch):
+    """Argparse errors (exit 2) that name the problem, and nothing written; sampling that runs out of device
+    memory ends with one line saying what to change (exit 1), nothing written."""
     import shutil
 
+    import jax
+
+    from jaxdistill import sample
     from jaxdistill.evaluate import main
 
     prompts = tmp_path / "prompts.txt"
@@ -196,6 +200,17 @@ def test_evaluate_command_refuses_bad_input_before_sampling(pipeline, tmp_path, 
         main([*common, "--out", str(tmp_path / "out")])
     assert info.value.code == 2 and "not empty; choose another folder or add --overwrite" in capsys.readouterr().err
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["summary.json"]
+
+    def too_big(*args, **kwargs):
+        raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 9.00GiB. [tag]")
+
+    monkeypatch.setattr(sample, "generate", too_big)
+    with pytest.raises(SystemExit) as info:
+        main([*common, "--batch-size", "2", "--out", str(tmp_path / "oom")])
+    err = capsys.readouterr().err
+    assert info.value.code == 1 and "error: sampling" in err and "does not fit the device's memory" in err
+    assert "a smaller --batch-size (now 2" in err and "--dtype bfloat16" in err and "9.00GiB" in err
+    assert "[tag]" not in err and not (tmp_path / "oom").exists()
 
 
 def test_evaluate_refuses_a_student_compared_with_itself(pipeline, tmp_path, capsys):

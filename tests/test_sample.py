@@ -403,7 +403,7 @@ def test_image_grid_sizes_and_labels(tmp_path, monkeypatch):
     assert np.array_equal(np.asarray(Image.open(paths[1])), images[1])
 
 
-def test_cli_writes_images_grid_and_side_by_side(pipeline_dir, tmp_path, capsys):
+def test_cli_writes_images_grid_and_side_by_side(pipeline_dir, tmp_path, capsys, monkeypatch):
     out = tmp_path / "samples"
     code = sample.main(["--model", str(pipeline_dir), "--prompt", PROMPTS[0], "--num-images", "2", "--seed", "3",
                         "--steps", str(STEPS), "--height", str(HEIGHT), "--width", str(WIDTH), "--batch-size", "2",
@@ -436,6 +436,26 @@ def test_cli_writes_images_grid_and_side_by_side(pipeline_dir, tmp_path, capsys)
         with pytest.raises(SystemExit) as info:
             sample.main([*args, "--prompt", "x", "--out", str(tmp_path / "bad")])
         assert info.value.code == 2 and reason in capsys.readouterr().err
+
+    # out of device memory while sampling: one line with what to change (exit 1), nothing written; any other
+    # runtime error stays a traceback
+    def failing(message):
+        def generate(*args, **kwargs):
+            raise jax.errors.JaxRuntimeError(message)
+        return generate
+
+    monkeypatch.setattr(sample, "generate", failing("RESOURCE_EXHAUSTED: Out of memory while trying to allocate "
+                                                    "9.00GiB with allocator GPU_0_bfc. [tf-allocator]"))
+    with pytest.raises(SystemExit) as info:
+        sample.main(["--model", str(pipeline_dir), "--prompt", "x", "--batch-size", "3", "--dtype", "bfloat16",
+                     "--out", str(tmp_path / "oom")])
+    err = capsys.readouterr().err
+    assert info.value.code == 1 and "does not fit the device's memory; try a smaller --batch-size (now 3" in err
+    assert "--dtype bfloat16 (" not in err and "(XLA: RESOURCE_EXHAUSTED: Out of memory" in err and "[tf-" not in err
+    assert not (tmp_path / "oom").exists()
+    monkeypatch.setattr(sample, "generate", failing("INTERNAL: something else"))
+    with pytest.raises(jax.errors.JaxRuntimeError, match="INTERNAL"):
+        sample.main(["--model", str(pipeline_dir), "--prompt", "x", "--out", str(tmp_path / "oom")])
 
 
 def test_unet_folders_and_checkpoints_as_models(pipeline_dir, pipe, noise, tmp_path, capsys):
