@@ -920,8 +920,18 @@ class _Logger:
     """Console progress bar, TensorBoard scalars and metrics.jsonl (written by process 0 only)."""
 
     def __init__(self, workdir: Path, stage: str, total: int, start: int, batch_size: int):
-        from tensorboardX import SummaryWriter
         from tqdm import tqdm
+
+        # tensorboardX imports PyTorch where it is installed (~2 s of every start) only to accept its tensors;
+        # ours are numpy: it is kept from importing it
+        blocked = "torch" not in sys.modules
+        if blocked:
+            sys.modules["torch"] = None
+        try:
+            from tensorboardX import SummaryWriter
+        finally:
+            if blocked:
+                del sys.modules["torch"]
 
         self.primary = jax.process_index() == 0
         self.batch_size, self.stage, self.workdir = batch_size, stage, workdir

@@ -283,6 +283,30 @@ def test_out_of_device_memory_says_what_to_change_and_keeps_the_last_checkpoint(
                                                                         "batch_size")
 
 
+def test_the_logger_writes_tensorboard_without_importing_pytorch(tmp_path):
+    """tensorboardX imports PyTorch where it is installed (~2 s of every training start) to accept its tensors; a
+    training process keeps it out and still writes TensorBoard's scalars and images."""
+    import struct
+
+    from tensorboardX.proto.event_pb2 import Event
+
+    script = ("import sys; from pathlib import Path; from PIL import Image; from jaxdistill.train import _Logger\n"
+              f"log = _Logger(Path({str(tmp_path)!r}), 'main', 2, 0, 4)\n"
+              "log.scalars(1, {'loss': 0.5}); log.image(1, 'grid', Image.new('RGB', (8, 6))); log.writer.close()\n"
+              "print('torch imported:', 'torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", script], env=cpu_env(), capture_output=True, text=True, check=True)
+    assert "torch imported: False" in out.stdout, out.stdout + out.stderr
+    [events_file] = (tmp_path / "tensorboard" / "main").glob("events.out.tfevents.*")
+    data, at, values = events_file.read_bytes(), 0, {}
+    while at < len(data):  # TFRecords: length (8 bytes), its CRC (4), the event, its CRC (4)
+        (length,) = struct.unpack("<Q", data[at:at + 8])
+        for value in Event.FromString(data[at + 12:at + 12 + length]).summary.value:
+            values[value.tag] = value
+        at += 16 + length
+    assert values["main/loss"].simple_value == 0.5
+    assert (values["main/grid"].image.width, values["main/grid"].image.height) == (8, 6)
+
+
 def test_a_setting_newer_than_the_checkpoint_counts_as_its_default_on_resume():
     """A checkpoint written before `timestep_bias` (or `loss.snr_gamma`) existed trained without it: turning it on
     at the resume is a change, noted and recorded (it was not: fields one side lacked were skipped)."""
