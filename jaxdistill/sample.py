@@ -822,7 +822,8 @@ GRID_PIXELS = 48_000_000  # a grid's images are shrunk to fit: Pillow refuses to
 def image_grid(images: Sequence[np.ndarray] | np.ndarray, rows: int, *, row_labels: Sequence[str] | None = None,
                col_labels: Sequence[str] | None = None):
     """Images (uint8 [H, W, 3] each, all one size) row by row into a `rows` × ⌈N/rows⌉ grid → PIL image of
-    (left + cols·W) × (top + rows·H) pixels (each image shrunk where they would hold more than GRID_PIXELS);
+    (left + cols·W) × (top + rows·H) pixels (each image shrunk where they would hold more than GRID_PIXELS;
+    columns widened to a wider column label);
     `row_labels` (wrapped) fill a left margin, `col_labels` a top one, in Pillow's default font; no labels, no
     margins."""
     from PIL import Image, ImageDraw
@@ -849,14 +850,17 @@ def image_grid(images: Sequence[np.ndarray] | np.ndarray, rows: int, *, row_labe
                  for t in col_labels or []]
     left = max((box(t)[2] for t in row_texts), default=-2 * pad) + 2 * pad
     top = max((box(t)[3] for t in col_texts), default=-2 * pad) + 2 * pad
-    grid = Image.new("RGB", (left + cols * w, top + rows * h), "white")
+    # a column as wide as its widest label (small images: "seed 0" is wider than 32 pixels), the image centred
+    cell = max([w] + [box(t)[2] + pad for t in col_texts])
+    grid = Image.new("RGB", (left + cols * cell, top + rows * h), "white")
     for k, im in enumerate(images):
-        grid.paste(Image.fromarray(im.astype(np.uint8)), (left + (k % cols) * w, top + (k // cols) * h))
+        grid.paste(Image.fromarray(im.astype(np.uint8)), (left + (k % cols) * cell + (cell - w) // 2,
+                                                          top + (k // cols) * h))
     draw = ImageDraw.Draw(grid)
     for r, text in enumerate(row_texts[:rows]):
         draw.multiline_text((pad, top + r * h + pad), text, fill="black", font=font)
     for c, text in enumerate(col_texts[:cols]):
-        draw.multiline_text((left + c * w + (w - box(text)[2]) // 2, pad), text, fill="black", font=font)
+        draw.multiline_text((left + c * cell + (cell - box(text)[2]) // 2, pad), text, fill="black", font=font)
     return grid
 
 

@@ -395,9 +395,14 @@ def test_image_grid_sizes_and_labels(tmp_path, monkeypatch):
     labelled = image_grid(images, rows=2, row_labels=["a long prompt " * 5, "short"],
                           col_labels=["seed 0", "seed 1", "seed 2"])
     w, h = labelled.size
-    left, top = w - 90, h - 40
-    assert left > 0 and top > 0
-    assert np.array_equal(np.asarray(labelled)[top:top + 20, left:left + 30], images[0])
+    top, pixels = h - 40, np.asarray(labelled)
+    assert top > 0
+    # each image once, in its row; columns as wide as their labels ("seed 0" is wider than these 30 pixels), so
+    # a label does not run into the next one: white between the images
+    at = [[x for x in range(w - 29) if np.array_equal(pixels[top:top + 20, x:x + 30], images[k])] for k in (0, 1, 2)]
+    assert all(len(xs) == 1 for xs in at), at
+    (x0,), (x1,), (x2,) = at
+    assert x1 - x0 == x2 - x1 > 30 and np.all(pixels[top:top + 20, x0 + 30:x1] == 255)
     paths = sample.save_images(images[:2], tmp_path, ["a", "b"])
     assert [p.name for p in paths] == ["a.png", "b.png"]
     assert np.array_equal(np.asarray(Image.open(paths[1])), images[1])
