@@ -62,7 +62,16 @@ from jaxdistill.config import base_config
 from jaxdistill.layers import stack_layers
 from jaxdistill.prune import feature_pairs
 from jaxdistill.schedule import alphas_cumprod
-from jaxdistill.sharding import AXES, batch_sharding, like_params, make_mesh, mesh_shape, param_shardings, replicated
+from jaxdistill.sharding import (
+    AXES,
+    batch_sharding,
+    check_divided,
+    like_params,
+    make_mesh,
+    mesh_shape,
+    param_shardings,
+    replicated,
+)
 from jaxdistill.step import init_state, make_optimizer, make_train_step
 from jaxdistill.unet import UNet, abstract_params, count_params
 
@@ -249,6 +258,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise SystemExit(f"expected {devices} CPU devices, found {len(jax.devices('cpu'))}: JAX's CPU backend "
                          "started before XLA_FLAGS was set; run this in a fresh process")
 
+    models = list(MODELS) if args.model == "both" else [args.model]
+    rules = [tuple(r) for r in base_config().mesh.rules]
+    for model in models:  # what the trainer refuses (an axis that divides no width) is refused before compiling
+        params = {"student": abstract_params(MODELS[model][1]), "teacher": abstract_params(presets.SDXL)}
+        for sizes in meshes:
+            try:
+                check_divided(params, sizes, rules)
+            except ValueError as e:
+                p.error(f"--mesh {mesh_label(sizes)} ({MODELS[model][0]}): the trainer refuses it: {e}")
+
     where = f"{machine()}; XLA:CPU compile only, {devices} simulated devices"
     print(f"Per-device memory of one distillation step (teacher SDXL bf16, student bf16 compute / f32 master "
           f"weights, AdamW), {args.resolution}² images ({args.resolution // 8}² latents), from XLA's compiled "
@@ -256,7 +275,7 @@ def main(argv: Sequence[str] | None = None) -> int:
           "TPU/GPU compilers lay out memory differently: estimates until measured on the accelerator.\n"
           "peak = argument + output − alias + temp; fits: peak ≤ 90 % of the capacity (GiB).", flush=True)
     rows = []
-    for model in (list(MODELS) if args.model == "both" else [args.model]):
+    for model in models:
         for sizes in meshes:
             for remat in args.remat:
                 row = measure(model, sizes, args.batch_per_device, args.accumulation, remat, args.resolution,

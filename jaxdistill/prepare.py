@@ -471,8 +471,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.max_pixels < max(args.min_size, 1) ** 2:  # every image would be skipped as too_many_pixels
         parser.error(f"--max-pixels {args.max_pixels}: must be at least --min-size² ({max(args.min_size, 1) ** 2}); "
                      f"the default is {S.DecodeRules().max_pixels}")
-    if not initialize_distributed() and args.distributed:  # as train does; the flag covers other clusters
-        jax.distributed.initialize()
+    try:
+        if not initialize_distributed() and args.distributed:  # as train does; the flag covers other clusters
+            jax.distributed.initialize()
+    except (ValueError, RuntimeError) as e:  # an incomplete JAX_* description, a task short of its GPUs
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     kind = args.source.partition(":")[0]
     options = {}
     if kind == "tfds":

@@ -254,7 +254,8 @@ def initialize_distributed() -> bool:
     variables (JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID), SLURM (srun with more than one
     task), Open MPI (mpirun) or a Cloud TPU VM (its pod slice found by JAX; a TPU VM where JAX finds none runs
     as one process); see `distributed_args`. Returns whether it did. Call before
-    using any device. Raises RuntimeError when a SLURM process with one task per node does not see all of its
+    using any device. Raises ValueError for an incomplete description (a process count without a coordinator,
+    or the reverse) and RuntimeError when a SLURM process with one task per node does not see all of its
     node's GPUs."""
     jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU processes talk over gloo; GPU/TPU ignore it
     tpu_vm = _on_cloud_tpu_vm()
@@ -309,7 +310,10 @@ def distributed_args(env: Mapping[str, str], tpu_vm: bool = False) -> dict[str, 
         nodes = int(env.get("SLURM_STEP_NUM_NODES") or 0)
         # The GPUs this task can see; CUDA_VISIBLE_DEVICES (set by SLURM) renumbers them 0 … N−1.
         visible = [d for d in env.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
-        gpus = len(visible) or int(env.get("SLURM_GPUS_ON_NODE") or 0)
+        per_node = env.get("SLURM_GPUS_PER_NODE", "").rsplit(":", 1)[-1]  # "8", "h100:8" (--gpus-per-node)
+        job_gpus = [d for d in env.get("SLURM_JOB_GPUS", "").split(",") if d.strip()]  # this node's GPU ids
+        gpus = (len(visible) or int(env.get("SLURM_GPUS_ON_NODE") or 0) or (int(per_node) if per_node.isdigit() else 0)
+                or len(job_gpus))
         if tasks == nodes and gpus and "JAX_LOCAL_DEVICE_IDS" not in env:  # JAX reads that one itself
             return given | {"local_device_ids": list(range(gpus))}
         return given
@@ -317,6 +321,11 @@ def distributed_args(env: Mapping[str, str], tpu_vm: bool = False) -> dict[str, 
         return given
     if tpu_vm or env.get("TPU_WORKER_HOSTNAMES", "").count(",") > 0:
         return {}  # JAX reads the workers from the environment or the VM's metadata itself
+    if given.get("num_processes", 2 if "process_id" in given else 1) > 1:  # else N separate runs, one workdir
+        raise ValueError("JAX_NUM_PROCESSES / JAX_PROCESS_ID are set but JAX_COORDINATOR_ADDRESS is not, and no "
+                         "cluster (an srun step, mpirun, a TPU pod slice) is there to find it: set "
+                         "JAX_COORDINATOR_ADDRESS=HOST:PORT (process 0's host) on every process, or unset them to run "
+                         "one process")
     return None
 
 

@@ -1060,11 +1060,15 @@ def main(argv=None) -> int:
                   file=sys.stderr)
             sys.exit(2)
         absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every save at INFO
-        initialize_distributed()  # multi-host: TPU VM slices, SLURM, or JAX_COORDINATOR_ADDRESS & co.
         config = flags.FLAGS.config
         # --config.steps=4 means 4 steps in every stage, also where the file's stages set their own
         for note in command_line_wins(config, list(config_flags.get_override_values(flags.FLAGS["config"]))):
             print(note)
+        try:  # multi-host: TPU VM slices, SLURM, or JAX_COORDINATOR_ADDRESS & co.
+            initialize_distributed()
+        except (ValueError, RuntimeError) as e:  # an incomplete JAX_* description, a task short of its GPUs
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(1)
         enable_compilation_cache(config.compilation_cache, flags.FLAGS.workdir)
         try:
             run(config, flags.FLAGS.workdir)

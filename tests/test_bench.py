@@ -154,3 +154,14 @@ def test_gpu_kernels_are_sorted_into_kinds_by_name():
         "cudaGraphLaunch": "other",
     }
     assert {name: kernel_kind(name) for name in kinds} == kinds
+
+
+def test_memory_bench_refuses_a_mesh_the_trainer_refuses_before_compiling():
+    """`bench/memory.py --mesh fsdp=3`: no SDXL width splits in three, so the trainer refuses the mesh; the bench
+    went into minutes of compiling for a figure no run could have."""
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / "memory.py"), "--model", "ssd1b", "--mesh", "fsdp=3",
+                           "--resolution", "128"], capture_output=True, text=True, timeout=300,
+                          env=os.environ | {"PYTHONPATH": str(ROOT)})
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "--mesh fsdp=3 (SSD-1B): the trainer refuses it" in done.stderr and "mesh.sizes.fsdp=1" in done.stderr
+    assert "Per-device memory" not in done.stdout  # refused before the heading and any compile

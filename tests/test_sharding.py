@@ -79,6 +79,10 @@ def test_distributed_args_give_one_task_per_node_all_its_gpus():
         "local_device_ids": [0, 1, 2, 3]}
     assert distributed_args({k: v for k, v in SLURM.items() if k != "CUDA_VISIBLE_DEVICES"}) == {
         "local_device_ids": list(range(8))}
+    # the node's GPU count from --gpus-per-node or the job's GPU list where SLURM sets neither of the above
+    bare = {k: v for k, v in SLURM.items() if k not in ("CUDA_VISIBLE_DEVICES", "SLURM_GPUS_ON_NODE")}
+    assert distributed_args(bare | {"SLURM_GPUS_PER_NODE": "h100:4"}) == {"local_device_ids": [0, 1, 2, 3]}
+    assert distributed_args(bare | {"SLURM_JOB_GPUS": "0,1"}) == {"local_device_ids": [0, 1]}
     # one task per GPU: JAX's own rule (GPU SLURM_LOCALID) is right; the user's JAX_LOCAL_DEVICE_IDS wins
     assert distributed_args(SLURM | {"SLURM_NTASKS": "16", "SLURM_STEP_NUM_TASKS": "16", "SLURM_NTASKS_PER_NODE": "8"}
                             ) == {}
@@ -99,10 +103,31 @@ def test_distributed_args_give_one_task_per_node_all_its_gpus():
     assert distributed_args({"OMPI_COMM_WORLD_SIZE": "4"}) == {}  # mpirun: JAX's Open MPI rule reads the ranks
     assert distributed_args({"OMPI_COMM_WORLD_SIZE": "1"}) is None
     assert distributed_args({"JAX_NUM_PROCESSES": "1"}) is None  # a count alone starts nothing, as before
+    # a count of several (or an id) without a coordinator and no cluster to find one: N separate one-process runs
+    # into one workdir (they started so, silently)
+    for env in ({"JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "1"}, {"JAX_PROCESS_ID": "0"}):
+        with pytest.raises(ValueError, match="set JAX_COORDINATOR_ADDRESS=HOST:PORT \\(process 0's host\\) on every"):
+            distributed_args(env)
     assert distributed_args({"TPU_WORKER_HOSTNAMES": "w0,w1"}) == {}
     # a Cloud TPU VM, alone or in a pod slice whose workers are only in the VM's metadata: JAX finds them
     assert distributed_args({}, tpu_vm=True) == {}
     assert distributed_args({}) is None
+
+
+@pytest.mark.parametrize("command", [
+    ["jaxdistill.train", "--config", "configs/tiny.py", "--workdir", "WORKDIR"],
+    ["jaxdistill.prepare", "--source", "WORKDIR/images", "--pipeline", "WORKDIR/pipe", "--out", "WORKDIR/data"]])
+def test_an_incomplete_multi_process_environment_is_one_error_line(command, tmp_path):
+    """A process count and id without a coordinator (each process ran alone, silently, into one folder), and a
+    coordinator without them (a traceback), end the command with one `error:` line before anything loads."""
+    command = [sys.executable, "-m", *(arg.replace("WORKDIR", str(tmp_path)) for arg in command)]
+    root = os.path.join(os.path.dirname(__file__), "..")
+    for extra, says in (({"JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "1"}, "set JAX_COORDINATOR_ADDRESS=HOST:PORT"),
+                        ({"JAX_COORDINATOR_ADDRESS": "127.0.0.1:1"}, "JAX_NUM_PROCESSES and JAX_PROCESS_ID are not")):
+        done = subprocess.run(command, env=cpu_env() | extra, cwd=root, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 1 and "error: " in done.stderr and says in done.stderr, done.stderr[-2000:]
+        assert "Traceback" not in done.stderr
+    assert not (tmp_path / "data").exists()
 
 
 def test_a_task_that_sees_fewer_gpus_than_its_node_has_stops(monkeypatch, capsys):
