@@ -89,11 +89,12 @@ def mesh_shape(sizes: Mapping[str, int], num_devices: int) -> tuple[int, ...]:
         rest = math.prod(s for s in shape if s != -1)
         if num_devices % rest:
             raise ValueError(f"mesh sizes {dict(zip(AXES, shape, strict=True))}: {num_devices} devices are not a "
-                             f"multiple of {rest}")
+                             f"multiple of {rest}: the sizes other than -1 must multiply to a divisor of {num_devices}")
         shape[free[0]] = num_devices // rest
     if math.prod(shape) != num_devices:
         raise ValueError(f"mesh {dict(zip(AXES, shape, strict=True))} needs {math.prod(shape)} devices; there are "
-                         f"{num_devices} (set one size to -1 to take the rest)")
+                         f"{num_devices}: the sizes must multiply to {num_devices} (or set one to -1 to take the rest, "
+                         f"the others multiplying to a divisor of {num_devices})")
     return tuple(shape)
 
 
@@ -385,7 +386,10 @@ def raise_failures(own: Exception | None, failures: dict[int, str], what: str, t
         if not then:
             raise own
         raise error(f"{failures[0]}\n{then}") from own
-    reasons = "\n".join(f"process {i}: {text}" for i, text in failures.items())
+    alike: dict[str, list[int]] = {}  # the same reason on many hosts (a setting they share) once
+    for i, text in failures.items():
+        alike.setdefault(text, []).append(i)
+    reasons = "\n".join(f"process {', '.join(map(str, ids))}: {text}" for text, ids in alike.items())
     raise error(f"process {', '.join(map(str, failures))} of {jax.process_count()} {what}, so every process "
                 f"stops:\n{reasons}" + (f"\n{then}" if then else ""))
 

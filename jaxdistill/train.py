@@ -230,9 +230,14 @@ def check_stages(stages: list[ml_collections.ConfigDict], workdir: Path) -> tupl
             feature_pairs(teacher.spec, student.spec, tap_list(c.loss.taps), kept)
         mesh = make_mesh(dict(c.mesh.sizes), dcn=dict(c.mesh.dcn))
         shards = batch_shards(mesh)
-        if c.batch_size % shards:
+        if c.batch_size % shards:  # the nearest sizes whose every micro-batch splits too
+            unit = shards * c.optimizer.accumulation
+            near = sorted({max(unit, c.batch_size // unit * unit), (c.batch_size // unit + 1) * unit})
             raise ValueError(f"stage {c.name}: config.batch_size={c.batch_size} must be a multiple of the mesh's "
-                             f"{shards} batch shards (mesh.sizes data × fsdp)")
+                             f"{shards} batch shards (mesh.sizes data × fsdp), e.g. "
+                             f"{' or '.join(f'--config.batch_size={b}' for b in near)}"
+                             + (f" ({c.optimizer.accumulation} micro-batches of a multiple of {shards})"
+                                if c.optimizer.accumulation > 1 else ""))
         # the models as the run places them (teacher too: a whole bf16 SDXL per device does not fit small chips)
         models = {"student": abstract_params(student.spec)} | (
             {"teacher": abstract_params(teacher.spec)} if distil else {})

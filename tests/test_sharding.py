@@ -130,6 +130,31 @@ def test_an_incomplete_multi_process_environment_is_one_error_line(command, tmp_
     assert not (tmp_path / "data").exists()
 
 
+def test_a_reason_many_processes_share_is_said_once(monkeypatch):
+    from jaxdistill.sharding import raise_failures
+
+    monkeypatch.setattr(jax, "process_count", lambda: 3)
+    with pytest.raises(ValueError) as info:
+        raise_failures(ValueError("a"), {0: "batch 8 does not split", 1: "batch 8 does not split", 2: "no data"},
+                       "could not check the stages")
+    assert str(info.value) == ("process 0, 1, 2 of 3 could not check the stages, so every process stops:\n"
+                               "process 0, 1: batch 8 does not split\nprocess 2: no data")
+
+
+def test_a_batch_that_does_not_split_over_the_mesh_names_sizes_that_do(tmp_path):
+    root = os.path.join(os.path.dirname(__file__), "..")
+    for extra, sizes in ((["--config.optimizer.accumulation=1"], "e.g. --config.batch_size=8 or "
+                                                                  "--config.batch_size=16"),
+                         (["--config.optimizer.accumulation=2"], "e.g. --config.batch_size=16 (2 micro-batches of a "
+                                                                  "multiple of 8)")):
+        done = subprocess.run([sys.executable, "-m", "jaxdistill.train", "--config", "configs/tiny.py", "--workdir",
+                               str(tmp_path / "run"), "--config.batch_size=12", *extra], env=cpu_env(devices=8),
+                              cwd=root, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 1, done.stderr[-2000:]
+        assert "config.batch_size=12 must be a multiple of the mesh's 8 batch shards" in done.stderr
+        assert sizes in done.stderr, done.stderr[-1000:]
+
+
 def test_a_task_that_sees_fewer_gpus_than_its_node_has_stops(monkeypatch, capsys):
     from jaxdistill import sharding
 
