@@ -260,8 +260,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     models = list(MODELS) if args.model == "both" else [args.model]
     rules = [tuple(r) for r in base_config().mesh.rules]
+    teacher = abstract_params(presets.SDXL)
     for model in models:  # what the trainer refuses (an axis that divides no width) is refused before compiling
-        params = {"student": abstract_params(MODELS[model][1]), "teacher": abstract_params(presets.SDXL)}
+        params = {"student": abstract_params(MODELS[model][1]), "teacher": teacher}
         for sizes in meshes:
             try:
                 check_divided(params, sizes, rules)

@@ -16,15 +16,12 @@ import ml_collections
 from jaxdistill.layers import ATTENTION
 from jaxdistill.losses import NORMALIZATIONS
 from jaxdistill.sample import SCHEDULER_NAMES
-from jaxdistill.schedule import PREDICTION_TYPES, TIMESTEP_BIAS
+from jaxdistill.schedule import PREDICTION_TYPES, TIMESTEP_BIAS, TIMESTEP_BIAS_DEFAULTS
 from jaxdistill.sharding import AXES, DEFAULT_RULES, rule_errors
 from jaxdistill.step import LR_SCHEDULES
 
 DTYPES = ("float32", "bfloat16")
 REMAT = ("none", "full", "dots")
-
-
-TIMESTEP_BIAS_DEFAULTS = dict(multiplier=1.0, portion=0.25, begin=0, end=1000)  # diffusers' script's
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -185,7 +182,7 @@ def _field_errors(c: ml_collections.ConfigDict) -> list[str]:
     check(0 <= c.empty_prompt_rate <= 1, "empty_prompt_rate", "in [0, 1] (the share of examples; 0: off)")
     check(c.loss.snr_gamma >= 0, "loss.snr_gamma", "≥ 0 (0: off; 5.0 is the min-SNR paper's)")
     bias, steps = c.timestep_bias, c.schedule.num_train_timesteps
-    check(bias.strategy in TIMESTEP_BIAS, "timestep_bias.strategy", f"one of {TIMESTEP_BIAS}")
+    check(bias.strategy in TIMESTEP_BIAS, "timestep_bias.strategy", f"one of {tuple(TIMESTEP_BIAS)}")
     check(bias.multiplier > 0, "timestep_bias.multiplier", "> 0 (below 1: those timesteps less often)")
     if bias.strategy in ("earlier", "later"):
         check(1 <= int(bias.portion * steps) and bias.portion <= 1, "timestep_bias.portion",
@@ -194,8 +191,7 @@ def _field_errors(c: ml_collections.ConfigDict) -> list[str]:
         check(0 <= bias.begin < steps, "timestep_bias.begin", f"in [0, {steps}) (the favoured timesteps: [begin, end))")
         check(bias.begin < bias.end <= steps, "timestep_bias.end", f"in (begin={bias.begin}, {steps}]")
     # a field the strategy does not read would bias nothing, silently
-    used = {"none": (), "earlier": ("multiplier", "portion"), "later": ("multiplier", "portion"),
-            "range": ("multiplier", "begin", "end")}.get(bias.strategy, TIMESTEP_BIAS_DEFAULTS)
+    used = TIMESTEP_BIAS.get(bias.strategy, tuple(TIMESTEP_BIAS_DEFAULTS))  # an unknown one: said above
     for field, default in TIMESTEP_BIAS_DEFAULTS.items():
         check(field in used or bias[field] == default, f"timestep_bias.{field}",
               f"{default!r} where timestep_bias.strategy is {bias.strategy!r}, which does not use it (strategies: "

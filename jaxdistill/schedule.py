@@ -70,7 +70,10 @@ def min_snr_weights(acp: jax.Array, timesteps: jax.Array, gamma: float, predicti
     return jnp.minimum(snr, gamma) / (snr if prediction_type == "epsilon" else snr + 1.0)
 
 
-TIMESTEP_BIAS = ("none", "earlier", "later", "range")
+# diffusers' --timestep_bias_strategy values → the --timestep_bias_* fields each reads; their defaults (its script's)
+TIMESTEP_BIAS = {"none": (), "earlier": ("multiplier", "portion"), "later": ("multiplier", "portion"),
+                 "range": ("multiplier", "begin", "end")}
+TIMESTEP_BIAS_DEFAULTS = dict(multiplier=1.0, portion=0.25, begin=0, end=1000)
 
 
 def timestep_bias_weights(num_timesteps: int, strategy: str = "none", multiplier: float = 1.0, portion: float = 0.25,

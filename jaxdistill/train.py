@@ -58,6 +58,7 @@ from jaxdistill.prune import PlanError, PrunePlan, feature_pairs, load_plan, pru
 from jaxdistill.records import atomic_json, changes, describe
 from jaxdistill.schedule import add_noise, alphas_cumprod, schedule_mismatches, timestep_bias_weights
 from jaxdistill.sharding import (
+    BATCH,
     agreed,
     any_process,
     attempt,
@@ -94,7 +95,7 @@ class OutOfDeviceMemory(RuntimeError):
 def memory_advice(c: ml_collections.ConfigDict, mesh_shape: Mapping[str, int], backend: str) -> str:
     """What makes the step fit, most useful first: the same global batch in smaller micro-batches, remat, more
     of a GPU for JAX (`cli.more_gpu_memory`), parameters sharded over the devices."""
-    shards = mesh_shape.get("data", 1) * mesh_shape.get("fsdp", 1)
+    shards = math.prod(mesh_shape.get(axis, 1) for axis in BATCH)
     micro = c.batch_size // c.optimizer.accumulation
     ways = []
     # the next accumulation whose micro-batch still splits over the batch shards (a smaller one per shard)
